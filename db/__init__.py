@@ -1,0 +1,1 @@
+"""EPICS database and access-security files, shipped as package data (edgeloop.db)."""

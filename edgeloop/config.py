@@ -1,0 +1,129 @@
+"""Configuration shared by every part: one dataclass, embedded defaults, JSON overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Two CA servers on one host cannot share UDP port 5064 for unicast searches (the kernel
+# hands each datagram to one socket), so the simulated beamline serves CA on its own port
+# and clients search both; the real ML IOC keeps the standard 5064.
+BEAMLINE_CA_PORT = 5066
+
+LOOPBACK_ENV = {
+    "EPICS_CA_ADDR_LIST": f"127.0.0.1 127.0.0.1:{BEAMLINE_CA_PORT}",
+    "EPICS_CA_AUTO_ADDR_LIST": "NO",
+    "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+}
+
+
+def pin_loopback(environ: dict | os._Environ = os.environ) -> None:
+    """Keep all EPICS traffic on loopback unless the caller set the variables already."""
+    for key, value in LOOPBACK_ENV.items():
+        environ.setdefault(key, value)
+
+
+@dataclass
+class SimConfig:
+    """The simulated ptychography experiment (ioc/physics.py)."""
+
+    object_size: int = 640  # object pixels per side; stage (0, 0) is the centre
+    pixel_um: float = 0.01  # object pixel size (10 nm)
+    frame_size: int = 64  # detector pixels per side
+    probe_radius_px: float = 9.0  # aperture radius in detector pixels (sets probe width)
+    probe_defocus: float = 3.0  # quadratic phase of the probe pupil, radians at the edge
+    photons: float = 1.0e6  # photons per frame
+    max_phase: float = 1.0  # phase of the thickest feature, radians
+    absorption: float = 0.1  # amplitude = exp(-absorption * phase)
+    seed: int = 7
+
+
+@dataclass
+class ModelConfig:
+    """The network served at the edge and trained by remote/."""
+
+    kind: str = "ptychonn"
+    input_size: int = 64  # frames are brought to this size before inference
+    width: int = 16  # channels of the first encoder block (PtychoNN uses 32)
+
+
+@dataclass
+class EdgeConfig:
+    queue_size: int = 256
+    max_batch: int = 16
+    backend: str = "torch"
+    threads: int = 1
+    map_size: int = 640  # phase-map canvas, object pixels; same geometry as SimConfig
+    map_publish_s: float = 0.5
+    stats_publish_s: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_min: float = 1e-4
+    val_fraction: float = 0.1
+    recon_epochs: int = 30  # iterative phase retrieval epochs (labels)
+    recon_algorithm: str = "LSQML"
+    max_frames: int = 4000  # newest frames kept for training
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass
+class Config:
+    prefix: str = "SIM:"
+    data_dir: str = "~/.edgeloop/data"  # scans (HDF5) written by the Bluesky callback
+    registry_dir: str = "~/.edgeloop/models"
+    executor: str = "local"
+    sim: SimConfig = field(default_factory=SimConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def registry_path(self) -> Path:
+        return Path(self.registry_dir).expanduser()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in sections:
+                raise ValueError(f"unknown configuration key {key!r}")
+            if isinstance(value, dict):
+                section_cls = {"sim": SimConfig, "model": ModelConfig, "edge": EdgeConfig,
+                               "train": TrainConfig}[key]
+                names = {f.name for f in dataclasses.fields(section_cls)}
+                unknown = set(value) - names
+                if unknown:
+                    raise ValueError(f"unknown keys in [{key}]: {sorted(unknown)}")
+                kwargs[key] = section_cls(**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None) -> "Config":
+        if path is None:
+            return cls()
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def dump(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))

@@ -1,0 +1,106 @@
+"""Network definitions, imported by both the edge server and the retraining task.
+
+A *model kind* bundles a network builder with the preprocessing that brings detector frames
+to its input.  Kinds are looked up by name in ``KINDS``; a new technique adds an entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _block(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True)]
+
+
+class PtychoNN(nn.Module):
+    """PtychoNN (Cherukara et al. 2020): one encoder, two decoders (amplitude, phase).
+
+    Input (B, 1, N, N) normalised diffraction; outputs amplitude in (0, 1) and phase in
+    (-pi, pi), each (B, 1, N, N).  ``width=32`` is the published size (about 1.15 M
+    parameters at N = 64).
+    """
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = width
+        self.encoder = nn.Sequential(
+            *_block(1, w), nn.MaxPool2d(2),
+            *_block(w, 2 * w), nn.MaxPool2d(2),
+            *_block(2 * w, 4 * w), nn.MaxPool2d(2),
+        )
+        self.amplitude = self._decoder(w, nn.Sigmoid())
+        self.phase = self._decoder(w, nn.Tanh())
+
+    @staticmethod
+    def _decoder(w: int, out: nn.Module) -> nn.Sequential:
+        return nn.Sequential(
+            *_block(4 * w, 4 * w), nn.Upsample(scale_factor=2, mode="bilinear"),
+            *_block(4 * w, 2 * w), nn.Upsample(scale_factor=2, mode="bilinear"),
+            *_block(2 * w, w), nn.Upsample(scale_factor=2, mode="bilinear"),
+            nn.Conv2d(w, 1, 3, padding=1), out,
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return self.amplitude(z), self.phase(z) * np.pi
+
+
+def to_input_size(frame: np.ndarray, size: int) -> np.ndarray:
+    """Bring a centred diffraction pattern to size x size: centre-crop to a multiple of
+    ``size``, sum-bin by the integer factor; smaller frames are zero-padded."""
+    ny, nx = frame.shape
+    if ny < size or nx < size:
+        out = np.zeros((max(ny, size), max(nx, size)), np.float32)
+        oy, ox = (out.shape[0] - ny) // 2, (out.shape[1] - nx) // 2
+        out[oy:oy + ny, ox:ox + nx] = frame
+        frame, (ny, nx) = out, out.shape
+    f = min(ny, nx) // size
+    crop = size * f
+    y0, x0 = (ny - crop) // 2, (nx - crop) // 2
+    sub = frame[y0:y0 + crop, x0:x0 + crop].astype(np.float32, copy=False)
+    if f == 1:
+        return sub
+    return sub.reshape(size, f, size, f).sum(axis=(1, 3))
+
+
+def normalise(frames: np.ndarray) -> np.ndarray:
+    """log(1 + I), each frame scaled to a maximum of 1 (photon-count and detector independent)."""
+    x = np.log1p(np.clip(frames, 0, None, dtype=np.float32))
+    peak = x.reshape(len(x), -1).max(axis=1)
+    return x / np.maximum(peak, 1e-6)[:, None, None]
+
+
+def ptycho_preprocess(frames: list[np.ndarray], size: int) -> np.ndarray:
+    stack = np.stack([to_input_size(f, size) for f in frames])
+    return normalise(stack)[:, None]
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    name: str
+    build: Callable[..., nn.Module]
+    preprocess: Callable[[list[np.ndarray], int], np.ndarray]
+    outputs: tuple[str, ...]
+
+
+KINDS: dict[str, ModelKind] = {
+    "ptychonn": ModelKind("ptychonn", PtychoNN, ptycho_preprocess, ("amplitude", "phase")),
+}
+
+
+def kind(name: str) -> ModelKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown model kind {name!r}; known: {sorted(KINDS)}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,2 @@
+"""Simulated beamline: stage motors and detector (caproto CA + p4p PVA), the physics
+simulators, and the launcher of the real EPICS IOC that loads ``db/``."""

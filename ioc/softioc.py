@@ -1,0 +1,108 @@
+"""The real EPICS IOC (EPICS base soft IOC with CA, and PVA through pvxs QSRV2) that
+serves db/*.db with an access-security file.
+
+``python -m edgeloop.ioc.softioc -m P=SIM: -d db/ml.db -a db/ml.acf -s OPERATORS=me``
+runs until SIGINT/SIGTERM or, when stdin is a pipe, until end of input; it needs no stdin.
+``start()`` runs it as a subprocess and waits for ``iocRun: All initialization complete``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import getpass
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+
+READY = "iocRun: All initialization complete"
+
+
+def db_dir() -> Path:
+    return Path(str(resources.files("edgeloop.db")))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-m", "--macros", default="", help="record macros, e.g. P=SIM:")
+    parser.add_argument("-d", "--database", action="append", default=[], help=".db file")
+    parser.add_argument("-a", "--acf", help="access security file (.acf)")
+    parser.add_argument("-s", "--acf-subs", default="", help="acf substitutions")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("PVXS_QSRV_ENABLE", "YES")
+    from epicscorelibs import ioc as base_ioc
+    import pvxslibs.path
+
+    if args.acf:
+        base_ioc.dbCore.asSetFilename(str(Path(args.acf).resolve()).encode())
+        if args.acf_subs:
+            base_ioc.dbCore.asSetSubstitutions(args.acf_subs.encode())
+    base_ioc.start_ioc(dbs=[(d, args.macros) for d in args.database],
+                       extra_dbd_load=(("pvxsIoc.dbd", pvxslibs.path.dbd_path),),
+                       extra_dso_load=("pvxslibs.lib.pvxsIoc",))
+    sys.stderr.flush()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stdin_open = _stdin_is_pipe()
+    while not stop.is_set():
+        if stdin_open:
+            ready, _, _ = select.select([sys.stdin], [], [], 0.2)
+            if ready and not sys.stdin.readline():
+                break  # end of input, like the IOC shell
+        else:
+            stop.wait(0.2)
+
+
+def _stdin_is_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(0).st_mode)
+    except OSError:
+        return False
+
+
+def command(prefix: str, operators: str | None = None, service: str | None = None) -> list[str]:
+    user = getpass.getuser()
+    subs = f"OPERATORS={operators or user},SERVICE={service or user}"
+    return [sys.executable, "-u", "-m", "edgeloop.ioc.softioc", "-m", f"P={prefix}",
+            "-d", str(db_dir() / "ml.db"), "-a", str(db_dir() / "ml.acf"), "-s", subs]
+
+
+def start(prefix: str, env: dict | None = None, timeout: float = 30.0,
+          **kwargs) -> subprocess.Popen:
+    """Start the real IOC and return once it reports initialization complete."""
+    proc = subprocess.Popen(command(prefix, **kwargs), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if READY in line:
+            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+            return proc
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("EPICS IOC did not start:\n" + "".join(lines))
+
+
+def _drain(stream) -> None:
+    for line in stream:
+        sys.stderr.write("[ml-ioc] " + line)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,8 +36,8 @@ class SimConfig:
     object_size: int = 640  # object pixels per side; stage (0, 0) is the centre
     pixel_um: float = 0.01  # object pixel size (10 nm)
     frame_size: int = 64  # detector pixels per side
-    probe_radius_px: float = 9.0  # aperture radius in detector pixels (sets probe width)
-    probe_defocus: float = 3.0  # quadratic phase of the probe pupil, radians at the edge
+    probe_radius_px: float = 12.0 # aperture radius in detector pixels (sets probe width)
+    probe_defocus: float = 10.0 # quadratic phase of the probe pupil, radians at the edge
     photons: float = 1.0e6  # photons per frame
     max_phase: float = 1.0  # phase of the thickest feature, radians
     absorption: float = 0.1  # amplitude = exp(-absorption * phase)

@@ -152,7 +152,11 @@ class Detector(PVGroup):
         x, y = self.stage.x.position, self.stage.y.position
         frame = await asyncio.to_thread(self.sim.frame, x, y)
         uid = int(self.array_counter.value) + 1
-        self.image_pv.post(ntnd.build(frame, uid, {"SampleX": x, "SampleY": y}))
+        value = ntnd.build(frame, uid, {"SampleX": x, "SampleY": y})
+        if self.image_pv.isOpen():
+            self.image_pv.post(value)
+        else:
+            self.image_pv.open(value)
         await self.array_counter.write(uid)
         await self.array_counter_rbv.write(uid)
         await self.status_message.write(f"frame {uid} at ({x:.4f}, {y:.4f}) um")
@@ -216,8 +220,7 @@ def serve(cfg: Config, interfaces: list[str] | None = None,
     """Run the simulated beamline until interrupted (CA via caproto, PVA via p4p)."""
     os.environ["EPICS_CA_SERVER_PORT"] = str(ca_port)
     image_name = f"{cfg.prefix}det:Pva1:Image"
-    n = cfg.sim.frame_size
-    image_pv = SharedPV(initial=ntnd.build(np.zeros((n, n), np.int32), 0))
+    image_pv = SharedPV()  # opened by the first frame, so monitors get only real frames
     beamline = Beamline(cfg.prefix, cfg, image_pv)
     with Server(providers=[{image_name: image_pv}]):
         log.info("simulated beamline %s up: %d CA PVs, PVA %s", cfg.prefix,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeloop.config import SimConfig
+from edgeloop.optics import extract_patch, make_probe
 
 
 def fermat_spiral(num: int, step: float) -> np.ndarray:
@@ -37,24 +38,25 @@ def make_phase(cfg: SimConfig) -> np.ndarray:
     rng = np.random.default_rng(cfg.seed)
     phase = np.zeros((n, n), np.float64)
     yy, xx = np.mgrid[:n, :n].astype(np.float64)
-    # Siemens stars on a coarse grid
-    for cy in range(n // 8, n, n // 4):
-        for cx in range(n // 8, n, n // 4):
-            r0 = rng.uniform(0.06, 0.1) * n
-            spokes = int(rng.integers(8, 20))
+    # Siemens stars on a grid
+    cell = max(n // 8, 16)
+    for cy in range(cell // 2, n, cell):
+        for cx in range(cell // 2, n, cell):
+            r0 = rng.uniform(0.3, 0.45) * cell
+            spokes = int(rng.integers(6, 16))
             ang = np.arctan2(yy - cy, xx - cx)
             rad = np.hypot(yy - cy, xx - cx)
             star = (np.sin(spokes * ang + rng.uniform(0, np.pi)) > 0) & (rad < r0)
             phase[star] = rng.uniform(0.5, 1.0)
-    # bar groups and rectangles
-    for _ in range(n // 12):
-        h, w = rng.integers(3, 30, size=2)
-        y0, x0 = rng.integers(0, n - 30, size=2)
-        phase[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0.3, 1.0)
+    # bars and rectangles
+    for _ in range(n // 3):
+        h, w = rng.integers(3, 24, size=2)
+        y0, x0 = rng.integers(0, n - 24, size=2)
+        phase[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0.2, 1.0)
     # dots
-    for _ in range(n // 4):
+    for _ in range(n // 2):
         cy, cx = rng.uniform(0, n, size=2)
-        phase[_disk((n, n), cy, cx, rng.uniform(1.5, 6))] = rng.uniform(0.2, 0.9)
+        phase[_disk((n, n), cy, cx, rng.uniform(1.5, 5))] = rng.uniform(0.2, 0.9)
     # smooth grains so no patch is blank
     noise = rng.standard_normal((n, n))
     k = np.fft.fftfreq(n)
@@ -71,42 +73,10 @@ def make_object(cfg: SimConfig) -> np.ndarray:
     return (np.exp(-cfg.absorption * phase) * np.exp(1j * phase)).astype(np.complex64)
 
 
-def make_probe(cfg: SimConfig) -> np.ndarray:
-    """Complex illumination at the sample: a defocused circular aperture."""
-    m = cfg.frame_size
-    k = np.fft.fftshift(np.fft.fftfreq(m)) * m
-    ky, kx = np.meshgrid(k, k, indexing="ij")
-    rho2 = (ky**2 + kx**2) / cfg.probe_radius_px**2
-    pupil = (rho2 <= 1.0) * np.exp(1j * cfg.probe_defocus * rho2)
-    probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(pupil)))
-    probe /= np.sqrt(np.sum(np.abs(probe) ** 2))
-    return probe.astype(np.complex64)
-
-
 def position_to_pixel(x_um: float, y_um: float, cfg: SimConfig) -> tuple[float, float]:
     """Object-pixel (row, col) of the top-left corner of the patch seen at stage (x, y)."""
     half = cfg.object_size / 2 - cfg.frame_size / 2
     return half + y_um / cfg.pixel_um, half + x_um / cfg.pixel_um
-
-
-def extract_patch(obj: np.ndarray, row: float, col: float, size: int) -> np.ndarray:
-    """size x size patch with top-left corner at fractional (row, col); Fourier sub-pixel shift."""
-    r0, c0 = int(np.floor(row)), int(np.floor(col))
-    fr, fc = row - r0, col - c0
-    n = obj.shape[0]
-    if r0 < 0 or c0 < 0 or r0 + size + 1 > n or c0 + size + 1 > n:
-        raise ValueError(
-            f"patch at ({row:.1f}, {col:.1f}) leaves the {n}x{n} object; stage out of range"
-        )
-    if fr == 0 and fc == 0:
-        return obj[r0 : r0 + size, c0 : c0 + size]
-    pad = 4
-    lo_r, lo_c = max(r0 - pad, 0), max(c0 - pad, 0)
-    big = obj[lo_r : r0 + size + pad, lo_c : c0 + size + pad]
-    ky = np.fft.fftfreq(big.shape[0])[:, None]
-    kx = np.fft.fftfreq(big.shape[1])[None, :]
-    shifted = np.fft.ifft2(np.fft.fft2(big) * np.exp(2j * np.pi * (ky * fr + kx * fc)))
-    return shifted[r0 - lo_r : r0 - lo_r + size, c0 - lo_c : c0 - lo_c + size].astype(obj.dtype)
 
 
 def diffraction(probe: np.ndarray, patch: np.ndarray, photons: float,
@@ -126,7 +96,7 @@ class PtychoSimulator:
     def __init__(self, cfg: SimConfig):
         self.cfg = cfg
         self.obj = make_object(cfg)
-        self.probe = make_probe(cfg)
+        self.probe = make_probe(cfg.frame_size, cfg.probe_radius_px, cfg.probe_defocus)
         self.rng = np.random.default_rng(cfg.seed + 1)
 
     def patch(self, x_um: float, y_um: float) -> np.ndarray:

@@ -79,7 +79,8 @@ def command(prefix: str, operators: str | None = None, service: str | None = Non
 def start(prefix: str, env: dict | None = None, timeout: float = 30.0,
           **kwargs) -> subprocess.Popen:
     """Start the real IOC and return once it reports initialization complete."""
-    proc = subprocess.Popen(command(prefix, **kwargs), stdin=subprocess.DEVNULL,
+    # stdin is a pipe we hold: if this process dies, the IOC sees end of input and exits
+    proc = subprocess.Popen(command(prefix, **kwargs), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     lines: list[str] = []

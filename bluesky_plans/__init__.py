@@ -1,0 +1,32 @@
+"""Bluesky side of edgeloop: ophyd devices, the ptychography scan plan, and the HDF5 writer.
+
+The devices (and so ophyd and its Channel Access layer) are imported lazily, on first use of
+one of their names, so ``read_scan`` and the plans can be used without EPICS.  Call
+:func:`edgeloop.config.pin_loopback` before touching the devices when talking to the
+simulated beamline (its Channel Access server listens on a non-standard port).
+"""
+
+from edgeloop.bluesky_plans.callbacks import SCAN_DATASETS, ScanWriter, read_scan
+from edgeloop.bluesky_plans.plans import ptycho_scan, spiral_positions
+
+_DEVICE_NAMES = ("PtychoDetector", "PvaImageSignal", "SampleStage", "make_devices")
+
+__all__ = [
+    *_DEVICE_NAMES,
+    "ptycho_scan",
+    "spiral_positions",
+    "ScanWriter",
+    "read_scan",
+    "SCAN_DATASETS",
+]
+
+
+def __getattr__(name):
+    if name in _DEVICE_NAMES:
+        from edgeloop.bluesky_plans import devices
+        return getattr(devices, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

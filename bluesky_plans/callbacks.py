@@ -1,0 +1,258 @@
+"""Bluesky callback writing each ptychography run to one HDF5 file, and its reader."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+from bluesky.callbacks.core import CallbackBase
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ScanWriter", "read_scan", "SCAN_DATASETS"]
+
+TECHNIQUE = "ptychography"
+SCAN_DATASETS = ("frames", "positions_um", "unique_id", "timestamps")
+_ATTRS = ("start_json", "plan_name", "uid", "scan_id", "exit_status", "num_events")
+
+
+@dataclass
+class _Keys:
+    image: str
+    x: str
+    y: str
+    unique_id: str | None
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Run:
+    start: dict
+    keys: _Keys | None = None
+    frames: list = field(default_factory=list)
+    positions: list = field(default_factory=list)
+    unique_ids: list = field(default_factory=list)
+    timestamps: list = field(default_factory=list)
+
+
+def _image_key(data_keys: dict, detectors: list[str], object_keys: dict) -> str:
+    """The 2-D array data key, preferring the named detectors' ``*_image`` keys."""
+    arrays = [k for k, v in data_keys.items()
+              if v.get("dtype") == "array" and len(v.get("shape") or []) == 2]
+    preferred = [k for d in detectors for k in object_keys.get(d, []) if k in arrays]
+    for candidates in (preferred, arrays):
+        named = [k for k in candidates if k.endswith("image")]
+        if named or candidates:
+            return (named or candidates)[0]
+    raise ValueError(f"no 2-D array (image) among the data keys {sorted(data_keys)}")
+
+
+def _motor_keys(start: dict, descriptor: dict) -> tuple[str, str]:
+    """Data keys of the x and y readbacks: start hints, then descriptor hints/object_keys."""
+    data_keys = descriptor["data_keys"]
+    dims = start.get("hints", {}).get("dimensions") or []
+    from_dims = [fields[0] for fields, stream in dims
+                 if stream == descriptor.get("name", "primary") and fields
+                 and fields[0] in data_keys]
+    if len(from_dims) >= 2:
+        return from_dims[0], from_dims[1]
+    motors = list(start.get("motors") or [])
+    hints = descriptor.get("hints") or {}
+    object_keys = descriptor.get("object_keys") or {}
+    found = []
+    for m in motors[:2]:
+        candidates = [k for k in (hints.get(m, {}).get("fields") or []) if k in data_keys]
+        candidates += [m] if m in data_keys else []
+        candidates += [k for k in object_keys.get(m, []) if k in data_keys
+                       and not k.endswith(("setpoint", "_user_setpoint"))]
+        if candidates:
+            found.append(candidates[0])
+    if len(found) == 2:
+        return found[0], found[1]
+    xs = [k for k in data_keys if k.endswith("_x") or k == "x"]
+    ys = [k for k in data_keys if k.endswith("_y") or k == "y"]
+    if xs and ys:
+        return xs[0], ys[0]
+    raise ValueError(f"cannot tell the x/y motor readbacks among {sorted(data_keys)}")
+
+
+class ScanWriter(CallbackBase):
+    """Write each ptychography run to ``<data_dir>/scan_<scan_id>_<uid8>.h5``.
+
+    Runs whose start document lacks ``technique == 'ptychography'`` are ignored.  Events of
+    the ``primary`` stream are kept in memory; at the stop document the file is written to
+    a temporary name in ``data_dir`` and renamed into place, so readers never see a partial
+    file.  Failed or aborted runs are written too, with their ``exit_status``.
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike
+        Output directory (created if missing; ``~`` is expanded).
+    stream : str
+        Event stream to record.
+
+    Attributes
+    ----------
+    last_path : pathlib.Path or None
+        The file of the latest finished run.
+    paths : list of pathlib.Path
+        All files written by this callback.
+
+    Notes
+    -----
+    Datasets: ``frames`` (N, ny, nx, detector dtype), ``positions_um`` (N, 2; x, y motor
+    readbacks), ``unique_id`` (N,), ``timestamps`` (N,; the frame timestamps, seconds since
+    the epoch).  Attributes: ``start_json``, ``plan_name``, ``uid``, ``scan_id``,
+    ``exit_status``, ``num_events`` (and ``reason`` from the stop document).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, stream: str = "primary"):
+        super().__init__()
+        self.data_dir = Path(data_dir).expanduser()
+        self.stream = stream
+        self.last_path: Path | None = None
+        self.paths: list[Path] = []
+        self._runs: dict[str, _Run] = {}
+        self._descriptors: dict[str, str] = {}  # descriptor uid -> run start uid
+
+    def start(self, doc):
+        if doc.get("technique") == TECHNIQUE:
+            self._runs[doc["uid"]] = _Run(start=doc)
+        return doc
+
+    def descriptor(self, doc):
+        run = self._runs.get(doc["run_start"])
+        if run is None or doc.get("name", "primary") != self.stream:
+            return doc
+        data_keys = doc["data_keys"]
+        detectors = list(run.start.get("detectors") or [])
+        object_keys = doc.get("object_keys") or {}
+        image = _image_key(data_keys, detectors, object_keys)
+        x, y = _motor_keys(run.start, doc)
+        uid_keys = [k for k in data_keys if k.endswith("unique_id")]
+        run.keys = _Keys(image=image, x=x, y=y, unique_id=uid_keys[0] if uid_keys else None,
+                         shape=tuple(data_keys[image]["shape"]))
+        self._descriptors[doc["uid"]] = doc["run_start"]
+        log.debug("ScanWriter: image %s, x %s, y %s, uid %s", image, x, y, run.keys.unique_id)
+        return doc
+
+    def event(self, doc):
+        start_uid = self._descriptors.get(doc["descriptor"])
+        if start_uid is None:
+            return doc
+        run = self._runs[start_uid]
+        keys, data = run.keys, doc["data"]
+        frame = data[keys.image]
+        if isinstance(frame, str) or (doc.get("filled") or {}).get(keys.image) is False:
+            log.warning("ScanWriter: event %s has an unfilled (external) image; skipped",
+                        doc.get("seq_num"))
+            return doc
+        run.frames.append(np.asarray(frame))
+        run.positions.append((float(data[keys.x]), float(data[keys.y])))
+        run.unique_ids.append(int(data[keys.unique_id]) if keys.unique_id
+                              else int(doc.get("seq_num", len(run.frames))))
+        run.timestamps.append(float(doc.get("timestamps", {}).get(keys.image, doc["time"])))
+        return doc
+
+    def stop(self, doc):
+        run = self._runs.pop(doc["run_start"], None)
+        if run is None:
+            return doc
+        self._descriptors = {d: s for d, s in self._descriptors.items() if s != doc["run_start"]}
+        try:
+            self.last_path = self._write(run, doc)
+            self.paths.append(self.last_path)
+        except Exception:
+            log.exception("ScanWriter: could not write run %s", doc["run_start"])
+            raise
+        return doc
+
+    def _write(self, run: _Run, stop: dict) -> Path:
+        start = run.start
+        scan_id = start.get("scan_id", 0)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / f"scan_{scan_id}_{start['uid'][:8]}.h5"
+        shape = run.keys.shape if run.keys else (0, 0)
+        if run.frames:
+            frames = np.stack(run.frames)
+        else:
+            frames = np.zeros((0, *shape), dtype=np.int32)
+        exit_status = stop.get("exit_status", "unknown")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("frames", data=frames,
+                                 chunks=(1, *frames.shape[1:]) if frames.size else None)
+                f.create_dataset("positions_um",
+                                 data=np.asarray(run.positions, dtype=float).reshape(-1, 2))
+                f.create_dataset("unique_id", data=np.asarray(run.unique_ids, dtype=np.int64))
+                f.create_dataset("timestamps", data=np.asarray(run.timestamps, dtype=float))
+                f.attrs["start_json"] = json.dumps(start, default=repr)
+                f.attrs["plan_name"] = str(start.get("plan_name", ""))
+                f.attrs["uid"] = start["uid"]
+                f.attrs["scan_id"] = int(scan_id)
+                f.attrs["exit_status"] = str(exit_status)
+                f.attrs["reason"] = str(stop.get("reason", ""))
+                f.attrs["num_events"] = len(run.frames)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        level = logging.INFO if exit_status == "success" else logging.WARNING
+        log.log(level, "ScanWriter: wrote %s (%d frames, exit_status %s)", path,
+                len(run.frames), exit_status)
+        return path
+
+
+def read_scan(path: str | os.PathLike) -> dict:
+    """Load a scan file written by :class:`ScanWriter`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``scan_*.h5`` file.
+
+    Returns
+    -------
+    dict
+        ``frames`` (N, ny, nx), ``positions_um`` (N, 2), ``unique_id`` (N,), ``timestamps``
+        (N,) as numpy arrays; ``start`` (the start document, dict), ``plan_name``, ``uid``,
+        ``scan_id``, ``exit_status``, ``num_events``, ``reason`` and ``path``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If the file is not HDF5 or lacks the scan datasets or attributes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no scan file {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"{path} is not a readable HDF5 file: {exc}") from exc
+    with f:
+        missing = [name for name in SCAN_DATASETS if not isinstance(f.get(name), h5py.Dataset)]
+        missing += [f"@{name}" for name in _ATTRS if name not in f.attrs]
+        if missing:
+            raise ValueError(f"{path} is not a ScanWriter scan file; missing {missing}")
+        out = {name: f[name][()] for name in SCAN_DATASETS}
+        attrs = {name: f.attrs[name] for name in _ATTRS}
+        reason = f.attrs.get("reason", "")
+    n = len(out["frames"])
+    if out["frames"].ndim != 3 or any(len(out[k]) != n for k in SCAN_DATASETS):
+        raise ValueError(f"{path}: inconsistent dataset lengths/shapes "
+                         f"{ {k: out[k].shape for k in SCAN_DATASETS} }")
+    out.update(start=json.loads(attrs["start_json"]), plan_name=str(attrs["plan_name"]),
+               uid=str(attrs["uid"]), scan_id=int(attrs["scan_id"]),
+               exit_status=str(attrs["exit_status"]), num_events=int(attrs["num_events"]),
+               reason=str(reason), path=path)
+    return out

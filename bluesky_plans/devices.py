@@ -1,0 +1,238 @@
+"""Ophyd devices for the (simulated or real) ptychography beamline.
+
+The sample stage is two motor records (``$(P)SampleX``, ``$(P)SampleY``, micrometres).  The
+detector is an areaDetector-like camera: its controls (``$(P)det:cam1:*``) are read over
+Channel Access, its frames over pvAccess as NTNDArray (``$(P)det:Pva1:Image``).
+
+Call :func:`edgeloop.config.pin_loopback` before importing this module when the simulated
+beamline serves Channel Access on its own port.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+from ophyd import Component as Cpt
+from ophyd import FormattedComponent as FCpt
+from ophyd import Device, DeviceStatus, EpicsMotor, EpicsSignal, EpicsSignalRO, Signal
+
+from edgeloop import ntnd
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PvaImageSignal", "PtychoDetector", "SampleStage", "make_devices"]
+
+
+class SampleStage(Device):
+    """Two-axis sample stage (micrometres): ``x`` on ``$(P)SampleX``, ``y`` on ``$(P)SampleY``."""
+
+    x = Cpt(EpicsMotor, "SampleX")
+    y = Cpt(EpicsMotor, "SampleY")
+
+
+class PvaImageSignal(Signal):
+    """Read-only signal holding the newest NTNDArray frame of a pvAccess PV as a 2-D array.
+
+    Parameters
+    ----------
+    pv_name : str
+        The NTNDArray PV, e.g. ``"SIM:det:Pva1:Image"``.
+    context : p4p.client.thread.Context, optional
+        A p4p client context to share; one (``'pva'``, ``nt=False``) is made when omitted.
+    fetch_timeout : float
+        Seconds allowed for one pvAccess get.
+    **kwargs
+        Passed to :class:`ophyd.Signal` (``name``, ``parent``, ``kind`` ...).
+
+    Notes
+    -----
+    :meth:`get` fetches a fresh frame; :meth:`read` reports the frame of the latest fetch
+    (the one :meth:`PtychoDetector.trigger` took), fetching only when none was taken yet.
+    A sibling ``unique_id`` signal, when given via :attr:`unique_id_signal`, is updated with
+    the uniqueId of every fetched frame.
+    """
+
+    def __init__(self, pv_name: str, *, context=None, fetch_timeout: float = 5.0, **kwargs):
+        kwargs.setdefault("value", None)
+        super().__init__(**kwargs)
+        self.pv_name = pv_name
+        self.fetch_timeout = fetch_timeout
+        self._context = context
+        self._frame: ntnd.Frame | None = None
+        self._fetch_lock = threading.Lock()
+        self.unique_id_signal: Signal | None = None
+
+    @property
+    def context(self):
+        """The p4p client context, created on first use."""
+        if self._context is None:
+            from p4p.client.thread import Context
+            self._context = Context("pva", nt=False)
+        return self._context
+
+    @property
+    def frame(self) -> ntnd.Frame | None:
+        """The last fetched :class:`edgeloop.ntnd.Frame`, or None."""
+        return self._frame
+
+    def fetch(self) -> ntnd.Frame:
+        """Get the PV once, decode it and cache it; returns the frame.
+
+        Raises
+        ------
+        edgeloop.ntnd.FrameError
+            When the NTNDArray cannot be decoded into a 2-D frame.
+        TimeoutError
+            When the PV does not answer within ``fetch_timeout``.
+        """
+        with self._fetch_lock:
+            value = self.context.get(self.pv_name, timeout=self.fetch_timeout)
+            frame = ntnd.decode(value)
+            self._frame = frame
+            stamp = frame.timestamp or frame.received
+            if self.unique_id_signal is not None:
+                self.unique_id_signal.put(frame.unique_id, timestamp=stamp, force=True)
+            super().put(frame.data, timestamp=stamp, force=True)
+            return frame
+
+    def get(self, **kwargs) -> np.ndarray:
+        """Fetch a fresh frame over pvAccess and return its 2-D pixel array."""
+        return self.fetch().data
+
+    def read(self) -> dict:
+        """The cached frame (fetched now if none yet) in ophyd's ``read()`` form."""
+        if self._frame is None:
+            self.fetch()
+        return {self.name: {"value": self._frame.data, "timestamp": self.timestamp}}
+
+    def describe(self) -> dict:
+        """Data key of the frame: ``dtype='array'``, ``shape=[ny, nx]`` (no ``external``)."""
+        if self._frame is None:
+            try:
+                self.fetch()
+            except TimeoutError as exc:
+                raise TimeoutError(f"{self.name}: no frame on {self.pv_name} yet, so its shape "
+                                   "is unknown; trigger the detector first") from exc
+        data = self._frame.data
+        return {self.name: {"source": f"PVA:{self.pv_name}", "dtype": "array",
+                            "shape": list(data.shape), "dtype_numpy": data.dtype.str}}
+
+    def put(self, value, **kwargs):
+        raise PermissionError(f"{self.name} ({self.pv_name}) is read-only")
+
+    def set(self, value, **kwargs):
+        raise PermissionError(f"{self.name} ({self.pv_name}) is read-only")
+
+    def destroy(self):
+        if self._context is not None:
+            try:
+                self._context.close()
+            except Exception:  # pragma: no cover - best effort at teardown
+                log.debug("closing p4p context failed", exc_info=True)
+            self._context = None
+        super().destroy()
+
+
+class PtychoDetector(Device):
+    """Ptychography detector: cam1 controls over CA, frames over pvAccess.
+
+    Parameters
+    ----------
+    prefix : str
+        Beamline prefix, e.g. ``"SIM:"``; the cam is ``f"{prefix}det:cam1:"``.
+    name : str
+        Ophyd name; data keys become ``<name>_image`` and ``<name>_unique_id``.
+    image_pv : str, optional
+        NTNDArray PV; defaults to ``f"{prefix}det:Pva1:Image"``.
+    trigger_timeout : float
+        Seconds allowed, beyond ``AcquireTime * NumImages``, for one trigger to complete.
+    **kwargs
+        Passed to :class:`ophyd.Device`.
+
+    Notes
+    -----
+    :meth:`trigger` puts ``Acquire=1`` with put completion, then fetches the frame and checks
+    that its uniqueId equals ``ArrayCounter_RBV`` (refetching briefly when the PVA update lags
+    the CA put); the status fails with a :class:`TimeoutError` otherwise.  Staging sets
+    ``NumImages=1`` and ``ArrayCounter=0`` so uniqueIds restart at 1 in every scan.
+    """
+
+    acquire = Cpt(EpicsSignal, "det:cam1:Acquire", put_complete=True, kind="omitted")
+    acquire_time = Cpt(EpicsSignal, "det:cam1:AcquireTime", kind="config")
+    num_images = Cpt(EpicsSignal, "det:cam1:NumImages", kind="config")
+    array_counter = Cpt(EpicsSignal, "det:cam1:ArrayCounter", kind="omitted")
+    array_counter_rbv = Cpt(EpicsSignalRO, "det:cam1:ArrayCounter_RBV", kind="omitted")
+    image = FCpt(PvaImageSignal, "{image_pv}", kind="normal")
+    unique_id = Cpt(Signal, value=0, kind="normal")
+
+    def __init__(self, prefix: str, *, name: str, image_pv: str | None = None,
+                 trigger_timeout: float = 10.0, **kwargs):
+        self.image_pv = image_pv or f"{prefix}det:Pva1:Image"  # read by the image FCpt
+        self.trigger_timeout = trigger_timeout
+        super().__init__(prefix, name=name, **kwargs)
+        self.image.unique_id_signal = self.unique_id
+        self.stage_sigs["num_images"] = 1
+        self.stage_sigs["array_counter"] = 0
+
+    @property
+    def hints(self) -> dict:
+        return {"fields": [self.unique_id.name]}
+
+    def trigger(self) -> DeviceStatus:
+        """Take one frame; the status finishes once the matching frame has been fetched."""
+        status = DeviceStatus(self)
+        threading.Thread(target=self._acquire_one, args=(status,), daemon=True,
+                         name=f"{self.name}-trigger").start()
+        return status
+
+    def _acquire_one(self, status: DeviceStatus) -> None:
+        try:
+            exposure = float(self.acquire_time.get() or 0.0)
+            images = max(int(self.num_images.get() or 1), 1)
+            timeout = self.trigger_timeout + exposure * images
+            self.acquire.set(1, timeout=timeout).wait(timeout)
+            expected = int(self.array_counter_rbv.get(use_monitor=False))
+            deadline = time.monotonic() + self.trigger_timeout
+            while True:
+                frame = self.image.fetch()
+                if frame.unique_id == expected:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{self.name}: frame on {self.image_pv} has uniqueId {frame.unique_id} "
+                        f"but ArrayCounter_RBV is {expected} after {self.trigger_timeout} s; "
+                        "is the PVA plugin enabled and publishing every frame?")
+                time.sleep(0.01)
+        except Exception as exc:
+            log.error("%s trigger failed: %s", self.name, exc)
+            status.set_exception(exc)
+        else:
+            status.set_finished()
+
+def make_devices(prefix: str = "SIM:", timeout: float = 10.0
+                 ) -> tuple[PtychoDetector, SampleStage]:
+    """Build the detector (``det``) and stage (``stage``) and wait for their connections.
+
+    Parameters
+    ----------
+    prefix : str
+        Beamline PV prefix.
+    timeout : float
+        Seconds to wait for the Channel Access connections.
+
+    Returns
+    -------
+    det : PtychoDetector
+    stage : SampleStage
+    """
+    det = PtychoDetector(prefix, name="det")
+    stage = SampleStage(prefix, name="stage")
+    det.wait_for_connection(timeout=timeout)
+    stage.wait_for_connection(timeout=timeout)
+    # The image PV is not probed here: an NDPluginPva-like server may keep it closed until
+    # the first frame, so it is first read by the first trigger().
+    log.info("devices on %s connected", prefix)
+    return det, stage

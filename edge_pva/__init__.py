@@ -1,0 +1,1 @@
+"""Edge server: PVA monitor in, batched inference, PVA server out, model hot swap."""

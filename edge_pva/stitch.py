@@ -1,0 +1,54 @@
+"""Stitch predicted phase patches into a map at their scan positions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def patch_origin(x_um: float, y_um: float, map_size: int, patch: int,
+                 pixel_um: float) -> tuple[int, int]:
+    """Top-left map pixel of the patch centred at stage position (x, y); (0, 0) = map centre."""
+    half = map_size / 2 - patch / 2
+    return int(round(half + y_um / pixel_um)), int(round(half + x_um / pixel_um))
+
+
+class PhaseMap:
+    """Weighted average of overlapping patches; the weight falls off towards patch edges,
+    where the illumination (and so the prediction) is weakest."""
+
+    def __init__(self, map_size: int, patch: int, pixel_um: float):
+        self.map_size, self.patch, self.pixel_um = map_size, patch, pixel_um
+        r = (np.arange(patch) - (patch - 1) / 2) / (patch / 4)
+        self.window = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2)).astype(np.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = np.zeros((self.map_size, self.map_size), np.float32)
+        self.weight = np.zeros_like(self.total)
+        self.count = 0
+        self.outside = 0
+
+    def add(self, phase: np.ndarray, x_um: float, y_um: float) -> bool:
+        """Add one patch; False (and counted in ``outside``) if it does not fit the map."""
+        if phase.shape != (self.patch, self.patch):
+            raise ValueError(f"patch shape {phase.shape} != ({self.patch}, {self.patch})")
+        r, c = patch_origin(x_um, y_um, self.map_size, self.patch, self.pixel_um)
+        if r < 0 or c < 0 or r + self.patch > self.map_size or c + self.patch > self.map_size:
+            self.outside += 1
+            return False
+        # remove each patch's own mean offset relative to the map where they overlap
+        region_w = self.weight[r:r + self.patch, c:c + self.patch]
+        overlap = region_w > 1e-3
+        if overlap.sum() > self.patch:
+            current = self.total[r:r + self.patch, c:c + self.patch][overlap] / region_w[overlap]
+            phase = phase - float(np.mean(phase[overlap] - current))
+        self.total[r:r + self.patch, c:c + self.patch] += phase * self.window
+        self.weight[r:r + self.patch, c:c + self.patch] += self.window
+        self.count += 1
+        return True
+
+    def image(self) -> np.ndarray:
+        out = np.zeros_like(self.total)
+        seen = self.weight > 1e-3
+        out[seen] = self.total[seen] / self.weight[seen]
+        return out

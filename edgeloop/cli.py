@@ -1,0 +1,94 @@
+"""``edgeloop`` command line: ioc, edge, retrain-service, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from edgeloop.config import Config, pin_loopback
+
+log = logging.getLogger("edgeloop")
+
+
+def _config(args) -> Config:
+    cfg = Config.load(args.config)
+    cfg.prefix = args.prefix
+    for name in ("data_dir", "registry_dir", "executor"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, name, value)
+    return cfg
+
+
+def cmd_ioc(args) -> None:
+    from edgeloop.ioc import beamline, softioc
+
+    cfg = _config(args)
+    ml_ioc = None if args.no_ml_ioc else softioc.start(cfg.prefix)
+    try:
+        beamline.serve(cfg)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if ml_ioc is not None:
+            ml_ioc.terminate()
+            ml_ioc.wait(10)
+
+
+def cmd_edge(args) -> None:
+    from edgeloop.edge_pva.server import EdgeServer
+
+    EdgeServer(_config(args), input_pv=args.input_pv).serve_forever()
+
+
+def cmd_retrain_service(args) -> None:
+    from edgeloop.remote.service import RetrainService
+
+    RetrainService(_config(args)).serve_forever()
+
+
+def cmd_demo(args) -> None:
+    from edgeloop.demo import run_demo
+
+    run_demo(_config(args), out=args.out, scan_points=args.points, epochs=args.epochs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--prefix", default="SIM:", help="PV prefix (default SIM:)")
+        p.add_argument("--config", help="JSON configuration file (see edgeloop.config)")
+        p.add_argument("--data-dir", help="where scans are stored (HDF5)")
+        p.add_argument("--registry-dir", help="model registry directory")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("ioc", cmd_ioc, "simulated beamline (CA + PVA) and the real ML IOC (db/)")
+    p.add_argument("--no-ml-ioc", action="store_true", help="only the simulated beamline")
+    p = add("edge", cmd_edge, "edge inference server")
+    p.add_argument("--input-pv", help="NTNDArray to monitor (default $(P)det:Pva1:Image)")
+    p = add("retrain-service", cmd_retrain_service,
+            "watch $(P)ml:Retrain and run retraining on the configured executor")
+    p.add_argument("--executor", help="local (default)")
+    p = add("demo", cmd_demo, "run the whole loop once and report")
+    p.add_argument("--out", default="edgeloop-demo", help="output directory")
+    p.add_argument("--points", type=int, default=300, help="scan points per scan")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument("--executor", help="local (default)")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pin_loopback()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Tests of edgeloop.bluesky_plans: spiral geometry, plan messages, and a real scan on the
+simulated beamline IOC written to HDF5 by ScanWriter."""
+
+from edgeloop.config import pin_loopback
+
+pin_loopback()  # before ophyd / pyepics / caproto are imported
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import secrets  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from edgeloop.bluesky_plans import (ScanWriter, ptycho_scan, read_scan,  # noqa: E402
+                                    spiral_positions)
+
+log = logging.getLogger(__name__)
+
+
+def _nn_distances(points: np.ndarray) -> np.ndarray:
+    d = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    return d.min(axis=1)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("num", [1, 2, 20, 963])
+def test_spiral_count_and_center(num):
+    pos = spiral_positions(num, 0.05, center=(0.3, -0.2))
+    assert pos.shape == (num, 2)
+    np.testing.assert_allclose(pos[0], [0.3, -0.2])
+
+
+@pytest.mark.parametrize("step", [0.05, 0.2])
+def test_spiral_spacing(step):
+    pos = spiral_positions(500, step)
+    median = float(np.median(_nn_distances(pos)))
+    assert abs(median - step) < 0.2 * step, median
+
+
+@pytest.mark.parametrize("kwargs", [dict(num=0, step_um=0.05), dict(num=-3, step_um=0.05),
+                                    dict(num=10, step_um=0.0), dict(num=10, step_um=-1.0),
+                                    dict(num=10, step_um=float("nan")),
+                                    dict(num=10, step_um=0.05, center=(0.0,))])
+def test_spiral_rejects_bad_args(kwargs):
+    with pytest.raises(ValueError):
+        spiral_positions(**kwargs)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@pytest.fixture
+def sim_devices():
+    from ophyd import Component as Cpt
+    from ophyd import Device
+    from ophyd.sim import SynAxis, det
+
+    class SimStage(Device):
+        x = Cpt(SynAxis)
+        y = Cpt(SynAxis)
+
+    return det, SimStage(name="stage")
+
+
+@pytest.mark.parametrize("kwargs", [dict(num=0), dict(num=-1), dict(step=0.0),
+                                    dict(step=-0.05), dict(center=(1.0, 2.0, 3.0))])
+def test_ptycho_scan_validates_before_any_msg(sim_devices, kwargs):
+    det, stage = sim_devices
+    with pytest.raises(ValueError):
+        ptycho_scan(det, stage, **kwargs)  # raises at call time, no iteration needed
+
+
+def test_ptycho_scan_checks_limits(sim_devices):
+    det, stage = sim_devices
+    stage.x.limits = (-1.0, 1.0)  # SynAxis has none; give x some
+    ptycho_scan(det, stage, num=50, step=0.05)  # fits: radius ~0.19 um
+    with pytest.raises(ValueError, match="limits"):
+        ptycho_scan(det, stage, num=50, step=0.05, center=(0.95, 0.0))
+    with pytest.raises(ValueError, match="limits"):
+        ptycho_scan(det, stage, num=2000, step=0.1)
+
+
+def test_ptycho_scan_messages(sim_devices):
+    det, stage = sim_devices
+    msgs = list(ptycho_scan(det, stage, num=5, step=0.1, center=(0.5, 0.0), md={"user": "t"}))
+    commands = [m.command for m in msgs]
+    assert commands[0] == "stage" and commands[-1] == "unstage"
+    assert {m.obj for m in msgs if m.command == "stage"} == {det, stage}
+    open_run = next(m for m in msgs if m.command == "open_run")
+    md = open_run.kwargs
+    assert md["technique"] == "ptychography"
+    assert md["plan_name"] == "ptycho_scan"
+    assert md["num_points"] == 5 and md["step_um"] == 0.1 and md["user"] == "t"
+    assert md["detectors"] == ["det"] and md["motors"] == ["stage_x", "stage_y"]
+    assert md["hints"]["dimensions"] == [(["stage_x"], "primary"), (["stage_y"], "primary")]
+    assert len([m for m in msgs if m.command == "trigger" and m.obj is det]) == 5
+    assert commands.count("save") == 5
+    assert commands.count("close_run") == 1
+    sets = [(m.obj.name, m.args[0]) for m in msgs if m.command == "set"]
+    planned = spiral_positions(5, 0.1, center=(0.5, 0.0))
+    np.testing.assert_allclose([v for n, v in sets if n == "stage_x"], planned[:, 0])
+    np.testing.assert_allclose([v for n, v in sets if n == "stage_y"], planned[:, 1])
+
+
+def test_scan_writer_with_sim_devices(tmp_path):
+    """ScanWriter with ophyd.sim hardware: a 2-D array detector and two SynAxis motors."""
+    from bluesky import RunEngine
+    from ophyd import Component as Cpt
+    from ophyd import Device
+    from ophyd.sim import SynAxis, SynSignal
+
+    class ImageDet(Device):
+        image = Cpt(SynSignal, func=lambda: np.random.poisson(5, (8, 6)).astype(np.uint16),
+                    kind="hinted")
+
+        def trigger(self):
+            return self.image.trigger()
+
+    class SimStage(Device):
+        x = Cpt(SynAxis)
+        y = Cpt(SynAxis)
+
+    det, stage = ImageDet(name="cam"), SimStage(name="stage")
+    RE = RunEngine({})
+    writer = ScanWriter(tmp_path)
+    RE.subscribe(writer)
+    RE(ptycho_scan(det, stage, num=7, step=0.1))
+    RE.md["technique"] = "other"
+    from bluesky.plans import count
+    RE(count([det], num=2))  # ignored: not ptychography
+    assert len(writer.paths) == 1
+    scan = read_scan(writer.last_path)
+    assert scan["frames"].shape == (7, 8, 6) and scan["frames"].dtype == np.uint16
+    np.testing.assert_allclose(scan["positions_um"], spiral_positions(7, 0.1), atol=1e-9)
+    np.testing.assert_array_equal(scan["unique_id"], np.arange(1, 8))  # seq_num fallback
+    assert scan["exit_status"] == "success" and scan["num_events"] == 7
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_read_scan_rejects_other_files(tmp_path):
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("frames", data=np.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match="missing"):
+        read_scan(bad)
+    text = tmp_path / "text.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(ValueError):
+        read_scan(text)
+
+
+# --------------------------------------------------------------------------- integration
+
+
+def _wait_for_ioc(proc: subprocess.Popen, pv: str, timeout: float = 30.0) -> None:
+    from caproto.sync.client import read
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"beamline IOC exited early with code {proc.returncode}")
+        try:
+            read(pv, timeout=1.0)
+            return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"beamline IOC did not serve {pv} within {timeout} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def beamline_prefix():
+    """A simulated beamline IOC on a random prefix, for this module only."""
+    prefix = f"T{secrets.token_hex(3).upper()}:"
+    code = ("from edgeloop.config import Config, pin_loopback; pin_loopback(); "
+            "from edgeloop.ioc.beamline import serve; "
+            f"serve(Config(prefix={prefix!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_ioc(proc, f"{prefix}det:cam1:Acquire")
+    except Exception:
+        _stop(proc)
+        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+        pytest.fail(f"could not start the beamline IOC: {err}")
+    # Drain stderr in the background so a chatty IOC never blocks on a full pipe.
+    import threading
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    yield prefix
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def devices(beamline_prefix):
+    from edgeloop.bluesky_plans import make_devices
+    det, stage = make_devices(beamline_prefix, timeout=15)
+    yield det, stage
+    det.destroy()
+    stage.destroy()
+
+
+@pytest.fixture
+def RE():
+    from bluesky import RunEngine
+    engine = RunEngine({})
+    yield engine
+    if engine.state != "idle":
+        engine.halt()
+    loop = getattr(engine, "loop", None)
+    if loop is not None and not loop.is_closed() and not loop.is_running():
+        loop.call_soon_threadsafe(loop.stop)
+
+
+@pytest.mark.timeout(120)
+def test_detector_trigger_and_read(devices):
+    det, _ = devices
+    det.stage()
+    try:
+        det.trigger().wait(15)
+        first = det.read()
+        det.trigger().wait(15)
+        second = det.read()
+    finally:
+        det.unstage()
+    assert first["det_unique_id"]["value"] == 1 and second["det_unique_id"]["value"] == 2
+    assert first["det_image"]["value"].shape == (64, 64)
+    desc = det.describe()["det_image"]
+    assert desc["dtype"] == "array" and desc["shape"] == [64, 64] and "external" not in desc
+
+
+@pytest.mark.timeout(120)
+def test_ptycho_scan_on_beamline(devices, RE, tmp_path):
+    det, stage = devices
+    writer = ScanWriter(tmp_path)
+    RE.subscribe(writer)
+    events = []
+    RE.subscribe(lambda name, doc: events.append(doc), "event")
+    (uid,) = RE(ptycho_scan(det, stage, num=20, step=0.05))
+    assert len(events) == 20
+
+    path = writer.last_path
+    assert path is not None and path.exists() and path.parent == tmp_path
+    assert path.name.startswith("scan_") and uid[:8] in path.name
+    with h5py.File(path, "r") as f:
+        assert f["frames"].shape == (20, 64, 64)
+        assert f.attrs["exit_status"] == "success" and f.attrs["num_events"] == 20
+    scan = read_scan(path)
+    np.testing.assert_allclose(scan["positions_um"], spiral_positions(20, 0.05), atol=1e-3)
+    np.testing.assert_array_equal(scan["unique_id"], np.arange(1, 21))
+    assert scan["uid"] == uid and scan["plan_name"] == "ptycho_scan"
+    assert scan["start"]["technique"] == "ptychography"
+    frames = scan["frames"].astype(np.float64)
+    assert frames.sum() > 0 and (frames.reshape(20, -1).sum(axis=1) > 0).all()
+    assert all(not np.array_equal(frames[i], frames[i + 1]) for i in range(19))
+    assert np.all(np.diff(scan["timestamps"]) >= 0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.timeout(120)
+def test_aborted_scan_is_written_and_marked(devices, RE, tmp_path):
+    """A run stopped mid-way is still written, with exit_status 'abort' and the frames so far."""
+    from bluesky.utils import RunEngineInterrupted
+
+    det, stage = devices
+    writer = ScanWriter(tmp_path)
+    RE.subscribe(writer)
+
+    def abort_after(n):
+        seen = []
+
+        def cb(name, doc):
+            seen.append(doc)
+            if len(seen) == n:
+                RE.request_pause(defer=False)
+        return cb
+
+    RE.subscribe(abort_after(3), "event")
+    with pytest.raises(RunEngineInterrupted):
+        RE(ptycho_scan(det, stage, num=20, step=0.05))
+    RE.abort("test abort")
+    scan = read_scan(writer.last_path)
+    assert scan["exit_status"] == "abort"
+    assert 3 <= scan["num_events"] < 20 and scan["frames"].shape[1:] == (64, 64)

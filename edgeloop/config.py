@@ -10,8 +10,9 @@ from pathlib import Path
 
 # Two CA servers on one host cannot share UDP port 5064 for unicast searches (the kernel
 # hands each datagram to one socket), so the simulated beamline serves CA on its own port
-# and clients search both; the real ML IOC keeps the standard 5064.
-BEAMLINE_CA_PORT = 5066
+# and clients search both; the real ML IOC keeps the standard 5064.  A second simulated
+# system on the same host sets EDGELOOP_BEAMLINE_CA_PORT to another port.
+BEAMLINE_CA_PORT = int(os.environ.get("EDGELOOP_BEAMLINE_CA_PORT", "5066"))
 
 LOOPBACK_ENV = {
     "EPICS_CA_ADDR_LIST": f"127.0.0.1 127.0.0.1:{BEAMLINE_CA_PORT}",

@@ -1,0 +1,177 @@
+"""Integration: the real servers on loopback, through real clients (p4p, pvapy, caproto,
+ophyd, bluesky)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from caproto.sync.client import read as ca_get
+from caproto.sync.client import write as ca_put
+
+from edgeloop import ntnd
+from edgeloop.registry import Registry
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Collector:
+    """All updates of an NTNDArray PV (p4p monitor, pipelined so none are squashed)."""
+
+    def __init__(self, ctx, pv):
+        self.frames, self.lock = [], threading.Lock()
+        self.sub = ctx.monitor(pv, self._on, request="field()record[pipeline=true,queueSize=64]")
+
+    def _on(self, value):
+        if not isinstance(value, Exception):
+            with self.lock:
+                self.frames.append(ntnd.decode(value))
+
+    def wait(self, n, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.frames) >= n:
+                    break
+            time.sleep(0.05)
+        with self.lock:
+            return list(self.frames)
+
+    def close(self):
+        self.sub.close()
+
+
+def acquire(system, n):
+    p = system.prefix
+    ca_put(f"{p}det:cam1:NumImages", n, notify=True, timeout=5)
+    ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=120)
+
+
+def test_frames_are_valid_ntndarray_for_p4p_and_pvapy(system):
+    import pvaccess
+
+    acquire(system, 1)
+    value = system.pv("det:Pva1:Image")
+    assert value.getID() == "epics:nt/NTNDArray:1.0"
+    frame = ntnd.decode(value)
+    assert frame.data.shape == (64, 64) and frame.data.dtype == np.int32
+    assert frame.data.sum() > 0.9 * system.cfg.sim.photons
+    assert {"SampleX", "SampleY", "ColorMode"} <= set(frame.attributes)
+    assert frame.unique_id == ca_get(f"{system.prefix}det:cam1:ArrayCounter_RBV").data[0]
+
+    ch = pvaccess.Channel(f"{system.prefix}det:Pva1:Image", pvaccess.PVA)
+    pv = ch.get("field()")
+    assert pv["uniqueId"] == frame.unique_id
+    dims = [d["size"] for d in pv["dimension"]]
+    assert dims == [64, 64]
+    pixels = pv["value"][0]["intValue"]
+    np.testing.assert_array_equal(np.asarray(pixels).reshape(64, 64), frame.data)
+
+
+def test_one_phase_output_per_frame_with_matching_unique_id(system):
+    phase = Collector(system.ctx, f"{system.prefix}edge:Phase")
+    amplitude = Collector(system.ctx, f"{system.prefix}edge:Amplitude")
+    time.sleep(0.5)
+    phase.frames.clear()
+    amplitude.frames.clear()
+    start = int(ca_get(f"{system.prefix}det:cam1:ArrayCounter_RBV").data[0])
+    acquire(system, 40)
+    expected = set(range(start + 1, start + 41))
+    got_p = {f.unique_id for f in phase.wait(40) if f.unique_id in expected}
+    got_a = {f.unique_id for f in amplitude.wait(40) if f.unique_id in expected}
+    phase.close()
+    amplitude.close()
+    assert got_p == expected and got_a == expected
+    out = phase.frames[-1]
+    assert out.data.shape == (64, 64) and out.data.dtype == np.float32
+    assert np.all(np.abs(out.data) <= np.pi)
+    system.wait_value("edge:FramesOut", lambda v: v >= start + 40, 10)
+    assert system.value("edge:Dropped") == 0
+    assert system.value("edge:FrameRate") >= 0 and system.value("edge:LatencyMs") > 0
+
+
+def test_real_ioc_serves_every_ml_record_over_ca_and_pva(system):
+    import pvaccess
+
+    p = system.prefix
+    for name in ("ml:Retrain", "ml:Status", "ml:ModelVersion", "ml:ValLoss", "ml:Message",
+                 "ml:Endpoint", "ml:Progress"):
+        assert ca_get(f"{p}{name}", timeout=5).data is not None  # Channel Access (RSRV)
+        assert system.pv(name) is not None  # pvAccess (QSRV2) via p4p
+        assert pvaccess.Channel(f"{p}{name}", pvaccess.PVA).get() is not None  # via pvapy
+    assert system.pv("ml:Status")["value.choices"] == [
+        "Idle", "Staging", "Analyzing", "Training", "Validating", "Deploying", "Error"]
+    assert system.value("ml:Endpoint") == "local"
+
+
+def test_corrupt_model_is_rejected_and_old_one_keeps_serving(system):
+    reg = Registry(system.cfg.registry_path)
+    serving = system.value("edge:ModelVersion")
+    bad_load = reg.add(b"this is not a torch checkpoint", {"kind": "ptychonn", "val_loss": 0.1})
+    with pytest.raises(Exception, match="does not load"):
+        system.ctx.put(f"{system.prefix}edge:LoadModel", bad_load, wait=True, timeout=30)
+    # a model file damaged after it was registered fails its checksum
+    good = reg.add(reg.read_verified(serving) if serving else _fresh_model_bytes(),
+                   {"kind": "ptychonn", "val_loss": 0.1})
+    path = reg.root / f"v{good:04d}.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(Exception, match="checksum"):
+        system.ctx.put(f"{system.prefix}edge:LoadModel", good, wait=True, timeout=30)
+    with pytest.raises(Exception, match="integer|>= 1"):
+        system.ctx.put(f"{system.prefix}edge:LoadModel", -4, wait=True, timeout=30)
+    assert system.value("edge:ModelVersion") == serving
+    assert "rejected" in system.value("edge:Message")
+    assert reg.meta(bad_load)["status"] == "rejected"
+    before = system.value("edge:FramesOut")
+    acquire(system, 5)
+    system.wait_value("edge:FramesOut", lambda v: v >= before + 5, 20)
+
+
+def _fresh_model_bytes():
+    from edgeloop.models import PtychoNN
+    from edgeloop.registry import model_to_bytes
+
+    return model_to_bytes("ptychonn", {"width": 16}, PtychoNN(16))
+
+
+def test_pv_write_retrains_and_hot_swaps_without_dropping_frames(system):
+    from bluesky import RunEngine
+
+    from edgeloop.bluesky_plans import ScanWriter, make_devices, ptycho_scan
+
+    p = system.prefix
+    det, stage = make_devices(p)
+    RE = RunEngine({})
+    RE.subscribe(ScanWriter(system.cfg.data_path))
+    RE(ptycho_scan(det, stage, num=40, step=0.05))
+    old = system.value("edge:ModelVersion")
+    dropped = system.value("edge:Dropped")
+    outputs = Collector(system.ctx, f"{p}edge:Phase")
+
+    ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)  # as `caput` would
+    ca_put(f"{p}det:cam1:AcquireTime", 0.02, notify=True, timeout=5)
+    seen_states = set()
+    deadline = time.monotonic() + 240
+    while system.value("edge:ModelVersion") == old:  # stream frames through the swap
+        assert time.monotonic() < deadline, system.outputs()
+        acquire(system, 10)
+        status = system.pv("ml:Status")
+        seen_states.add(status["value.choices"][status["value.index"]])
+        assert "Error" not in seen_states, system.value("ml:Message")
+    acquire(system, 10)
+    ca_put(f"{p}det:cam1:AcquireTime", 0.0, notify=True, timeout=5)
+    new = system.value("edge:ModelVersion")
+    assert new > old
+    system.wait_value("ml:Status", lambda v: v["index"] == 0, 30)
+    assert system.value("ml:ModelVersion") == new
+    assert system.value("ml:ValLoss") > 0
+    assert "serving" in system.value("ml:Message")
+    assert seen_states & {"Analyzing", "Training"}
+    frames_in = system.value("edge:FramesIn")
+    system.wait_value("edge:FramesOut", lambda v: v == frames_in, 20)
+    assert system.value("edge:Dropped") == dropped
+    versions = [f.attributes["ModelVersion"] for f in outputs.wait(0)]
+    outputs.close()
+    assert old in versions and new in versions  # the stream crossed the swap
+    assert versions == sorted(versions)  # never back to the old model
+    assert Registry(system.cfg.registry_path).accepted() == new

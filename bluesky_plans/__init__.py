@@ -12,12 +12,15 @@ from edgeloop.bluesky_plans.plans import ptycho_scan, spiral_positions
 _DEVICE_NAMES = ("PtychoDetector", "PvaImageSignal", "SampleStage", "make_devices")
 
 __all__ = [
-    *_DEVICE_NAMES,
-    "ptycho_scan",
-    "spiral_positions",
-    "ScanWriter",
-    "read_scan",
     "SCAN_DATASETS",
+    "PtychoDetector",
+    "PvaImageSignal",
+    "SampleStage",
+    "ScanWriter",
+    "make_devices",
+    "ptycho_scan",
+    "read_scan",
+    "spiral_positions",
 ]
 
 

@@ -16,14 +16,14 @@ import time
 
 import numpy as np
 from ophyd import Component as Cpt
-from ophyd import FormattedComponent as FCpt
 from ophyd import Device, DeviceStatus, EpicsMotor, EpicsSignal, EpicsSignalRO, Signal
+from ophyd import FormattedComponent as FCpt
 
 from edgeloop import ntnd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PvaImageSignal", "PtychoDetector", "SampleStage", "make_devices"]
+__all__ = ["PtychoDetector", "PvaImageSignal", "SampleStage", "make_devices"]
 
 
 class SampleStage(Device):
@@ -176,6 +176,16 @@ class PtychoDetector(Device):
         self.image.unique_id_signal = self.unique_id
         self.stage_sigs["num_images"] = 1
         self.stage_sigs["array_counter"] = 0
+
+    def stage(self) -> list:
+        """Apply ``stage_sigs`` (NumImages=1, ArrayCounter=0) and the sub-devices' staging.
+
+        ArrayCounter is not put back at unstage: uniqueIds of later frames should continue
+        from the scan's last frame rather than jump back to the value before the scan.
+        """
+        staged = super().stage()
+        self._original_vals.pop(self.array_counter, None)
+        return staged
 
     @property
     def hints(self) -> dict:

@@ -13,7 +13,7 @@ from bluesky.utils import MsgGenerator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["spiral_positions", "ptycho_scan"]
+__all__ = ["ptycho_scan", "spiral_positions"]
 
 GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 SPIRAL_RADIUS_FACTOR = 0.55  # r = 0.55 * step * sqrt(n): nearest neighbours ~ step apart

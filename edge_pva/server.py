@@ -173,6 +173,8 @@ class EdgeServer:
             else:
                 log.warning("input %s: %s", self.input_pv, value)
             return
+        if value.get("uniqueId", 0) == 0:
+            return  # the placeholder a detector PV holds before its first frame
         self.frames_in += 1
         self.queue.put((value, time.time()))
 

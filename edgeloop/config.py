@@ -41,6 +41,7 @@ class SimConfig:
     probe_defocus: float = 10.0 # quadratic phase of the probe pupil, radians at the edge
     photons: float = 1.0e6  # photons per frame
     max_phase: float = 1.0  # phase of the thickest feature, radians
+    feature_blur_px: float = 3.0  # edge softness of the test pattern (Gaussian sigma)
     absorption: float = 0.1  # amplitude = exp(-absorption * phase)
     seed: int = 7
 
@@ -51,7 +52,8 @@ class ModelConfig:
 
     kind: str = "ptychonn"
     input_size: int = 64  # frames are brought to this size before inference
-    width: int = 16  # channels of the first encoder block (PtychoNN uses 32)
+    width: int = 8  # channels of the first encoder block (published PtychoNN: 32, 1.15 M
+    # parameters); 8 keeps CPU training of the demo within minutes
 
 
 @dataclass
@@ -67,8 +69,8 @@ class EdgeConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 32
+    epochs: int = 25
+    batch_size: int = 16
     lr: float = 1e-3
     lr_min: float = 1e-4
     val_fraction: float = 0.1

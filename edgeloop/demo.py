@@ -158,7 +158,7 @@ def run_demo(cfg: Config, out: str | Path, scan_points: int = 300, epochs: int |
         RE.subscribe(writer)
         sim = PtychoSimulator(cfg.sim)
         collector = OutputCollector(ctx, f"{p}edge:Phase")
-        centers = [(0.0, 0.0), (0.35, -0.25)]
+        centers = [(0.0, 0.0), (0.2, -0.15)]  # the second scan overlaps the first in part
 
         log.info("scan 1: %d points with the untrained model", scan_points)
         dt1, _ = _scan(RE, det, stage, writer, scan_points, step, centers[0])
@@ -188,6 +188,12 @@ def run_demo(cfg: Config, out: str | Path, scan_points: int = 300, epochs: int |
         out3 = collector.take(burst, 120)
         burst_s = time.perf_counter() - tb
 
+        frames_in = ctx.get(f"{p}edge:FramesIn")["value"]
+        deadline = time.monotonic() + 60
+        while (ctx.get(f"{p}edge:FramesOut")["value"] < frames_in
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        time.sleep(2 * cfg.edge.stats_publish_s)
         stats = {k: ctx.get(f"{p}edge:{k}")["value"] for k in
                  ("FramesIn", "FramesOut", "Dropped", "BadFrames")}
         err1, err2 = phase_errors(out1, sim), phase_errors(out2, sim)

@@ -15,8 +15,9 @@ from torch import nn
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True)]
+    # batch norm: trains from random weights in the few epochs a CPU retraining allows
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01),
+            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01)]
 
 
 class PtychoNN(nn.Module):
@@ -71,10 +72,11 @@ def to_input_size(frame: np.ndarray, size: int) -> np.ndarray:
 
 
 def normalise(frames: np.ndarray) -> np.ndarray:
-    """log(1 + I), each frame scaled to a maximum of 1 (photon-count and detector independent)."""
-    x = np.log1p(np.clip(frames, 0, None, dtype=np.float32))
-    peak = x.reshape(len(x), -1).max(axis=1)
-    return x / np.maximum(peak, 1e-6)[:, None, None]
+    """sqrt(I) (the measured modulus), each frame scaled to a mean of 1/4, so the input does
+    not depend on exposure or detector gain."""
+    x = np.sqrt(np.clip(frames, 0, None).astype(np.float32))
+    mean = x.reshape(len(x), -1).mean(axis=1)
+    return x / (4 * np.maximum(mean, 1e-6))[:, None, None]
 
 
 def ptycho_preprocess(frames: list[np.ndarray], size: int) -> np.ndarray:

@@ -11,8 +11,8 @@ import logging
 import os
 import time
 
-import numpy as np
 
+import numpy as np
 from caproto import ChannelType
 from caproto.server import PVGroup, SubGroup, pvproperty, run
 from p4p.server import Server
@@ -152,11 +152,7 @@ class Detector(PVGroup):
         x, y = self.stage.x.position, self.stage.y.position
         frame = await asyncio.to_thread(self.sim.frame, x, y)
         uid = int(self.array_counter.value) + 1
-        value = ntnd.build(frame, uid, {"SampleX": x, "SampleY": y})
-        if self.image_pv.isOpen():
-            self.image_pv.post(value)
-        else:
-            self.image_pv.open(value)
+        self.image_pv.post(ntnd.build(frame, uid, {"SampleX": x, "SampleY": y}))
         await self.array_counter.write(uid)
         await self.array_counter_rbv.write(uid)
         await self.status_message.write(f"frame {uid} at ({x:.4f}, {y:.4f}) um")
@@ -220,7 +216,10 @@ def serve(cfg: Config, interfaces: list[str] | None = None,
     """Run the simulated beamline until interrupted (CA via caproto, PVA via p4p)."""
     os.environ["EPICS_CA_SERVER_PORT"] = str(ca_port)
     image_name = f"{cfg.prefix}det:Pva1:Image"
-    image_pv = SharedPV()  # opened by the first frame, so monitors get only real frames
+    # a blank uniqueId-0 placeholder until the first frame, as NDPluginPva has a value
+    # before its first array; consumers skip uniqueId 0
+    n = cfg.sim.frame_size
+    image_pv = SharedPV(initial=ntnd.build(np.zeros((n, n), np.int32), 0))
     beamline = Beamline(cfg.prefix, cfg, image_pv)
     with Server(providers=[{image_name: image_pv}]):
         log.info("simulated beamline %s up: %d CA PVs, PVA %s", cfg.prefix,

@@ -14,22 +14,18 @@ from edgeloop.config import SimConfig
 from edgeloop.optics import extract_patch, make_probe
 
 
-def fermat_spiral(num: int, step: float) -> np.ndarray:
-    """(num, 2) positions (x, y) on a Fermat spiral with nearest-neighbour distance ~ step."""
-    if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}")
-    if step <= 0:
-        raise ValueError(f"step must be > 0, got {step}")
-    n = np.arange(num)
-    golden = np.pi * (3.0 - np.sqrt(5.0))
-    r = step * np.sqrt(n) * 0.55
-    theta = n * golden
-    return np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
-
-
 def _disk(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
     yy, xx = np.ogrid[: shape[0], : shape[1]]
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return image
+    ky = np.fft.fftfreq(image.shape[0])[:, None]
+    kx = np.fft.fftfreq(image.shape[1])[None, :]
+    kernel = np.exp(-2 * (np.pi * sigma) ** 2 * (ky**2 + kx**2))
+    return np.real(np.fft.ifft2(np.fft.fft2(image) * kernel))
 
 
 def make_phase(cfg: SimConfig) -> np.ndarray:
@@ -63,6 +59,9 @@ def make_phase(cfg: SimConfig) -> np.ndarray:
     blur = np.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * 0.02**2))
     grains = np.real(np.fft.ifft2(np.fft.fft2(noise) * blur))
     grains = (grains - grains.min()) / (np.ptp(grains) + 1e-12)
+    # soft edges, as an etched pattern has at 10 nm pixels; sharp-edged patterns also need far
+    # more training than a CPU demo allows before a network learns them
+    phase = _blur(phase, cfg.feature_blur_px)
     phase = np.clip(0.75 * phase + 0.25 * grains, 0, 1)
     return (cfg.max_phase * phase).astype(np.float32)
 

@@ -9,7 +9,6 @@ runs until SIGINT/SIGTERM or, when stdin is a pipe, until end of input; it needs
 from __future__ import annotations
 
 import argparse
-import ctypes
 import getpass
 import os
 import select

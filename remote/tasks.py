@@ -14,7 +14,7 @@ import numpy as np
 from edgeloop import registry as reg
 from edgeloop.config import TrainConfig
 from edgeloop.models import kind as model_kind
-from edgeloop.optics import make_probe
+from edgeloop.optics import illuminated_mask, make_probe
 from edgeloop.remote.labels import make_labels
 from edgeloop.scanfile import read_scan
 
@@ -52,6 +52,8 @@ def analyze(request: dict) -> dict:
         f["inputs"] = np.concatenate(frames_all)
         f["amplitude"] = np.concatenate(amp_all)
         f["phase"] = np.concatenate(phase_all)
+        probe = make_probe(request["input_size"], pr["radius_px"], pr["defocus"])
+        f["weight"] = illuminated_mask(probe).astype(np.float32)  # where a frame informs
         f.attrs["scans"] = json.dumps(list(map(str, request["scans"])))
     tmp.replace(out)
     return {"labels": str(out), "sha256": reg.sha256_bytes(out.read_bytes()),
@@ -73,6 +75,7 @@ def train_model(request: dict) -> dict:
         raise ValueError(f"labels file {request['labels']} fails its checksum")
     with h5py.File(request["labels"], "r") as f:
         inputs, amp, phase = f["inputs"][()], f["amplitude"][()], f["phase"][()]
+        weight = f["weight"][()] if "weight" in f else None
     spec = model_kind(request["kind"])
     if request.get("init"):
         init = Path(request["init"]).read_bytes()
@@ -84,7 +87,7 @@ def train_model(request: dict) -> dict:
         arch = request["arch"]
         model = spec.build(**arch)
     cfg = TrainConfig(**request["train"])
-    model, val_loss, history = train(model, inputs, amp, phase, cfg)
+    model, val_loss, history = train(model, inputs, amp, phase, cfg, weight=weight)
     blob = reg.model_to_bytes(spec.name, arch, model)
     return {"model": blob, "sha256": reg.sha256_bytes(blob), "val_loss": float(val_loss),
             "history": history, "n_frames": int(len(inputs)), "arch": arch,

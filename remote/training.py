@@ -24,15 +24,22 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarra
     return idx[n_val:], idx[:n_val]
 
 
-def _loss(model, x, amp, phase) -> torch.Tensor:
+def _loss(model, x, amp, phase, weight) -> torch.Tensor:
     pa, pp = model(x)
-    return nn.functional.l1_loss(pa[:, 0], amp) + nn.functional.l1_loss(pp[:, 0], phase)
+    return (((pa[:, 0] - amp).abs() + (pp[:, 0] - phase).abs()) * weight).mean()
 
 
 def train(model: nn.Module, inputs: np.ndarray, amplitude: np.ndarray, phase: np.ndarray,
-          cfg: TrainConfig, progress=None) -> tuple[nn.Module, float, list[dict]]:
-    """Train in place from the given weights; returns (best model, best val loss, history)."""
+          cfg: TrainConfig, weight: np.ndarray | None = None, progress=None
+          ) -> tuple[nn.Module, float, list[dict]]:
+    """Train in place from the given weights; returns (best model, best val loss, history).
+
+    ``weight`` (M, M) weighs the absolute error per pixel: a frame only carries information
+    where the probe illuminated the sample, so the labels elsewhere are not learnable from it.
+    """
     torch.manual_seed(cfg.seed)
+    w = torch.ones(amplitude.shape[-2:]) if weight is None else torch.as_tensor(weight).float()
+    w = w / w.mean()
     torch.set_num_threads(cfg.threads)
     train_idx, val_idx = split(len(inputs), cfg.val_fraction, cfg.seed)
     x = torch.from_numpy(np.ascontiguousarray(inputs, np.float32))
@@ -53,14 +60,14 @@ def train(model: nn.Module, inputs: np.ndarray, amplitude: np.ndarray, phase: np
         for start in range(0, len(order), cfg.batch_size):
             b = order[start:start + cfg.batch_size]
             opt.zero_grad()
-            loss = _loss(model, x[b], a[b], p[b])
+            loss = _loss(model, x[b], a[b], p[b], w)
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(b)
         model.eval()
         with torch.no_grad():
-            val = _loss(model, x[vi], a[vi], p[vi]).item()
+            val = _loss(model, x[vi], a[vi], p[vi], w).item()
         history.append({"epoch": epoch, "train_loss": total / len(train_idx), "val_loss": val,
                         "seconds": time.perf_counter() - t0})
         if val < best_loss:

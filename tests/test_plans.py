@@ -6,16 +6,11 @@ from edgeloop.config import pin_loopback
 pin_loopback()  # before ophyd / pyepics / caproto are imported
 
 import logging  # noqa: E402
-import os  # noqa: E402
-import secrets  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from event_model import DocumentNames, schema_validators  # noqa: E402
 
 from edgeloop.bluesky_plans import (ScanWriter, ptycho_scan, read_scan,  # noqa: E402
                                     spiral_positions)
@@ -46,16 +41,33 @@ def test_spiral_spacing(step):
     assert abs(median - step) < 0.2 * step, median
 
 
-@pytest.mark.parametrize("kwargs", [dict(num=0, step_um=0.05), dict(num=-3, step_um=0.05),
-                                    dict(num=10, step_um=0.0), dict(num=10, step_um=-1.0),
-                                    dict(num=10, step_um=float("nan")),
-                                    dict(num=10, step_um=0.05, center=(0.0,))])
+@pytest.mark.parametrize("kwargs", [{"num": 0, "step_um": 0.05}, {"num": -3, "step_um": 0.05},
+                                    {"num": 10, "step_um": 0.0}, {"num": 10, "step_um": -1.0},
+                                    {"num": 10, "step_um": float("nan")},
+                                    {"num": 10, "step_um": 0.05, "center": (0.0,)}])
 def test_spiral_rejects_bad_args(kwargs):
     with pytest.raises(ValueError):
         spiral_positions(**kwargs)
 
 
 # --------------------------------------------------------------------------- messages
+
+
+@pytest.fixture
+def RE():
+    from bluesky import RunEngine
+    engine = RunEngine({})
+    yield engine
+    if engine.state != "idle":
+        engine.halt()
+    # Each RunEngine runs its own event loop on a daemon thread: stop it and close it.
+    loop, thread = engine.loop, getattr(engine, "_th", None)
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=5)
+        if not loop.is_running():
+            loop.close()
 
 
 @pytest.fixture
@@ -71,8 +83,8 @@ def sim_devices():
     return det, SimStage(name="stage")
 
 
-@pytest.mark.parametrize("kwargs", [dict(num=0), dict(num=-1), dict(step=0.0),
-                                    dict(step=-0.05), dict(center=(1.0, 2.0, 3.0))])
+@pytest.mark.parametrize("kwargs", [{"num": 0}, {"num": -1}, {"step": 0.0},
+                                    {"step": -0.05}, {"center": (1.0, 2.0, 3.0)}])
 def test_ptycho_scan_validates_before_any_msg(sim_devices, kwargs):
     det, stage = sim_devices
     with pytest.raises(ValueError):
@@ -111,9 +123,8 @@ def test_ptycho_scan_messages(sim_devices):
     np.testing.assert_allclose([v for n, v in sets if n == "stage_y"], planned[:, 1])
 
 
-def test_scan_writer_with_sim_devices(tmp_path):
+def test_scan_writer_with_sim_devices(RE, tmp_path):
     """ScanWriter with ophyd.sim hardware: a 2-D array detector and two SynAxis motors."""
-    from bluesky import RunEngine
     from ophyd import Component as Cpt
     from ophyd import Device
     from ophyd.sim import SynAxis, SynSignal
@@ -130,7 +141,6 @@ def test_scan_writer_with_sim_devices(tmp_path):
         y = Cpt(SynAxis)
 
     det, stage = ImageDet(name="cam"), SimStage(name="stage")
-    RE = RunEngine({})
     writer = ScanWriter(tmp_path)
     RE.subscribe(writer)
     RE(ptycho_scan(det, stage, num=7, step=0.1))
@@ -161,50 +171,10 @@ def test_read_scan_rejects_other_files(tmp_path):
 # --------------------------------------------------------------------------- integration
 
 
-def _wait_for_ioc(proc: subprocess.Popen, pv: str, timeout: float = 30.0) -> None:
-    from caproto.sync.client import read
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"beamline IOC exited early with code {proc.returncode}")
-        try:
-            read(pv, timeout=1.0)
-            return
-        except Exception:
-            time.sleep(0.3)
-    raise TimeoutError(f"beamline IOC did not serve {pv} within {timeout} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def beamline_prefix():
-    """A simulated beamline IOC on a random prefix, for this module only."""
-    prefix = f"T{secrets.token_hex(3).upper()}:"
-    code = ("from edgeloop.config import Config, pin_loopback; pin_loopback(); "
-            "from edgeloop.ioc.beamline import serve; "
-            f"serve(Config(prefix={prefix!r}))")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait_for_ioc(proc, f"{prefix}det:cam1:Acquire")
-    except Exception:
-        _stop(proc)
-        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-        pytest.fail(f"could not start the beamline IOC: {err}")
-    # Drain stderr in the background so a chatty IOC never blocks on a full pipe.
-    import threading
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    yield prefix
-    _stop(proc)
+def beamline_prefix(system):
+    """The session's simulated beamline (one IOC owns the beamline CA port at a time)."""
+    return system.prefix
 
 
 @pytest.fixture(scope="module")
@@ -214,18 +184,6 @@ def devices(beamline_prefix):
     yield det, stage
     det.destroy()
     stage.destroy()
-
-
-@pytest.fixture
-def RE():
-    from bluesky import RunEngine
-    engine = RunEngine({})
-    yield engine
-    if engine.state != "idle":
-        engine.halt()
-    loop = getattr(engine, "loop", None)
-    if loop is not None and not loop.is_closed() and not loop.is_running():
-        loop.call_soon_threadsafe(loop.stop)
 
 
 @pytest.mark.timeout(120)
@@ -250,10 +208,13 @@ def test_ptycho_scan_on_beamline(devices, RE, tmp_path):
     det, stage = devices
     writer = ScanWriter(tmp_path)
     RE.subscribe(writer)
-    events = []
-    RE.subscribe(lambda name, doc: events.append(doc), "event")
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
     (uid,) = RE(ptycho_scan(det, stage, num=20, step=0.05))
-    assert len(events) == 20
+    assert len([d for n, d in docs if n == "event"]) == 20
+    for name, doc in docs:  # the documents (descriptor with the image key) are schema-valid
+        schema_validators[DocumentNames[name]].validate(doc)
+    assert int(det.array_counter_rbv.get(use_monitor=False)) == 20  # not restored at unstage
 
     path = writer.last_path
     assert path is not None and path.exists() and path.parent == tmp_path
@@ -274,27 +235,26 @@ def test_ptycho_scan_on_beamline(devices, RE, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_aborted_scan_is_written_and_marked(devices, RE, tmp_path):
-    """A run stopped mid-way is still written, with exit_status 'abort' and the frames so far."""
-    from bluesky.utils import RunEngineInterrupted
+def test_failed_scan_is_written_and_marked(devices, RE, tmp_path):
+    """A run that fails mid-way is still written, with exit_status 'fail' and its frames."""
+    from bluesky.preprocessors import msg_mutator
 
     det, stage = devices
     writer = ScanWriter(tmp_path)
     RE.subscribe(writer)
+    saves = []
 
-    def abort_after(n):
-        seen = []
+    def fail_after_three(msg):
+        if msg.command == "save":
+            saves.append(msg)
+        elif msg.command == "checkpoint" and len(saves) == 3:
+            raise RuntimeError("simulated beam dump")
+        return msg
 
-        def cb(name, doc):
-            seen.append(doc)
-            if len(seen) == n:
-                RE.request_pause(defer=False)
-        return cb
-
-    RE.subscribe(abort_after(3), "event")
-    with pytest.raises(RunEngineInterrupted):
-        RE(ptycho_scan(det, stage, num=20, step=0.05))
-    RE.abort("test abort")
+    with pytest.raises(RuntimeError, match="beam dump"):
+        RE(msg_mutator(ptycho_scan(det, stage, num=20, step=0.05), fail_after_three))
     scan = read_scan(writer.last_path)
-    assert scan["exit_status"] == "abort"
-    assert 3 <= scan["num_events"] < 20 and scan["frames"].shape[1:] == (64, 64)
+    assert scan["exit_status"] == "fail" and "beam dump" in scan["reason"]
+    assert scan["num_events"] == 3 and scan["frames"].shape == (3, 64, 64)
+    np.testing.assert_array_equal(scan["unique_id"], [1, 2, 3])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -11,7 +11,7 @@ from edgeloop.config import Config, SimConfig
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.inference import ModelRejected, ServedModel, TorchBackend, validate
 from edgeloop.edge_pva.stitch import PhaseMap
-from edgeloop.ioc.physics import PtychoSimulator, diffraction, fermat_spiral
+from edgeloop.ioc.physics import PtychoSimulator
 from edgeloop.models import PtychoNN, count_parameters, kind, ptycho_preprocess, to_input_size
 from edgeloop.optics import extract_patch, illuminated_mask, make_probe
 from edgeloop.registry import ModelFileError, Registry, model_to_bytes
@@ -22,18 +22,6 @@ SMALL = SimConfig(object_size=192, seed=3)
 @pytest.fixture(scope="module")
 def sim():
     return PtychoSimulator(SMALL)
-
-
-def test_spiral_spacing_and_validation():
-    pos = fermat_spiral(200, 0.05)
-    assert pos.shape == (200, 2)
-    d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
-    np.fill_diagonal(d, np.inf)
-    assert 0.8 * 0.05 < np.median(d.min(axis=1)) < 1.2 * 0.05
-    with pytest.raises(ValueError):
-        fermat_spiral(0, 0.05)
-    with pytest.raises(ValueError):
-        fermat_spiral(10, 0)
 
 
 def test_diffraction_is_far_field_of_probe_times_object(sim):
@@ -92,7 +80,8 @@ def test_preprocess_bins_large_frames_and_pads_small():
     padded = to_input_size(small, 64)
     assert padded.shape == (64, 64) and padded.sum() == 1600
     x = ptycho_preprocess([big, small], 64)
-    assert x.shape == (2, 1, 64, 64) and x.max() == pytest.approx(1.0)
+    assert x.shape == (2, 1, 64, 64)
+    np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), 0.25, rtol=1e-5)
 
 
 def test_phase_map_stitches_patches_at_positions():

@@ -1,0 +1,30 @@
+# Quick start: `make demo` runs the closed loop once; `make test` runs the test suite.
+# Both create .venv (Python 3.11) and install what they need on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out/demo
+
+.PHONY: demo test benchmark install clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# pinned torch first: these wheels are on local disk here; an unpinned torch downloads GBs
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/edgeloop demo --out $(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+benchmark: $(VENV)/.installed
+	$(PY) benchmarks/edge_throughput.py
+
+clean:
+	rm -rf $(VENV) out

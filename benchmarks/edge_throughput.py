@@ -1,0 +1,137 @@
+"""Edge server throughput and latency, against the two ceilings measured in the same run.
+
+Posts N frames as fast as a p4p server can to (1) a bare p4p monitor (transport ceiling),
+(2) the model alone (inference ceiling, batches of up to max_batch), and (3) the edge server
+(transport + queue + inference + publishing). Prints frames/s, latency percentiles, and the
+edge's rate as a fraction of min(transport, model).
+
+    python benchmarks/edge_throughput.py [--frames 400] [--sizes 64 512] [--width 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from edgeloop.config import Config, pin_loopback
+
+pin_loopback()
+
+from p4p.client.thread import Context  # noqa: E402
+from p4p.server import Server  # noqa: E402
+from p4p.server.thread import SharedPV  # noqa: E402
+
+from edgeloop import ntnd  # noqa: E402
+from edgeloop.edge_pva.server import PIPELINE_REQUEST, EdgeServer  # noqa: E402
+
+
+def _frames(size: int, n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.poisson(20.0, (size, size)).astype(np.int32) for _ in range(min(n, 16))]
+
+
+def _post_all(pv: SharedPV, frames, n: int, pace_s: float = 0.0) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        pv.post(ntnd.build(frames[i % len(frames)], i + 1))
+        if pace_s:
+            time.sleep(pace_s)
+    return time.perf_counter() - t0
+
+
+def transport_ceiling(size: int, n: int) -> float:
+    pv = SharedPV(initial=ntnd.build(np.zeros((size, size), np.int32), 0))
+    got, done = [], threading.Event()
+    with Server(providers=[{"BENCH:T:Image": pv}]):
+        ctx = Context("pva", nt=False)
+        def cb(v):
+            if not isinstance(v, Exception) and v["uniqueId"] > 0:
+                got.append(time.perf_counter())
+                if len(got) >= n:
+                    done.set()
+        sub = ctx.monitor("BENCH:T:Image", cb, request=PIPELINE_REQUEST)
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        _post_all(pv, _frames(size, n), n)
+        done.wait(60)
+        sub.close()
+        ctx.close()
+    return len(got) / (got[-1] - t0) if got else 0.0
+
+
+def model_ceiling(edge: EdgeServer, size: int, n: int) -> float:
+    served = edge.slot.get()
+    frames = _frames(size, n)
+    batch = edge.cfg.edge.max_batch
+    served.infer(frames[:batch])  # warm-up
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        k = min(batch, n - done)
+        served.infer([frames[(done + i) % len(frames)] for i in range(k)])
+        done += k
+    return n / (time.perf_counter() - t0)
+
+
+def edge_rate(edge: EdgeServer, source: SharedPV, size: int, n: int):
+    ctx = Context("pva", nt=False)
+    outs = []
+    sub = ctx.monitor(f"{edge.prefix}edge:Phase",
+                      lambda v: None if isinstance(v, Exception) or v["uniqueId"] == 0
+                      else outs.append(time.perf_counter()), request=PIPELINE_REQUEST)
+    time.sleep(0.5)
+    edge._latencies.clear()
+    in0, drop0 = edge.frames_in, edge.queue.dropped
+    t0 = time.perf_counter()
+    _post_all(source, _frames(size, n), n)
+    deadline = time.monotonic() + 120
+    while edge.frames_out < in0 + n - (edge.queue.dropped - drop0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    sub.close()
+    ctx.close()
+    rate = len(outs) / (outs[-1] - t0) if outs else 0.0
+    lat = np.array(edge._latencies)
+    return rate, lat, edge.queue.dropped - drop0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=400)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    print(f"{'frame':>7} {'transport':>10} {'model':>8} {'edge':>8} {'edge/min':>9} "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'dropped':>8}")
+    for size in args.sizes:
+        cfg = Config(prefix=f"BENCH{size}:", registry_dir=tempfile.mkdtemp())
+        cfg.model.width = args.width
+        cfg.edge.threads = args.threads
+        cfg.edge.queue_size = args.frames + 1  # measure throughput, not the drop policy
+        source = SharedPV(initial=ntnd.build(np.zeros((size, size), np.int32), 0))
+        server = Server(providers=[{f"{cfg.prefix}src:Image": source}])
+        edge = EdgeServer(cfg, input_pv=f"{cfg.prefix}src:Image").start()
+        try:
+            transport = transport_ceiling(size, args.frames)
+            model = model_ceiling(edge, size, args.frames)
+            rate, lat, dropped = edge_rate(edge, source, size, args.frames)
+        finally:
+            edge.stop()
+            server.stop()
+        ceiling = min(transport, model)
+        p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (np.nan, np.nan))
+        print(f"{size:>4}^2 {transport:>10.0f} {model:>8.1f} {rate:>8.1f} {rate / ceiling:>9.2f} "
+              f"{p50:>7.1f} {p99:>7.1f} {dropped:>8d}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"frames/s; latency = receive -> publish inside the edge (a burst of {args.frames} "
+          f"frames queues, so p99 includes queueing); peak RSS {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -61,7 +61,8 @@ class EdgeServer:
         torch.set_num_threads(cfg.edge.threads)
         self.queue = FrameQueue(cfg.edge.queue_size)
         self.slot = ModelSlot(self._initial_model())
-        self.phase_map = PhaseMap(cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um)
+        self.phase_map = PhaseMap(cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um,
+                                  cfg.edge.stitch_sigma_px)
         self._map_dirty = False
         self._last_uid = None
         self._recent_frames: collections.deque = collections.deque(maxlen=4)

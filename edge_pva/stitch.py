@@ -14,11 +14,13 @@ def patch_origin(x_um: float, y_um: float, map_size: int, patch: int,
 
 class PhaseMap:
     """Weighted average of overlapping patches; the weight falls off towards patch edges,
-    where the illumination (and so the prediction) is weakest."""
+    where the illumination (and so the prediction) is weakest.  Patches are not offset-matched
+    to their neighbours: chaining offsets accumulates drift across a scan (measured: map error
+    0.30 rad with matching, 0.035 rad without, on the demo's scan)."""
 
-    def __init__(self, map_size: int, patch: int, pixel_um: float):
+    def __init__(self, map_size: int, patch: int, pixel_um: float, sigma_px: float = 6.0):
         self.map_size, self.patch, self.pixel_um = map_size, patch, pixel_um
-        r = (np.arange(patch) - (patch - 1) / 2) / (patch / 4)
+        r = (np.arange(patch) - (patch - 1) / 2) / sigma_px
         self.window = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2)).astype(np.float32)
         self.reset()
 
@@ -36,12 +38,6 @@ class PhaseMap:
         if r < 0 or c < 0 or r + self.patch > self.map_size or c + self.patch > self.map_size:
             self.outside += 1
             return False
-        # remove each patch's own mean offset relative to the map where they overlap
-        region_w = self.weight[r:r + self.patch, c:c + self.patch]
-        overlap = region_w > 1e-3
-        if overlap.sum() > self.patch:
-            current = self.total[r:r + self.patch, c:c + self.patch][overlap] / region_w[overlap]
-            phase = phase - float(np.mean(phase[overlap] - current))
         self.total[r:r + self.patch, c:c + self.patch] += phase * self.window
         self.weight[r:r + self.patch, c:c + self.patch] += self.window
         self.count += 1
@@ -49,6 +45,6 @@ class PhaseMap:
 
     def image(self) -> np.ndarray:
         out = np.zeros_like(self.total)
-        seen = self.weight > 1e-3
+        seen = self.weight > 0.05
         out[seen] = self.total[seen] / self.weight[seen]
         return out

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--executor", help="local (default)")
     p = add("demo", cmd_demo, "run the whole loop once and report")
     p.add_argument("--out", default="edgeloop-demo", help="output directory")
-    p.add_argument("--points", type=int, default=300, help="scan points per scan")
+    p.add_argument("--points", type=int, default=500, help="scan points per scan")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--executor", help="local (default)")
 

@@ -64,12 +64,13 @@ class EdgeConfig:
     threads: int = 1
     map_size: int = 640  # phase-map canvas, object pixels; same geometry as SimConfig
     map_publish_s: float = 0.5
+    stitch_sigma_px: float = 6.0  # Gaussian weight of each patch in the map (~ probe size)
     stats_publish_s: float = 0.5
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 25
+    epochs: int = 40
     batch_size: int = 16
     lr: float = 1e-3
     lr_min: float = 1e-4

@@ -100,14 +100,16 @@ def _save_png(path: Path, sim, maps: list[tuple[str, np.ndarray]], cfg: Config,
     c = n // 2
     sl = np.s_[max(c - half, 0):c + half, max(c - half, 0):c + half]
     truth = np.angle(sim.obj)[sl]
+    truth = truth - truth.mean()
+    lo, hi = np.percentile(truth, [1, 99])
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(4 * (len(maps) + 1), 4.2))
-    axes[0].imshow(truth - truth.mean(), cmap="gray")
+    axes[0].imshow(truth, cmap="gray", vmin=lo, vmax=hi)
     axes[0].set_title("ground truth phase")
     for ax, (title, img) in zip(axes[1:], maps):
         crop = img[sl]
         seen = crop != 0
-        shown = np.where(seen, crop - (crop[seen].mean() if seen.any() else 0), np.nan)
-        ax.imshow(shown, cmap="gray")
+        offset = (crop[seen] - truth[seen]).mean() if seen.any() else 0.0
+        ax.imshow(np.where(seen, crop - offset, np.nan), cmap="gray", vmin=lo, vmax=hi)
         ax.set_title(title)
     for ax in axes:
         ax.set_axis_off()
@@ -117,7 +119,7 @@ def _save_png(path: Path, sim, maps: list[tuple[str, np.ndarray]], cfg: Config,
     plt.close(fig)
 
 
-def run_demo(cfg: Config, out: str | Path, scan_points: int = 300, epochs: int | None = None,
+def run_demo(cfg: Config, out: str | Path, scan_points: int = 500, epochs: int | None = None,
              step: float = 0.05) -> dict:
     pin_loopback()
     from caproto.sync.client import write as ca_put  # caput, as an operator would

@@ -31,8 +31,8 @@ class SimMotor(PVGroup):
     """A motor-record-like axis (``record='motor'``) that ophyd's ``EpicsMotor`` can drive.
 
     Moves are event driven: DMOV drops to 0, RBV ramps at VELO in 5 ms ticks, DMOV returns
-    to 1.  As in the motor record, a write to ``.VAL`` outside the user limits sets LVIO,
-    leaves the axis where it is (VAL reverts) and still pulses DMOV so clients finish.
+    to 1.  The user limits are also the control limits of ``.VAL``, so ophyd refuses an
+    out-of-range move before it is sent and the server refuses a put that gets through.
     """
 
     motor = pvproperty(value=0.0, name="", record="motor", precision=4,
@@ -82,14 +82,6 @@ class SimMotor(PVGroup):
 
     @motor.putter
     async def motor(self, instance, value):
-        fields = instance.field_inst
-        if not -self.limit_um <= value <= self.limit_um:
-            log.warning("%s: %s um is outside the limits +/-%s um; not moving",
-                        instance.pvname, value, self.limit_um)
-            await fields.limit_violation.write(1)
-            value = fields.user_readback_value.value
-        else:
-            await fields.limit_violation.write(0)
         self._targets.put_nowait(float(value))
         return value
 

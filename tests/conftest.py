@@ -2,11 +2,12 @@
 (``edgeloop ioc``), the edge server, and the retraining service, each a subprocess stopped by
 PID at the end, its output printed when a test fails."""
 
-from edgeloop.config import LOOPBACK_ENV, Config, pin_loopback
+import os
 
-pin_loopback()  # before any EPICS client library is imported
+from edgeloop.config import LOOPBACK_ENV, Config
 
-import os  # noqa: E402
+os.environ.update(LOOPBACK_ENV)  # before any EPICS client library is imported
+
 import secrets  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -23,7 +23,7 @@ class Collector:
         self.sub = ctx.monitor(pv, self._on, request="field()record[pipeline=true,queueSize=64]")
 
     def _on(self, value):
-        if not isinstance(value, Exception):
+        if not isinstance(value, Exception) and value["uniqueId"] > 0:  # 0: the placeholder
             with self.lock:
                 self.frames.append(ntnd.decode(value))
 
@@ -134,6 +134,39 @@ def _fresh_model_bytes():
     return model_to_bytes("ptychonn", {"width": 16}, PtychoNN(16))
 
 
+def test_out_of_range_puts_are_refused_and_nothing_moves(system):
+    from caproto import ErrorResponseReceived
+    from ophyd.utils import LimitError
+
+    from edgeloop.bluesky_plans import make_devices
+
+    p = system.prefix
+    for pv, value in (("det:cam1:NumImages", 0), ("det:cam1:AcquireTime", -1.0),
+                      ("det:cam1:Mode", 1)):
+        with pytest.raises(ErrorResponseReceived):
+            ca_put(f"{p}{pv}", value, notify=True, timeout=5)
+    _, stage = make_devices(p)
+    with pytest.raises(LimitError):
+        stage.x.move(100.0, wait=True)
+    stage.x.move(0.1, wait=True, timeout=10)
+    # a client that ignores the limits is refused by the server; the axis stays put
+    with pytest.raises(ErrorResponseReceived, match="Limits"):
+        ca_put(f"{p}SampleX.VAL", 50.0, notify=True, timeout=5)
+    assert ca_get(f"{p}SampleX.RBV").data[0] == pytest.approx(0.1)
+    assert ca_get(f"{p}SampleX.DMOV").data[0] == 1
+    stage.x.move(0.0, wait=True, timeout=10)
+
+
+def test_retrain_without_scans_ends_in_error_with_a_message(system):
+    p = system.prefix
+    assert not list(system.cfg.data_path.glob("scan_*.h5"))
+    ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)
+    system.wait_value("ml:Status", lambda v: v["index"] == 6, 30)  # Error
+    assert "no scans" in system.value("ml:Message")
+    assert system.pv("ml:Status")["alarm.severity"] == 2  # MAJOR
+    assert system.value("ml:Retrain")["index"] == 0  # the trigger was taken
+
+
 def test_pv_write_retrains_and_hot_swaps_without_dropping_frames(system):
     from bluesky import RunEngine
 
@@ -175,3 +208,17 @@ def test_pv_write_retrains_and_hot_swaps_without_dropping_frames(system):
     assert old in versions and new in versions  # the stream crossed the swap
     assert versions == sorted(versions)  # never back to the old model
     assert Registry(system.cfg.registry_path).accepted() == new
+
+
+def test_restarted_edge_serves_the_last_accepted_model(system, tmp_path):
+    from conftest import System
+
+    accepted = Registry(system.cfg.registry_path).accepted()
+    assert accepted is not None and accepted >= 1  # set by the retraining test above
+    second = System(system.cfg, system.config_path, tmp_path)
+    second.prefix = system.prefix + "R:"
+    try:
+        second.start("edge", ready_pv="edge:ModelVersion")
+        assert second.value("edge:ModelVersion") == accepted
+    finally:
+        second.stop()

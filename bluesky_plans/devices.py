@@ -222,6 +222,7 @@ class PtychoDetector(Device):
         else:
             status.set_finished()
 
+
 def make_devices(prefix: str = "SIM:", timeout: float = 10.0
                  ) -> tuple[PtychoDetector, SampleStage]:
     """Build the detector (``det``) and stage (``stage``) and wait for their connections.

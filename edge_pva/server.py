@@ -60,12 +60,13 @@ class EdgeServer:
         self.spec = model_kind(cfg.model.kind)
         torch.set_num_threads(cfg.edge.threads)
         self.queue = FrameQueue(cfg.edge.queue_size)
+        self._recent_frames: collections.deque = collections.deque(maxlen=4)  # probe batches
         self.slot = ModelSlot(self._initial_model())
         self.phase_map = PhaseMap(cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um,
                                   cfg.edge.stitch_sigma_px)
+        self._map_lock = threading.Lock()
         self._map_dirty = False
         self._last_uid = None
-        self._recent_frames: collections.deque = collections.deque(maxlen=4)
         self._latencies: collections.deque = collections.deque(maxlen=2000)
         self._out_times: collections.deque = collections.deque(maxlen=2000)
         self.frames_in = self.frames_out = self.bad_frames = 0
@@ -101,7 +102,7 @@ class EdgeServer:
         return self._serve(0, model)
 
     def _probe_frames(self) -> list[np.ndarray]:
-        frames = list(getattr(self, "_recent_frames", []))
+        frames = list(self._recent_frames)
         if not frames:
             rng = np.random.default_rng(0)
             n = self.cfg.model.input_size
@@ -211,13 +212,14 @@ class EdgeServer:
     def _publish(self, frames, amplitude, phase, version: int) -> None:
         for frame, amp, ph in zip(frames, amplitude, phase):
             uid = frame.unique_id
-            if self._last_uid is not None and uid < self._last_uid:
-                self.phase_map.reset()  # uniqueId restarted: a new scan
-            self._last_uid = uid
             x, y = frame.attributes.get("SampleX"), frame.attributes.get("SampleY")
-            if x is not None and y is not None:
-                self.phase_map.add(ph, float(x), float(y))
-                self._map_dirty = True
+            with self._map_lock:
+                if self._last_uid is not None and uid < self._last_uid:
+                    self.phase_map.reset()  # uniqueId restarted: a new scan
+                self._last_uid = uid
+                if x is not None and y is not None:
+                    self.phase_map.add(ph, float(x), float(y))
+                    self._map_dirty = True
             now = time.time()
             latency = (now - frame.received) * 1e3
             attrs = {"ModelVersion": version, "LatencyMs": latency}
@@ -245,10 +247,11 @@ class EdgeServer:
             self._pvs["FrameRate"].post(rate)
             self._pvs["LatencyMs"].post(float(np.median(lat)) if lat else 0.0)
             if self._map_dirty and now - last_map >= self.cfg.edge.map_publish_s:
-                self._map_dirty = False
+                with self._map_lock:
+                    self._map_dirty = False
+                    image, count = self.phase_map.image(), self.phase_map.count
                 last_map = now
-                self._pvs["PhaseMap"].post(ntnd.build(self.phase_map.image(),
-                                                      self.phase_map.count))
+                self._pvs["PhaseMap"].post(ntnd.build(image, count))
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> "EdgeServer":

@@ -81,12 +81,19 @@ def _wait_retrained(ctx: Context, p: str, old_version: int, timeout: float) -> l
     raise TimeoutError(f"retraining did not finish within {timeout} s (states {states})")
 
 
-def _scan(RE, det, stage, writer, num, step, center):
+def _scan(RE, det, stage, ctx: Context, collector: OutputCollector, cfg: Config, num: int,
+          step: float, center: tuple[float, float]) -> tuple[float, dict, np.ndarray, int]:
+    """One spiral scan: (seconds, edge outputs by uniqueId, stitched map, model version)."""
     from edgeloop.bluesky_plans import ptycho_scan
 
+    p = cfg.prefix
     t0 = time.perf_counter()
     RE(ptycho_scan(det, stage, num=num, step=step, center=center))
-    return time.perf_counter() - t0, writer.last_path
+    seconds = time.perf_counter() - t0
+    outputs = collector.take(num, 60)
+    time.sleep(cfg.edge.map_publish_s * 3)  # the map is published at most this often
+    phase_map = ntnd.decode(ctx.get(f"{p}edge:PhaseMap")).data.copy()
+    return seconds, outputs, phase_map, int(ctx.get(f"{p}edge:ModelVersion")["value"])
 
 
 def _save_png(path: Path, sim, maps: list[tuple[str, np.ndarray]], cfg: Config,
@@ -136,6 +143,7 @@ def run_demo(cfg: Config, out: str | Path, scan_points: int = 500, epochs: int |
     p = cfg.prefix
     common = ["--prefix", p, "--config", str(out / "config.json")]
     procs: list[ManagedProcess] = []
+    devices: list = []
     ctx = Context("pva", nt=False)
     report: dict = {}
     try:
@@ -155,19 +163,16 @@ def run_demo(cfg: Config, out: str | Path, scan_points: int = 500, epochs: int |
         from edgeloop.ioc.physics import PtychoSimulator
 
         det, stage = make_devices(p)
+        devices += [det, stage]
         RE = RunEngine({})
-        writer = ScanWriter(cfg.data_path)
-        RE.subscribe(writer)
+        RE.subscribe(ScanWriter(cfg.data_path))
         sim = PtychoSimulator(cfg.sim)
         collector = OutputCollector(ctx, f"{p}edge:Phase")
         centers = [(0.0, 0.0), (0.2, -0.15)]  # the second scan overlaps the first in part
 
         log.info("scan 1: %d points with the untrained model", scan_points)
-        dt1, _ = _scan(RE, det, stage, writer, scan_points, step, centers[0])
-        out1 = collector.take(scan_points, 60)
-        time.sleep(cfg.edge.map_publish_s * 3)
-        map1 = ntnd.decode(ctx.get(f"{p}edge:PhaseMap")).data.copy()
-        v0 = int(ctx.get(f"{p}edge:ModelVersion")["value"])
+        dt1, out1, map1, v0 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step,
+                                    centers[0])
 
         log.info("operator: caput %sml:Retrain 1", p)
         t0 = time.perf_counter()
@@ -176,11 +181,8 @@ def run_demo(cfg: Config, out: str | Path, scan_points: int = 500, epochs: int |
         retrain_s = time.perf_counter() - t0
 
         log.info("scan 2: %d points with the retrained model", scan_points)
-        dt2, _ = _scan(RE, det, stage, writer, scan_points, step, centers[1])
-        out2 = collector.take(scan_points, 60)
-        time.sleep(cfg.edge.map_publish_s * 3)
-        map2 = ntnd.decode(ctx.get(f"{p}edge:PhaseMap")).data.copy()
-        v1 = int(ctx.get(f"{p}edge:ModelVersion")["value"])
+        dt2, out2, map2, v1 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step,
+                                    centers[1])
 
         # throughput: a free-running burst, as fast as the detector can post
         burst = 300
@@ -222,6 +224,8 @@ def run_demo(cfg: Config, out: str | Path, scan_points: int = 500, epochs: int |
         _print_report(report, out)
         return report
     finally:
+        for device in devices:  # disconnect cleanly before the servers go away
+            device.destroy()
         ctx.close()
         for proc in reversed(procs):
             proc.stop()

@@ -20,6 +20,9 @@ from edgeloop.scanfile import count_frames, list_scans
 log = logging.getLogger(__name__)
 
 STATES = ["Idle", "Staging", "Analyzing", "Training", "Validating", "Deploying", "Error"]
+# coarse $(P)ml:Progress (%) at the start of each state; Error keeps the last value
+PROGRESS = {"Idle": 100.0, "Staging": 0.0, "Analyzing": 5.0, "Training": 35.0,
+            "Validating": 90.0, "Deploying": 95.0}
 
 
 class RetrainError(RuntimeError):
@@ -67,6 +70,8 @@ class RetrainService:
 
     def _status(self, state: str, message: str | None = None) -> None:
         self._put("ml:Status", {"value.index": STATES.index(state)})
+        if state in PROGRESS:
+            self._put("ml:Progress", PROGRESS[state])
         if message is not None:
             log.log(logging.ERROR if state == "Error" else logging.INFO, "%s: %s", state, message)
             self._put("ml:Message", message[:500])

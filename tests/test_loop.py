@@ -197,6 +197,7 @@ def test_pv_write_retrains_and_hot_swaps_without_dropping_frames(system):
     assert new > old
     system.wait_value("ml:Status", lambda v: v["index"] == 0, 30)
     assert system.value("ml:ModelVersion") == new
+    assert system.value("ml:Progress") == 100.0
     assert system.value("ml:ValLoss") > 0
     assert "serving" in system.value("ml:Message")
     assert seen_states & {"Analyzing", "Training"}

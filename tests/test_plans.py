@@ -258,3 +258,19 @@ def test_failed_scan_is_written_and_marked(devices, RE, tmp_path):
     assert scan["num_events"] == 3 and scan["frames"].shape == (3, 64, 64)
     np.testing.assert_array_equal(scan["unique_id"], [1, 2, 3])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.timeout(120)
+def test_live_table_shows_progress_during_a_scan(devices, RE, capsys):
+    """What a scientist sees in IPython: BestEffortCallback's live table, a row per point."""
+    from bluesky.callbacks.best_effort import BestEffortCallback
+
+    det, stage = devices
+    bec = BestEffortCallback()
+    bec.disable_plots()
+    RE.subscribe(bec)
+    RE(ptycho_scan(det, stage, num=5, step=0.05))
+    table = capsys.readouterr().out
+    assert "det_unique_id" in table and "stage_x" in table
+    rows = [line for line in table.splitlines() if line.startswith("|") and "|" in line[1:]]
+    assert len(rows) >= 5 + 1  # header + one row per point

@@ -53,6 +53,64 @@ class PtychoNN(nn.Module):
         return self.amplitude(z), self.phase(z) * np.pi
 
 
+class NonLocalBlock(nn.Module):
+    """Embedded-Gaussian non-local (self-attention) block with a residual connection."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        inner = max(channels // 2, 1)
+        self.theta = nn.Conv2d(channels, inner, 1)
+        self.phi = nn.Conv2d(channels, inner, 1)
+        self.g = nn.Conv2d(channels, inner, 1)
+        self.out = nn.Sequential(nn.Conv2d(inner, channels, 1), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        theta = self.theta(x).flatten(2).transpose(1, 2)  # (B, HW, C')
+        phi = self.phi(x).flatten(2)  # (B, C', HW)
+        g = self.g(x).flatten(2).transpose(1, 2)  # (B, HW, C')
+        attention = torch.softmax(theta @ phi, dim=-1)
+        y = (attention @ g).transpose(1, 2).reshape(b, -1, h, w)
+        return x + self.out(y)
+
+
+class BraggNN(nn.Module):
+    """BraggNN (Liu et al. 2022): conv + non-local attention + dense layers -> the sub-pixel
+    peak centre (x, y) of a patch, in units of the patch size (0..1 across the patch).
+
+    Input (B, 1, P, P) with P = ``patch`` (11 by default); about 45 k parameters at 11x11.
+    """
+
+    def __init__(self, patch: int = 11, width: int = 64):
+        super().__init__()
+        act = nn.LeakyReLU(0.01)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3), NonLocalBlock(width), act,
+            nn.Conv2d(width, width // 2, 3), act,
+            nn.Conv2d(width // 2, 8, 3), act,
+        )
+        side = patch - 6
+        if side < 1:
+            raise ValueError(f"patch must be at least 7 pixels, got {patch}")
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * side * side, 64), act, nn.Linear(64, 32), act,
+            nn.Linear(32, 16), act, nn.Linear(16, 8), act, nn.Linear(8, 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.head(self.features(x)),)
+
+
+def braggnn_preprocess(patches: list[np.ndarray], size: int) -> np.ndarray:
+    """Each patch scaled to 0..1 (min-max); patches must already be size x size."""
+    stack = np.stack([np.asarray(p, np.float32) for p in patches])
+    if stack.shape[1:] != (size, size):
+        raise ValueError(f"BraggNN takes {size}x{size} patches, got {stack.shape[1:]}")
+    lo = stack.min(axis=(1, 2), keepdims=True)
+    span = np.maximum(stack.max(axis=(1, 2), keepdims=True) - lo, 1e-6)
+    return ((stack - lo) / span)[:, None]
+
+
 def to_input_size(frame: np.ndarray, size: int) -> np.ndarray:
     """Bring a centred diffraction pattern to size x size: centre-crop to a multiple of
     ``size``, sum-bin by the integer factor; smaller frames are zero-padded."""
@@ -94,6 +152,7 @@ class ModelKind:
 
 KINDS: dict[str, ModelKind] = {
     "ptychonn": ModelKind("ptychonn", PtychoNN, ptycho_preprocess, ("amplitude", "phase")),
+    "braggnn": ModelKind("braggnn", BraggNN, braggnn_preprocess, ("center",)),
 }
 
 

@@ -68,7 +68,7 @@ def train_model(request: dict) -> dict:
     arch, train (TrainConfig fields).
     """
     t0 = time.perf_counter()
-    from edgeloop.remote.training import train
+    from edgeloop.remote.training import ptycho_loss, train
 
     data = Path(request["labels"]).read_bytes()
     if reg.sha256_bytes(data) != request["labels_sha256"]:
@@ -87,7 +87,8 @@ def train_model(request: dict) -> dict:
         arch = request["arch"]
         model = spec.build(**arch)
     cfg = TrainConfig(**request["train"])
-    model, val_loss, history = train(model, inputs, amp, phase, cfg, weight=weight)
+    model, val_loss, history = train(model, inputs, (amp, phase),
+                                     ptycho_loss(weight, amp.shape[-2:]), cfg)
     blob = reg.model_to_bytes(spec.name, arch, model)
     return {"model": blob, "sha256": reg.sha256_bytes(blob), "val_loss": float(val_loss),
             "history": history, "n_frames": int(len(inputs)), "arch": arch,

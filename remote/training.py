@@ -1,11 +1,13 @@
-"""Training PtychoNN (Adam, mean absolute error, cyclic learning rate, 10 % validation,
-lowest validation loss kept), as in the PtychoNN edge-training workflow."""
+"""Training loop shared by the model kinds: Adam, a cyclic learning rate, 10 % held out for
+validation, the epoch with the lowest validation loss kept (the PtychoNN / BraggNN edge
+training workflow).  Each kind brings its loss."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import time
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -15,36 +17,44 @@ from edgeloop.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
+LossFn = Callable[[tuple[torch.Tensor, ...], Sequence[torch.Tensor]], torch.Tensor]
+
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     idx = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(n * val_fraction)))
     if n - n_val < 1:
-        raise ValueError(f"need at least 2 frames to train with a validation split, got {n}")
+        raise ValueError(f"need at least 2 samples to train with a validation split, got {n}")
     return idx[n_val:], idx[:n_val]
 
 
-def _loss(model, x, amp, phase, weight) -> torch.Tensor:
-    pa, pp = model(x)
-    return (((pa[:, 0] - amp).abs() + (pp[:, 0] - phase).abs()) * weight).mean()
-
-
-def train(model: nn.Module, inputs: np.ndarray, amplitude: np.ndarray, phase: np.ndarray,
-          cfg: TrainConfig, weight: np.ndarray | None = None, progress=None
-          ) -> tuple[nn.Module, float, list[dict]]:
-    """Train in place from the given weights; returns (best model, best val loss, history).
-
-    ``weight`` (M, M) weighs the absolute error per pixel: a frame only carries information
-    where the probe illuminated the sample, so the labels elsewhere are not learnable from it.
-    """
-    torch.manual_seed(cfg.seed)
-    w = torch.ones(amplitude.shape[-2:]) if weight is None else torch.as_tensor(weight).float()
+def ptycho_loss(weight: np.ndarray | None, shape: tuple[int, int]) -> LossFn:
+    """Mean absolute error of amplitude and phase, weighted per pixel by ``weight``: a frame
+    only carries information where the probe lit the sample, so labels elsewhere are not
+    learnable from it."""
+    w = torch.ones(shape) if weight is None else torch.as_tensor(weight).float()
     w = w / w.mean()
+
+    def loss(outputs, targets):
+        (pa, pp), (amp, phase) = outputs, targets
+        return (((pa[:, 0] - amp).abs() + (pp[:, 0] - phase).abs()) * w).mean()
+
+    return loss
+
+
+def centre_loss(outputs, targets) -> torch.Tensor:
+    """BraggNN: mean squared error of the (x, y) centre in patch units."""
+    return nn.functional.mse_loss(outputs[0], targets[0])
+
+
+def train(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray], loss_fn: LossFn,
+          cfg: TrainConfig, progress=None) -> tuple[nn.Module, float, list[dict]]:
+    """Train in place from the given weights; returns (best model, best val loss, history)."""
+    torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     train_idx, val_idx = split(len(inputs), cfg.val_fraction, cfg.seed)
     x = torch.from_numpy(np.ascontiguousarray(inputs, np.float32))
-    a = torch.from_numpy(np.ascontiguousarray(amplitude, np.float32))
-    p = torch.from_numpy(np.ascontiguousarray(phase, np.float32))
+    ys = [torch.from_numpy(np.ascontiguousarray(t, np.float32)) for t in targets]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = max(1, int(np.ceil(len(train_idx) / cfg.batch_size)))
     sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=cfg.lr_min, max_lr=cfg.lr,
@@ -59,20 +69,22 @@ def train(model: nn.Module, inputs: np.ndarray, amplitude: np.ndarray, phase: np
         total = 0.0
         for start in range(0, len(order), cfg.batch_size):
             b = order[start:start + cfg.batch_size]
+            if len(b) < 2:  # batch norm needs two samples
+                continue
             opt.zero_grad()
-            loss = _loss(model, x[b], a[b], p[b], w)
+            loss = loss_fn(model(x[b]), [y[b] for y in ys])
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(b)
         model.eval()
         with torch.no_grad():
-            val = _loss(model, x[vi], a[vi], p[vi], w).item()
+            val = loss_fn(model(x[vi]), [y[vi] for y in ys]).item()
         history.append({"epoch": epoch, "train_loss": total / len(train_idx), "val_loss": val,
                         "seconds": time.perf_counter() - t0})
         if val < best_loss:
             best_loss, best_state = val, copy.deepcopy(model.state_dict())
-        log.info("epoch %d/%d train %.4f val %.4f", epoch + 1, cfg.epochs,
+        log.info("epoch %d/%d train %.5f val %.5f", epoch + 1, cfg.epochs,
                  history[-1]["train_loss"], val)
         if progress is not None:
             progress(epoch + 1, cfg.epochs, val)

@@ -55,6 +55,12 @@ def cmd_demo(args) -> None:
     run_demo(_config(args), out=args.out, scan_points=args.points, epochs=args.epochs)
 
 
+def cmd_hedm_accuracy(args) -> None:
+    from edgeloop.hedm_accuracy import run
+
+    run(args.out, n_train=args.train_peaks, n_test=args.test_peaks, epochs=args.epochs)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -81,6 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--points", type=int, default=500, help="scan points per scan")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--executor", help="local (default)")
+
+    p = add("hedm-accuracy", cmd_hedm_accuracy,
+            "BraggNN vs pseudo-Voigt fitting on fresh simulated peaks (accuracy, speed)")
+    p.add_argument("--out", default="edgeloop-hedm-accuracy", help="output directory")
+    p.add_argument("--train-peaks", type=int, default=6000)
+    p.add_argument("--test-peaks", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=60)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

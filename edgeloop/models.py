@@ -101,9 +101,12 @@ class BraggNN(nn.Module):
         return (self.head(self.features(x)),)
 
 
-def braggnn_preprocess(patches: list[np.ndarray], size: int) -> np.ndarray:
-    """Each patch scaled to 0..1 (min-max); patches must already be size x size."""
-    stack = np.stack([np.asarray(p, np.float32) for p in patches])
+def braggnn_preprocess(patches, size: int) -> np.ndarray:
+    """Each patch scaled to 0..1 (min-max); patches (a list or an (n, P, P) array) must
+    already be size x size."""
+    stack = np.asarray(patches, np.float32)
+    if stack.ndim != 3:
+        raise ValueError(f"expected (n, {size}, {size}) patches, got shape {stack.shape}")
     if stack.shape[1:] != (size, size):
         raise ValueError(f"BraggNN takes {size}x{size} patches, got {stack.shape[1:]}")
     lo = stack.min(axis=(1, 2), keepdims=True)

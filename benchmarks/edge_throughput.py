@@ -86,7 +86,7 @@ def edge_rate(edge: EdgeServer, source: SharedPV, size: int, n: int, pace_s: flo
                       else outs.append(time.perf_counter()), request=PIPELINE_REQUEST)
     time.sleep(0.5)
     edge._latencies.clear()
-    in0, drop0 = edge.frames_in, edge.queue.dropped
+    in0, drop0 = edge.queue.received, edge.queue.dropped
     t0 = time.perf_counter()
     _post_all(source, _frames(size, n), n, pace_s)
     deadline = time.monotonic() + 120

@@ -15,10 +15,12 @@ class FrameQueue:
         self._items: collections.deque = collections.deque()
         self._maxlen = maxlen
         self._cond = threading.Condition()
+        self.received = 0
         self.dropped = 0
 
     def put(self, item) -> None:
         with self._cond:
+            self.received += 1
             if len(self._items) >= self._maxlen:
                 self._items.popleft()
                 self.dropped += 1

@@ -69,7 +69,7 @@ class EdgeServer:
         self._last_uid = None
         self._latencies: collections.deque = collections.deque(maxlen=2000)
         self._out_times: collections.deque = collections.deque(maxlen=2000)
-        self.frames_in = self.frames_out = self.bad_frames = 0
+        self.frames_out = self.bad_frames = 0
         self._stop = threading.Event()
         self._load_requests: queue.Queue = queue.Queue()
         self._pvs = self._make_pvs()
@@ -177,7 +177,6 @@ class EdgeServer:
             return
         if value.get("uniqueId", 0) == 0:
             return  # the placeholder a detector PV holds before its first frame
-        self.frames_in += 1
         self.queue.put((value, time.time()))
 
     def _decode(self, item) -> ntnd.Frame | None:
@@ -240,7 +239,7 @@ class EdgeServer:
             recent = [t for t in list(self._out_times) if now - t <= 2.0]
             rate = len(recent) / 2.0
             lat = list(self._latencies)[-100:]
-            self._pvs["FramesIn"].post(self.frames_in)
+            self._pvs["FramesIn"].post(self.queue.received)
             self._pvs["FramesOut"].post(self.frames_out)
             self._pvs["Dropped"].post(self.queue.dropped)
             self._pvs["BadFrames"].post(self.bad_frames)

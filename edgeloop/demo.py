@@ -49,6 +49,22 @@ class OutputCollector:
         return out
 
 
+def wait_drained(ctx: Context, prefix: str, settle_s: float = 1.0,
+                 timeout: float = 60.0) -> int:
+    """Wait until the edge has answered every frame it received and no more arrive."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        frames_in = ctx.get(f"{prefix}edge:FramesIn")["value"]
+        frames_out = ctx.get(f"{prefix}edge:FramesOut")["value"]
+        if frames_in == frames_out == last:
+            return frames_in
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"edge not drained: {frames_in} in, {frames_out} out")
+        last = frames_in if frames_in == frames_out else None
+        time.sleep(settle_s)
+
+
 def phase_errors(outputs: dict[int, ntnd.Frame], sim) -> np.ndarray:
     """Per-frame mean |predicted - true| phase inside the illuminated region, after removing
     each frame's constant offset (the global phase of ptychography is not measurable)."""
@@ -192,12 +208,7 @@ def run_demo(cfg: Config, out: str | Path, scan_points: int = 500, epochs: int |
         out3 = collector.take(burst, 120)
         burst_s = time.perf_counter() - tb
 
-        frames_in = ctx.get(f"{p}edge:FramesIn")["value"]
-        deadline = time.monotonic() + 60
-        while (ctx.get(f"{p}edge:FramesOut")["value"] < frames_in
-               and time.monotonic() < deadline):
-            time.sleep(0.2)
-        time.sleep(2 * cfg.edge.stats_publish_s)
+        wait_drained(ctx, p, settle_s=4 * cfg.edge.stats_publish_s)
         stats = {k: ctx.get(f"{p}edge:{k}")["value"] for k in
                  ("FramesIn", "FramesOut", "Dropped", "BadFrames")}
         err1, err2 = phase_errors(out1, sim), phase_errors(out2, sim)

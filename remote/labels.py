@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from edgeloop.optics import extract_patch, illuminated_mask
+from edgeloop.optics import extract_patch
 
 log = logging.getLogger(__name__)
 
@@ -125,4 +125,4 @@ def make_labels(frames: np.ndarray, positions_um: np.ndarray, pixel_um: float,
     return label_patches(obj, origin, pos_px, m, prb)
 
 
-__all__ = ["reconstruct", "label_patches", "make_labels", "illuminated_mask"]
+__all__ = ["reconstruct", "label_patches", "make_labels"]

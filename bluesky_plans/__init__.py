@@ -1,4 +1,5 @@
-"""Bluesky side of edgeloop: ophyd devices, the ptychography scan plan, and the HDF5 writer.
+"""Bluesky side of edgeloop: ophyd devices, the ptychography and HEDM scan plans, and the
+HDF5 writer.
 
 The devices (and so ophyd and its Channel Access layer) are imported lazily, on first use of
 one of their names, so ``read_scan`` and the plans can be used without EPICS.  Call
@@ -7,7 +8,7 @@ simulated beamline (its Channel Access server listens on a non-standard port).
 """
 
 from edgeloop.bluesky_plans.callbacks import SCAN_DATASETS, ScanWriter, read_scan
-from edgeloop.bluesky_plans.plans import ptycho_scan, spiral_positions
+from edgeloop.bluesky_plans.plans import hedm_rotation_scan, ptycho_scan, spiral_positions
 
 _DEVICE_NAMES = ("PtychoDetector", "PvaImageSignal", "SampleStage", "make_devices")
 
@@ -17,6 +18,7 @@ __all__ = [
     "PvaImageSignal",
     "SampleStage",
     "ScanWriter",
+    "hedm_rotation_scan",
     "make_devices",
     "ptycho_scan",
     "read_scan",

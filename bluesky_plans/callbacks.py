@@ -1,4 +1,4 @@
-"""Bluesky callback writing each ptychography run to one HDF5 file, and its reader."""
+"""Bluesky callback writing each ptychography or HEDM run to one HDF5 file, and its reader."""
 
 from __future__ import annotations
 
@@ -13,20 +13,17 @@ import h5py
 import numpy as np
 from bluesky.callbacks.core import CallbackBase
 
-from edgeloop.scanfile import SCAN_DATASETS, read_scan
+from edgeloop.scanfile import POSITIONS, SCAN_DATASETS, read_scan
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SCAN_DATASETS", "ScanWriter", "read_scan"]
 
-TECHNIQUE = "ptychography"
-
 
 @dataclass
 class _Keys:
     image: str
-    x: str
-    y: str
+    axes: tuple[str, ...]  # motor readback keys, in the order of the positions dataset
     unique_id: str | None
     shape: tuple[int, ...]
 
@@ -53,39 +50,43 @@ def _image_key(data_keys: dict, detectors: list[str], object_keys: dict) -> str:
     raise ValueError(f"no 2-D array (image) among the data keys {sorted(data_keys)}")
 
 
-def _motor_keys(start: dict, descriptor: dict) -> tuple[str, str]:
-    """Data keys of the x and y readbacks: start hints, then descriptor hints/object_keys."""
+def _motor_keys(start: dict, descriptor: dict, n: int) -> tuple[str, ...]:
+    """Data keys of the first ``n`` motor readbacks: start hints, then descriptor hints /
+    object_keys, then (two axes) keys ending in ``_x`` / ``_y``."""
     data_keys = descriptor["data_keys"]
     dims = start.get("hints", {}).get("dimensions") or []
     from_dims = [fields[0] for fields, stream in dims
                  if stream == descriptor.get("name", "primary") and fields
                  and fields[0] in data_keys]
-    if len(from_dims) >= 2:
-        return from_dims[0], from_dims[1]
+    if len(from_dims) >= n:
+        return tuple(from_dims[:n])
     motors = list(start.get("motors") or [])
     hints = descriptor.get("hints") or {}
     object_keys = descriptor.get("object_keys") or {}
     found = []
-    for m in motors[:2]:
+    for m in motors[:n]:
         candidates = [k for k in (hints.get(m, {}).get("fields") or []) if k in data_keys]
         candidates += [m] if m in data_keys else []
         candidates += [k for k in object_keys.get(m, []) if k in data_keys
                        and not k.endswith(("setpoint", "_user_setpoint"))]
         if candidates:
             found.append(candidates[0])
-    if len(found) == 2:
-        return found[0], found[1]
-    xs = [k for k in data_keys if k.endswith("_x") or k == "x"]
-    ys = [k for k in data_keys if k.endswith("_y") or k == "y"]
-    if xs and ys:
-        return xs[0], ys[0]
-    raise ValueError(f"cannot tell the x/y motor readbacks among {sorted(data_keys)}")
+    if len(found) == n:
+        return tuple(found)
+    if n == 2:
+        xs = [k for k in data_keys if k.endswith("_x") or k == "x"]
+        ys = [k for k in data_keys if k.endswith("_y") or k == "y"]
+        if xs and ys:
+            return xs[0], ys[0]
+    raise ValueError(f"cannot tell the {n} motor readback(s) of {motors} among "
+                     f"{sorted(data_keys)}")
 
 
 class ScanWriter(CallbackBase):
-    """Write each ptychography run to ``<data_dir>/scan_<scan_id>_<uid8>.h5``.
+    """Write each ptychography or HEDM run to ``<data_dir>/scan_<scan_id>_<uid8>.h5``.
 
-    Runs whose start document lacks ``technique == 'ptychography'`` are ignored.  Events of
+    Runs whose start document has no ``technique`` of ``'ptychography'`` or ``'hedm'`` are
+    ignored.  Events of
     the ``primary`` stream are kept in memory; at the stop document the file is written to
     a temporary name in ``data_dir`` and renamed into place, so readers never see a partial
     file.  Failed or aborted runs are written too, with their ``exit_status``.
@@ -106,10 +107,11 @@ class ScanWriter(CallbackBase):
 
     Notes
     -----
-    Datasets: ``frames`` (N, ny, nx, detector dtype), ``positions_um`` (N, 2; x, y motor
-    readbacks), ``unique_id`` (N,), ``timestamps`` (N,; the frame timestamps, seconds since
-    the epoch).  Attributes: ``start_json``, ``plan_name``, ``uid``, ``scan_id``,
-    ``exit_status``, ``num_events`` (and ``reason`` from the stop document).
+    Datasets: ``frames`` (N, ny, nx, detector dtype), ``unique_id`` (N,), ``timestamps`` (N,;
+    the frame timestamps, seconds since the epoch) and the motor readbacks: ``positions_um``
+    (N, 2; x, y) for ptychography, ``omega_deg`` (N,) for HEDM.  Attributes: ``technique``,
+    ``start_json``, ``plan_name``, ``uid``, ``scan_id``, ``exit_status``, ``num_events`` (and
+    ``reason`` from the stop document).
     """
 
     def __init__(self, data_dir: str | os.PathLike, stream: str = "primary"):
@@ -122,7 +124,7 @@ class ScanWriter(CallbackBase):
         self._descriptors: dict[str, str] = {}  # descriptor uid -> run start uid
 
     def start(self, doc):
-        if doc.get("technique") == TECHNIQUE:
+        if doc.get("technique") in POSITIONS:
             self._runs[doc["uid"]] = _Run(start=doc)
         return doc
 
@@ -134,12 +136,12 @@ class ScanWriter(CallbackBase):
         detectors = list(run.start.get("detectors") or [])
         object_keys = doc.get("object_keys") or {}
         image = _image_key(data_keys, detectors, object_keys)
-        x, y = _motor_keys(run.start, doc)
+        axes = _motor_keys(run.start, doc, POSITIONS[run.start["technique"]][1])
         uid_keys = [k for k in data_keys if k.endswith("unique_id")]
-        run.keys = _Keys(image=image, x=x, y=y, unique_id=uid_keys[0] if uid_keys else None,
+        run.keys = _Keys(image=image, axes=axes, unique_id=uid_keys[0] if uid_keys else None,
                          shape=tuple(data_keys[image]["shape"]))
         self._descriptors[doc["uid"]] = doc["run_start"]
-        log.debug("ScanWriter: image %s, x %s, y %s, uid %s", image, x, y, run.keys.unique_id)
+        log.debug("ScanWriter: image %s, axes %s, uid %s", image, axes, run.keys.unique_id)
         return doc
 
     def event(self, doc):
@@ -154,7 +156,7 @@ class ScanWriter(CallbackBase):
                         doc.get("seq_num"))
             return doc
         run.frames.append(np.asarray(frame))
-        run.positions.append((float(data[keys.x]), float(data[keys.y])))
+        run.positions.append(tuple(float(data[k]) for k in keys.axes))
         run.unique_ids.append(int(data[keys.unique_id]) if keys.unique_id
                               else int(doc.get("seq_num", len(run.frames))))
         run.timestamps.append(float(doc.get("timestamps", {}).get(keys.image, doc["time"])))
@@ -184,15 +186,19 @@ class ScanWriter(CallbackBase):
         else:
             frames = np.zeros((0, *shape), dtype=np.int32)
         exit_status = stop.get("exit_status", "unknown")
+        technique = start["technique"]
+        positions_name, n_axes = POSITIONS[technique]
+        positions = np.asarray(run.positions, dtype=float).reshape(-1, n_axes)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("frames", data=frames,
                                  chunks=(1, *frames.shape[1:]) if frames.size else None)
-                f.create_dataset("positions_um",
-                                 data=np.asarray(run.positions, dtype=float).reshape(-1, 2))
+                f.create_dataset(positions_name,
+                                 data=positions if n_axes > 1 else positions[:, 0])
                 f.create_dataset("unique_id", data=np.asarray(run.unique_ids, dtype=np.int64))
                 f.create_dataset("timestamps", data=np.asarray(run.timestamps, dtype=float))
+                f.attrs["technique"] = technique
                 f.attrs["start_json"] = json.dumps(start, default=repr)
                 f.attrs["plan_name"] = str(start.get("plan_name", ""))
                 f.attrs["uid"] = start["uid"]

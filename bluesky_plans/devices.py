@@ -1,7 +1,7 @@
-"""Ophyd devices for the (simulated or real) ptychography beamline.
+"""Ophyd devices for the (simulated or real) beamline.
 
-The sample stage is two motor records (``$(P)SampleX``, ``$(P)SampleY``, micrometres).  The
-detector is an areaDetector-like camera: its controls (``$(P)det:cam1:*``) are read over
+The sample stage is three motor records (``$(P)SampleX``, ``$(P)SampleY`` in micrometres,
+``$(P)SampleRot`` in degrees).  The detector is an areaDetector-like camera: its controls (``$(P)det:cam1:*``) are read over
 Channel Access, its frames over pvAccess as NTNDArray (``$(P)det:Pva1:Image``).
 
 Call :func:`edgeloop.config.pin_loopback` before importing this module when the simulated
@@ -27,10 +27,12 @@ __all__ = ["PtychoDetector", "PvaImageSignal", "SampleStage", "make_devices"]
 
 
 class SampleStage(Device):
-    """Two-axis sample stage (micrometres): ``x`` on ``$(P)SampleX``, ``y`` on ``$(P)SampleY``."""
+    """Sample stage: ``x`` on ``$(P)SampleX``, ``y`` on ``$(P)SampleY`` (micrometres) and the
+    rotation ``rot`` on ``$(P)SampleRot`` (degrees)."""
 
     x = Cpt(EpicsMotor, "SampleX")
     y = Cpt(EpicsMotor, "SampleY")
+    rot = Cpt(EpicsMotor, "SampleRot")
 
 
 class PvaImageSignal(Signal):
@@ -137,7 +139,10 @@ class PvaImageSignal(Signal):
 
 
 class PtychoDetector(Device):
-    """Ptychography detector: cam1 controls over CA, frames over pvAccess.
+    """The beamline detector: cam1 controls over CA, frames over pvAccess.
+
+    ``mode`` (``det:cam1:Mode``) selects the technique, ``"ptycho"`` or ``"hedm"``; the
+    plans set it.
 
     Parameters
     ----------
@@ -163,6 +168,7 @@ class PtychoDetector(Device):
     acquire = Cpt(EpicsSignal, "det:cam1:Acquire", put_complete=True, kind="omitted")
     acquire_time = Cpt(EpicsSignal, "det:cam1:AcquireTime", kind="config")
     num_images = Cpt(EpicsSignal, "det:cam1:NumImages", kind="config")
+    mode = Cpt(EpicsSignal, "det:cam1:Mode", string=True, kind="config")
     array_counter = Cpt(EpicsSignal, "det:cam1:ArrayCounter", kind="omitted")
     array_counter_rbv = Cpt(EpicsSignalRO, "det:cam1:ArrayCounter_RBV", kind="omitted")
     image = FCpt(PvaImageSignal, "{image_pv}", kind="normal")

@@ -1,4 +1,5 @@
-"""Bluesky plans for ptychography: a Fermat-spiral step scan of the sample stage."""
+"""Bluesky plans: a Fermat-spiral step scan of the sample stage (ptychography) and a
+rotation step scan (HEDM)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from bluesky.utils import MsgGenerator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ptycho_scan", "spiral_positions"]
+__all__ = ["hedm_rotation_scan", "ptycho_scan", "spiral_positions"]
 
 GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 SPIRAL_RADIUS_FACTOR = 0.55  # r = 0.55 * step * sqrt(n): nearest neighbours ~ step apart
@@ -90,7 +91,8 @@ def _limits(motor) -> tuple[float, float] | None:
     return low, high
 
 
-def _check_limits(motor, values: np.ndarray, axis: str) -> None:
+def _check_limits(motor, values: np.ndarray, axis: str, units: str = "um",
+                  advice: str = "reduce num/step or move the center") -> None:
     limits = _limits(motor)
     if limits is None:
         return
@@ -98,9 +100,14 @@ def _check_limits(motor, values: np.ndarray, axis: str) -> None:
     vmin, vmax = float(values.min()), float(values.max())
     if vmin < low or vmax > high:
         raise ValueError(
-            f"{axis} positions span [{vmin:.4f}, {vmax:.4f}] um, outside the limits of "
-            f"{getattr(motor, 'name', motor)} [{low}, {high}] um; reduce num/step or "
-            "move the center")
+            f"{axis} positions span [{vmin:.4f}, {vmax:.4f}] {units}, outside the limits of "
+            f"{getattr(motor, 'name', motor)} [{low}, {high}] {units}; {advice}")
+
+
+def _set_mode(det, mode: str) -> MsgGenerator:
+    """Put a detector that has a ``mode`` signal into the plan's technique."""
+    if hasattr(det, "mode"):
+        yield from bps.mv(det.mode, mode)
 
 
 def _fields(obj) -> list[str]:
@@ -146,6 +153,7 @@ def ptycho_scan(det, stage, num: int = 963, step: float = 0.05,
 
     Notes
     -----
+    The detector's ``mode`` (when it has one) is set to ``"ptycho"`` first.
     The start document carries ``technique='ptychography'``, ``num_points``, ``step_um``,
     ``center_um``, ``detectors``, ``motors`` and ``hints['dimensions']`` on the two motor
     readbacks; :class:`~edgeloop.bluesky_plans.callbacks.ScanWriter` keys on these.
@@ -182,4 +190,85 @@ def _ptycho_scan(det, stage, positions: np.ndarray, md: dict) -> MsgGenerator:
             yield from bps.mv(stage.x, float(x), stage.y, float(y))
             yield from bps.trigger_and_read([det, stage.x, stage.y])
 
+    yield from _set_mode(det, "ptycho")
+    return (yield from inner())
+
+
+def hedm_rotation_scan(det, rot, start: float, stop: float, num: int, *,
+                       md: dict | None = None) -> MsgGenerator:
+    """Step the sample rotation from ``start`` to ``stop`` (inclusive), one HEDM detector frame
+    per angle.
+
+    Parameters
+    ----------
+    det : ophyd.Device
+        The detector (e.g. :class:`~edgeloop.bluesky_plans.devices.PtychoDetector`); its
+        ``mode`` is set to ``"hedm"`` before the run when it has one.
+    rot : ophyd.Device
+        Rotation motor (degrees), e.g. ``stage.rot`` on ``$(P)SampleRot``.
+    start, stop : float
+        First and last angle, degrees (``stop < start`` scans backwards).
+    num : int
+        Number of angles (>= 1); the step is ``(stop - start) / (num - 1)``.
+    md : dict, optional
+        Metadata merged into (and overriding) the plan's start-document metadata.
+
+    Yields
+    ------
+    bluesky.utils.Msg
+        Set the detector mode, stage, open_run, per angle (checkpoint, move, trigger and
+        read ``[det, rot]``), close_run, unstage.
+
+    Raises
+    ------
+    ValueError
+        Before any message, if ``num < 1``, an angle is not finite, or an angle falls
+        outside the motor's known limits.
+
+    Notes
+    -----
+    The start document carries ``technique='hedm'``, ``num_points``, ``omega_start_deg``,
+    ``omega_stop_deg``, ``omega_step_deg``, ``detectors``, ``motors`` and
+    ``hints['dimensions']`` on the rotation readback;
+    :class:`~edgeloop.bluesky_plans.callbacks.ScanWriter` stores the run with ``omega_deg``.
+    """
+    num = _check_num(num)
+    try:
+        start, stop = float(start), float(stop)
+    except (TypeError, ValueError):
+        raise ValueError(f"start/stop must be numbers (degrees), got {start!r}, {stop!r}") \
+            from None
+    if not (math.isfinite(start) and math.isfinite(stop)):
+        raise ValueError(f"start/stop must be finite, got {start!r}, {stop!r}")
+    angles = np.linspace(start, stop, num)
+    _check_limits(rot, angles, "rotation", "deg", "reduce the angular range")
+    _md = {
+        "plan_name": "hedm_rotation_scan",
+        "plan_args": {"det": repr(det), "rot": repr(rot), "start": start, "stop": stop,
+                      "num": num},
+        "detectors": [det.name],
+        "motors": [rot.name],
+        "num_points": num,
+        "num_intervals": num - 1,
+        "omega_start_deg": start,
+        "omega_stop_deg": stop,
+        "omega_step_deg": (stop - start) / (num - 1) if num > 1 else 0.0,
+        "technique": "hedm",
+        "hints": {"dimensions": [(_fields(rot), "primary")]},
+    }
+    _md.update(md or {})
+    log.info("hedm_rotation_scan: %d angles %.4g..%.4g deg", num, start, stop)
+    return _rotation_scan(det, rot, angles, _md)
+
+
+def _rotation_scan(det, rot, angles: np.ndarray, md: dict) -> MsgGenerator:
+    @bpp.stage_decorator([det, rot])
+    @bpp.run_decorator(md=md)
+    def inner():
+        for omega in angles:
+            yield from bps.checkpoint()
+            yield from bps.mv(rot, float(omega))
+            yield from bps.trigger_and_read([det, rot])
+
+    yield from _set_mode(det, "hedm")
     return (yield from inner())

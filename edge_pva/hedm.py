@@ -5,43 +5,50 @@ from __future__ import annotations
 
 import time
 
+from typing import Callable
+
 import numpy as np
-import torch
 from p4p import Value
 from p4p.nt import NTTable
 
-from edgeloop.edge_pva.peaks import crop_patches, find_peaks
-from edgeloop.models import braggnn_preprocess
+from edgeloop.edge_pva.peaks import peak_patches
 
 PEAK_COLUMNS = [("uniqueId", "i"), ("peak", "i"), ("x", "d"), ("y", "d"), ("intensity", "d"),
                 ("max", "d"), ("saturated", "?"), ("border", "?")]
 PEAK_TABLE = NTTable(PEAK_COLUMNS)
+NO_PEAKS = {"x": np.zeros(0), "y": np.zeros(0), "intensity": np.zeros(0), "max": np.zeros(0),
+            "saturated": np.zeros(0, bool), "border": np.zeros(0, bool)}
 
 
-def locate_peaks(frame: np.ndarray, model: torch.nn.Module, patch: int = 11,
-                 **finder) -> dict[str, np.ndarray]:
-    """Peaks of one frame: x (column), y (row) in detector pixels, intensity, max and flags.
+def locate_peaks(frame: np.ndarray, infer: Callable, patch: int = 11,
+                 **finder) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Peaks of one frame: x (column), y (row) in detector pixels, intensity, max and flags;
+    and the patches the network saw.
 
-    ``finder`` goes to :func:`edgeloop.edge_pva.peaks.find_peaks` (threshold, sigma, ...).
+    ``infer(patches)`` returns ``(centres,)``, (n, 2) as (x, y) in patch widths (a
+    :class:`~edgeloop.edge_pva.inference.ServedModel` of kind braggnn).  ``finder`` goes to
+    :func:`edgeloop.edge_pva.peaks.find_peaks` (threshold, sigma, ...).
     """
-    peaks = find_peaks(frame, **finder)
-    patches, tops = crop_patches(frame, peaks, patch)
+    peaks, patches, tops = peak_patches(frame, patch, **finder)
     if len(peaks):
-        with torch.inference_mode():
-            (centre,) = model(torch.from_numpy(braggnn_preprocess(patches, patch)))
-        centre = centre.numpy().astype(np.float64) * patch  # (x, y) in patch pixels
+        (centre,) = infer(patches)
+        centre = np.asarray(centre, np.float64) * patch  # (x, y) in patch pixels
     else:
         centre = np.zeros((0, 2))
     return {"x": tops[:, 1] + centre[:, 0], "y": tops[:, 0] + centre[:, 1],
             "intensity": np.asarray(peaks.intensity, np.float64),
             "max": np.asarray(peaks.maxima, np.float64),
             "saturated": np.asarray(peaks.saturated, bool),
-            "border": np.asarray(peaks.border, bool)}
+            "border": np.asarray(peaks.border, bool)}, patches
 
 
 def peak_table(unique_id: int, peaks: dict[str, np.ndarray],
                timestamp: float | None = None) -> Value:
-    """The NTTable of one frame's peaks (zero rows when the frame has none)."""
+    """The NTTable of one frame's peaks (zero rows when the frame has none).
+
+    The frame's uniqueId is in every row and also in ``timeStamp.userTag``, so a frame
+    without peaks is still identified; the time stamp is the frame's.
+    """
     n = len(peaks["x"])
     t = time.time() if timestamp is None else timestamp
     columns = dict(peaks, uniqueId=np.full(n, unique_id, np.int32),
@@ -50,5 +57,6 @@ def peak_table(unique_id: int, peaks: dict[str, np.ndarray],
     return Value(PEAK_TABLE.type, {
         "labels": [name for name, _ in PEAK_COLUMNS],
         "value": {name: columns[name] for name, _ in PEAK_COLUMNS},
-        "timeStamp": {"secondsPastEpoch": sec, "nanoseconds": int((t - sec) * 1e9)},
+        "timeStamp": {"secondsPastEpoch": sec, "nanoseconds": int((t - sec) * 1e9),
+                      "userTag": int(unique_id)},
     })

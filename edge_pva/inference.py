@@ -56,24 +56,56 @@ class ServedModel:
         return self.backend(self.spec.preprocess(frames, self.input_size))
 
 
-def validate(served: ServedModel, probe_frames: list[np.ndarray]) -> None:
-    """A probe batch must run and give finite outputs of the declared shape and range."""
+def _check_ptychonn(outs, n: int, size: int) -> None:
+    for name, out in zip(("amplitude", "phase"), outs):
+        if out.shape != (n, 1, size, size):
+            raise ModelRejected(f"{name} output shape {out.shape} != {(n, 1, size, size)}")
+    amplitude, phase = outs
+    if amplitude.min() < 0 or amplitude.max() > 1 or np.abs(phase).max() > np.pi + 1e-4:
+        raise ModelRejected("outputs outside declared ranges (amplitude 0..1, phase +/-pi)")
+
+
+def _check_braggnn(outs, n: int, size: int) -> None:
+    (centre,) = outs
+    if centre.shape != (n, 2):
+        raise ModelRejected(f"center output shape {centre.shape} != {(n, 2)}")
+    # centres are in patch units; a usable model keeps a peak near its patch
+    if np.abs(centre - 0.5).max() > 1.0:
+        raise ModelRejected(f"centres {centre.min():.2f}..{centre.max():.2f} patch widths, "
+                            "far outside the patch")
+
+
+_CHECKS = {"ptychonn": _check_ptychonn, "braggnn": _check_braggnn}
+
+
+def validate(served: ServedModel, probe_inputs: list[np.ndarray]) -> None:
+    """A probe batch (frames for PtychoNN, patches for BraggNN) must run and give finite
+    outputs of the declared shape and range."""
     try:
-        outs = served.infer(probe_frames)
+        outs = served.infer(probe_inputs)
     except Exception as exc:
         raise ModelRejected(f"probe batch failed: {type(exc).__name__}: {exc}") from exc
-    n, size = len(probe_frames), served.input_size
     if len(outs) != len(served.spec.outputs):
         raise ModelRejected(f"model gives {len(outs)} outputs, {served.spec.name} needs "
                             f"{len(served.spec.outputs)}")
     for name, out in zip(served.spec.outputs, outs):
-        if out.shape != (n, 1, size, size):
-            raise ModelRejected(f"{name} output shape {out.shape} != {(n, 1, size, size)}")
         if not np.all(np.isfinite(out)):
             raise ModelRejected(f"{name} output has NaN or Inf")
-    amplitude, phase = outs
-    if amplitude.min() < 0 or amplitude.max() > 1 or np.abs(phase).max() > np.pi + 1e-4:
-        raise ModelRejected("outputs outside declared ranges (amplitude 0..1, phase +/-pi)")
+    _CHECKS[served.spec.name](outs, len(probe_inputs), served.input_size)
+
+
+def probe_inputs(kind: str, size: int, recent: list[np.ndarray]) -> list[np.ndarray]:
+    """What a candidate model is tried on before it serves: recent inputs of its kind, or
+    made-up ones before any have arrived (noise frames; Gaussian spots in patches)."""
+    if recent:
+        return list(recent)
+    rng = np.random.default_rng(0)
+    if kind == "braggnn":
+        yy, xx = np.mgrid[:size, :size]
+        mid = (size - 1) / 2
+        return [(20 + 1000 * np.exp(-((xx - mid - dx) ** 2 + (yy - mid + dx) ** 2) / 3)
+                 ).astype(np.float32) for dx in (-1.0, 0.0, 1.0)]
+    return [rng.poisson(50.0, (size, size)).astype(np.float32) for _ in range(2)]
 
 
 class ModelSlot:

@@ -114,3 +114,11 @@ def crop_patches(frame: np.ndarray, peaks: Candidates, size: int = 11
     # a peak at frame (r, c) sits at (r + half, c + half) in the padded frame
     patches = np.stack([padded[r:r + size, c:c + size] for r, c in zip(peaks.rows, peaks.cols)])
     return patches, tops
+
+
+def peak_patches(frame: np.ndarray, size: int = 11, **finder
+                 ) -> tuple[Candidates, np.ndarray, np.ndarray]:
+    """:func:`find_peaks` then :func:`crop_patches`: (candidates, patches, top-left corners)."""
+    peaks = find_peaks(frame, **finder)
+    patches, tops = crop_patches(frame, peaks, size)
+    return peaks, patches, tops

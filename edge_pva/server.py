@@ -1,9 +1,14 @@
 """The edge pvAccess server: monitor frames, infer in batches, publish results as PVs.
 
-PVs (prefix P): edge:Phase, edge:Amplitude (NTNDArray per input frame, same uniqueId),
-edge:PhaseMap (stitched), edge:FramesIn, :FramesOut, :Dropped, :BadFrames, :FrameRate,
-:LatencyMs, :ModelVersion, :Message, and edge:LoadModel (write a registry version number;
-the put completes once the model serves, or fails with the reason it was rejected).
+Each frame is handled in the mode its ``Mode`` NDAttribute names (``ptycho`` or ``hedm``), or
+in the configured mode when it has none; each mode has its own model kind and model slot.
+
+PVs (prefix P): edge:Phase, edge:Amplitude (ptycho: NTNDArray per input frame, same
+uniqueId), edge:PhaseMap (stitched), edge:Peaks (hedm: NTTable per input frame),
+edge:PeakCount, edge:FramesIn, :FramesOut, :Dropped, :BadFrames, :FrameRate, :LatencyMs,
+:Mode (of the last frame), :ModelVersion (serving that mode), :Message, and edge:LoadModel
+(write a registry version number of either kind; the put completes once the model serves,
+or fails with the reason it was rejected).
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
-from edgeloop.config import Config
+from edgeloop.config import MODE_KIND, MODES, Config
+from edgeloop.edge_pva.frame_queue import FrameQueue
+from edgeloop.edge_pva.hedm import NO_PEAKS, locate_peaks, peak_table
+from edgeloop.edge_pva.inference import (ModelRejected, ModelSlot, ServedModel, make_backend,
+                                         probe_inputs, validate)
+from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import ModelFileError, Registry
-from edgeloop.edge_pva.frame_queue import FrameQueue
-from edgeloop.edge_pva.inference import (ModelRejected, ModelSlot, ServedModel, make_backend,
-                                         validate)
-from edgeloop.edge_pva.stitch import PhaseMap
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +63,12 @@ class EdgeServer:
         self.prefix = cfg.prefix
         self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
         self.registry = Registry(cfg.registry_path)
-        self.spec = model_kind(cfg.model.kind)
         torch.set_num_threads(cfg.edge.threads)
         self.queue = FrameQueue(cfg.edge.queue_size)
-        self._recent_frames: collections.deque = collections.deque(maxlen=4)  # probe batches
-        self.slot = ModelSlot(self._initial_model())
+        # recent inputs of each kind: the probe batch a candidate model must pass
+        self._recent = {k: collections.deque(maxlen=4) for k in MODE_KIND.values()}
+        self.slots = {k: ModelSlot(self._initial_model(k)) for k in MODE_KIND.values()}
+        self.mode = cfg.mode  # of the last frame handled
         self.phase_map = PhaseMap(cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um,
                                   cfg.edge.stitch_sigma_px)
         self._map_lock = threading.Lock()
@@ -79,46 +86,51 @@ class EdgeServer:
         self._sub = None
 
     # ---- model ---------------------------------------------------------------------------
-    def _serve(self, version: int, model) -> ServedModel:
-        return ServedModel(version, self.spec, self.cfg.model.input_size,
+    @property
+    def slot(self) -> ModelSlot:
+        """The model slot of the current mode."""
+        return self.slots[MODE_KIND[self.mode]]
+
+    def _serve(self, version: int, kind: str, model) -> ServedModel:
+        return ServedModel(version, model_kind(kind), self.cfg.input_size(kind),
                            make_backend(self.cfg.edge.backend, model))
 
-    def _initial_model(self) -> ServedModel:
-        version = self.registry.accepted()
+    def _validate(self, served: ServedModel) -> None:
+        kind = served.spec.name
+        validate(served, probe_inputs(kind, served.input_size, list(self._recent[kind])))
+
+    def _initial_model(self, kind: str) -> ServedModel:
+        version = self.registry.accepted(kind)
         if version is not None:
             try:
                 model, _ = self.registry.load(version)
-                served = self._serve(version, model)
-                validate(served, self._probe_frames())
-                log.info("serving model v%d from %s", version, self.registry.root)
+                served = self._serve(version, kind, model)
+                self._validate(served)
+                log.info("serving %s model v%d from %s", kind, version, self.registry.root)
                 return served
             except (ModelFileError, ModelRejected) as exc:
-                log.error("accepted model v%d unusable (%s); serving an untrained model",
-                          version, exc)
+                log.error("accepted %s model v%d unusable (%s); serving an untrained model",
+                          kind, version, exc)
         torch.manual_seed(0)
-        model = self.spec.build(width=self.cfg.model.width)
-        log.info("no accepted model in %s: serving an untrained (random) model v0",
+        model = model_kind(kind).build(**self.cfg.arch(kind))
+        log.info("no accepted %s model in %s: serving an untrained (random) model v0", kind,
                  self.registry.root)
-        return self._serve(0, model)
-
-    def _probe_frames(self) -> list[np.ndarray]:
-        frames = list(self._recent_frames)
-        if not frames:
-            rng = np.random.default_rng(0)
-            n = self.cfg.model.input_size
-            frames = [rng.poisson(50.0, (n, n)).astype(np.float32) for _ in range(2)]
-        return frames
+        return self._serve(0, kind, model)
 
     def load_version(self, version: int) -> None:
         """Load, validate and swap in a registry version; raises with the reason if rejected."""
+        kind = None
         try:
             model, meta = self.registry.load(version)
-            if meta.get("kind") != self.spec.name:
-                raise ModelRejected(f"model kind {meta.get('kind')!r} != {self.spec.name!r}")
-            served = self._serve(version, model)
-            validate(served, self._probe_frames())
+            kind = meta.get("kind")
+            if kind not in self.slots:
+                raise ModelRejected(f"model kind {kind!r} is not served here "
+                                    f"({sorted(self.slots)})")
+            served = self._serve(version, kind, model)
+            self._validate(served)
         except (ModelFileError, ModelRejected) as exc:
-            msg = f"model v{version} rejected: {exc}; still serving v{self.slot.get().version}"
+            serving = ", ".join(f"{k} v{s.get().version}" for k, s in self.slots.items())
+            msg = f"model v{version} rejected: {exc}; still serving {serving}"
             log.error(msg)
             try:
                 self.registry.mark_rejected(version, str(exc))
@@ -126,11 +138,12 @@ class EdgeServer:
                 pass
             self._pvs["Message"].post(msg[:500], severity=2)
             raise ModelRejected(msg) from exc
-        old = self.slot.swap(served)
+        old = self.slots[kind].swap(served)
         self.registry.mark_accepted(version)
-        msg = f"model v{version} serving (was v{old.version})"
+        msg = f"{kind} model v{version} serving (was v{old.version})"
         log.info(msg)
-        self._pvs["ModelVersion"].post(version)
+        if MODE_KIND[self.mode] == kind:
+            self._pvs["ModelVersion"].post(version)
         self._pvs["Message"].post(msg, severity=0)
 
     def _loader_loop(self) -> None:
@@ -155,11 +168,14 @@ class EdgeServer:
         image = lambda size: SharedPV(initial=ntnd.build(np.zeros((size, size), np.float32), 0))
         pvs = {
             "Phase": image(n), "Amplitude": image(n), "PhaseMap": image(m),
+            "Peaks": SharedPV(initial=peak_table(0, NO_PEAKS)),
+            "Mode": SharedPV(nt=NTScalar("s"), initial=self.mode),
             "Message": SharedPV(nt=NTScalar("s"), initial="starting"),
             "LoadModel": SharedPV(nt=NTScalar("l"), initial=0,
                                   handler=_LoadModelHandler(self._load_requests)),
         }
-        for name in ("FramesIn", "FramesOut", "Dropped", "BadFrames", "ModelVersion"):
+        for name in ("FramesIn", "FramesOut", "Dropped", "BadFrames", "ModelVersion",
+                     "PeakCount"):
             pvs[name] = SharedPV(nt=NTScalar("l"), initial=0)
         for name in ("FrameRate", "LatencyMs"):
             pvs[name] = SharedPV(nt=NTScalar("d", display=True), initial=0.0)
@@ -179,34 +195,78 @@ class EdgeServer:
             return  # the placeholder a detector PV holds before its first frame
         self.queue.put((value, time.time()))
 
+    def _bad(self, count: int, msg: str, severity: int = 1) -> None:
+        self.bad_frames += count
+        log.warning(msg)
+        self._pvs["Message"].post(msg[:500], severity=severity)
+
     def _decode(self, item) -> ntnd.Frame | None:
         value, received = item
         try:
-            return ntnd.decode(value, received)
+            frame = ntnd.decode(value, received)
         except ntnd.FrameError as exc:
-            self.bad_frames += 1
-            msg = f"bad frame uniqueId={value.get('uniqueId', '?')}: {exc}"
-            log.warning(msg)
-            self._pvs["Message"].post(msg[:500], severity=1)
+            self._bad(1, f"bad frame uniqueId={value.get('uniqueId', '?')}: {exc}")
             return None
+        mode = frame.attributes.get("Mode", self.cfg.mode)
+        if mode not in MODES:
+            self._bad(1, f"bad frame uniqueId={frame.unique_id}: Mode attribute {mode!r} is "
+                         f"not one of {list(MODES)}")
+            return None
+        frame.attributes["Mode"] = mode
+        return frame
+
+    def _set_mode(self, mode: str) -> None:
+        if mode != self.mode:
+            self.mode = mode
+            log.info("frames now in mode %s", mode)
+            self._pvs["Mode"].post(mode)
+            self._pvs["ModelVersion"].post(self.slot.get().version)
 
     def _infer_loop(self) -> None:
         while not self._stop.is_set():
             items = self.queue.get_batch(self.cfg.edge.max_batch, timeout=0.1)
-            if not items:
-                continue
             frames = [f for f in map(self._decode, items) if f is not None]
-            if not frames:
-                continue
-            served = self.slot.get()  # one model for the whole batch
-            try:
-                amplitude, phase = served.infer([f.data for f in frames])
-            except Exception as exc:
-                self.bad_frames += len(frames)
-                log.exception("inference failed on %d frames", len(frames))
-                self._pvs["Message"].post(f"inference failed: {exc}"[:500], severity=2)
-                continue
-            self._publish(frames, amplitude[:, 0], phase[:, 0], served.version)
+            # consecutive frames of one mode form a batch
+            while frames:
+                mode = frames[0].attributes["Mode"]
+                n = next((i for i, f in enumerate(frames) if f.attributes["Mode"] != mode),
+                         len(frames))
+                batch, frames = frames[:n], frames[n:]
+                self._set_mode(mode)
+                served = self.slot.get()  # one model for the whole batch
+                try:
+                    if mode == "hedm":
+                        self._hedm(batch, served)
+                    else:
+                        self._ptycho(batch, served)
+                except Exception as exc:
+                    log.exception("inference failed on %d frames", len(batch))
+                    self._bad(len(batch), f"inference failed: {exc}", severity=2)
+
+    def _ptycho(self, frames, served: ServedModel) -> None:
+        amplitude, phase = served.infer([f.data for f in frames])
+        self._publish(frames, amplitude[:, 0], phase[:, 0], served.version)
+        self._recent["ptychonn"].extend(f.data for f in frames[-2:])
+
+    def _hedm(self, frames, served: ServedModel) -> None:
+        """Peaks of each frame: finder -> patches -> all patches of the frame in one batch."""
+        edge = self.cfg.edge
+        for frame in frames:
+            peaks, patches = locate_peaks(frame.data, served.infer, served.input_size,
+                                          sigma=edge.peak_sigma,
+                                          min_separation=edge.peak_min_separation)
+            self._pvs["Peaks"].post(peak_table(frame.unique_id, peaks, frame.timestamp))
+            self._pvs["PeakCount"].post(len(patches))
+            self._count_out(frame)
+            self._recent["braggnn"].extend(patches[:4])
+
+    def _count_out(self, frame) -> float:
+        now = time.time()
+        latency = (now - frame.received) * 1e3
+        self.frames_out += 1
+        self._latencies.append(latency)
+        self._out_times.append(now)
+        return latency
 
     def _publish(self, frames, amplitude, phase, version: int) -> None:
         for frame, amp, ph in zip(frames, amplitude, phase):
@@ -219,17 +279,13 @@ class EdgeServer:
                 if x is not None and y is not None:
                     self.phase_map.add(ph, float(x), float(y))
                     self._map_dirty = True
-            now = time.time()
-            latency = (now - frame.received) * 1e3
+            latency = (time.time() - frame.received) * 1e3
             attrs = {"ModelVersion": version, "LatencyMs": latency}
             if x is not None and y is not None:
                 attrs.update(SampleX=float(x), SampleY=float(y))
             self._pvs["Phase"].post(ntnd.build(ph, uid, attrs, frame.timestamp))
             self._pvs["Amplitude"].post(ntnd.build(amp, uid, attrs, frame.timestamp))
-            self.frames_out += 1
-            self._latencies.append(latency)
-            self._out_times.append(now)
-        self._recent_frames.extend(f.data for f in frames[-2:])
+            self._count_out(frame)
 
     # ---- statistics ----------------------------------------------------------------------
     def _stats_loop(self) -> None:

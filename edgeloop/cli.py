@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from edgeloop.config import Config, pin_loopback
+from edgeloop.config import MODES, Config, pin_loopback
 
 log = logging.getLogger("edgeloop")
 
@@ -52,7 +52,10 @@ def cmd_retrain_service(args) -> None:
 def cmd_demo(args) -> None:
     from edgeloop.demo import run_demo
 
-    run_demo(_config(args), out=args.out, scan_points=args.points, epochs=args.epochs)
+    cfg = _config(args)
+    mode = args.mode or cfg.mode
+    points = args.points or {"ptycho": 500, "hedm": 120}[mode]
+    run_demo(cfg, out=args.out, scan_points=points, epochs=args.epochs, mode=mode)
 
 
 def cmd_hedm_accuracy(args) -> None:
@@ -84,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--executor", help="local (default)")
     p = add("demo", cmd_demo, "run the whole loop once and report")
     p.add_argument("--out", default="edgeloop-demo", help="output directory")
-    p.add_argument("--points", type=int, default=500, help="scan points per scan")
+    p.add_argument("--mode", choices=list(MODES),
+                   help="technique: ptycho (default) or hedm")
+    p.add_argument("--points", type=int, default=None,
+                   help="points (ptycho) or angles (hedm) per scan; default 500 / 120")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--executor", help="local (default)")
 

@@ -47,13 +47,52 @@ class SimConfig:
 
 
 @dataclass
-class ModelConfig:
-    """The network served at the edge and trained by remote/."""
+class HedmConfig:
+    """The simulated HEDM experiment (ioc/hedm.py)."""
 
-    kind: str = "ptychonn"
-    input_size: int = 64  # frames are brought to this size before inference
+    frame_size: int = 512  # detector pixels per side
+    n_grains: int = 12
+    # reflections each grain gives over a full turn; 12 x 60 = 720 puts ~20 lit peaks in a
+    # frame (a reflection is lit over ~+-3 sigma of omega, about 9 deg of 360)
+    reflections_per_grain: int = 60
+    n_rings: int = 5  # Debye-Scherrer rings (fcc spacing)
+    ring_radius_range: tuple[float, float] = (0.15, 0.45)  # fraction of frame_size
+    omega_width_deg: float = 1.5  # sigma of a reflection's intensity in omega
+    azimuth_drift_rad: float = 0.3  # azimuth = az0 + drift * sin(omega - omega_peak)
+    fwhm_range: tuple[float, float] = (1.2, 3.0)  # pixels
+    eta_range: tuple[float, float] = (0.0, 0.8)  # Lorentzian fraction
+    asym_max: float = 0.15  # +x side FWHM is fwhm_x * (1 + asym), |asym| <= asym_max
+    intensity_range: tuple[float, float] = (300.0, 5000.0)  # counts at peak
+    background: float = 20.0  # mean counts per pixel (Poisson)
+    saturation: int = 65535  # uint16 detector: clipped here and flagged
+    min_height: float = 10.0  # a reflection is lit (rendered, in truth) above this height
+    render_tol: float = 0.5  # counts: a peak's box extends until its tail falls below this
+    overlap_fraction: float = 0.15  # reflections placed a few pixels from a partner
+    seed: int = 11
+
+
+# The technique decides the network: the detector's Mode, the scan files' technique and the
+# model kind the edge serves and remote/ trains all follow from it.
+MODES = ("ptycho", "hedm")
+MODE_KIND = {"ptycho": "ptychonn", "hedm": "braggnn"}
+MODE_TECHNIQUE = {"ptycho": "ptychography", "hedm": "hedm"}
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {list(MODES)}")
+    return mode
+
+
+@dataclass
+class ModelConfig:
+    """The networks served at the edge and trained by remote/."""
+
+    input_size: int = 64  # PtychoNN: frames are brought to this size before inference
     width: int = 8  # channels of the first encoder block (published PtychoNN: 32, 1.15 M
     # parameters); 8 keeps CPU training of the demo within minutes
+    patch: int = 11  # BraggNN: patch side cropped around each peak
+    braggnn_width: int = 64  # BraggNN's first conv channels (published: 64)
 
 
 @dataclass
@@ -66,6 +105,8 @@ class EdgeConfig:
     map_publish_s: float = 0.5
     stitch_sigma_px: float = 6.0  # Gaussian weight of each patch in the map (~ probe size)
     stats_publish_s: float = 0.5
+    peak_sigma: float = 8.0  # HEDM: a peak pixel exceeds background + sigma * noise
+    peak_min_separation: int = 3  # HEDM: pixels between two maxima kept as two peaks
 
 
 @dataclass
@@ -85,13 +126,34 @@ class TrainConfig:
 @dataclass
 class Config:
     prefix: str = "SIM:"
+    mode: str = "ptycho"  # the detector's mode at start; frames carry their own (Mode)
     data_dir: str = "~/.edgeloop/data"  # scans (HDF5) written by the Bluesky callback
     registry_dir: str = "~/.edgeloop/models"
     executor: str = "local"
     sim: SimConfig = field(default_factory=SimConfig)
+    hedm: HedmConfig = field(default_factory=HedmConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # BraggNN trains on thousands of small patches: bigger batches, a higher rate, and only
+    # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit)
+    train_hedm: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=30, batch_size=64, lr=2e-3, lr_min=2e-4, max_frames=300))
+
+    def __post_init__(self):
+        check_mode(self.mode)
+
+    def arch(self, kind: str) -> dict:
+        """Constructor arguments of a model kind's network."""
+        if kind == "braggnn":
+            return {"patch": self.model.patch, "width": self.model.braggnn_width}
+        return {"width": self.model.width}
+
+    def input_size(self, kind: str) -> int:
+        return self.model.patch if kind == "braggnn" else self.model.input_size
+
+    def training(self, kind: str) -> "TrainConfig":
+        return self.train_hedm if kind == "braggnn" else self.train
 
     @property
     def data_path(self) -> Path:
@@ -106,19 +168,19 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Config":
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        defaults = cls()
+        sections = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in data.items():
             if key not in sections:
                 raise ValueError(f"unknown configuration key {key!r}")
             if isinstance(value, dict):
-                section_cls = {"sim": SimConfig, "model": ModelConfig, "edge": EdgeConfig,
-                               "train": TrainConfig}[key]
-                names = {f.name for f in dataclasses.fields(section_cls)}
+                section = getattr(defaults, key)  # keys not given keep this section's defaults
+                names = {f.name for f in dataclasses.fields(section)}
                 unknown = set(value) - names
                 if unknown:
                     raise ValueError(f"unknown keys in [{key}]: {sorted(unknown)}")
-                kwargs[key] = section_cls(**value)
+                kwargs[key] = dataclasses.replace(section, **value)
             else:
                 kwargs[key] = value
         return cls(**kwargs)

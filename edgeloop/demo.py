@@ -14,7 +14,7 @@ import numpy as np
 from p4p.client.thread import Context
 
 from edgeloop import ntnd
-from edgeloop.config import Config, pin_loopback
+from edgeloop.config import MODE_KIND, Config, check_mode, pin_loopback
 from edgeloop.optics import illuminated_mask
 from edgeloop.processes import ManagedProcess, wait_for_pv
 
@@ -142,104 +142,145 @@ def _save_png(path: Path, sim, maps: list[tuple[str, np.ndarray]], cfg: Config,
     plt.close(fig)
 
 
-def run_demo(cfg: Config, out: str | Path, scan_points: int = 500, epochs: int | None = None,
-             step: float = 0.05) -> dict:
-    pin_loopback()
-    from caproto.sync.client import write as ca_put  # caput, as an operator would
+class _System:
+    """The three servers as subprocesses (ioc, edge, retrain-service), stopped by PID."""
 
-    t_demo = time.perf_counter()
+    def __init__(self, cfg: Config, out: Path):
+        self.cfg, self.out = cfg, out
+        self.procs: list[ManagedProcess] = []
+        self.ctx = Context("pva", nt=False)
+
+    def __enter__(self) -> "_System":
+        p, out = self.cfg.prefix, self.out
+        common = ["--prefix", p, "--config", str(out / "config.json")]
+        try:
+            for name, ready in (("ioc", "ml:Status"), ("edge", "edge:ModelVersion"),
+                                ("retrain-service", None)):
+                proc = ManagedProcess(name, [name, *common], out / "logs" / f"{name}.log")
+                self.procs.append(proc)
+                if ready:
+                    wait_for_pv(self.ctx, f"{p}{ready}", 60, proc)
+            time.sleep(1.0)  # the service subscribes to ml:Retrain
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ctx.close()
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def _prepare(cfg: Config, out: str | Path, epochs: int | None) -> Path:
+    pin_loopback()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("data", "models"):
         shutil.rmtree(out / sub, ignore_errors=True)
     cfg.data_dir, cfg.registry_dir = str(out / "data"), str(out / "models")
     if epochs is not None:
-        cfg.train.epochs = epochs
+        cfg.training(MODE_KIND[cfg.mode]).epochs = epochs
     cfg.dump(out / "config.json")
-    p = cfg.prefix
-    common = ["--prefix", p, "--config", str(out / "config.json")]
-    procs: list[ManagedProcess] = []
+    return out
+
+
+def _burst(ctx: Context, p: str, frames: int, take) -> tuple[int, float]:
+    """A free-running burst, as fast as the detector posts: (outputs seen, seconds)."""
+    from caproto.sync.client import write as ca_put
+
+    ca_put(f"{p}det:cam1:NumImages", frames, notify=True)
+    t0 = time.perf_counter()
+    ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=120)
+    seen = len(take(frames, 120))
+    return seen, time.perf_counter() - t0
+
+
+def _edge_stats(ctx: Context, cfg: Config) -> dict:
+    wait_drained(ctx, cfg.prefix, settle_s=4 * cfg.edge.stats_publish_s)
+    return {k: int(ctx.get(f"{cfg.prefix}edge:{k}")["value"]) for k in
+            ("FramesIn", "FramesOut", "Dropped", "BadFrames")}
+
+
+def run_demo(cfg: Config, out: str | Path, scan_points: int = 500, epochs: int | None = None,
+             step: float = 0.05, mode: str | None = None) -> dict:
+    """The whole loop once, for ``mode`` (default ``cfg.mode``): ptycho or hedm."""
+    cfg.mode = check_mode(mode or cfg.mode)
+    t_demo = time.perf_counter()
+    out = _prepare(cfg, out, epochs)
     devices: list = []
-    ctx = Context("pva", nt=False)
-    report: dict = {}
-    try:
-        ioc = ManagedProcess("ioc", ["ioc", *common], out / "logs" / "ioc.log")
-        procs.append(ioc)
-        wait_for_pv(ctx, f"{p}ml:Status", 60, ioc)
-        edge = ManagedProcess("edge", ["edge", *common], out / "logs" / "edge.log")
-        procs.append(edge)
-        wait_for_pv(ctx, f"{p}edge:ModelVersion", 60, edge)
-        service = ManagedProcess("retrain-service", ["retrain-service", *common],
-                                 out / "logs" / "retrain.log")
-        procs.append(service)
-        time.sleep(1.0)
+    with _System(cfg, out) as system:
+        try:
+            from bluesky import RunEngine
+            from edgeloop.bluesky_plans import ScanWriter, make_devices
 
-        from bluesky import RunEngine
-        from edgeloop.bluesky_plans import ScanWriter, make_devices
-        from edgeloop.ioc.physics import PtychoSimulator
+            det, stage = make_devices(cfg.prefix)
+            devices += [det, stage]
+            RE = RunEngine({})
+            writer = ScanWriter(cfg.data_path)
+            RE.subscribe(writer)
+            if cfg.mode == "hedm":
+                from edgeloop.hedm_demo import hedm_demo, print_report
+                report = hedm_demo(cfg, out, system.ctx, RE, writer, det, stage, scan_points)
+            else:
+                print_report = _print_report
+                report = _ptycho_demo(cfg, out, system.ctx, RE, writer, det, stage,
+                                      scan_points, step)
+        finally:
+            for device in devices:  # disconnect cleanly before the servers go away
+                device.destroy()
+    report["demo_s"] = time.perf_counter() - t_demo
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print_report(report, out)
+    return report
 
-        det, stage = make_devices(p)
-        devices += [det, stage]
-        RE = RunEngine({})
-        RE.subscribe(ScanWriter(cfg.data_path))
-        sim = PtychoSimulator(cfg.sim)
-        collector = OutputCollector(ctx, f"{p}edge:Phase")
-        centers = [(0.0, 0.0), (0.2, -0.15)]  # the second scan overlaps the first in part
 
-        log.info("scan 1: %d points with the untrained model", scan_points)
-        dt1, out1, map1, v0 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step,
-                                    centers[0])
+def _retrain(ctx: Context, p: str, old_version: int) -> tuple[float, list[str]]:
+    from caproto.sync.client import write as ca_put  # caput, as an operator would
 
-        log.info("operator: caput %sml:Retrain 1", p)
-        t0 = time.perf_counter()
-        ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)
-        states = _wait_retrained(ctx, p, v0, timeout=480)
-        retrain_s = time.perf_counter() - t0
+    log.info("operator: caput %sml:Retrain 1", p)
+    t0 = time.perf_counter()
+    ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)
+    states = _wait_retrained(ctx, p, old_version, timeout=900)
+    return time.perf_counter() - t0, states
 
-        log.info("scan 2: %d points with the retrained model", scan_points)
-        dt2, out2, map2, v1 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step,
-                                    centers[1])
 
-        # throughput: a free-running burst, as fast as the detector can post
-        burst = 300
-        ca_put(f"{p}det:cam1:NumImages", burst, notify=True)
-        tb = time.perf_counter()
-        ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=60)
-        out3 = collector.take(burst, 120)
-        burst_s = time.perf_counter() - tb
+def _ptycho_demo(cfg, out, ctx, RE, writer, det, stage, scan_points, step) -> dict:
+    from edgeloop.ioc.physics import PtychoSimulator
 
-        wait_drained(ctx, p, settle_s=4 * cfg.edge.stats_publish_s)
-        stats = {k: ctx.get(f"{p}edge:{k}")["value"] for k in
-                 ("FramesIn", "FramesOut", "Dropped", "BadFrames")}
-        err1, err2 = phase_errors(out1, sim), phase_errors(out2, sim)
-        lat = np.array([f.attributes["LatencyMs"] for f in (*out1.values(), *out2.values())])
-        extent = 0.55 * step * np.sqrt(scan_points) + max(abs(c) for xy in centers for c in xy)
-        _save_png(out / "phase_map.png", sim,
-                  [(f"scan 1, model v{v0}", map1), (f"scan 2, model v{v1}", map2)], cfg,
-                  extent)
-        report = {
-            "frames_in": int(stats["FramesIn"]), "frames_out": int(stats["FramesOut"]),
-            "dropped": int(stats["Dropped"]), "bad_frames": int(stats["BadFrames"]),
-            "fps": len(out3) / burst_s,
-            "scan_fps": (len(out1) + len(out2)) / (dt1 + dt2),
-            "latency_ms_p50": float(np.percentile(lat, 50)),
-            "latency_ms_p99": float(np.percentile(lat, 99)),
-            "model_versions": [v0, v1],
-            "phase_error_before": float(err1.mean()), "phase_error_after": float(err2.mean()),
-            "phase_error_unit": "rad, mean |error| in the illuminated region",
-            "scan_points": scan_points, "outputs_scan1": len(out1), "outputs_scan2": len(out2),
-            "retrain_s": retrain_s, "retrain_states": states,
-            "demo_s": time.perf_counter() - t_demo,
-        }
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        _print_report(report, out)
-        return report
-    finally:
-        for device in devices:  # disconnect cleanly before the servers go away
-            device.destroy()
-        ctx.close()
-        for proc in reversed(procs):
-            proc.stop()
+    p = cfg.prefix
+    sim = PtychoSimulator(cfg.sim)
+    collector = OutputCollector(ctx, f"{p}edge:Phase")
+    centers = [(0.0, 0.0), (0.2, -0.15)]  # the second scan overlaps the first in part
+
+    log.info("scan 1: %d points with the untrained model", scan_points)
+    dt1, out1, map1, v0 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step,
+                                centers[0])
+    retrain_s, states = _retrain(ctx, p, v0)
+    log.info("scan 2: %d points with the retrained model", scan_points)
+    dt2, out2, map2, v1 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step,
+                                centers[1])
+    burst, burst_s = _burst(ctx, p, 300, collector.take)
+    stats = _edge_stats(ctx, cfg)
+    err1, err2 = phase_errors(out1, sim), phase_errors(out2, sim)
+    lat = np.array([f.attributes["LatencyMs"] for f in (*out1.values(), *out2.values())])
+    extent = 0.55 * step * np.sqrt(scan_points) + max(abs(c) for xy in centers for c in xy)
+    _save_png(out / "phase_map.png", sim,
+              [(f"scan 1, model v{v0}", map1), (f"scan 2, model v{v1}", map2)], cfg, extent)
+    return {
+        "mode": "ptycho",
+        "frames_in": stats["FramesIn"], "frames_out": stats["FramesOut"],
+        "dropped": stats["Dropped"], "bad_frames": stats["BadFrames"],
+        "fps": burst / burst_s,
+        "scan_fps": (len(out1) + len(out2)) / (dt1 + dt2),
+        "latency_ms_p50": float(np.percentile(lat, 50)),
+        "latency_ms_p99": float(np.percentile(lat, 99)),
+        "model_versions": [v0, v1],
+        "phase_error_before": float(err1.mean()), "phase_error_after": float(err2.mean()),
+        "phase_error_unit": "rad, mean |error| in the illuminated region",
+        "scan_points": scan_points, "outputs_scan1": len(out1), "outputs_scan2": len(out2),
+        "retrain_s": retrain_s, "retrain_states": states,
+    }
 
 
 def _print_report(r: dict, out: Path) -> None:

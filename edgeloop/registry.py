@@ -2,8 +2,8 @@
 (loads, validates, marks accepted).
 
 Layout: ``<root>/v0001.pt`` (torch checkpoint: kind, arch, state_dict) beside
-``<root>/v0001.json`` (metadata incl. sha256); ``<root>/accepted.json`` names the version the
-edge last accepted.  Every file is written to a temp name and renamed, so readers never see a
+``<root>/v0001.json`` (metadata incl. sha256, kind); ``<root>/accepted.json`` names, per model
+kind, the version the edge last accepted.  Version numbers are shared by all kinds.  Every file is written to a temp name and renamed, so readers never see a
 half-written file.
 """
 
@@ -117,17 +117,25 @@ class Registry:
 
     def mark_accepted(self, version: int) -> None:
         self._set_status(version, "accepted")
-        atomic_write(self.root / "accepted.json",
-                     json.dumps({"version": version, "time": time.time()}).encode())
+        accepted = self._accepted_all()
+        accepted[self.meta(version)["kind"]] = {"version": version, "time": time.time()}
+        atomic_write(self.root / "accepted.json", json.dumps(accepted, indent=2).encode())
 
     def mark_rejected(self, version: int, reason: str) -> None:
         self._set_status(version, "rejected", reason)
 
-    def accepted(self) -> int | None:
-        """The version the edge accepted last (served after a restart)."""
+    def _accepted_all(self) -> dict:
         try:
-            return int(json.loads((self.root / "accepted.json").read_text())["version"])
-        except (OSError, ValueError, KeyError):
+            data = json.loads((self.root / "accepted.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def accepted(self, kind: str) -> int | None:
+        """The version of this kind the edge accepted last (served after a restart)."""
+        try:
+            return int(self._accepted_all()[kind]["version"])
+        except (KeyError, TypeError, ValueError):
             return None
 
     def best(self, kind: str) -> int | None:

@@ -1,7 +1,8 @@
 """The on-disk scan format (HDF5) written by the Bluesky ScanWriter and read by remote/.
 
-Datasets: ``frames`` (N, ny, nx), ``positions_um`` (N, 2) as (x, y), ``unique_id`` (N,),
-``timestamps`` (N,); attributes ``start_json``, ``plan_name``, ``uid``, ``scan_id``,
+Datasets: ``frames`` (N, ny, nx), ``unique_id`` (N,), ``timestamps`` (N,) and the positions
+of the technique: ``positions_um`` (N, 2) as (x, y) for ptychography, ``omega_deg`` (N,) for
+HEDM; attributes ``technique``, ``start_json``, ``plan_name``, ``uid``, ``scan_id``,
 ``exit_status``, ``num_events``.
 """
 
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import h5py
 
-SCAN_DATASETS = ("frames", "positions_um", "unique_id", "timestamps")
+SCAN_DATASETS = ("frames", "unique_id", "timestamps")
 SCAN_ATTRS = ("start_json", "plan_name", "uid", "scan_id", "exit_status", "num_events")
+# technique -> (positions dataset, number of motor axes)
+POSITIONS = {"ptychography": ("positions_um", 2), "hedm": ("omega_deg", 1)}
 
 
 def read_scan(path: str | os.PathLike) -> dict:
@@ -28,9 +31,10 @@ def read_scan(path: str | os.PathLike) -> dict:
     Returns
     -------
     dict
-        ``frames`` (N, ny, nx), ``positions_um`` (N, 2), ``unique_id`` (N,), ``timestamps``
-        (N,) as numpy arrays; ``start`` (the start document, dict), ``plan_name``, ``uid``,
-        ``scan_id``, ``exit_status``, ``num_events``, ``reason`` and ``path``.
+        ``frames`` (N, ny, nx), ``unique_id`` (N,), ``timestamps`` (N,) and
+        ``positions_um`` (N, 2) or ``omega_deg`` (N,) as numpy arrays; ``technique``,
+        ``start`` (the start document, dict), ``plan_name``, ``uid``, ``scan_id``,
+        ``exit_status``, ``num_events``, ``reason`` and ``path``.
 
     Raises
     ------
@@ -47,18 +51,24 @@ def read_scan(path: str | os.PathLike) -> dict:
     except OSError as exc:
         raise ValueError(f"{path} is not a readable HDF5 file: {exc}") from exc
     with f:
-        missing = [name for name in SCAN_DATASETS if not isinstance(f.get(name), h5py.Dataset)]
+        technique = str(f.attrs.get("technique", "ptychography"))
+        if technique not in POSITIONS:
+            raise ValueError(f"{path}: unknown technique {technique!r}; known: "
+                             f"{sorted(POSITIONS)}")
+        names = (*SCAN_DATASETS, POSITIONS[technique][0])
+        missing = [name for name in names if not isinstance(f.get(name), h5py.Dataset)]
         missing += [f"@{name}" for name in SCAN_ATTRS if name not in f.attrs]
         if missing:
             raise ValueError(f"{path} is not a ScanWriter scan file; missing {missing}")
-        out = {name: f[name][()] for name in SCAN_DATASETS}
+        out = {name: f[name][()] for name in names}
         attrs = {name: f.attrs[name] for name in SCAN_ATTRS}
         reason = f.attrs.get("reason", "")
     n = len(out["frames"])
-    if out["frames"].ndim != 3 or any(len(out[k]) != n for k in SCAN_DATASETS):
+    if out["frames"].ndim != 3 or any(len(out[k]) != n for k in names):
         raise ValueError(f"{path}: inconsistent dataset lengths/shapes "
-                         f"{ {k: out[k].shape for k in SCAN_DATASETS} }")
-    out.update(start=json.loads(attrs["start_json"]), plan_name=str(attrs["plan_name"]),
+                         f"{ {k: out[k].shape for k in names} }")
+    out.update(technique=technique, start=json.loads(attrs["start_json"]),
+               plan_name=str(attrs["plan_name"]),
                uid=str(attrs["uid"]), scan_id=int(attrs["scan_id"]),
                exit_status=str(attrs["exit_status"]), num_events=int(attrs["num_events"]),
                reason=str(reason), path=path)
@@ -73,9 +83,12 @@ def list_scans(data_dir: str | Path) -> list[Path]:
     return sorted(root.glob("scan_*.h5"), key=lambda p: p.stat().st_mtime)
 
 
-def count_frames(path: str | Path) -> int:
+def scan_summary(path: str | Path) -> tuple[str, int]:
+    """(technique, number of frames) of a scan file without reading the frames."""
     with h5py.File(path, "r") as f:
-        return int(f["frames"].shape[0]) if "frames" in f else 0
+        technique = str(f.attrs.get("technique", "ptychography"))
+        return technique, int(f["frames"].shape[0]) if "frames" in f else 0
 
 
-__all__ = ["SCAN_ATTRS", "SCAN_DATASETS", "read_scan", "list_scans", "count_frames"]
+__all__ = ["POSITIONS", "SCAN_ATTRS", "SCAN_DATASETS", "read_scan", "list_scans",
+           "scan_summary"]

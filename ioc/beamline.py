@@ -1,4 +1,5 @@
-"""The simulated beamline IOC: sample stage motors and a ptychography detector.
+"""The simulated beamline IOC: sample stage motors (x, y, rotation) and a detector with two
+modes, ptychography and HEDM.
 
 Channel Access (caproto) serves the controls; the frames go out over pvAccess (p4p) as
 NTNDArray on ``$(P)det:Pva1:Image``, the way areaDetector's NDPluginPva publishes them.
@@ -19,12 +20,11 @@ from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
-from edgeloop.config import BEAMLINE_CA_PORT, Config
+from edgeloop.config import BEAMLINE_CA_PORT, MODES, Config, check_mode
+from edgeloop.ioc.hedm import HedmSimulator
 from edgeloop.ioc.physics import PtychoSimulator
 
 log = logging.getLogger(__name__)
-
-MODES = ["ptycho", "hedm"]
 
 
 class SimMotor(PVGroup):
@@ -36,12 +36,14 @@ class SimMotor(PVGroup):
     """
 
     motor = pvproperty(value=0.0, name="", record="motor", precision=4,
-                       doc="sample stage axis, micrometres")
+                       doc="sample stage axis")
 
-    def __init__(self, *args, limit_um: float = 1.0, velocity: float = 200.0, **kwargs):
+    def __init__(self, *args, limit: float = 1.0, velocity: float = 200.0, units: str = "um",
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.limit_um = limit_um
+        self.limit = limit
         self.velocity = velocity
+        self.units = units
         self._targets: asyncio.Queue | None = None
 
     @property
@@ -53,11 +55,11 @@ class SimMotor(PVGroup):
         fields = instance.field_inst
         self._targets = asyncio.Queue()
         await fields.velocity.write(self.velocity)
-        await fields.user_low_limit.write(-self.limit_um)
-        await fields.user_high_limit.write(self.limit_um)
-        await fields.engineering_units.write("um")
-        await instance.write_metadata(lower_ctrl_limit=-self.limit_um,
-                                      upper_ctrl_limit=self.limit_um)
+        await fields.user_low_limit.write(-self.limit)
+        await fields.user_high_limit.write(self.limit)
+        await fields.engineering_units.write(self.units)
+        await instance.write_metadata(lower_ctrl_limit=-self.limit, upper_ctrl_limit=self.limit,
+                                      units=self.units)
         await fields.done_moving_to_value.write(1)
         tick = 0.005
         while True:
@@ -89,9 +91,12 @@ class SimMotor(PVGroup):
 class Detector(PVGroup):
     """areaDetector-like camera: Acquire takes NumImages frames at the stage position.
 
-    Each frame is the far-field diffraction pattern of the simulated sample (probe x object
-    patch, FFT, intensity, Poisson noise), posted over PVA with uniqueId = ArrayCounter and
-    NDAttributes SampleX/SampleY (um).  The put to Acquire completes when the frames are out.
+    Mode ``ptycho``: each frame is the far-field diffraction pattern of the simulated sample
+    (probe x object patch, FFT, intensity, Poisson noise) at (SampleX, SampleY).  Mode
+    ``hedm``: each frame is a detector image of Bragg peaks at the rotation angle SampleRot.
+    Frames go out over PVA with uniqueId = ArrayCounter and NDAttributes Mode plus SampleX/
+    SampleY (um) or SampleRot (deg).  The put to Acquire completes when the frames are out.
+    Mode cannot change while acquiring.
     """
 
     acquire = pvproperty(value=0, name="Acquire", dtype=ChannelType.ENUM,
@@ -111,9 +116,11 @@ class Detector(PVGroup):
     status_message = pvproperty(value="Idle", name="StatusMessage_RBV", dtype=ChannelType.CHAR,
                                 max_length=256, report_as_string=True, read_only=True)
 
-    def __init__(self, *args, sim: PtychoSimulator, image_pv: SharedPV, stage, **kwargs):
+    def __init__(self, *args, sims: dict, initial_mode: str, image_pv: SharedPV, stage,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.sim = sim
+        self.sims = sims
+        self.active_mode = initial_mode
         self.image_pv = image_pv
         self.stage = stage
         self._stop = False
@@ -141,13 +148,21 @@ class Detector(PVGroup):
 
     async def _one_frame(self):
         t0 = time.monotonic()
-        x, y = self.stage.x.position, self.stage.y.position
-        frame = await asyncio.to_thread(self.sim.frame, x, y)
         uid = int(self.array_counter.value) + 1
-        self.image_pv.post(ntnd.build(frame, uid, {"SampleX": x, "SampleY": y}))
+        if self.active_mode == "hedm":
+            omega = self.stage.rot.position
+            frame, _ = await asyncio.to_thread(self.sims["hedm"].frame, omega)
+            attrs = {"Mode": "hedm", "SampleRot": omega}
+            where = f"omega {omega:.4f} deg"
+        else:
+            x, y = self.stage.x.position, self.stage.y.position
+            frame = await asyncio.to_thread(self.sims["ptycho"].frame, x, y)
+            attrs = {"Mode": "ptycho", "SampleX": x, "SampleY": y}
+            where = f"({x:.4f}, {y:.4f}) um"
+        self.image_pv.post(ntnd.build(frame, uid, attrs))
         await self.array_counter.write(uid)
         await self.array_counter_rbv.write(uid)
-        await self.status_message.write(f"frame {uid} at ({x:.4f}, {y:.4f}) um")
+        await self.status_message.write(f"frame {uid} at {where}")
         rest = float(self.acquire_time.value) - (time.monotonic() - t0)
         if rest > 0:
             await asyncio.sleep(rest)
@@ -173,33 +188,43 @@ class Detector(PVGroup):
 
     @mode.putter
     async def mode(self, instance, value):
-        if value not in (0, "ptycho"):
-            raise ValueError(f"mode {value!r} is not available; this build simulates 'ptycho'")
-        return value
+        name = MODES[value] if isinstance(value, int) and 0 <= value < len(MODES) else value
+        check_mode(name)
+        if self.acquire_rbv.value in (1, "Acquiring"):
+            raise RuntimeError("cannot change Mode while acquiring")
+        self.active_mode = name
+        await self._frame_size()
+        log.info("detector mode %s", name)
+        return name
 
     @mode.startup
     async def mode(self, instance, async_lib):
-        n = self.sim.cfg.frame_size
+        await instance.write(self.active_mode)
+
+    async def _frame_size(self) -> None:
+        n = self.sims[self.active_mode].cfg.frame_size
         await self.array_size_x.write(n)
         await self.array_size_y.write(n)
 
 
 class Beamline(PVGroup):
-    """Simulated ptychography beamline: $(P)SampleX, $(P)SampleY (EpicsMotor-compatible,
-    micrometres), $(P)det:cam1:* (Acquire, AcquireTime, NumImages, ArrayCounter_RBV, Mode),
-    and frames as NTNDArray on $(P)det:Pva1:Image (pvAccess)."""
+    """Simulated beamline: $(P)SampleX, $(P)SampleY (micrometres) and $(P)SampleRot (degrees,
+    +-360), all EpicsMotor-compatible; $(P)det:cam1:* (Acquire, AcquireTime, NumImages,
+    ArrayCounter_RBV, Mode ptycho/hedm), and frames as NTNDArray on $(P)det:Pva1:Image."""
 
     x = SubGroup(SimMotor, prefix="SampleX")
     y = SubGroup(SimMotor, prefix="SampleY")
+    rot = SubGroup(SimMotor, prefix="SampleRot")
 
     def __init__(self, prefix: str, cfg: Config, image_pv: SharedPV, **kwargs):
         super().__init__(prefix, **kwargs)
-        self.sim = PtychoSimulator(cfg.sim)
-        limit = round(self.sim.max_travel_um, 3)
+        sims = {"ptycho": PtychoSimulator(cfg.sim), "hedm": HedmSimulator(cfg.hedm)}
+        limit = round(sims["ptycho"].max_travel_um, 3)
         for axis in (self.x, self.y):
-            axis.limit_um = limit
-        self.cam = Detector(f"{prefix}det:cam1:", sim=self.sim, image_pv=image_pv, stage=self,
-                            parent=self)
+            axis.limit = limit
+        self.rot.limit, self.rot.velocity, self.rot.units = 360.0, 180.0, "deg"
+        self.cam = Detector(f"{prefix}det:cam1:", sims=sims, initial_mode=cfg.mode,
+                            image_pv=image_pv, stage=self, parent=self)
         self.pvdb.update(self.cam.pvdb)
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 from scipy.special import erf
+
+from edgeloop.config import HedmConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,31 +47,6 @@ TRUTH_DTYPE = np.dtype([
     ("fwhm_x", np.float64), ("fwhm_y", np.float64), ("eta", np.float64), ("asym", np.float64),
     ("saturated", np.bool_),
 ])
-
-
-@dataclass
-class HedmConfig:
-    """The simulated HEDM experiment (ioc/hedm.py)."""
-
-    frame_size: int = 512  # detector pixels per side
-    n_grains: int = 12
-    # reflections each grain gives over a full turn; 12 x 60 = 720 puts ~20 lit peaks in a
-    # frame (a reflection is lit over ~+-3 sigma of omega, about 9 deg of 360)
-    reflections_per_grain: int = 60
-    n_rings: int = 5  # Debye-Scherrer rings (fcc spacing)
-    ring_radius_range: tuple[float, float] = (0.15, 0.45)  # fraction of frame_size
-    omega_width_deg: float = 1.5  # sigma of a reflection's intensity in omega
-    azimuth_drift_rad: float = 0.3  # azimuth = az0 + drift * sin(omega - omega_peak)
-    fwhm_range: tuple[float, float] = (1.2, 3.0)  # pixels
-    eta_range: tuple[float, float] = (0.0, 0.8)  # Lorentzian fraction
-    asym_max: float = 0.15  # +x side FWHM is fwhm_x * (1 + asym), |asym| <= asym_max
-    intensity_range: tuple[float, float] = (300.0, 5000.0)  # counts at peak
-    background: float = 20.0  # mean counts per pixel (Poisson)
-    saturation: int = 65535  # uint16 detector: clipped here and flagged
-    min_height: float = 10.0  # a reflection is lit (rendered, in truth) above this height
-    render_tol: float = 0.5  # counts: a peak's box extends until its tail falls below this
-    overlap_fraction: float = 0.15  # reflections placed a few pixels from a partner
-    seed: int = 11
 
 
 def _profiles(coords, x0, fwhm, asym=0.0, integrate: bool = True):

@@ -1,5 +1,8 @@
 """The retraining service: watches $(P)ml:Retrain, runs stage -> analyze -> train ->
-validate -> deploy on the configured executor, and reports every step in $(P)ml:*."""
+validate -> deploy on the configured executor, and reports every step in $(P)ml:*.
+
+The technique of the newest scan decides what is retrained: PtychoNN on phase-retrieval
+labels for ptychography, BraggNN on pseudo-Voigt-fit labels for HEDM."""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from p4p.client.thread import Context
 
-from edgeloop.config import Config
+from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config
 from edgeloop.registry import Registry, sha256_bytes
 from edgeloop.remote import tasks
 from edgeloop.remote.executors import make_executor
-from edgeloop.scanfile import count_frames, list_scans
+from edgeloop.scanfile import list_scans, scan_summary
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +32,28 @@ class RetrainError(RuntimeError):
     pass
 
 
-def stage_scans(data_dir, max_frames: int) -> list[str]:
-    """Newest scans whose frames add up to at most max_frames (at least one scan)."""
-    chosen, total = [], 0
+def _summaries(data_dir):
+    """(path, technique, frames) of the readable scans, newest first."""
     for path in reversed(list_scans(data_dir)):
         try:
-            n = count_frames(path)
-        except OSError as exc:
+            technique, n = scan_summary(path)
+        except (OSError, KeyError) as exc:
             log.warning("skipping unreadable scan %s: %s", path, exc)
             continue
-        if n < 4:
+        yield path, technique, n
+
+
+def newest_technique(data_dir) -> str | None:
+    """The technique of the newest usable scan: what the beamline is doing now."""
+    return next((t for _, t, n in _summaries(data_dir) if n >= 4), None)
+
+
+def stage_scans(data_dir, max_frames: int, technique: str = "ptychography") -> list[str]:
+    """Newest scans of a technique whose frames add up to at most max_frames (at least one
+    scan)."""
+    chosen, total = [], 0
+    for path, kind, n in _summaries(data_dir):
+        if n < 4 or kind != technique:
             continue
         if chosen and total + n > max_frames:
             break
@@ -115,6 +130,22 @@ class RetrainService:
         except Exception as exc:
             raise RetrainError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
+    def _analysis_request(self, kind: str, scans: list[str]) -> tuple[str, dict]:
+        """(what the analysis is, in words; its request)."""
+        cfg = self.cfg
+        out = cfg.registry_path / "work" / f"labels_{kind}_{int(time.time())}.h5"
+        request = {"scans": scans, "kind": kind, "out": str(out)}
+        if kind == "braggnn":
+            request.update(patch=cfg.model.patch, sigma=cfg.edge.peak_sigma,
+                           min_separation=cfg.edge.peak_min_separation)
+            return "pseudo-Voigt peak fits", request
+        request.update(pixel_um=cfg.sim.pixel_um,
+                       probe={"radius_px": cfg.sim.probe_radius_px,
+                              "defocus": cfg.sim.probe_defocus},
+                       epochs=cfg.train.recon_epochs, algorithm=cfg.train.recon_algorithm,
+                       threads=cfg.train.threads, input_size=cfg.model.input_size)
+        return f"phase retrieval ({cfg.train.recon_algorithm})", request
+
     def run_once(self) -> dict | None:
         cfg = self.cfg
         timings: dict[str, float] = {}
@@ -122,35 +153,31 @@ class RetrainService:
         try:
             self._status("Staging", f"staging scans from {cfg.data_path}")
             t0 = time.perf_counter()
-            scans = stage_scans(cfg.data_path, cfg.train.max_frames)
-            if not scans:
+            technique = newest_technique(cfg.data_path)
+            if technique is None:
                 raise RetrainError(f"no scans to train on in {cfg.data_path}")
+            mode = {t: m for m, t in MODE_TECHNIQUE.items()}[technique]
+            kind = MODE_KIND[mode]
+            train_cfg = cfg.training(kind)
+            scans = stage_scans(cfg.data_path, train_cfg.max_frames, technique)
             timings["staging_s"] = time.perf_counter() - t0
 
-            self._status("Analyzing", f"phase retrieval ({cfg.train.recon_algorithm}) on "
-                                      f"{len(scans)} scan(s)")
-            work = cfg.registry_path / "work"
-            labels = self._wait(self.executor.submit(tasks.analyze, {
-                "scans": scans, "pixel_um": cfg.sim.pixel_um,
-                "probe": {"radius_px": cfg.sim.probe_radius_px,
-                          "defocus": cfg.sim.probe_defocus},
-                "epochs": cfg.train.recon_epochs, "algorithm": cfg.train.recon_algorithm,
-                "threads": cfg.train.threads, "input_size": cfg.model.input_size,
-                "kind": cfg.model.kind, "out": str(work / f"labels_{int(time.time())}.h5"),
-            }), "phase retrieval")
+            what, request = self._analysis_request(kind, scans)
+            self._status("Analyzing", f"{what} on {len(scans)} {technique} scan(s)")
+            labels = self._wait(self.executor.submit(tasks.analyze, request), what)
             timings["analysis_s"] = labels["seconds"]
 
-            best = self.registry.best(cfg.model.kind)
+            best = self.registry.best(kind)
             init, init_sha = None, None
             if best is not None:
                 meta = self.registry.meta(best)
                 init, init_sha = str(self.registry.root / meta["file"]), meta["sha256"]
-            self._status("Training", f"training on {labels['n_frames']} frames from "
+            self._status("Training", f"training {kind} on {labels['n_frames']} samples from "
                                      f"{'v%d' % best if best else 'scratch'}")
             result = self._wait(self.executor.submit(tasks.train_model, {
                 "labels": labels["labels"], "labels_sha256": labels["sha256"],
-                "init": init, "init_sha256": init_sha, "kind": cfg.model.kind,
-                "arch": {"width": cfg.model.width}, "train": vars(cfg.train),
+                "init": init, "init_sha256": init_sha, "kind": kind,
+                "arch": cfg.arch(kind), "train": vars(train_cfg),
             }), "training")
             timings["training_s"] = result["seconds"]
 
@@ -160,7 +187,7 @@ class RetrainService:
             if not math.isfinite(result["val_loss"]):
                 raise RetrainError(f"validation loss is {result['val_loss']}")
             version = self.registry.add(result["model"], {
-                "kind": cfg.model.kind, "arch": result["arch"], "val_loss": result["val_loss"],
+                "kind": kind, "arch": result["arch"], "val_loss": result["val_loss"],
                 "trained_on": scans, "n_frames": result["n_frames"], "parent": best,
                 "history": result["history"], "timings": timings,
             })
@@ -175,10 +202,11 @@ class RetrainService:
             timings["deploy_s"] = time.perf_counter() - t0
             timings["end_to_end_s"] = time.perf_counter() - t_start
             self._put("ml:ModelVersion", version)
-            self._status("Idle", f"model v{version} serving; val loss {result['val_loss']:.4f}; "
+            self._status("Idle", f"{kind} model v{version} serving; val loss "
+                                 f"{result['val_loss']:.4g}; "
                                  + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-            self.last_result = {"version": version, "val_loss": result["val_loss"],
-                                "timings": timings}
+            self.last_result = {"version": version, "kind": kind,
+                                "val_loss": result["val_loss"], "timings": timings}
             return self.last_result
         except RetrainError as exc:
             self._status("Error", str(exc))
@@ -190,7 +218,7 @@ class RetrainService:
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> "RetrainService":
         self._put("ml:Endpoint", self.cfg.executor)
-        self._put("ml:ModelVersion", self.registry.accepted() or 0)
+        self._put("ml:ModelVersion", self.registry.accepted(MODE_KIND[self.cfg.mode]) or 0)
         self._status("Idle", f"retraining service ready (executor {self.cfg.executor})")
         self._sub = self.ctx.monitor(f"{self.p}ml:Retrain", self._on_retrain)
         return self

@@ -22,14 +22,71 @@ log = logging.getLogger(__name__)
 
 
 def analyze(request: dict) -> dict:
-    """Conventional phase retrieval on each staged scan; writes one labels file.
+    """The conventional analysis of the staged scans, which labels the training data; writes
+    one labels file.  ``request["kind"]`` picks it: phase retrieval for ``ptychonn``,
+    pseudo-Voigt peak fitting for ``braggnn``.
 
-    request: scans (paths), pixel_um, probe {size, radius_px, defocus}, epochs, algorithm,
-    threads, input_size, kind, out (labels file path).
-    Returns: labels (path), sha256, n_frames, seconds.
+    Returns: labels (path), sha256, n_frames (training samples), seconds.
     """
+    analyses = {"ptychonn": _analyze_ptycho, "braggnn": _analyze_hedm}
+    try:
+        run = analyses[request["kind"]]
+    except KeyError:
+        raise ValueError(f"no analysis for model kind {request['kind']!r}") from None
     t0 = time.perf_counter()
-    spec = model_kind(request["kind"])
+    out = Path(request["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        n = run(request, f)
+        f.attrs["scans"] = json.dumps(list(map(str, request["scans"])))
+        f.attrs["kind"] = request["kind"]
+    tmp.replace(out)
+    return {"labels": str(out), "sha256": reg.sha256_bytes(out.read_bytes()),
+            "n_frames": int(n), "seconds": time.perf_counter() - t0}
+
+
+def _analyze_hedm(request: dict, f: h5py.File) -> int:
+    """Bragg peaks of every frame -> patches -> a 2-D pseudo-Voigt fit each; the fitted
+    centres label BraggNN.  Border and saturated peaks, and failed fits, are left out.
+
+    request: scans, patch, sigma, min_separation.  Writes inputs (n, 1, P, P), center (n, 2)
+    as (x, y) in patch widths.
+    """
+    from edgeloop.edge_pva.peaks import peak_patches
+    from edgeloop.remote.peakfit import fit_patches
+
+    size = request["patch"]
+    kept, seen = [], 0
+    for path in request["scans"]:
+        scan = read_scan(path)
+        if scan["technique"] != "hedm":
+            raise ValueError(f"{path} is a {scan['technique']} scan, not HEDM")
+        for frame in scan["frames"]:
+            peaks, patches, _ = peak_patches(frame, size, sigma=request["sigma"],
+                                             min_separation=request["min_separation"])
+            seen += len(patches)
+            kept.append(patches[~(peaks.border | peaks.saturated)])
+        log.info("peaks of %s: %d frames", path, len(scan["frames"]))
+    patches = np.concatenate(kept) if kept else np.zeros((0, size, size), np.float32)
+    centres, ok = fit_patches(patches)
+    log.info("pseudo-Voigt fits: %d of %d patches labelled (%d peaks seen)", ok.sum(),
+             len(patches), seen)
+    if ok.sum() < 10:
+        raise ValueError(f"only {int(ok.sum())} peaks could be fitted in "
+                         f"{len(request['scans'])} scan(s); need at least 10 to train")
+    f["inputs"] = model_kind("braggnn").preprocess(patches[ok], size)
+    f["center"] = (centres[ok] / size).astype(np.float32)
+    return int(ok.sum())
+
+
+def _analyze_ptycho(request: dict, f: h5py.File) -> int:
+    """Phase retrieval (ptychi) on each scan; the object's patches label PtychoNN.
+
+    request: scans, pixel_um, probe {radius_px, defocus}, epochs, algorithm, threads,
+    input_size.  Writes inputs, amplitude, phase, weight (where a frame informs).
+    """
+    spec = model_kind("ptychonn")
     pr = request["probe"]
     frames_all, amp_all, phase_all = [], [], []
     for path in request["scans"]:
@@ -45,20 +102,12 @@ def analyze(request: dict) -> dict:
         amp_all.append(amp)
         phase_all.append(phase)
         log.info("labels for %s: %d frames", path, len(frames))
-    out = Path(request["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with h5py.File(tmp, "w") as f:
-        f["inputs"] = np.concatenate(frames_all)
-        f["amplitude"] = np.concatenate(amp_all)
-        f["phase"] = np.concatenate(phase_all)
-        probe = make_probe(request["input_size"], pr["radius_px"], pr["defocus"])
-        f["weight"] = illuminated_mask(probe).astype(np.float32)  # where a frame informs
-        f.attrs["scans"] = json.dumps(list(map(str, request["scans"])))
-    tmp.replace(out)
-    return {"labels": str(out), "sha256": reg.sha256_bytes(out.read_bytes()),
-            "n_frames": int(sum(len(a) for a in amp_all)),
-            "seconds": time.perf_counter() - t0}
+    f["inputs"] = np.concatenate(frames_all)
+    f["amplitude"] = np.concatenate(amp_all)
+    f["phase"] = np.concatenate(phase_all)
+    probe = make_probe(request["input_size"], pr["radius_px"], pr["defocus"])
+    f["weight"] = illuminated_mask(probe).astype(np.float32)
+    return int(sum(len(a) for a in amp_all))
 
 
 def train_model(request: dict) -> dict:
@@ -68,27 +117,37 @@ def train_model(request: dict) -> dict:
     arch, train (TrainConfig fields).
     """
     t0 = time.perf_counter()
-    from edgeloop.remote.training import ptycho_loss, train
+    from edgeloop.remote.training import centre_loss, ptycho_loss, train
 
     data = Path(request["labels"]).read_bytes()
     if reg.sha256_bytes(data) != request["labels_sha256"]:
         raise ValueError(f"labels file {request['labels']} fails its checksum")
-    with h5py.File(request["labels"], "r") as f:
-        inputs, amp, phase = f["inputs"][()], f["amplitude"][()], f["phase"][()]
-        weight = f["weight"][()] if "weight" in f else None
     spec = model_kind(request["kind"])
+    with h5py.File(request["labels"], "r") as f:
+        if f.attrs.get("kind") != spec.name:
+            raise ValueError(f"labels file {request['labels']} is for {f.attrs.get('kind')!r}"
+                             f", not {spec.name!r}")
+        inputs = f["inputs"][()]
+        if spec.name == "braggnn":
+            targets, loss = (f["center"][()],), centre_loss
+        else:
+            amp = f["amplitude"][()]
+            targets = (amp, f["phase"][()])
+            loss = ptycho_loss(f["weight"][()] if "weight" in f else None, amp.shape[-2:])
     if request.get("init"):
         init = Path(request["init"]).read_bytes()
         if reg.sha256_bytes(init) != request["init_sha256"]:
             raise ValueError(f"checkpoint {request['init']} fails its checksum")
         model, info = reg.model_from_bytes(init)
+        if info["kind"] != spec.name:
+            raise ValueError(f"checkpoint {request['init']} is a {info['kind']}, not "
+                             f"{spec.name}")
         arch = info["arch"]
     else:
         arch = request["arch"]
         model = spec.build(**arch)
     cfg = TrainConfig(**request["train"])
-    model, val_loss, history = train(model, inputs, (amp, phase),
-                                     ptycho_loss(weight, amp.shape[-2:]), cfg)
+    model, val_loss, history = train(model, inputs, targets, loss, cfg)
     blob = reg.model_to_bytes(spec.name, arch, model)
     return {"model": blob, "sha256": reg.sha256_bytes(blob), "val_loss": float(val_loss),
             "history": history, "n_frames": int(len(inputs)), "arch": arch,

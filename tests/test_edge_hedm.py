@@ -11,7 +11,8 @@ from p4p.server.thread import SharedPV
 from edgeloop.config import TrainConfig
 from edgeloop.edge_pva.hedm import PEAK_COLUMNS, locate_peaks, peak_table
 from edgeloop.ioc.hedm import HedmConfig, HedmSimulator, make_patch_dataset
-from edgeloop.models import BraggNN, braggnn_preprocess
+from edgeloop.edge_pva.inference import ServedModel, TorchBackend
+from edgeloop.models import BraggNN, braggnn_preprocess, kind
 from edgeloop.remote.peakfit import fit_patches
 from edgeloop.remote.training import centre_loss, train
 
@@ -20,14 +21,15 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def braggnn():
-    """BraggNN trained as the loop trains it: on pseudo-Voigt fit labels."""
+    """BraggNN trained as the loop trains it: on pseudo-Voigt fit labels; served as the edge
+    serves it."""
     patches, _ = make_patch_dataset(1500, 11, seed=5)
     labels, ok = fit_patches(patches)
     torch.manual_seed(0)
     model, _, _ = train(BraggNN(11), braggnn_preprocess(patches[ok], 11), (labels[ok] / 11,),
                         centre_loss, TrainConfig(epochs=12, batch_size=64, lr=2e-3,
                                                  lr_min=2e-4))
-    return model
+    return ServedModel(1, kind("braggnn"), 11, TorchBackend(model)).infer
 
 
 def test_frame_peaks_match_the_simulators_truth(braggnn):
@@ -35,7 +37,8 @@ def test_frame_peaks_match_the_simulators_truth(braggnn):
     errors, found, lit = [], 0, 0
     for omega in (10.0, 95.5, 200.25):
         frame, truth = sim.frame(omega)
-        peaks = locate_peaks(frame, braggnn)
+        peaks, patches = locate_peaks(frame, braggnn)
+        assert patches.shape == (len(peaks["x"]), 11, 11)
         strong = truth[(truth["height"] > 300) & ~truth["saturated"]]
         lit += len(strong)
         for t in strong:
@@ -63,12 +66,12 @@ def _served(value):
 
 def test_peak_table_is_an_nttable_and_empty_frames_give_zero_rows(braggnn):
     frame = np.random.default_rng(0).poisson(20, (64, 64)).astype(np.uint16)
-    received = _served(peak_table(7, locate_peaks(frame, braggnn)))
+    received = _served(peak_table(7, locate_peaks(frame, braggnn)[0]))
     assert received.getID() == "epics:nt/NTTable:1.0"
     assert list(received["labels"]) == [name for name, _ in PEAK_COLUMNS]
     assert len(received["value"]["x"]) == 0 and NTTable.unwrap(received) == []
     frame, _ = HedmSimulator(HedmConfig()).frame(45.0)
-    peaks = locate_peaks(frame, braggnn)
+    peaks, _ = locate_peaks(frame, braggnn)
     table = NTTable.unwrap(_served(peak_table(8, peaks)))
     assert len(table) == len(peaks["x"]) > 0
     assert set(table[0].keys()) == {name for name, _ in PEAK_COLUMNS}

@@ -143,7 +143,7 @@ def test_out_of_range_puts_are_refused_and_nothing_moves(system):
 
     p = system.prefix
     for pv, value in (("det:cam1:NumImages", 0), ("det:cam1:AcquireTime", -1.0),
-                      ("det:cam1:Mode", 1)):
+                      ("det:cam1:Mode", 7)):
         with pytest.raises(ErrorResponseReceived):
             ca_put(f"{p}{pv}", value, notify=True, timeout=5)
     _, stage = make_devices(p)
@@ -208,13 +208,13 @@ def test_pv_write_retrains_and_hot_swaps_without_dropping_frames(system):
     outputs.close()
     assert old in versions and new in versions  # the stream crossed the swap
     assert versions == sorted(versions)  # never back to the old model
-    assert Registry(system.cfg.registry_path).accepted() == new
+    assert Registry(system.cfg.registry_path).accepted("ptychonn") == new
 
 
 def test_restarted_edge_serves_the_last_accepted_model(system, tmp_path):
     from conftest import System
 
-    accepted = Registry(system.cfg.registry_path).accepted()
+    accepted = Registry(system.cfg.registry_path).accepted("ptychonn")
     assert accepted is not None and accepted >= 1  # set by the retraining test above
     second = System(system.cfg, system.config_path, tmp_path)
     second.prefix = system.prefix + "R:"
@@ -223,3 +223,70 @@ def test_restarted_edge_serves_the_last_accepted_model(system, tmp_path):
         assert second.value("edge:ModelVersion") == accepted
     finally:
         second.stop()
+
+
+# --------------------------------------------------------------------------- HEDM
+
+
+@pytest.mark.timeout(900)
+def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system):
+    """HEDM end to end: Bluesky rotation scan -> frames over PVA -> edge:Peaks per frame
+    (NTTable, read with p4p and pvapy) -> ml:Retrain -> pseudo-Voigt labels -> BraggNN
+    trained -> hot swap -> peaks within a fraction of a pixel of the truth."""
+    import pvaccess
+    from bluesky import RunEngine
+
+    from edgeloop.bluesky_plans import ScanWriter, hedm_rotation_scan, make_devices, read_scan
+    from edgeloop.hedm_demo import PeakCollector, scan_errors
+    from edgeloop.ioc.hedm import HedmSimulator
+
+    p, cfg = system.prefix, system.cfg
+    reg = Registry(cfg.registry_path)
+    ptycho_accepted = reg.accepted("ptychonn")
+    det, stage = make_devices(p)
+    RE = RunEngine({})
+    writer = ScanWriter(cfg.data_path)
+    RE.subscribe(writer)
+    sim = HedmSimulator(cfg.hedm)
+    tables = PeakCollector(system.ctx, f"{p}edge:Peaks")
+    try:
+        RE(hedm_rotation_scan(det, stage.rot, 10.0, 18.0, 40))
+        scan = read_scan(writer.last_path)
+        assert scan["technique"] == "hedm" and scan["frames"].shape == (40, 512, 512)
+        assert scan["frames"].dtype == np.uint16
+        np.testing.assert_allclose(scan["omega_deg"], np.linspace(10, 18, 40), atol=1e-3)
+        before_tables = tables.take(range(1, 41), 60)
+        wait_drained(system.ctx, p)
+        assert system.value("edge:Mode") == "hedm"
+        v0 = system.value("edge:ModelVersion")
+        assert v0 == (reg.accepted("braggnn") or 0)
+        last = before_tables[40]
+        assert system.value("edge:PeakCount") == len(last["x"]) > 5
+        assert list(last["peak"]) == list(range(len(last["x"])))
+        via_pvapy = pvaccess.Channel(f"{p}edge:Peaks", pvaccess.PVA).get().toDict()
+        assert list(via_pvapy["value"]["uniqueId"]) == [40] * len(last["x"])
+        assert via_pvapy["timeStamp"]["userTag"] == 40
+        err_before, _, scored = scan_errors(before_tables, scan, sim)
+        assert scored > 100
+
+        ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)
+        system.wait_value("edge:ModelVersion", lambda v: v != v0, 600)
+        system.wait_value("ml:Status", lambda v: v["index"] in (0, 6), 30)
+        assert system.pv("ml:Status")["value.index"] == 0, system.value("ml:Message")
+        new = system.value("edge:ModelVersion")
+        assert "braggnn" in system.value("ml:Message")
+        assert reg.accepted("braggnn") == new and reg.meta(new)["kind"] == "braggnn"
+        assert reg.accepted("ptychonn") == ptycho_accepted  # the other technique untouched
+
+        RE(hedm_rotation_scan(det, stage.rot, 40.0, 46.0, 20))  # angles not trained on
+        scan2 = read_scan(writer.last_path)
+        after_tables = tables.take(range(1, 21), 60)
+        err_after, found, scored = scan_errors(after_tables, scan2, sim)
+        assert found >= 0.95 * scored
+        assert err_after.mean() < 0.35 and err_after.mean() < 0.5 * err_before.mean(), \
+            (err_after.mean(), err_before.mean())
+    finally:
+        tables.close()
+        ca_put(f"{p}det:cam1:Mode", "ptycho", notify=True, timeout=5)
+        det.destroy()
+        stage.destroy()

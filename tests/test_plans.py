@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from event_model import DocumentNames, schema_validators  # noqa: E402
 
-from edgeloop.bluesky_plans import (ScanWriter, ptycho_scan, read_scan,  # noqa: E402
-                                    spiral_positions)
+from edgeloop.bluesky_plans import (ScanWriter, hedm_rotation_scan,  # noqa: E402
+                                    ptycho_scan, read_scan, spiral_positions)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,28 @@ def test_ptycho_scan_messages(sim_devices):
     np.testing.assert_allclose([v for n, v in sets if n == "stage_y"], planned[:, 1])
 
 
+def test_hedm_rotation_scan_messages_and_validation(sim_devices):
+    from ophyd.sim import SynAxis
+
+    det, _ = sim_devices
+    rot = SynAxis(name="rot")
+    msgs = list(hedm_rotation_scan(det, rot, 10.0, 12.0, 5, md={"sample": "Ni"}))
+    md = next(m for m in msgs if m.command == "open_run").kwargs
+    assert md["technique"] == "hedm" and md["plan_name"] == "hedm_rotation_scan"
+    assert md["motors"] == ["rot"] and md["omega_step_deg"] == 0.5 and md["sample"] == "Ni"
+    assert md["hints"]["dimensions"] == [(["rot"], "primary")]
+    np.testing.assert_allclose([m.args[0] for m in msgs if m.command == "set"],
+                               [10.0, 10.5, 11.0, 11.5, 12.0])
+    assert len([m for m in msgs if m.command == "trigger" and m.obj is det]) == 5
+    for bad in ({"num": 0}, {"start": float("nan")}, {"stop": "x"}):
+        args = {"start": 0.0, "stop": 1.0, "num": 3} | bad
+        with pytest.raises(ValueError):
+            hedm_rotation_scan(det, rot, **args)
+    rot.limits = (-360.0, 360.0)
+    with pytest.raises(ValueError, match="limits"):
+        hedm_rotation_scan(det, rot, 300.0, 400.0, 11)
+
+
 def test_scan_writer_with_sim_devices(RE, tmp_path):
     """ScanWriter with ophyd.sim hardware: a 2-D array detector and two SynAxis motors."""
     from ophyd import Component as Cpt
@@ -154,6 +176,11 @@ def test_scan_writer_with_sim_devices(RE, tmp_path):
     np.testing.assert_array_equal(scan["unique_id"], np.arange(1, 8))  # seq_num fallback
     assert scan["exit_status"] == "success" and scan["num_events"] == 7
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    RE(hedm_rotation_scan(det, stage.x, 1.0, 2.0, 3))  # any motor can be the rotation
+    hedm = read_scan(writer.last_path)
+    assert hedm["technique"] == "hedm" and hedm["frames"].shape == (3, 8, 6)
+    np.testing.assert_allclose(hedm["omega_deg"], [1.0, 1.5, 2.0])
+    assert "positions_um" not in hedm
 
 
 def test_read_scan_rejects_other_files(tmp_path):

@@ -9,10 +9,12 @@ import torch
 from edgeloop import ntnd
 from edgeloop.config import Config, SimConfig
 from edgeloop.edge_pva.frame_queue import FrameQueue
-from edgeloop.edge_pva.inference import ModelRejected, ServedModel, TorchBackend, validate
+from edgeloop.edge_pva.inference import (ModelRejected, ServedModel, TorchBackend, probe_inputs,
+                                         validate)
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.ioc.physics import PtychoSimulator
-from edgeloop.models import PtychoNN, count_parameters, kind, ptycho_preprocess, to_input_size
+from edgeloop.models import (BraggNN, PtychoNN, count_parameters, kind, ptycho_preprocess,
+                             to_input_size)
 from edgeloop.optics import extract_patch, illuminated_mask, make_probe
 from edgeloop.registry import ModelFileError, Registry, model_to_bytes
 
@@ -131,7 +133,8 @@ def test_ntndarray_round_trip_and_bad_frames():
 
 def test_registry_versions_checksums_and_best(tmp_path):
     reg = Registry(tmp_path)
-    assert reg.versions() == [] and reg.accepted() is None and reg.best("ptychonn") is None
+    assert reg.versions() == [] and reg.accepted("ptychonn") is None
+    assert reg.best("ptychonn") is None
     blob = model_to_bytes("ptychonn", {"width": 4}, PtychoNN(4))
     v1 = reg.add(blob, {"kind": "ptychonn", "val_loss": 0.5})
     v2 = reg.add(blob, {"kind": "ptychonn", "val_loss": 0.3})
@@ -141,7 +144,13 @@ def test_registry_versions_checksums_and_best(tmp_path):
     reg.mark_accepted(v1)
     assert reg.best("ptychonn") == v1  # v2 is not accepted yet
     reg.mark_accepted(v2)
-    assert reg.accepted() == v2 and reg.best("ptychonn") == v2
+    assert reg.accepted("ptychonn") == v2 and reg.best("ptychonn") == v2
+    # kinds share version numbers but are accepted independently
+    vb = reg.add(model_to_bytes("braggnn", {"patch": 11}, BraggNN(11)),
+                 {"kind": "braggnn", "val_loss": 0.01})
+    reg.mark_accepted(vb)
+    assert vb == 3 and reg.accepted("braggnn") == vb and reg.accepted("ptychonn") == v2
+    assert reg.best("ptychonn") == v2 and reg.best("braggnn") == vb
     reg.mark_rejected(v1, "test")
     assert json.loads((tmp_path / "v0001.json").read_text())["status"] == "rejected"
     # a corrupted file fails its checksum; garbage with a matching checksum fails to load
@@ -172,6 +181,22 @@ def test_validate_rejects_models_with_wrong_outputs():
 
     with pytest.raises(ModelRejected, match="shape"):
         validate(ServedModel(3, spec, 64, TorchBackend(CroppedNet(4))), frames)
+
+
+def test_validate_braggnn_on_made_up_patches():
+    spec = kind("braggnn")
+    patches = probe_inputs("braggnn", 11, [])
+    assert len(patches) == 3 and patches[0].shape == (11, 11)
+    validate(ServedModel(1, spec, 11, TorchBackend(BraggNN(11))), patches)
+
+    class FarAway(BraggNN):
+        def forward(self, x):
+            return (super().forward(x)[0] + 5.0,)
+
+    with pytest.raises(ModelRejected, match="outside the patch"):
+        validate(ServedModel(2, spec, 11, TorchBackend(FarAway(11))), patches)
+    with pytest.raises(ModelRejected, match="2 outputs"):  # a PtychoNN is no BraggNN
+        validate(ServedModel(3, spec, 11, TorchBackend(PtychoNN(4))), patches)
 
 
 def test_config_round_trip_and_unknown_keys(tmp_path):

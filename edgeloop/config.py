@@ -136,9 +136,11 @@ class Config:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # BraggNN trains on thousands of small patches: bigger batches, a higher rate, and only
-    # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit)
+    # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit).  One
+    # thread: its tensors are too small for a second to help, and a busy second core makes
+    # two threads several times slower.
     train_hedm: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=30, batch_size=64, lr=2e-3, lr_min=2e-4, max_frames=300))
+        epochs=30, batch_size=64, lr=2e-3, lr_min=2e-4, max_frames=300, threads=1))
 
     def __post_init__(self):
         check_mode(self.mode)

@@ -170,7 +170,8 @@ def _save_png(path: Path, scan: dict, tables: dict, sim, cfg: Config, version: i
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.6),
                              gridspec_kw={"width_ratios": [1.6, 1, 1, 1]})
     shown = np.log10(np.maximum(frame, 1))
-    axes[0].imshow(shown, cmap="magma")
+    axes[0].imshow(shown, cmap="magma", vmin=np.percentile(shown, 50),
+                   vmax=np.percentile(shown, 99.95))
     axes[0].scatter(truth["x"], truth["y"], s=60, facecolors="none", edgecolors="c", lw=0.8)
     axes[0].set_title(f"frame uniqueId {uid}, omega {scan['omega_deg'][k]:.2f} deg "
                       f"(log counts)\n{len(truth)} lit reflections (cyan), "

@@ -101,3 +101,32 @@ def system(tmp_path_factory, request):
         sys_.stop()
         if failed:
             print(sys_.outputs())
+
+
+@pytest.fixture(scope="module")
+def fed_edge(tmp_path_factory, request):
+    """An edge server whose input is a p4p SharedPV this fixture owns: (System, source)."""
+    from p4p.server import Server
+    from p4p.server.thread import SharedPV
+
+    tmp = tmp_path_factory.mktemp("fed")
+    cfg, path = small_config(tmp, random_prefix("f"))
+    source = SharedPV()
+    server = Server(providers=[{f"{cfg.prefix}src:Image": source}])
+    sys_ = System(cfg, path, tmp / "logs")
+    try:
+        sys_.start("edge", "--input-pv", f"{cfg.prefix}src:Image", ready_pv="edge:ModelVersion")
+        yield sys_, source
+    finally:
+        sys_.stop()
+        server.stop()
+        if request.session.testsfailed:
+            print(sys_.outputs())
+
+
+def post(source, value):
+    """Post a frame on a SharedPV, opening it with the first."""
+    if source.isOpen():
+        source.post(value)
+    else:
+        source.open(value)

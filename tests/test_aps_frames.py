@@ -6,12 +6,9 @@ import time
 
 import numpy as np
 import pytest
-from p4p.server import Server
-from p4p.server.thread import SharedPV
-
 from edgeloop import ntnd
 
-from conftest import SHARED_DATA, System, random_prefix, small_config
+from conftest import SHARED_DATA, post
 from test_loop import Collector
 
 pytestmark = pytest.mark.timeout(300)
@@ -19,29 +16,10 @@ APS = SHARED_DATA / "aps-ptycho-test235.npz"
 
 
 @pytest.fixture(scope="module")
-def aps_edge(tmp_path_factory, request):
+def aps_edge(fed_edge):
     if not APS.exists():
         pytest.fail(f"{APS} is missing (the shared data folder sits beside the project)")
-    tmp = tmp_path_factory.mktemp("aps")
-    cfg, path = small_config(tmp, random_prefix("a"))
-    source = SharedPV()
-    server = Server(providers=[{f"{cfg.prefix}aps:Image": source}])
-    sys_ = System(cfg, path, tmp / "logs")
-    try:
-        sys_.start("edge", "--input-pv", f"{cfg.prefix}aps:Image", ready_pv="edge:ModelVersion")
-        yield sys_, source
-    finally:
-        sys_.stop()
-        server.stop()
-        if request.session.testsfailed:
-            print(sys_.outputs())
-
-
-def _post(source, value):
-    if source.isOpen():
-        source.post(value)
-    else:
-        source.open(value)
+    return fed_edge
 
 
 def test_each_real_aps_frame_gets_a_phase_image(aps_edge):
@@ -53,7 +31,7 @@ def test_each_real_aps_frame_gets_a_phase_image(aps_edge):
     time.sleep(0.5)
     for i, frame in enumerate(frames):
         y, x = positions[i] * 1e6  # metres -> um
-        _post(source, ntnd.build(frame, i + 1, {"SampleX": x, "SampleY": y}))
+        post(source, ntnd.build(frame, i + 1, {"SampleX": x, "SampleY": y}))
         time.sleep(0.01)
     got = {f.unique_id: f for f in out.wait(20, timeout=60) if f.unique_id >= 1}
     out.close()
@@ -71,13 +49,13 @@ def test_malformed_frames_are_reported_and_the_stream_continues(aps_edge):
     bad = ntnd.build(np.ones((8, 8), np.int32), 101)
     bad["dimension"] = [{"size": 9, "offset": 0, "fullSize": 9, "binning": 1, "reverse": False},
                         {"size": 8, "offset": 0, "fullSize": 8, "binning": 1, "reverse": False}]
-    _post(source, bad)
+    post(source, bad)
     coded = ntnd.build(np.ones((8, 8), np.int32), 102)
     coded["codec.name"] = "blosc"
-    _post(source, coded)
+    post(source, coded)
     system.wait_value("edge:BadFrames", lambda v: v >= bad_before + 2, 10)
     assert "blosc" in system.value("edge:Message") or "does not match" in \
         system.value("edge:Message")
     assert system.pv("edge:Message")["alarm.severity"] >= 1
-    _post(source, ntnd.build(np.ones((64, 64), np.int32), 103))
+    post(source, ntnd.build(np.ones((64, 64), np.int32), 103))
     system.wait_value("edge:FramesOut", lambda v: v >= out_before + 1, 10)

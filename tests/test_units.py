@@ -208,3 +208,22 @@ def test_config_round_trip_and_unknown_keys(tmp_path):
         Config.from_dict({"nonsense": 1})
     with pytest.raises(ValueError, match="unknown keys"):
         Config.from_dict({"train": {"epoch": 3}})
+
+
+def test_local_executor_stops_a_running_task_on_shutdown():
+    """A stopped retraining service must not leave its worker training as an orphan."""
+    import time
+
+    from edgeloop.remote.executors import LocalExecutor
+
+    ex = LocalExecutor()
+    future = ex.submit(time.sleep, 60)
+    deadline = time.monotonic() + 30
+    while not future.running():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (worker,) = ex._processes.values()
+    t0 = time.monotonic()
+    ex.shutdown(wait=False, cancel_futures=True)
+    worker.join(10)
+    assert worker.exitcode is not None and time.monotonic() - t0 < 10

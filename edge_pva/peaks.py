@@ -42,45 +42,54 @@ def robust_background(frame: np.ndarray) -> tuple[float, float]:
 def find_peaks(frame: np.ndarray, threshold: float | None = None, sigma: float = 8.0,
                min_separation: int = 3, min_pixels: int = 3,
                saturation: float = 65535) -> Candidates:
-    """Thresholded connected components, then local maxima inside each component."""
+    """Thresholded connected components, then local maxima inside each component.
+
+    Peaks cover a small part of a frame, so after labelling everything works on the
+    above-threshold pixels only (bincounts and gathered windows, not whole-frame filters).
+    """
     if frame.ndim != 2:
         raise ValueError(f"expected a 2-D frame, got shape {frame.shape}")
     img = frame.astype(np.float32, copy=False)
     background, noise = robust_background(img)
     level = background + sigma * noise if threshold is None else float(threshold)
-    mask = img > level
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
-    if n == 0:
+    labels, n = ndimage.label(img > level, structure=np.ones((3, 3)))
+    rows, cols = np.nonzero(labels)
+    lab = labels[rows, cols]
+    keep = np.bincount(lab, minlength=n + 1) >= min_pixels
+    keep[0] = False
+    sel = keep[lab]
+    rows, cols, lab = rows[sel], cols[sel], lab[sel]
+    if len(rows) == 0:
         empty = np.zeros(0)
         return Candidates(empty.astype(int), empty.astype(int), empty, empty,
                           empty.astype(bool), empty.astype(bool))
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-    keep = np.zeros(n + 1, bool)
-    keep[1:] = sizes >= min_pixels
-    mask &= keep[labels]
-    footprint = np.ones((2 * min_separation + 1,) * 2, bool)
-    local_max = (img == ndimage.maximum_filter(img, footprint=footprint)) & mask
-    rows, cols = _one_per_plateau(local_max)
-    rows, cols = _suppress_close(img, rows, cols, min_separation)
-    sums = ndimage.sum_labels(img - background, labels, index=np.arange(n + 1))
-    maxima = img[rows, cols]
-    return Candidates(rows=rows, cols=cols, maxima=maxima, intensity=sums[labels[rows, cols]],
-                      saturated=maxima >= saturation, border=np.zeros(len(rows), bool))
+    # a pixel is a local maximum if it equals the maximum of its (2s+1)^2 neighbourhood
+    w = min_separation
+    padded = np.pad(img, w, mode="constant", constant_values=-np.inf)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (2 * w + 1, 2 * w + 1))
+    values = img[rows, cols]
+    is_max = values >= windows[rows, cols].max(axis=(1, 2))
+    mr, mc = _one_per_plateau(rows[is_max], cols[is_max], img.shape)
+    mr, mc = _suppress_close(img, mr, mc, min_separation)
+    sums = np.bincount(lab, weights=values - background, minlength=n + 1)
+    maxima = img[mr, mc]
+    return Candidates(rows=mr, cols=mc, maxima=maxima, intensity=sums[labels[mr, mc]],
+                      saturated=maxima >= saturation, border=np.zeros(len(mr), bool))
 
 
-def _one_per_plateau(local_max: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _one_per_plateau(rows: np.ndarray, cols: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
     """A flat (e.g. saturated) top is many equal, touching maxima: keep its middle pixel."""
+    local_max = np.zeros(shape, bool)
+    local_max[rows, cols] = True
     labels, n = ndimage.label(local_max, structure=np.ones((3, 3)))
-    if n == 0:
-        return np.zeros(0, int), np.zeros(0, int)
-    centres = np.array(ndimage.center_of_mass(local_max, labels, np.arange(1, n + 1)))
-    rows, cols = np.nonzero(local_max)
-    pick = []
-    for k, (cy, cx) in enumerate(centres, start=1):
-        idx = np.flatnonzero(labels[rows, cols] == k)
-        pick.append(idx[np.argmin((rows[idx] - cy) ** 2 + (cols[idx] - cx) ** 2)])
-    pick = np.array(pick)
-    return rows[pick], cols[pick]
+    lab = labels[rows, cols]
+    count = np.bincount(lab, minlength=n + 1)[1:]
+    cy = np.bincount(lab, weights=rows, minlength=n + 1)[1:] / count
+    cx = np.bincount(lab, weights=cols, minlength=n + 1)[1:] / count
+    d = (rows - cy[lab - 1]) ** 2 + (cols - cx[lab - 1]) ** 2
+    order = np.lexsort((d, lab))  # by plateau, nearest its centre first
+    first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
+    return rows[first], cols[first]
 
 
 def _suppress_close(img, rows, cols, min_separation: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from dataclasses import dataclass
@@ -30,15 +31,42 @@ class TorchBackend:
         return tuple(o.float().cpu().numpy() for o in out)
 
 
-BACKENDS = {"torch": TorchBackend}
+class OnnxBackend:
+    """onnxruntime on CPU: the network exported to ONNX in memory when it is loaded.  For
+    BraggNN's small tensors it is about twice as fast per peak as eager torch."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: nn.Module, input_size: int, threads: int = 1):
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        example = torch.zeros(2, 1, input_size, input_size)
+        with torch.no_grad():
+            n_out = len(model.eval()(example))
+        torch.onnx.export(model, (example,), buf, input_names=["x"],
+                          output_names=[f"y{i}" for i in range(n_out)],
+                          dynamic_axes={"x": {0: "batch"}}, opset_version=17, dynamo=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(buf.getvalue(), options,
+                                            providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(None, {"x": np.ascontiguousarray(batch, np.float32)}))
 
 
-def make_backend(name: str, model: nn.Module):
-    try:
-        return BACKENDS[name](model)
-    except KeyError:
-        raise ValueError(f"unknown inference backend {name!r}; known: {sorted(BACKENDS)}") \
-            from None
+BACKENDS = {"torch": TorchBackend, "onnxruntime": OnnxBackend}
+
+
+def make_backend(name: str, model: nn.Module, input_size: int, threads: int = 1):
+    if name == "torch":
+        return TorchBackend(model)
+    if name == "onnxruntime":
+        return OnnxBackend(model, input_size, threads)
+    raise ValueError(f"unknown inference backend {name!r}; known: {sorted(BACKENDS)}")
 
 
 class ModelRejected(RuntimeError):

@@ -92,8 +92,9 @@ class EdgeServer:
         return self.slots[MODE_KIND[self.mode]]
 
     def _serve(self, version: int, kind: str, model) -> ServedModel:
-        return ServedModel(version, model_kind(kind), self.cfg.input_size(kind),
-                           make_backend(self.cfg.edge.backend, model))
+        size, edge = self.cfg.input_size(kind), self.cfg.edge
+        return ServedModel(version, model_kind(kind), size,
+                           make_backend(edge.backend, model, size, edge.threads))
 
     def _validate(self, served: ServedModel) -> None:
         kind = served.spec.name

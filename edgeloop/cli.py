@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     p = add("hedm-accuracy", cmd_hedm_accuracy,
             "BraggNN vs pseudo-Voigt fitting on fresh simulated peaks (accuracy, speed)")
     p.add_argument("--out", default="edgeloop-hedm-accuracy", help="output directory")
-    p.add_argument("--train-peaks", type=int, default=6000)
+    p.add_argument("--train-peaks", type=int, default=20000)
     p.add_argument("--test-peaks", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=20)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -115,6 +115,10 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     lr_min: float = 1e-4
+    # "cyclic": triangular2 between lr_min and lr (PtychoNN's schedule); "cosine": anneal
+    # from lr to lr_min over the whole run (BraggNN: the annealed tail gives the last
+    # hundredths of a pixel)
+    schedule: str = "cyclic"
     val_fraction: float = 0.1
     recon_epochs: int = 30  # iterative phase retrieval epochs (labels)
     recon_algorithm: str = "LSQML"
@@ -140,7 +144,8 @@ class Config:
     # thread: its tensors are too small for a second to help, and a busy second core makes
     # two threads several times slower.
     train_hedm: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=30, batch_size=64, lr=2e-3, lr_min=2e-4, max_frames=300, threads=1))
+        epochs=30, batch_size=64, lr=2e-3, lr_min=1e-5, schedule="cosine", max_frames=300,
+        threads=1))
 
     def __post_init__(self):
         check_mode(self.mode)

@@ -1,6 +1,6 @@
-"""Training loop shared by the model kinds: Adam, a cyclic learning rate, 10 % held out for
-validation, the epoch with the lowest validation loss kept (the PtychoNN / BraggNN edge
-training workflow).  Each kind brings its loss."""
+"""Training loop shared by the model kinds: Adam, a cyclic or cosine learning rate, 10 % held
+out for validation, the epoch with the lowest validation loss kept (the PtychoNN / BraggNN
+edge training workflow).  Each kind brings its loss."""
 
 from __future__ import annotations
 
@@ -47,6 +47,18 @@ def centre_loss(outputs, targets) -> torch.Tensor:
     return nn.functional.mse_loss(outputs[0], targets[0])
 
 
+def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
+    """Stepped once per batch."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, cfg.epochs * steps_per_epoch), eta_min=cfg.lr_min)
+    if cfg.schedule == "cyclic":
+        return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=cfg.lr_min, max_lr=cfg.lr,
+                                                 step_size_up=max(1, 3 * steps_per_epoch),
+                                                 cycle_momentum=False, mode="triangular2")
+    raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}: cyclic or cosine")
+
+
 def train(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray], loss_fn: LossFn,
           cfg: TrainConfig, progress=None) -> tuple[nn.Module, float, list[dict]]:
     """Train in place from the given weights; returns (best model, best val loss, history)."""
@@ -57,9 +69,7 @@ def train(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray], l
     ys = [torch.from_numpy(np.ascontiguousarray(t, np.float32)) for t in targets]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = max(1, int(np.ceil(len(train_idx) / cfg.batch_size)))
-    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=cfg.lr_min, max_lr=cfg.lr,
-                                              step_size_up=max(1, 3 * steps),
-                                              cycle_momentum=False, mode="triangular2")
+    sched = _scheduler(opt, cfg, steps)
     best_loss, best_state, history = float("inf"), None, []
     vi = torch.from_numpy(val_idx)
     for epoch in range(cfg.epochs):

@@ -263,7 +263,7 @@ def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system):
         last = before_tables[40]
         assert system.value("edge:PeakCount") == len(last["x"]) > 5
         assert list(last["peak"]) == list(range(len(last["x"])))
-        via_pvapy = pvaccess.Channel(f"{p}edge:Peaks", pvaccess.PVA).get().toDict()
+        via_pvapy = pvaccess.Channel(f"{p}edge:Peaks", pvaccess.PVA).get("field()").toDict()
         assert list(via_pvapy["value"]["uniqueId"]) == [40] * len(last["x"])
         assert via_pvapy["timeStamp"]["userTag"] == 40
         err_before, _, scored = scan_errors(before_tables, scan, sim)

@@ -227,3 +227,20 @@ def test_local_executor_stops_a_running_task_on_shutdown():
     ex.shutdown(wait=False, cancel_futures=True)
     worker.join(10)
     assert worker.exitcode is not None and time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("name, size, arch", [("braggnn", 11, {"patch": 11}),
+                                              ("ptychonn", 64, {"width": 4})])
+def test_onnxruntime_backend_matches_torch(name, size, arch):
+    from edgeloop.edge_pva.inference import make_backend
+
+    torch.manual_seed(0)
+    model = kind(name).build(**arch).eval()
+    batch = np.random.default_rng(0).random((5, 1, size, size)).astype(np.float32)
+    ref = make_backend("torch", model, size)(batch)
+    got = make_backend("onnxruntime", model, size)(batch)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown inference backend"):
+        make_backend("tensorrt-on-cpu", model, size)

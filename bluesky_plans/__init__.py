@@ -7,7 +7,7 @@ one of their names, so ``read_scan`` and the plans can be used without EPICS.  C
 simulated beamline (its Channel Access server listens on a non-standard port).
 """
 
-from edgeloop.bluesky_plans.callbacks import SCAN_DATASETS, ScanWriter, read_scan
+from edgeloop.bluesky_plans.callbacks import SCAN_DATASETS, RetrainTrigger, ScanWriter, read_scan
 from edgeloop.bluesky_plans.plans import hedm_rotation_scan, ptycho_scan, spiral_positions
 
 _DEVICE_NAMES = ("PtychoDetector", "PvaImageSignal", "SampleStage", "make_devices")
@@ -16,6 +16,7 @@ __all__ = [
     "SCAN_DATASETS",
     "PtychoDetector",
     "PvaImageSignal",
+    "RetrainTrigger",
     "SampleStage",
     "ScanWriter",
     "hedm_rotation_scan",

@@ -17,7 +17,7 @@ from edgeloop.scanfile import POSITIONS, SCAN_DATASETS, read_scan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCAN_DATASETS", "ScanWriter", "read_scan"]
+__all__ = ["SCAN_DATASETS", "RetrainTrigger", "ScanWriter", "read_scan"]
 
 
 @dataclass
@@ -214,3 +214,83 @@ class ScanWriter(CallbackBase):
         log.log(level, "ScanWriter: wrote %s (%d frames, exit_status %s)", path,
                 len(run.frames), exit_status)
         return path
+
+
+class RetrainTrigger(CallbackBase):
+    """Request retraining from a RunEngine subscription: ``RE.subscribe(RetrainTrigger("SIM:"))``.
+
+    Counts runs of a known technique (ptychography, hedm) and their events (frames); when a
+    run stops successfully it requests retraining if ``every_n_runs`` runs have finished, or
+    — with ``every_n_frames`` set — once that many new frames have been collected.  The
+    request writes 1 to ``$(P)ml:Retrain`` over pvAccess; the retraining service coalesces
+    requests that arrive while it trains into one follow-up.
+
+    Parameters
+    ----------
+    prefix : str
+        PV prefix of the ML IOC.
+    every_n_runs : int
+        Request after every N-th finished run (1: after each).  Ignored when
+        ``every_n_frames`` is given.
+    every_n_frames : int, optional
+        Request once at least this many frames were collected since the last request.
+    request : callable, optional
+        Called instead of the PV write (e.g. ``RetrainService.request``).
+    """
+
+    def __init__(self, prefix: str = "SIM:", every_n_runs: int = 1,
+                 every_n_frames: int | None = None, request=None):
+        super().__init__()
+        if every_n_runs < 1 or (every_n_frames is not None and every_n_frames < 1):
+            raise ValueError("every_n_runs and every_n_frames must be >= 1")
+        self.prefix, self.every_n_runs, self.every_n_frames = prefix, every_n_runs, every_n_frames
+        self._request = request
+        self._ctx = None
+        self._runs: set[str] = set()
+        self.finished_runs = self.frames = self.requests = 0
+
+    def start(self, doc):
+        if doc.get("technique") in POSITIONS:
+            self._runs.add(doc["uid"])
+        return doc
+
+    def descriptor(self, doc):
+        if doc["run_start"] in self._runs and doc.get("name", "primary") == "primary":
+            self._runs.add(doc["uid"])
+        return doc
+
+    def event(self, doc):
+        if doc["descriptor"] in self._runs:
+            self.frames += 1
+        return doc
+
+    def stop(self, doc):
+        if doc["run_start"] not in self._runs:
+            return doc
+        self._runs.discard(doc["run_start"])
+        if doc.get("exit_status") != "success":
+            return doc
+        self.finished_runs += 1
+        if self.every_n_frames is not None:
+            due = self.frames >= self.every_n_frames
+        else:
+            due = self.finished_runs % self.every_n_runs == 0
+        if due:
+            self.frames = 0
+            self.fire()
+        return doc
+
+    def fire(self) -> None:
+        self.requests += 1
+        if self._request is not None:
+            self._request()
+            return
+        from p4p.client.thread import Context
+
+        if self._ctx is None:
+            self._ctx = Context("pva", nt=False)
+        try:
+            self._ctx.put(f"{self.prefix}ml:Retrain", {"value.index": 1}, timeout=5)
+            log.info("RetrainTrigger: requested retraining (%sml:Retrain)", self.prefix)
+        except Exception as exc:  # never break the scan over this
+            log.error("RetrainTrigger: cannot write %sml:Retrain: %s", self.prefix, exc)

@@ -125,6 +125,24 @@ class TrainConfig:
     max_frames: int = 4000  # newest frames kept for training
     seed: int = 0
     threads: int = 2
+    keep_initial: bool = False  # set when training from a checkpoint (remote/tasks.py)
+
+
+@dataclass
+class RemoteConfig:
+    """Where retraining runs (remote/executors.py) and how its data get there."""
+
+    parsl_provider: str = "local"  # built in: local; Slurm/PBS: your own parsl Config
+    parsl_workers: int = 1
+    parsl_worker_init: str = ""  # shell run before a worker starts (e.g. activate a venv)
+    globus_endpoint_id: str = ""  # Globus Compute endpoint UUID
+    task_timeout_s: float = 1800.0  # a step running longer is abandoned -> Error
+    quality_margin: float = 0.05  # a new model may be at most 5 % worse (held-out loss)
+    staging: str = "shared"  # shared (same filesystem) or globus (Globus Transfer)
+    globus_source_collection: str = ""  # collection UUID where the scans are written
+    globus_dest_collection: str = ""  # collection UUID the executor reads
+    globus_dest_dir: str = ""  # path on the destination collection
+    transfer_timeout_s: float = 600.0
 
 
 @dataclass
@@ -139,12 +157,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     # BraggNN trains on thousands of small patches: bigger batches, a higher rate, and only
     # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit).  One
     # thread: its tensors are too small for a second to help, and a busy second core makes
     # two threads several times slower.
     train_hedm: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=30, batch_size=64, lr=2e-3, lr_min=1e-5, schedule="cosine", max_frames=300,
+        epochs=80, batch_size=64, lr=2e-3, lr_min=1e-5, schedule="cosine", max_frames=300,
         threads=1))
 
     def __post_init__(self):

@@ -118,7 +118,12 @@ class Registry:
     def mark_accepted(self, version: int) -> None:
         self._set_status(version, "accepted")
         accepted = self._accepted_all()
-        accepted[self.meta(version)["kind"]] = {"version": version, "time": time.time()}
+        kind = self.meta(version)["kind"]
+        # oldest first; accepting a version already in it goes back to it (a rollback)
+        history = accepted.get(kind, {}).get("history", [])
+        history = history[:history.index(version)] if version in history else history
+        accepted[kind] = {"version": version, "time": time.time(),
+                          "history": history + [version]}
         atomic_write(self.root / "accepted.json", json.dumps(accepted, indent=2).encode())
 
     def mark_rejected(self, version: int, reason: str) -> None:
@@ -137,6 +142,11 @@ class Registry:
             return int(self._accepted_all()[kind]["version"])
         except (KeyError, TypeError, ValueError):
             return None
+
+    def previous(self, kind: str) -> int | None:
+        """The version of this kind accepted before the one serving now (rollback target)."""
+        history = self._accepted_all().get(kind, {}).get("history", [])
+        return history[-2] if len(history) >= 2 else None
 
     def best(self, kind: str) -> int | None:
         """The accepted version of this kind with the lowest validation loss."""

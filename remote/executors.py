@@ -1,10 +1,30 @@
-"""Executors for the retraining steps: any ``concurrent.futures.Executor`` works; names in
-configuration map to one here."""
+"""Executors for the retraining steps.  Any ``concurrent.futures.Executor`` works; the names
+in configuration (``executor``, or a write to ``$(P)ml:Endpoint``) map to one here:
+
+- ``local``: one spawned worker process on this machine (the default);
+- ``parsl``: a Parsl ``HighThroughputExecutor`` (``LocalProvider`` here; Slurm / PBS
+  providers by configuration, see README);
+- ``globus-compute``: ``globus_compute_sdk.Executor`` on a Globus Compute endpoint.
+
+The tasks (``remote/tasks.py``) take and return small dicts of references and checksums, so
+the same call runs on all three.
+"""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import os
+import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
+
+from edgeloop.config import RemoteConfig
+
+log = logging.getLogger(__name__)
+
+# The Globus Compute service refuses a task whose serialized function + arguments, or a
+# result, exceeds 10 MB (documented limit); models and labels therefore travel by reference.
+GLOBUS_COMPUTE_PAYLOAD_LIMIT = 10 * 1024 * 1024
 
 
 class LocalExecutor(ProcessPoolExecutor):
@@ -23,15 +43,70 @@ class LocalExecutor(ProcessPoolExecutor):
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
-def local_executor() -> Executor:
-    return LocalExecutor()
+def parsl_config(cfg: RemoteConfig, run_dir: str | None = None):
+    """A Parsl ``Config`` with one ``HighThroughputExecutor`` labelled ``edgeloop``."""
+    from parsl.config import Config as ParslConfig
+    from parsl.executors import HighThroughputExecutor
+    from parsl.providers import LocalProvider
+
+    if cfg.parsl_provider != "local":
+        raise ValueError(f"parsl_provider {cfg.parsl_provider!r}: only 'local' is built in; "
+                         "for Slurm/PBS pass your own parsl Config (see README)")
+    htex = HighThroughputExecutor(
+        label="edgeloop", address="127.0.0.1", loopback_address="127.0.0.1",
+        max_workers_per_node=cfg.parsl_workers, cores_per_worker=1,
+        provider=LocalProvider(init_blocks=1, max_blocks=1, worker_init=cfg.parsl_worker_init),
+    )
+    return ParslConfig(executors=[htex], run_dir=run_dir or "runinfo", strategy="none")
 
 
-EXECUTORS = {"local": local_executor}
+class ParslExecutor(Executor):
+    """``concurrent.futures`` face of a Parsl DataFlowKernel: ``submit`` runs ``fn`` as a
+    Parsl python app and returns its AppFuture (a ``concurrent.futures.Future``)."""
+
+    def __init__(self, config):
+        from parsl.dataflow.dflow import DataFlowKernel
+
+        # Parsl starts its interchange and worker pool as scripts from this environment's
+        # bin/, as an activated venv would find them
+        bindir = os.path.dirname(sys.executable)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        self.dfk = DataFlowKernel(config)
+        self._label = config.executors[0].label
+
+    def submit(self, fn, /, *args, **kwargs):
+        from parsl.app.python import PythonApp
+
+        app = PythonApp(fn, data_flow_kernel=self.dfk, executors=[self._label])
+        return app(*args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.dfk.cleanup()  # stops the interchange and the worker pool
 
 
-def make_executor(name: str) -> Executor:
-    try:
-        return EXECUTORS[name]()
-    except KeyError:
-        raise ValueError(f"unknown executor {name!r}; available: {sorted(EXECUTORS)}") from None
+def globus_compute_executor(cfg: RemoteConfig) -> Executor:
+    """``globus_compute_sdk.Executor`` for the configured endpoint.  Authentication is the
+    SDK's: a stored login token (``globus-compute-endpoint login`` / the first use opens a
+    browser flow) or client credentials in GLOBUS_COMPUTE_CLIENT_ID / _SECRET."""
+    if not cfg.globus_endpoint_id:
+        raise ValueError("executor 'globus-compute' needs remote.globus_endpoint_id (the UUID "
+                         "`globus-compute-endpoint list` shows)")
+    from globus_compute_sdk import Executor as ComputeExecutor
+
+    return ComputeExecutor(endpoint_id=cfg.globus_endpoint_id)
+
+
+def make_executor(name: str, cfg: RemoteConfig | None = None, run_dir: str | None = None
+                  ) -> Executor:
+    cfg = cfg or RemoteConfig()
+    if name == "local":
+        return LocalExecutor()
+    if name == "parsl":
+        return ParslExecutor(parsl_config(cfg, run_dir))
+    if name == "globus-compute":
+        return globus_compute_executor(cfg)
+    raise ValueError(f"unknown executor {name!r}; available: {sorted(EXECUTORS)}")
+
+
+EXECUTORS = ("local", "parsl", "globus-compute")

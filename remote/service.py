@@ -6,6 +6,7 @@ labels for ptychography, BraggNN on pseudo-Voigt-fit labels for HEDM."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -17,7 +18,8 @@ from p4p.client.thread import Context
 from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config
 from edgeloop.registry import Registry, sha256_bytes
 from edgeloop.remote import tasks
-from edgeloop.remote.executors import make_executor
+from edgeloop.remote.executors import LocalExecutor, make_executor
+from edgeloop.remote.staging import code_version, stage
 from edgeloop.scanfile import list_scans, scan_summary
 
 log = logging.getLogger(__name__)
@@ -62,19 +64,43 @@ def stage_scans(data_dir, max_frames: int, technique: str = "ptychography") -> l
     return list(reversed(chosen))
 
 
+class Aborted(RetrainError):
+    pass
+
+
+TIMING_PVS = {"staging_s": "ml:StagingTime", "analysis_s": "ml:AnalysisTime",
+              "training_s": "ml:TrainingTime", "return_s": "ml:ReturnTime",
+              "end_to_end_s": "ml:EndToEndTime"}
+
+
 class RetrainService:
-    def __init__(self, cfg: Config, executor=None, step_timeout: float = 1800.0):
+    """Runs retraining on trigger; PVs in, PVs out.
+
+    Triggers: ``$(P)ml:Retrain`` writes and :meth:`request` (e.g. from a Bluesky callback);
+    one retraining at a time, and triggers meanwhile coalesce into one follow-up.
+    ``$(P)ml:Abort`` cancels the running one; ``$(P)ml:Rollback`` serves the previously
+    accepted model again; a write to ``$(P)ml:Endpoint`` picks the executor for the next run.
+    """
+
+    def __init__(self, cfg: Config, executor=None, step_timeout: float | None = None):
         self.cfg = cfg
         self.p = cfg.prefix
         self.registry = Registry(cfg.registry_path)
-        self.executor = executor or make_executor(cfg.executor)
-        self.step_timeout = step_timeout
+        self.endpoint = cfg.executor
+        self.executor = executor or self._make_executor(cfg.executor)
+        self._step_timeout = step_timeout
         self.ctx = Context("pva", nt=False)
         self._busy = threading.Lock()
         self._pending = False
+        self._abort = threading.Event()
         self._stop = threading.Event()
-        self._sub = None
+        self._subs: list = []
         self.last_result: dict | None = None
+        self.runs_finished = 0
+
+    def _make_executor(self, name: str):
+        return make_executor(name, self.cfg.remote,
+                             run_dir=str(self.cfg.registry_path / "work" / "parsl"))
 
     # ---- PV helpers ----------------------------------------------------------------------
     def _put(self, name: str, value) -> None:
@@ -91,15 +117,69 @@ class RetrainService:
             log.log(logging.ERROR if state == "Error" else logging.INFO, "%s: %s", state, message)
             self._put("ml:Message", message[:500])
 
-    # ---- trigger -------------------------------------------------------------------------
-    def _on_retrain(self, value) -> None:
+    # ---- triggers ------------------------------------------------------------------------
+    def _button(self, name: str, action):
+        """Monitor callback of a bo 'button': on 1, reset it and run ``action``."""
+        def on_value(value) -> None:
+            if isinstance(value, Exception) or int(value["value.index"]) != 1:
+                return
+            threading.Thread(target=self._put, args=(name, {"value.index": 0}),
+                             daemon=True).start()
+            action()
+        return on_value
+
+    def abort(self) -> None:
+        if self._busy.locked():
+            log.warning("abort requested")
+            self._pending = False  # an abort also drops the queued follow-up
+            self._abort.set()
+        else:
+            self._put("ml:Message", "nothing to abort: no retraining is running")
+
+    def rollback(self) -> None:
+        threading.Thread(target=self._rollback, name="rollback", daemon=True).start()
+
+    def _rollback(self) -> None:
+        kind = MODE_KIND[self._active_mode()]
+        target = self.registry.previous(kind)
+        if target is None:
+            self._put("ml:Message", f"rollback: no earlier accepted {kind} model")
+            return
+        try:
+            self.ctx.put(f"{self.p}edge:LoadModel", target, timeout=120, wait=True)
+        except Exception as exc:
+            self._status("Error", f"rollback to {kind} v{target} failed: {exc}")
+            return
+        self._put("ml:ModelVersion", target)
+        self._status("Idle", f"rolled back: {kind} model v{target} serving")
+
+    def _active_mode(self) -> str:
+        try:
+            return str(self.ctx.get(f"{self.p}edge:Mode", timeout=2)["value"])
+        except Exception:
+            return self.cfg.mode
+
+    def _on_endpoint(self, value) -> None:
         if isinstance(value, Exception):
             return
-        if int(value["value.index"]) != 1:
+        name = str(value["value"]).strip()
+        if name == self.endpoint:
             return
-        threading.Thread(target=self._put, args=("ml:Retrain", {"value.index": 0}),
-                         daemon=True).start()
-        self.request()
+        threading.Thread(target=self._switch_executor, args=(name,), daemon=True).start()
+
+    def _switch_executor(self, name: str) -> None:
+        with self._busy:  # never under a running retraining
+            try:
+                executor = self._make_executor(name)
+            except Exception as exc:
+                msg = f"endpoint {name!r} refused: {exc}; still using {self.endpoint}"
+                self._status("Error", msg)
+                self._put("ml:Endpoint", self.endpoint)
+                return
+            old, self.executor, self.endpoint = self.executor, executor, name
+        old.shutdown(wait=False, cancel_futures=True)
+        self._put("ml:Message", f"executor now {name}")
+        log.info("executor now %s", name)
 
     def request(self) -> bool:
         """Start retraining now, or queue one follow-up if a retraining is running."""
@@ -114,21 +194,44 @@ class RetrainService:
         try:
             while True:
                 self._pending = False
+                self._abort.clear()
                 self.run_once()
+                self.runs_finished += 1
                 if not self._pending or self._stop.is_set():
                     break
         finally:
             self._busy.release()
 
     # ---- the pipeline --------------------------------------------------------------------
+    @property
+    def step_timeout(self) -> float:
+        return self._step_timeout or self.cfg.remote.task_timeout_s
+
     def _wait(self, future, what: str):
-        try:
-            return future.result(timeout=self.step_timeout)
-        except FutureTimeout:
-            future.cancel()
-            raise RetrainError(f"{what} exceeded {self.step_timeout:.0f} s") from None
-        except Exception as exc:
-            raise RetrainError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        deadline = time.monotonic() + self.step_timeout
+        while True:
+            if self._abort.is_set():
+                self._cancel(future)
+                raise Aborted(f"{what} aborted by ml:Abort")
+            if time.monotonic() > deadline:
+                self._cancel(future)
+                raise RetrainError(f"{what} exceeded its time limit of "
+                                   f"{self.step_timeout:.0f} s (remote.task_timeout_s)")
+            try:
+                return future.result(timeout=0.2)
+            except FutureTimeout:
+                continue
+            except Exception as exc:
+                raise RetrainError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _cancel(self, future) -> None:
+        """Stop a running task: the local worker is terminated and replaced; a remote task
+        that cannot be stopped is abandoned (its result is never used)."""
+        if future.cancel():
+            return
+        if isinstance(self.executor, LocalExecutor):
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = self._make_executor(self.endpoint)
 
     def _analysis_request(self, kind: str, scans: list[str]) -> tuple[str, dict]:
         """(what the analysis is, in words; its request)."""
@@ -160,6 +263,7 @@ class RetrainService:
             kind = MODE_KIND[mode]
             train_cfg = cfg.training(kind)
             scans = stage_scans(cfg.data_path, train_cfg.max_frames, technique)
+            scans = stage(scans, cfg)
             timings["staging_s"] = time.perf_counter() - t0
 
             what, request = self._analysis_request(kind, scans)
@@ -167,41 +271,46 @@ class RetrainService:
             labels = self._wait(self.executor.submit(tasks.analyze, request), what)
             timings["analysis_s"] = labels["seconds"]
 
-            best = self.registry.best(kind)
-            init, init_sha = None, None
-            if best is not None:
-                meta = self.registry.meta(best)
-                init, init_sha = str(self.registry.root / meta["file"]), meta["sha256"]
+            best, serving = self.registry.best(kind), self.registry.accepted(kind)
             self._status("Training", f"training {kind} on {labels['n_frames']} samples from "
-                                     f"{'v%d' % best if best else 'scratch'}")
+                                     f"{'v%d' % best if best else 'scratch'} "
+                                     f"({self.endpoint})")
+            t0 = time.perf_counter()
             result = self._wait(self.executor.submit(tasks.train_model, {
                 "labels": labels["labels"], "labels_sha256": labels["sha256"],
-                "init": init, "init_sha256": init_sha, "kind": kind,
-                "arch": cfg.arch(kind), "train": vars(train_cfg),
+                **self._ref("init", best), **self._ref("baseline", serving),
+                "kind": kind, "arch": cfg.arch(kind), "train": vars(train_cfg),
             }), "training")
             timings["training_s"] = result["seconds"]
+            t_returned = time.perf_counter()
 
             self._status("Validating", "checking the returned model")
             if sha256_bytes(result["model"]) != result["sha256"]:
-                raise RetrainError("returned model fails its checksum")
+                raise RetrainError("returned model fails its checksum (corrupted in transit)")
             if not math.isfinite(result["val_loss"]):
                 raise RetrainError(f"validation loss is {result['val_loss']}")
-            version = self.registry.add(result["model"], {
-                "kind": kind, "arch": result["arch"], "val_loss": result["val_loss"],
-                "trained_on": scans, "n_frames": result["n_frames"], "parent": best,
-                "history": result["history"], "timings": timings,
-            })
+            meta = {"kind": kind, "arch": result["arch"], "val_loss": result["val_loss"],
+                    "baseline_val_loss": result["baseline_val_loss"], "baseline": serving,
+                    "trained_on": scans, "labels_sha256": labels["sha256"],
+                    "n_frames": result["n_frames"], "parent": best,
+                    "history": result["history"], "timings": timings,
+                    "executor": self.endpoint, "code_version": code_version()}
+            version = self.registry.add(result["model"], meta)
             self._put("ml:ValLoss", result["val_loss"])
+            self._quality_gate(version, result)
 
             self._status("Deploying", f"deploying model v{version}")
-            t0 = time.perf_counter()
             try:
                 self.ctx.put(f"{self.p}edge:LoadModel", version, timeout=120, wait=True)
             except Exception as exc:
                 raise RetrainError(f"edge refused model v{version}: {exc}") from exc
-            timings["deploy_s"] = time.perf_counter() - t0
+            # return: from the end of training (remote) to serving here; the task's own
+            # clock does not see queueing and result transfer, so that is included
+            timings["return_s"] = (time.perf_counter() - t_returned
+                                   + max(0.0, t_returned - t0 - result["seconds"]))
             timings["end_to_end_s"] = time.perf_counter() - t_start
             self._put("ml:ModelVersion", version)
+            self._publish_timings(timings)
             self._status("Idle", f"{kind} model v{version} serving; val loss "
                                  f"{result['val_loss']:.4g}; "
                                  + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
@@ -215,18 +324,49 @@ class RetrainService:
             self._status("Error", f"retraining failed: {type(exc).__name__}: {exc}")
         return None
 
+    def _ref(self, name: str, version: int | None) -> dict:
+        """A registry model by reference: path + checksum, verified where it is read."""
+        if version is None:
+            return {name: None, f"{name}_sha256": None}
+        meta = self.registry.meta(version)
+        return {name: str(self.registry.root / meta["file"]), f"{name}_sha256": meta["sha256"]}
+
+    def _quality_gate(self, version: int, result: dict) -> None:
+        """The new model must not be worse than the serving one on the same held-out set."""
+        baseline = result["baseline_val_loss"]
+        if baseline is None:
+            return
+        limit = baseline * (1.0 + self.cfg.remote.quality_margin)
+        if result["val_loss"] > limit:
+            reason = (f"quality gate: held-out loss {result['val_loss']:.4g} > serving model's "
+                      f"{baseline:.4g} + {self.cfg.remote.quality_margin:.0%}")
+            self.registry.mark_rejected(version, reason)
+            raise RetrainError(f"model v{version} not deployed: {reason}")
+
+    def _publish_timings(self, timings: dict) -> None:
+        for key, pv in TIMING_PVS.items():
+            if key in timings:
+                self._put(pv, timings[key])
+        log.info("retraining timings: %s", json.dumps({k: round(v, 2)
+                                                       for k, v in timings.items()}))
+
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> "RetrainService":
-        self._put("ml:Endpoint", self.cfg.executor)
+        self._put("ml:Endpoint", self.endpoint)
         self._put("ml:ModelVersion", self.registry.accepted(MODE_KIND[self.cfg.mode]) or 0)
-        self._status("Idle", f"retraining service ready (executor {self.cfg.executor})")
-        self._sub = self.ctx.monitor(f"{self.p}ml:Retrain", self._on_retrain)
+        self._status("Idle", f"retraining service ready (executor {self.endpoint})")
+        for name, callback in (("ml:Retrain", self._button("ml:Retrain", self.request)),
+                               ("ml:Abort", self._button("ml:Abort", self.abort)),
+                               ("ml:Rollback", self._button("ml:Rollback", self.rollback)),
+                               ("ml:Endpoint", self._on_endpoint)):
+            self._subs.append(self.ctx.monitor(f"{self.p}{name}", callback))
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._sub is not None:
-            self._sub.close()
+        self._abort.set()
+        for sub in self._subs:
+            sub.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.ctx.close()
 

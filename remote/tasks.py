@@ -114,10 +114,12 @@ def train_model(request: dict) -> dict:
     """Train from the given checkpoint (or fresh); returns the model as bytes + metrics.
 
     request: labels, labels_sha256, init (checkpoint path or None), init_sha256, kind,
-    arch, train (TrainConfig fields).
+    arch, train (TrainConfig fields), and optionally baseline / baseline_sha256 (the serving
+    model: its loss on the same held-out split is returned as ``baseline_val_loss``, for the
+    quality gate).
     """
     t0 = time.perf_counter()
-    from edgeloop.remote.training import centre_loss, ptycho_loss, train
+    from edgeloop.remote.training import centre_loss, evaluate, ptycho_loss, split, train
 
     data = Path(request["labels"]).read_bytes()
     if reg.sha256_bytes(data) != request["labels_sha256"]:
@@ -135,20 +137,30 @@ def train_model(request: dict) -> dict:
             targets = (amp, f["phase"][()])
             loss = ptycho_loss(f["weight"][()] if "weight" in f else None, amp.shape[-2:])
     if request.get("init"):
-        init = Path(request["init"]).read_bytes()
-        if reg.sha256_bytes(init) != request["init_sha256"]:
-            raise ValueError(f"checkpoint {request['init']} fails its checksum")
-        model, info = reg.model_from_bytes(init)
-        if info["kind"] != spec.name:
-            raise ValueError(f"checkpoint {request['init']} is a {info['kind']}, not "
-                             f"{spec.name}")
+        model, info = _checkpoint(request["init"], request["init_sha256"], spec.name)
         arch = info["arch"]
     else:
         arch = request["arch"]
         model = spec.build(**arch)
-    cfg = TrainConfig(**request["train"])
+    cfg = TrainConfig(**dict(request["train"], keep_initial=bool(request.get("init"))))
+    baseline_val_loss = None
+    if request.get("baseline"):
+        baseline, _ = _checkpoint(request["baseline"], request["baseline_sha256"], spec.name)
+        _, val_idx = split(len(inputs), cfg.val_fraction, cfg.seed)  # train()'s split
+        baseline_val_loss = evaluate(baseline, inputs, targets, loss, val_idx)
     model, val_loss, history = train(model, inputs, targets, loss, cfg)
     blob = reg.model_to_bytes(spec.name, arch, model)
     return {"model": blob, "sha256": reg.sha256_bytes(blob), "val_loss": float(val_loss),
+            "baseline_val_loss": baseline_val_loss,
             "history": history, "n_frames": int(len(inputs)), "arch": arch,
             "seconds": time.perf_counter() - t0}
+
+
+def _checkpoint(path: str, sha256: str, kind: str):
+    data = Path(path).read_bytes()
+    if reg.sha256_bytes(data) != sha256:
+        raise ValueError(f"checkpoint {path} fails its checksum")
+    model, info = reg.model_from_bytes(data)
+    if info["kind"] != kind:
+        raise ValueError(f"checkpoint {path} is a {info['kind']}, not {kind}")
+    return model, info

@@ -59,6 +59,17 @@ def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}: cyclic or cosine")
 
 
+def evaluate(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray],
+             loss_fn: LossFn, idx: np.ndarray) -> float:
+    """The loss of a model on the samples ``idx`` (e.g. the held-out split)."""
+    model.eval()
+    i = torch.from_numpy(np.asarray(idx))
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(inputs, np.float32))[i]
+        ys = [torch.from_numpy(np.ascontiguousarray(t, np.float32))[i] for t in targets]
+        return float(loss_fn(model(x), ys).item())
+
+
 def train(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray], loss_fn: LossFn,
           cfg: TrainConfig, progress=None) -> tuple[nn.Module, float, list[dict]]:
     """Train in place from the given weights; returns (best model, best val loss, history)."""
@@ -70,7 +81,11 @@ def train(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray], l
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = max(1, int(np.ceil(len(train_idx) / cfg.batch_size)))
     sched = _scheduler(opt, cfg, steps)
+    # continuing from a checkpoint: never hand back a model worse than the one we started from
     best_loss, best_state, history = float("inf"), None, []
+    if cfg.keep_initial:
+        best_loss = evaluate(model, inputs, targets, loss_fn, val_idx)
+        best_state = copy.deepcopy(model.state_dict())
     vi = torch.from_numpy(val_idx)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()

@@ -33,6 +33,7 @@ def random_prefix(tag: str) -> str:
 def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
     cfg = Config(prefix=prefix, data_dir=str(tmp / "data"), registry_dir=str(tmp / "models"))
     cfg.train.epochs = 2
+    cfg.train_hedm.epochs = 40
     cfg.train.recon_epochs = 8
     cfg.edge.stats_publish_s = 0.2
     cfg.edge.map_publish_s = 0.2

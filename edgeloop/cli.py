@@ -8,6 +8,7 @@ import signal
 import sys
 
 from edgeloop.config import MODES, Config, pin_loopback
+from edgeloop.remote.executors import EXECUTORS
 
 log = logging.getLogger("edgeloop")
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input-pv", help="NTNDArray to monitor (default $(P)det:Pva1:Image)")
     p = add("retrain-service", cmd_retrain_service,
             "watch $(P)ml:Retrain and run retraining on the configured executor")
-    p.add_argument("--executor", help="local (default)")
+    p.add_argument("--executor", choices=list(EXECUTORS),
+                   help="where retraining runs (default: the config's, local)")
     p = add("demo", cmd_demo, "run the whole loop once and report")
     p.add_argument("--out", default="edgeloop-demo", help="output directory")
     p.add_argument("--mode", choices=list(MODES),
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--points", type=int, default=None,
                    help="points (ptycho) or angles (hedm) per scan; default 500 / 120")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
-    p.add_argument("--executor", help="local (default)")
+    p.add_argument("--executor", choices=list(EXECUTORS),
+                   help="where retraining runs (default: the config's, local)")
 
     p = add("hedm-accuracy", cmd_hedm_accuracy,
             "BraggNN vs pseudo-Voigt fitting on fresh simulated peaks (accuracy, speed)")

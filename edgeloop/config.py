@@ -132,7 +132,8 @@ class TrainConfig:
 class RemoteConfig:
     """Where retraining runs (remote/executors.py) and how its data get there."""
 
-    parsl_provider: str = "local"  # built in: local; Slurm/PBS: your own parsl Config
+    parsl_config_file: str = ""  # Python file defining `config` (Slurm, PBS, ...); "":
+    # one HighThroughputExecutor with a LocalProvider on this machine
     parsl_workers: int = 1
     parsl_worker_init: str = ""  # shell run before a worker starts (e.g. activate a venv)
     globus_endpoint_id: str = ""  # Globus Compute endpoint UUID

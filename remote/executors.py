@@ -3,7 +3,7 @@ in configuration (``executor``, or a write to ``$(P)ml:Endpoint``) map to one he
 
 - ``local``: one spawned worker process on this machine (the default);
 - ``parsl``: a Parsl ``HighThroughputExecutor`` (``LocalProvider`` here; Slurm / PBS
-  providers by configuration, see README);
+  through ``remote.parsl_config_file``, examples in ``remote/parsl_examples/``);
 - ``globus-compute``: ``globus_compute_sdk.Executor`` on a Globus Compute endpoint.
 
 The tasks (``remote/tasks.py``) take and return small dicts of references and checksums, so
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import runpy
 import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
 
@@ -44,14 +45,18 @@ class LocalExecutor(ProcessPoolExecutor):
 
 
 def parsl_config(cfg: RemoteConfig, run_dir: str | None = None):
-    """A Parsl ``Config`` with one ``HighThroughputExecutor`` labelled ``edgeloop``."""
+    """The Parsl ``Config``: from ``remote.parsl_config_file`` (a Python file defining
+    ``config``, e.g. remote/parsl_examples/slurm.py) or one ``HighThroughputExecutor`` on
+    this machine (``LocalProvider``), both on loopback here."""
     from parsl.config import Config as ParslConfig
     from parsl.executors import HighThroughputExecutor
     from parsl.providers import LocalProvider
 
-    if cfg.parsl_provider != "local":
-        raise ValueError(f"parsl_provider {cfg.parsl_provider!r}: only 'local' is built in; "
-                         "for Slurm/PBS pass your own parsl Config (see README)")
+    if cfg.parsl_config_file:
+        namespace = runpy.run_path(cfg.parsl_config_file)
+        if not isinstance(namespace.get("config"), ParslConfig):
+            raise ValueError(f"{cfg.parsl_config_file} must define `config`, a parsl Config")
+        return namespace["config"]
     htex = HighThroughputExecutor(
         label="edgeloop", address="127.0.0.1", loopback_address="127.0.0.1",
         max_workers_per_node=cfg.parsl_workers, cores_per_worker=1,

@@ -96,7 +96,8 @@ def test_real_ioc_serves_every_ml_record_over_ca_and_pva(system):
 
     p = system.prefix
     for name in ("ml:Retrain", "ml:Status", "ml:ModelVersion", "ml:ValLoss", "ml:Message",
-                 "ml:Endpoint", "ml:Progress"):
+                 "ml:Endpoint", "ml:Progress", "ml:Abort", "ml:Rollback", "ml:StagingTime",
+                 "ml:AnalysisTime", "ml:TrainingTime", "ml:ReturnTime", "ml:EndToEndTime"):
         assert ca_get(f"{p}{name}", timeout=5).data is not None  # Channel Access (RSRV)
         assert system.pv(name) is not None  # pvAccess (QSRV2) via p4p
         assert pvaccess.Channel(f"{p}{name}", pvaccess.PVA).get() is not None  # via pvapy
@@ -200,6 +201,7 @@ def test_pv_write_retrains_and_hot_swaps_without_dropping_frames(system):
     assert system.value("ml:ModelVersion") == new
     assert system.value("ml:Progress") == 100.0
     assert system.value("ml:ValLoss") > 0
+    assert system.value("ml:EndToEndTime") >= system.value("ml:TrainingTime") > 0
     assert "serving" in system.value("ml:Message")
     assert seen_states & {"Analyzing", "Training"}
     wait_drained(system.ctx, p, settle_s=1.0, timeout=30)  # every frame in was answered

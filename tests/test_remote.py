@@ -408,3 +408,20 @@ def test_bluesky_trigger_every_n_runs_and_frames_and_coalescing(loop):
         time.sleep(0.2)
     time.sleep(1.0)
     assert len(runs) == 2 and lp.state() == "Idle"
+
+
+@pytest.mark.parametrize("example", ["slurm.py", "pbs.py"])
+def test_cluster_parsl_examples_build_a_config(example):
+    """The documented Slurm / PBS configurations load and name their scheduler; they are not
+    submitted (no cluster here)."""
+    from parsl.providers import PBSProProvider, SlurmProvider
+
+    from edgeloop.config import RemoteConfig
+    from edgeloop.remote.executors import parsl_config
+
+    path = Path(tasks.__file__).parent / "parsl_examples" / example
+    cfg = parsl_config(RemoteConfig(parsl_config_file=str(path)))
+    (htex,) = cfg.executors
+    assert htex.label == "edgeloop"
+    assert isinstance(htex.provider, SlurmProvider if example == "slurm.py" else PBSProProvider)
+    assert "activate" in htex.provider.worker_init

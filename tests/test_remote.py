@@ -197,11 +197,28 @@ def test_globus_compute_payloads_round_trip_the_sdk_serializer(tmp_path):
         assert len(packed) < GLOBUS_COMPUTE_PAYLOAD_LIMIT, len(packed)  # published size
 
 
-def test_globus_compute_needs_an_endpoint(loop):
+def test_globus_compute_endpoint_wiring_up_to_the_network(loop, monkeypatch):
+    """The real SDK is driven until it needs the service: with client credentials (dummy
+    here) building the executor logs in over the network, which is unreachable from here —
+    the service refuses the endpoint with the SDK's error and keeps its executor."""
     from edgeloop.remote.executors import make_executor
 
     with pytest.raises(ValueError, match="globus_endpoint_id"):
         make_executor("globus-compute")
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", "00000000-0000-0000-0000-000000000001")
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_SECRET", "not-a-secret")
+    lp = loop(globus_endpoint_id="11111111-2222-3333-4444-555555555555")
+    lp.start_service("local")
+    lp.ctx.put(f"{lp.p}ml:Endpoint", "globus-compute", timeout=5)
+    lp.wait_state({"Error"}, 120)
+    message = lp.value("ml:Message")
+    assert "refused" in message and "still using local" in message, message
+    assert lp.service.endpoint == "local"
+    hedm_scan(lp.cfg.data_path, 12)
+    assert lp.retrain() == "Idle", lp.value("ml:Message")  # the next trigger works
+
+
+def test_unknown_or_unconfigured_endpoint_is_refused(loop):
     lp = loop()
     lp.start_service("local")
     lp.ctx.put(f"{lp.p}ml:Endpoint", "globus-compute", timeout=5)

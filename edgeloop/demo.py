@@ -185,7 +185,7 @@ def _prepare(cfg: Config, out: str | Path, epochs: int | None) -> Path:
     return out
 
 
-def _burst(ctx: Context, p: str, frames: int, take) -> tuple[int, float]:
+def burst(ctx: Context, p: str, frames: int, take) -> tuple[int, float]:
     """A free-running burst, as fast as the detector posts: (outputs seen, seconds)."""
     from caproto.sync.client import write as ca_put
 
@@ -196,7 +196,7 @@ def _burst(ctx: Context, p: str, frames: int, take) -> tuple[int, float]:
     return seen, time.perf_counter() - t0
 
 
-def _edge_stats(ctx: Context, cfg: Config) -> dict:
+def edge_stats(ctx: Context, cfg: Config) -> dict:
     wait_drained(ctx, cfg.prefix, settle_s=4 * cfg.edge.stats_publish_s)
     return {k: int(ctx.get(f"{cfg.prefix}edge:{k}")["value"]) for k in
             ("FramesIn", "FramesOut", "Dropped", "BadFrames")}
@@ -235,7 +235,7 @@ def run_demo(cfg: Config, out: str | Path, scan_points: int = 500, epochs: int |
     return report
 
 
-def _retrain(ctx: Context, p: str, old_version: int) -> tuple[float, list[str]]:
+def retrain_via_pv(ctx: Context, p: str, old_version: int) -> tuple[float, list[str]]:
     from caproto.sync.client import write as ca_put  # caput, as an operator would
 
     log.info("operator: caput %sml:Retrain 1", p)
@@ -256,12 +256,12 @@ def _ptycho_demo(cfg, out, ctx, RE, writer, det, stage, scan_points, step) -> di
     log.info("scan 1: %d points with the untrained model", scan_points)
     dt1, out1, map1, v0 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step,
                                 centers[0])
-    retrain_s, states = _retrain(ctx, p, v0)
+    retrain_s, states = retrain_via_pv(ctx, p, v0)
     log.info("scan 2: %d points with the retrained model", scan_points)
     dt2, out2, map2, v1 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step,
                                 centers[1])
-    burst, burst_s = _burst(ctx, p, 300, collector.take)
-    stats = _edge_stats(ctx, cfg)
+    seen, burst_s = burst(ctx, p, 300, collector.take)
+    stats = edge_stats(ctx, cfg)
     err1, err2 = phase_errors(out1, sim), phase_errors(out2, sim)
     lat = np.array([f.attributes["LatencyMs"] for f in (*out1.values(), *out2.values())])
     extent = 0.55 * step * np.sqrt(scan_points) + max(abs(c) for xy in centers for c in xy)
@@ -271,7 +271,7 @@ def _ptycho_demo(cfg, out, ctx, RE, writer, det, stage, scan_points, step) -> di
         "mode": "ptycho",
         "frames_in": stats["FramesIn"], "frames_out": stats["FramesOut"],
         "dropped": stats["Dropped"], "bad_frames": stats["BadFrames"],
-        "fps": burst / burst_s,
+        "fps": seen / burst_s,
         "scan_fps": (len(out1) + len(out2)) / (dt1 + dt2),
         "latency_ms_p50": float(np.percentile(lat, 50)),
         "latency_ms_p99": float(np.percentile(lat, 99)),

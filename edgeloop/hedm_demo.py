@@ -102,7 +102,7 @@ def _stats(errors: np.ndarray) -> dict:
 
 def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
     from edgeloop.bluesky_plans import hedm_rotation_scan, read_scan
-    from edgeloop.demo import _burst, _edge_stats, _retrain
+    from edgeloop.demo import burst, edge_stats, retrain_via_pv
     from edgeloop.ioc.hedm import HedmSimulator
 
     p = cfg.prefix
@@ -113,7 +113,7 @@ def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
         scans, tables, versions, seconds = [], [], [], []
         for i, (start, stop) in enumerate(ranges):
             if i == 1:
-                retrain_s, states = _retrain(ctx, p, versions[0])
+                retrain_s, states = retrain_via_pv(ctx, p, versions[0])
             log.info("rotation scan %d: %d frames %.0f..%.0f deg", i + 1, frames, start, stop)
             t0 = time.perf_counter()
             RE(hedm_rotation_scan(det, stage.rot, start, stop, frames))
@@ -121,8 +121,8 @@ def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
             scans.append(read_scan(writer.last_path))
             tables.append(collector.take(scans[-1]["unique_id"], 60))
             versions.append(int(ctx.get(f"{p}edge:ModelVersion")["value"]))
-        burst, burst_s = _burst(ctx, p, 100, collector.take)
-        stats = _edge_stats(ctx, cfg)
+        seen, burst_s = burst(ctx, p, 100, collector.take)
+        stats = edge_stats(ctx, cfg)
     finally:
         collector.close()
     err1, _, _ = scan_errors(tables[0], scans[0], sim)
@@ -134,7 +134,7 @@ def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
         "mode": "hedm",
         "frames_in": stats["FramesIn"], "frames_out": stats["FramesOut"],
         "dropped": stats["Dropped"], "bad_frames": stats["BadFrames"],
-        "fps": burst / burst_s, "frames_per_scan": frames,
+        "fps": seen / burst_s, "frames_per_scan": frames,
         "scan_fps": 2 * frames / sum(seconds),
         "peaks_per_frame": float(np.mean(peaks)) if peaks else 0.0,
         "model_versions": versions,

@@ -131,3 +131,18 @@ def post(source, value):
         source.post(value)
     else:
         source.open(value)
+
+
+def wait_process_gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once the process has exited (gone, or a zombie not reaped yet by its parent)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False

@@ -18,7 +18,7 @@ from edgeloop.config import Config
 from edgeloop.registry import Registry, sha256_bytes
 from edgeloop.remote import tasks
 
-from conftest import random_prefix
+from conftest import random_prefix, wait_process_gone
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -327,8 +327,7 @@ def test_abort_a_running_training_then_the_next_trigger_works(loop):
     lp.ctx.put(f"{lp.p}ml:Abort", {"value.index": 1}, timeout=5)
     lp.wait_state({"Error"}, 30)
     assert "aborted" in lp.value("ml:Message")
-    worker.join(10)
-    assert worker.exitcode is not None  # the training process is gone
+    assert wait_process_gone(worker.pid, 10)  # the training process is gone
     assert lp.value("edge:ModelVersion") == 0
     lp.cfg.train_hedm.epochs = 3
     assert lp.retrain() == "Idle", lp.value("ml:Message")

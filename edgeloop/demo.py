@@ -189,9 +189,9 @@ def burst(ctx: Context, p: str, frames: int, take) -> tuple[int, float]:
     """A free-running burst, as fast as the detector posts: (outputs seen, seconds)."""
     from caproto.sync.client import write as ca_put
 
-    ca_put(f"{p}det:cam1:NumImages", frames, notify=True)
+    ca_put(f"{p}det:cam1:NumImages", frames, notify=True, repeater=False)
     t0 = time.perf_counter()
-    ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=120)
+    ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=120, repeater=False)
     seen = len(take(frames, 120))
     return seen, time.perf_counter() - t0
 
@@ -240,7 +240,7 @@ def retrain_via_pv(ctx: Context, p: str, old_version: int) -> tuple[float, list[
 
     log.info("operator: caput %sml:Retrain 1", p)
     t0 = time.perf_counter()
-    ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)
+    ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5, repeater=False)
     states = _wait_retrained(ctx, p, old_version, timeout=900)
     return time.perf_counter() - t0, states
 

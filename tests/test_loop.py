@@ -6,14 +6,21 @@ import time
 
 import numpy as np
 import pytest
-from caproto.sync.client import read as ca_get
-from caproto.sync.client import write as ca_put
+from caproto.sync import client as ca_client
 
 from edgeloop import ntnd
 from edgeloop.demo import wait_drained
 from edgeloop.registry import Registry
 
 pytestmark = pytest.mark.timeout(300)
+
+
+def ca_get(pv, **kwargs):  # caget; no CA repeater daemon left behind
+    return ca_client.read(pv, repeater=False, **kwargs)
+
+
+def ca_put(pv, value, **kwargs):  # caput
+    return ca_client.write(pv, value, repeater=False, **kwargs)
 
 
 class Collector:

@@ -62,7 +62,8 @@ def cmd_demo(args) -> None:
 def cmd_hedm_accuracy(args) -> None:
     from edgeloop.hedm_accuracy import run
 
-    run(args.out, n_train=args.train_peaks, n_test=args.test_peaks, epochs=args.epochs)
+    run(args.out, n_train=args.train_peaks, n_test=args.test_peaks, epochs=args.epochs,
+        width=args.width or _config(args).model.braggnn_width)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-peaks", type=int, default=20000)
     p.add_argument("--test-peaks", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--width", type=int, default=None,
+                   help="BraggNN channels (default: the config's model.braggnn_width)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -70,7 +70,7 @@ def braggnn_predict(infer, patches: np.ndarray, batch: int = 64) -> tuple[np.nda
 
 
 def run(out: str | Path, n_train: int = 20000, n_test: int = 1000, epochs: int = 20,
-        patch: int = 11, threads: int = 1) -> dict:
+        patch: int = 11, threads: int = 1, width: int | None = None) -> dict:
     """Train on fit labels, score and time on fresh peaks.  Both sides get ``threads`` CPU
     threads (the fit is single-threaded; 1 keeps the per-peak comparison per core)."""
     torch.set_num_threads(threads)
@@ -86,7 +86,9 @@ def run(out: str | Path, n_train: int = 20000, n_test: int = 1000, epochs: int =
     torch.manual_seed(0)
     cfg = dataclasses.replace(Config().train_hedm, epochs=epochs, threads=threads)
     t0 = time.perf_counter()
-    model, val_loss, _ = train(BraggNN(patch), inputs, (labels[ok] / patch,), centre_loss, cfg)
+    width = width or Config().model.braggnn_width
+    model, val_loss, _ = train(BraggNN(patch, width), inputs, (labels[ok] / patch,),
+                               centre_loss, cfg)
     train_s = time.perf_counter() - t0
 
     test_patches, truth = make_patch_dataset(n_test, patch, seed=202)
@@ -116,14 +118,15 @@ def run(out: str | Path, n_train: int = 20000, n_test: int = 1000, epochs: int =
         "fit_us_per_peak": fit_s / n_test * 1e6,
         "speedup": fit_s / nn_s,
         "error_ratio": float(nn_err.mean() / fit_err.mean()),
-        "val_loss": val_loss, "threads": threads, "batch": 64,
+        "val_loss": val_loss, "threads": threads, "batch": 64, "width": width,
         "label_s": label_s, "train_s": train_s, "epochs": epochs,
     }
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
     backends = ", ".join(f"{k} {v:.0f} us" for k, v in
                          report["braggnn_us_per_peak_by_backend"].items())
     print(f"BraggNN vs pseudo-Voigt fit on {n_test} fresh simulated peaks "
-          f"({threads} CPU thread(s) each; BraggNN trained on {report['n_train']} fit labels)\n"
+          f"({threads} CPU thread(s) each; BraggNN width {width} trained on "
+          f"{report['n_train']} fit labels)\n"
           f"  centre error mean/p50/p95 px  BraggNN {report['braggnn_error_px_mean']:.3f} / "
           f"{report['braggnn_error_px_p50']:.3f} / {report['braggnn_error_px_p95']:.3f}   "
           f"fit {report['fit_error_px_mean']:.3f} / {report['fit_error_px_p50']:.3f} / "

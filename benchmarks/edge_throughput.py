@@ -35,10 +35,11 @@ def _frames(size: int, n: int) -> list[np.ndarray]:
     return [rng.poisson(20.0, (size, size)).astype(np.int32) for _ in range(min(n, 16))]
 
 
-def _post_all(pv: SharedPV, frames, n: int, pace_s: float = 0.0) -> float:
+def _post_all(pv: SharedPV, frames, n: int, pace_s: float = 0.0,
+              attributes: dict | None = None) -> float:
     t0 = time.perf_counter()
     for i in range(n):
-        pv.post(ntnd.build(frames[i % len(frames)], i + 1))
+        pv.post(ntnd.build(frames[i % len(frames)], i + 1, attributes))
         if pace_s:
             time.sleep(pace_s)
     return time.perf_counter() - t0
@@ -78,17 +79,22 @@ def model_ceiling(edge: EdgeServer, size: int, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def edge_rate(edge: EdgeServer, source: SharedPV, size: int, n: int, pace_s: float = 0.0):
+def edge_rate(edge: EdgeServer, source: SharedPV, frames, n: int, pace_s: float = 0.0,
+              attributes: dict | None = None, output: str = "Phase",
+              frame_id: str = "uniqueId"):
+    """Post n frames (cycling through ``frames``) and time the edge's answers on
+    ``edge:<output>`` (whose field ``frame_id`` is 0 for the placeholder).
+    Returns (answers/s, latencies ms, frames dropped, frames posted/s)."""
     ctx = Context("pva", nt=False)
     outs = []
-    sub = ctx.monitor(f"{edge.prefix}edge:Phase",
-                      lambda v: None if isinstance(v, Exception) or v["uniqueId"] == 0
+    sub = ctx.monitor(f"{edge.prefix}edge:{output}",
+                      lambda v: None if isinstance(v, Exception) or v[frame_id] == 0
                       else outs.append(time.perf_counter()), request=PIPELINE_REQUEST)
     time.sleep(0.5)
     edge._latencies.clear()
     in0, drop0 = edge.queue.received, edge.queue.dropped
     t0 = time.perf_counter()
-    _post_all(source, _frames(size, n), n, pace_s)
+    post_s = _post_all(source, frames, n, pace_s, attributes)
     deadline = time.monotonic() + 120
     while edge.frames_out < in0 + n - (edge.queue.dropped - drop0) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -97,7 +103,7 @@ def edge_rate(edge: EdgeServer, source: SharedPV, size: int, n: int, pace_s: flo
     ctx.close()
     rate = len(outs) / (outs[-1] - t0) if outs else 0.0
     lat = np.array(edge._latencies)
-    return rate, lat, edge.queue.dropped - drop0
+    return rate, lat, edge.queue.dropped - drop0, n / post_s
 
 
 def main() -> None:
@@ -121,9 +127,11 @@ def main() -> None:
         try:
             transport = transport_ceiling(size, args.frames)
             model = model_ceiling(edge, size, args.frames)
-            rate, lat, dropped = edge_rate(edge, source, size, args.frames)
+            frames = _frames(size, args.frames)
+            rate, lat, dropped, _ = edge_rate(edge, source, frames, args.frames)
             paced_fps = 0.5 * min(transport, model)
-            _, paced_lat, _ = edge_rate(edge, source, size, args.frames // 2, 1.0 / paced_fps)
+            _, paced_lat, _, _ = edge_rate(edge, source, frames, args.frames // 2,
+                                           1.0 / paced_fps)
         finally:
             edge.stop()
             server.stop()

@@ -26,8 +26,9 @@ from p4p.server.thread import SharedPV  # noqa: E402
 from edgeloop import ntnd  # noqa: E402
 from edgeloop.edge_pva.hedm import peak_table  # noqa: E402
 from edgeloop.edge_pva.peaks import crop_patches, find_peaks  # noqa: E402
-from edgeloop.edge_pva.server import PIPELINE_REQUEST, EdgeServer  # noqa: E402
+from edgeloop.edge_pva.server import EdgeServer  # noqa: E402
 from edgeloop.ioc.hedm import HedmSimulator  # noqa: E402
+from edge_throughput import edge_rate  # noqa: E402  (beside this script)
 
 
 def stage_times(edge: EdgeServer, frames: list[np.ndarray]) -> dict[str, float]:
@@ -56,29 +57,6 @@ def stage_times(edge: EdgeServer, frames: list[np.ndarray]) -> dict[str, float]:
     return out
 
 
-def edge_burst(edge: EdgeServer, source: SharedPV, frames, n: int):
-    from p4p.client.thread import Context
-
-    ctx = Context("pva", nt=False)
-    outs = []
-    sub = ctx.monitor(f"{edge.prefix}edge:Peaks",
-                      lambda v: None if isinstance(v, Exception) or v["timeStamp.userTag"] == 0
-                      else outs.append(time.perf_counter()), request=PIPELINE_REQUEST)
-    time.sleep(0.5)
-    edge._latencies.clear()
-    t0 = time.perf_counter()
-    for i in range(n):
-        source.post(ntnd.build(frames[i % len(frames)], i + 1, {"Mode": "hedm"}))
-    post_s = time.perf_counter() - t0
-    deadline = time.monotonic() + 300
-    while len(outs) < n - edge.queue.dropped and time.monotonic() < deadline:
-        time.sleep(0.05)
-    sub.close()
-    ctx.close()
-    rate = len(outs) / (outs[-1] - t0) if outs else 0.0
-    return rate, np.array(edge._latencies), edge.queue.dropped, n / post_s
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=300)
@@ -97,7 +75,9 @@ def main() -> None:
     edge = EdgeServer(cfg, input_pv=f"{cfg.prefix}src:Image").start()
     try:
         st = stage_times(edge, frames)
-        rate, lat, dropped, post_fps = edge_burst(edge, source, frames, args.frames)
+        rate, lat, dropped, post_fps = edge_rate(edge, source, frames, args.frames,
+                                                 attributes={"Mode": "hedm"}, output="Peaks",
+                                                 frame_id="timeStamp.userTag")
     finally:
         edge.stop()
         server.stop()

@@ -17,11 +17,13 @@ log = logging.getLogger(__name__)
 
 
 class TorchBackend:
-    """Eager torch on CPU (or the first CUDA device when present)."""
+    """Eager torch on CPU (or the first CUDA device when present).  Takes any batch size;
+    its CPU threads are process-wide (``torch.set_num_threads``, set from edge.threads)."""
 
     name = "torch"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, input_size: int | None = None,
+                 threads: int | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
 
@@ -62,11 +64,12 @@ BACKENDS = {"torch": TorchBackend, "onnxruntime": OnnxBackend}
 
 
 def make_backend(name: str, model: nn.Module, input_size: int, threads: int = 1):
-    if name == "torch":
-        return TorchBackend(model)
-    if name == "onnxruntime":
-        return OnnxBackend(model, input_size, threads)
-    raise ValueError(f"unknown inference backend {name!r}; known: {sorted(BACKENDS)}")
+    try:
+        backend = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown inference backend {name!r}; known: {sorted(BACKENDS)}") \
+            from None
+    return backend(model, input_size, threads)
 
 
 class ModelRejected(RuntimeError):

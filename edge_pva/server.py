@@ -258,16 +258,14 @@ class EdgeServer:
                                           min_separation=edge.peak_min_separation)
             self._pvs["Peaks"].post(peak_table(frame.unique_id, peaks, frame.timestamp))
             self._pvs["PeakCount"].post(len(patches))
-            self._count_out(frame)
+            self._count_out(frame, time.time())
             self._recent["braggnn"].extend(patches[:4])
 
-    def _count_out(self, frame) -> float:
-        now = time.time()
-        latency = (now - frame.received) * 1e3
+    def _count_out(self, frame, now: float) -> None:
+        """Count a frame answered at ``now`` and its latency since it arrived."""
         self.frames_out += 1
-        self._latencies.append(latency)
+        self._latencies.append((now - frame.received) * 1e3)
         self._out_times.append(now)
-        return latency
 
     def _publish(self, frames, amplitude, phase, version: int) -> None:
         for frame, amp, ph in zip(frames, amplitude, phase):
@@ -280,13 +278,13 @@ class EdgeServer:
                 if x is not None and y is not None:
                     self.phase_map.add(ph, float(x), float(y))
                     self._map_dirty = True
-            latency = (time.time() - frame.received) * 1e3
-            attrs = {"ModelVersion": version, "LatencyMs": latency}
+            now = time.time()
+            attrs = {"ModelVersion": version, "LatencyMs": (now - frame.received) * 1e3}
             if x is not None and y is not None:
                 attrs.update(SampleX=float(x), SampleY=float(y))
             self._pvs["Phase"].post(ntnd.build(ph, uid, attrs, frame.timestamp))
             self._pvs["Amplitude"].post(ntnd.build(amp, uid, attrs, frame.timestamp))
-            self._count_out(frame)
+            self._count_out(frame, now)  # after the posts: FramesOut never runs ahead
 
     # ---- statistics ----------------------------------------------------------------------
     def _stats_loop(self) -> None:

@@ -22,31 +22,46 @@ log = logging.getLogger(__name__)
 
 
 class OutputCollector:
-    """Every edge:Phase update, keyed by uniqueId."""
+    """Every update of an edge output PV (pipelined monitor, so none are squashed), keyed by
+    the input frame's uniqueId; here edge:Phase frames, subclasses parse other outputs."""
 
     def __init__(self, ctx: Context, pv: str):
         self.lock = threading.Lock()
-        self.frames: dict[int, ntnd.Frame] = {}
+        self.items: dict = {}
         self.sub = ctx.monitor(pv, self._on, request="field()record[pipeline=true,queueSize=64]")
+
+    def _parse(self, value) -> tuple[int, object]:
+        frame = ntnd.decode(value)
+        return frame.unique_id, frame
 
     def _on(self, value) -> None:
         if isinstance(value, Exception):
             return
-        frame = ntnd.decode(value)
-        if frame.unique_id > 0:
+        uid, item = self._parse(value)
+        if uid > 0:  # 0: the placeholder before the first frame
             with self.lock:
-                self.frames[frame.unique_id] = frame
+                self.items[uid] = item
 
-    def take(self, expected: int, timeout: float) -> dict[int, ntnd.Frame]:
+    def take(self, expected, timeout: float) -> dict:
+        """Wait for the outputs of the uniqueIds in ``expected`` (or for ``expected`` outputs
+        when it is an int); return what arrived and start afresh."""
+        def done() -> bool:
+            if isinstance(expected, int):
+                return len(self.items) >= expected
+            return {int(u) for u in expected} <= set(self.items)
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                if len(self.frames) >= expected:
+                if done():
                     break
-            time.sleep(0.1)
+            time.sleep(0.05)
         with self.lock:
-            out, self.frames = self.frames, {}
+            out, self.items = self.items, {}
         return out
+
+    def close(self) -> None:
+        self.sub.close()
 
 
 def wait_drained(ctx: Context, prefix: str, settle_s: float = 1.0,

@@ -5,60 +5,27 @@ centre errors against the simulator's truth, beside the conventional fit's."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-from p4p.client.thread import Context
 
 from edgeloop.config import Config
+from edgeloop.demo import OutputCollector, burst, edge_stats, retrain_via_pv
 from edgeloop.hedm_accuracy import frame_errors
 
 log = logging.getLogger(__name__)
 
 
-class PeakCollector:
-    """Every ``edge:Peaks`` NTTable update (pipelined monitor), by frame uniqueId (the table's
-    ``timeStamp.userTag``); each table as a dict of numpy columns."""
+class PeakCollector(OutputCollector):
+    """Every ``edge:Peaks`` NTTable, by frame uniqueId (the table's ``timeStamp.userTag``,
+    set also for a frame with no peaks); each table as a dict of numpy columns."""
 
-    def __init__(self, ctx: Context, pv: str):
-        self.lock = threading.Lock()
-        self.tables: dict[int, dict[str, np.ndarray]] = {}
-        self.sub = ctx.monitor(pv, self._on, request="field()record[pipeline=true,queueSize=64]")
-
-    def _on(self, value) -> None:
-        if isinstance(value, Exception):
-            return
-        uid = int(value["timeStamp.userTag"])
-        if uid == 0:  # the placeholder before the first frame
-            return
+    def _parse(self, value) -> tuple[int, dict[str, np.ndarray]]:
         # p4p gives None for an empty column of a local Value, [] to a client; both mean 0 rows
         columns = {k: np.asarray(value["value"][k] if value["value"][k] is not None else [])
                    for k in value["labels"]}
-        with self.lock:
-            self.tables[uid] = columns
-
-    def take(self, expected, timeout: float) -> dict[int, dict[str, np.ndarray]]:
-        """Wait for the tables of the uniqueIds in ``expected`` (or for ``expected`` tables
-        when it is an int); return what arrived and start afresh."""
-        def done() -> bool:
-            if isinstance(expected, int):
-                return len(self.tables) >= expected
-            return {int(u) for u in expected} <= set(self.tables)
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if done():
-                    break
-            time.sleep(0.05)
-        with self.lock:
-            out, self.tables = self.tables, {}
-        return out
-
-    def close(self) -> None:
-        self.sub.close()
+        return int(value["timeStamp.userTag"]), columns
 
 
 def scan_errors(tables: dict, scan: dict, sim) -> tuple[np.ndarray, int, int]:
@@ -102,7 +69,6 @@ def _stats(errors: np.ndarray) -> dict:
 
 def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
     from edgeloop.bluesky_plans import hedm_rotation_scan, read_scan
-    from edgeloop.demo import burst, edge_stats, retrain_via_pv
     from edgeloop.ioc.hedm import HedmSimulator
 
     p = cfg.prefix

@@ -34,32 +34,32 @@ class RetrainError(RuntimeError):
     pass
 
 
-def _summaries(data_dir):
-    """(path, technique, frames) of the readable scans, newest first."""
+def usable_scans(data_dir) -> list[tuple[str, str, int]]:
+    """(path, technique, frames) of the readable scans with at least 4 frames, newest first;
+    the first one's technique is what the beamline is doing now."""
+    out = []
     for path in reversed(list_scans(data_dir)):
         try:
             technique, n = scan_summary(path)
         except (OSError, KeyError) as exc:
             log.warning("skipping unreadable scan %s: %s", path, exc)
             continue
-        yield path, technique, n
+        if n >= 4:
+            out.append((str(path), technique, n))
+    return out
 
 
-def newest_technique(data_dir) -> str | None:
-    """The technique of the newest usable scan: what the beamline is doing now."""
-    return next((t for _, t, n in _summaries(data_dir) if n >= 4), None)
-
-
-def stage_scans(data_dir, max_frames: int, technique: str = "ptychography") -> list[str]:
-    """Newest scans of a technique whose frames add up to at most max_frames (at least one
-    scan)."""
+def stage_scans(scans: list[tuple[str, str, int]], technique: str,
+                max_frames: int) -> list[str]:
+    """Of :func:`usable_scans`, the newest of a technique whose frames add up to at most
+    max_frames (at least one scan), oldest first."""
     chosen, total = [], 0
-    for path, kind, n in _summaries(data_dir):
-        if n < 4 or kind != technique:
+    for path, kind, n in scans:
+        if kind != technique:
             continue
         if chosen and total + n > max_frames:
             break
-        chosen.append(str(path))
+        chosen.append(path)
         total += n
     return list(reversed(chosen))
 
@@ -256,13 +256,14 @@ class RetrainService:
         try:
             self._status("Staging", f"staging scans from {cfg.data_path}")
             t0 = time.perf_counter()
-            technique = newest_technique(cfg.data_path)
-            if technique is None:
+            available = usable_scans(cfg.data_path)
+            if not available:
                 raise RetrainError(f"no scans to train on in {cfg.data_path}")
+            technique = available[0][1]
             mode = {t: m for m, t in MODE_TECHNIQUE.items()}[technique]
             kind = MODE_KIND[mode]
             train_cfg = cfg.training(kind)
-            scans = stage_scans(cfg.data_path, train_cfg.max_frames, technique)
+            scans = stage_scans(available, technique, train_cfg.max_frames)
             scans = stage(scans, cfg)
             timings["staging_s"] = time.perf_counter() - t0
 

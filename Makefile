@@ -5,14 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out/demo
 
-.PHONY: demo test benchmark install clean
+.PHONY: demo test lint benchmark install clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# pinned torch first: these wheels are on local disk here; an unpinned torch downloads GBs
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]'  # test pulls in every optional part (edgeloop[all])
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,7 +20,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/edgeloop demo --out $(OUT)
 
-test: $(VENV)/.installed
+# the layers' import contract and ruff first: a violation fails the test command
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) .ci/lint_imports.py
+
+test: lint
 	$(PY) -m pytest
 
 benchmark: $(VENV)/.installed

@@ -17,17 +17,13 @@ import threading
 import time
 
 import numpy as np
+from p4p.client.thread import Context
+from p4p.server import Server
+from p4p.server.thread import SharedPV
 
+from edgeloop import ntnd
 from edgeloop.config import Config, pin_loopback
-
-pin_loopback()
-
-from p4p.client.thread import Context  # noqa: E402
-from p4p.server import Server  # noqa: E402
-from p4p.server.thread import SharedPV  # noqa: E402
-
-from edgeloop import ntnd  # noqa: E402
-from edgeloop.edge_pva.server import PIPELINE_REQUEST, EdgeServer  # noqa: E402
+from edgeloop.edge_pva.server import PIPELINE_REQUEST, EdgeServer
 
 
 def _frames(size: int, n: int) -> list[np.ndarray]:
@@ -35,8 +31,9 @@ def _frames(size: int, n: int) -> list[np.ndarray]:
     return [rng.poisson(20.0, (size, size)).astype(np.int32) for _ in range(min(n, 16))]
 
 
-def _post_all(pv: SharedPV, frames, n: int, pace_s: float = 0.0,
-              attributes: dict | None = None) -> float:
+def _post_all(
+    pv: SharedPV, frames, n: int, pace_s: float = 0.0, attributes: dict | None = None
+) -> float:
     t0 = time.perf_counter()
     for i in range(n):
         pv.post(ntnd.build(frames[i % len(frames)], i + 1, attributes))
@@ -50,11 +47,13 @@ def transport_ceiling(size: int, n: int) -> float:
     got, done = [], threading.Event()
     with Server(providers=[{"BENCH:T:Image": pv}]):
         ctx = Context("pva", nt=False)
+
         def cb(v):
             if not isinstance(v, Exception) and v["uniqueId"] > 0:
                 got.append(time.perf_counter())
                 if len(got) >= n:
                     done.set()
+
         sub = ctx.monitor("BENCH:T:Image", cb, request=PIPELINE_REQUEST)
         time.sleep(0.5)
         t0 = time.perf_counter()
@@ -79,19 +78,32 @@ def model_ceiling(edge: EdgeServer, size: int, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def edge_rate(edge: EdgeServer, source: SharedPV, frames, n: int, pace_s: float = 0.0,
-              attributes: dict | None = None, output: str = "Phase",
-              frame_id: str = "uniqueId"):
+def edge_rate(
+    edge: EdgeServer,
+    source: SharedPV,
+    frames,
+    n: int,
+    pace_s: float = 0.0,
+    attributes: dict | None = None,
+    output: str = "Phase",
+    frame_id: str = "uniqueId",
+):
     """Post n frames (cycling through ``frames``) and time the edge's answers on
     ``edge:<output>`` (whose field ``frame_id`` is 0 for the placeholder).
     Returns (answers/s, latencies ms, frames dropped, frames posted/s)."""
     ctx = Context("pva", nt=False)
     outs = []
-    sub = ctx.monitor(f"{edge.prefix}edge:{output}",
-                      lambda v: None if isinstance(v, Exception) or v[frame_id] == 0
-                      else outs.append(time.perf_counter()), request=PIPELINE_REQUEST)
+    sub = ctx.monitor(
+        f"{edge.prefix}edge:{output}",
+        lambda v: (
+            None
+            if isinstance(v, Exception) or v[frame_id] == 0
+            else outs.append(time.perf_counter())
+        ),
+        request=PIPELINE_REQUEST,
+    )
     time.sleep(0.5)
-    edge._latencies.clear()
+    edge.latencies.clear()
     in0, drop0 = edge.queue.received, edge.queue.dropped
     t0 = time.perf_counter()
     post_s = _post_all(source, frames, n, pace_s, attributes)
@@ -102,20 +114,23 @@ def edge_rate(edge: EdgeServer, source: SharedPV, frames, n: int, pace_s: float 
     sub.close()
     ctx.close()
     rate = len(outs) / (outs[-1] - t0) if outs else 0.0
-    lat = np.array(edge._latencies)
+    lat = np.array(edge.latencies)
     return rate, lat, edge.queue.dropped - drop0, n / post_s
 
 
 def main() -> None:
+    pin_loopback()  # before the first Context or Server reads the EPICS settings
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=400)
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    print(f"{'frame':>7} {'transport':>10} {'model':>8} {'edge':>8} {'edge/min':>9} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'dropped':>8} {'paced fps':>10} {'p50 ms':>7} "
-          f"{'p99 ms':>7}")
+    print(
+        f"{'frame':>7} {'transport':>10} {'model':>8} {'edge':>8} {'edge/min':>9} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'dropped':>8} {'paced fps':>10} {'p50 ms':>7} "
+        f"{'p99 ms':>7}"
+    )
     for size in args.sizes:
         cfg = Config(prefix=f"BENCH{size}:", registry_dir=tempfile.mkdtemp())
         cfg.model.width = args.width
@@ -130,21 +145,24 @@ def main() -> None:
             frames = _frames(size, args.frames)
             rate, lat, dropped, _ = edge_rate(edge, source, frames, args.frames)
             paced_fps = 0.5 * min(transport, model)
-            _, paced_lat, _, _ = edge_rate(edge, source, frames, args.frames // 2,
-                                           1.0 / paced_fps)
+            _, paced_lat, _, _ = edge_rate(edge, source, frames, args.frames // 2, 1.0 / paced_fps)
         finally:
             edge.stop()
             server.stop()
         ceiling = min(transport, model)
-        p50, p99 = (np.percentile(lat, [50, 99]) if len(lat) else (np.nan, np.nan))
-        q50, q99 = (np.percentile(paced_lat, [50, 99]) if len(paced_lat) else (np.nan, np.nan))
-        print(f"{size:>4}^2 {transport:>10.0f} {model:>8.1f} {rate:>8.1f} {rate / ceiling:>9.2f} "
-              f"{p50:>7.1f} {p99:>7.1f} {dropped:>8d} {paced_fps:>10.1f} {q50:>7.1f} "
-              f"{q99:>7.1f}")
+        p50, p99 = np.percentile(lat, [50, 99]) if len(lat) else (np.nan, np.nan)
+        q50, q99 = np.percentile(paced_lat, [50, 99]) if len(paced_lat) else (np.nan, np.nan)
+        print(
+            f"{size:>4}^2 {transport:>10.0f} {model:>8.1f} {rate:>8.1f} {rate / ceiling:>9.2f} "
+            f"{p50:>7.1f} {p99:>7.1f} {dropped:>8d} {paced_fps:>10.1f} {q50:>7.1f} "
+            f"{q99:>7.1f}"
+        )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"frames/s; latency = receive -> publish inside the edge; a burst of {args.frames} "
-          "frames queues (its latency is mostly queueing), the paced run posts at half the "
-          f"ceiling; peak RSS {rss:.0f} MB")
+    print(
+        f"frames/s; latency = receive -> publish inside the edge; a burst of {args.frames} "
+        "frames queues (its latency is mostly queueing), the paced run posts at half the "
+        f"ceiling; peak RSS {rss:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

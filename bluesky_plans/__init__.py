@@ -1,5 +1,6 @@
 """Bluesky side of edgeloop: ophyd devices, the ptychography and HEDM scan plans, and the
-HDF5 writer.
+HDF5 writer.  A part: it imports only the core (``edgeloop``'s own modules), never another
+part.
 
 The devices (and so ophyd and its Channel Access layer) are imported lazily, on first use of
 one of their names, so ``read_scan`` and the plans can be used without EPICS.  Call
@@ -30,6 +31,7 @@ __all__ = [
 def __getattr__(name):
     if name in _DEVICE_NAMES:
         from edgeloop.bluesky_plans import devices
+
         return getattr(devices, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

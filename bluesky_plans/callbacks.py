@@ -40,8 +40,11 @@ class _Run:
 
 def _image_key(data_keys: dict, detectors: list[str], object_keys: dict) -> str:
     """The 2-D array data key, preferring the named detectors' ``*_image`` keys."""
-    arrays = [k for k, v in data_keys.items()
-              if v.get("dtype") == "array" and len(v.get("shape") or []) == 2]
+    arrays = [
+        k
+        for k, v in data_keys.items()
+        if v.get("dtype") == "array" and len(v.get("shape") or []) == 2
+    ]
     preferred = [k for d in detectors for k in object_keys.get(d, []) if k in arrays]
     for candidates in (preferred, arrays):
         named = [k for k in candidates if k.endswith("image")]
@@ -55,9 +58,11 @@ def _motor_keys(start: dict, descriptor: dict, n: int) -> tuple[str, ...]:
     object_keys, then (two axes) keys ending in ``_x`` / ``_y``."""
     data_keys = descriptor["data_keys"]
     dims = start.get("hints", {}).get("dimensions") or []
-    from_dims = [fields[0] for fields, stream in dims
-                 if stream == descriptor.get("name", "primary") and fields
-                 and fields[0] in data_keys]
+    from_dims = [
+        fields[0]
+        for fields, stream in dims
+        if stream == descriptor.get("name", "primary") and fields and fields[0] in data_keys
+    ]
     if len(from_dims) >= n:
         return tuple(from_dims[:n])
     motors = list(start.get("motors") or [])
@@ -67,8 +72,11 @@ def _motor_keys(start: dict, descriptor: dict, n: int) -> tuple[str, ...]:
     for m in motors[:n]:
         candidates = [k for k in (hints.get(m, {}).get("fields") or []) if k in data_keys]
         candidates += [m] if m in data_keys else []
-        candidates += [k for k in object_keys.get(m, []) if k in data_keys
-                       and not k.endswith(("setpoint", "_user_setpoint"))]
+        candidates += [
+            k
+            for k in object_keys.get(m, [])
+            if k in data_keys and not k.endswith(("setpoint", "_user_setpoint"))
+        ]
         if candidates:
             found.append(candidates[0])
     if len(found) == n:
@@ -78,8 +86,9 @@ def _motor_keys(start: dict, descriptor: dict, n: int) -> tuple[str, ...]:
         ys = [k for k in data_keys if k.endswith("_y") or k == "y"]
         if xs and ys:
             return xs[0], ys[0]
-    raise ValueError(f"cannot tell the {n} motor readback(s) of {motors} among "
-                     f"{sorted(data_keys)}")
+    raise ValueError(
+        f"cannot tell the {n} motor readback(s) of {motors} among {sorted(data_keys)}"
+    )
 
 
 class ScanWriter(CallbackBase):
@@ -138,8 +147,12 @@ class ScanWriter(CallbackBase):
         image = _image_key(data_keys, detectors, object_keys)
         axes = _motor_keys(run.start, doc, POSITIONS[run.start["technique"]][1])
         uid_keys = [k for k in data_keys if k.endswith("unique_id")]
-        run.keys = _Keys(image=image, axes=axes, unique_id=uid_keys[0] if uid_keys else None,
-                         shape=tuple(data_keys[image]["shape"]))
+        run.keys = _Keys(
+            image=image,
+            axes=axes,
+            unique_id=uid_keys[0] if uid_keys else None,
+            shape=tuple(data_keys[image]["shape"]),
+        )
         self._descriptors[doc["uid"]] = doc["run_start"]
         log.debug("ScanWriter: image %s, axes %s, uid %s", image, axes, run.keys.unique_id)
         return doc
@@ -152,13 +165,18 @@ class ScanWriter(CallbackBase):
         keys, data = run.keys, doc["data"]
         frame = data[keys.image]
         if isinstance(frame, str) or (doc.get("filled") or {}).get(keys.image) is False:
-            log.warning("ScanWriter: event %s has an unfilled (external) image; skipped",
-                        doc.get("seq_num"))
+            log.warning(
+                "ScanWriter: event %s has an unfilled (external) image; skipped",
+                doc.get("seq_num"),
+            )
             return doc
         run.frames.append(np.asarray(frame))
         run.positions.append(tuple(float(data[k]) for k in keys.axes))
-        run.unique_ids.append(int(data[keys.unique_id]) if keys.unique_id
-                              else int(doc.get("seq_num", len(run.frames))))
+        run.unique_ids.append(
+            int(data[keys.unique_id])
+            if keys.unique_id
+            else int(doc.get("seq_num", len(run.frames)))
+        )
         run.timestamps.append(float(doc.get("timestamps", {}).get(keys.image, doc["time"])))
         return doc
 
@@ -192,10 +210,10 @@ class ScanWriter(CallbackBase):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with h5py.File(tmp, "w") as f:
-                f.create_dataset("frames", data=frames,
-                                 chunks=(1, *frames.shape[1:]) if frames.size else None)
-                f.create_dataset(positions_name,
-                                 data=positions if n_axes > 1 else positions[:, 0])
+                f.create_dataset(
+                    "frames", data=frames, chunks=(1, *frames.shape[1:]) if frames.size else None
+                )
+                f.create_dataset(positions_name, data=positions if n_axes > 1 else positions[:, 0])
                 f.create_dataset("unique_id", data=np.asarray(run.unique_ids, dtype=np.int64))
                 f.create_dataset("timestamps", data=np.asarray(run.timestamps, dtype=float))
                 f.attrs["technique"] = technique
@@ -211,8 +229,13 @@ class ScanWriter(CallbackBase):
             Path(tmp).unlink(missing_ok=True)
             raise
         level = logging.INFO if exit_status == "success" else logging.WARNING
-        log.log(level, "ScanWriter: wrote %s (%d frames, exit_status %s)", path,
-                len(run.frames), exit_status)
+        log.log(
+            level,
+            "ScanWriter: wrote %s (%d frames, exit_status %s)",
+            path,
+            len(run.frames),
+            exit_status,
+        )
         return path
 
 
@@ -238,8 +261,13 @@ class RetrainTrigger(CallbackBase):
         Called instead of the PV write (e.g. ``RetrainService.request``).
     """
 
-    def __init__(self, prefix: str = "SIM:", every_n_runs: int = 1,
-                 every_n_frames: int | None = None, request=None):
+    def __init__(
+        self,
+        prefix: str = "SIM:",
+        every_n_runs: int = 1,
+        every_n_frames: int | None = None,
+        request=None,
+    ):
         super().__init__()
         if every_n_runs < 1 or (every_n_frames is not None and every_n_frames < 1):
             raise ValueError("every_n_runs and every_n_frames must be >= 1")

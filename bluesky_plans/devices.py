@@ -1,8 +1,9 @@
 """Ophyd devices for the (simulated or real) beamline.
 
 The sample stage is three motor records (``$(P)SampleX``, ``$(P)SampleY`` in micrometres,
-``$(P)SampleRot`` in degrees).  The detector is an areaDetector-like camera: its controls (``$(P)det:cam1:*``) are read over
-Channel Access, its frames over pvAccess as NTNDArray (``$(P)det:Pva1:Image``).
+``$(P)SampleRot`` in degrees).  The detector is an areaDetector-like camera: its controls
+(``$(P)det:cam1:*``) are read over Channel Access, its frames over pvAccess as NTNDArray
+(``$(P)det:Pva1:Image``).
 
 Call :func:`edgeloop.config.pin_loopback` before importing this module when the simulated
 beamline serves Channel Access on its own port.
@@ -72,6 +73,7 @@ class PvaImageSignal(Signal):
         """The p4p client context, created on first use."""
         if self._context is None:
             from p4p.client.thread import Context
+
             self._context = Context("pva", nt=False)
         return self._context
 
@@ -116,11 +118,19 @@ class PvaImageSignal(Signal):
             try:
                 self.fetch()
             except TimeoutError as exc:
-                raise TimeoutError(f"{self.name}: no frame on {self.pv_name} yet, so its shape "
-                                   "is unknown; trigger the detector first") from exc
+                raise TimeoutError(
+                    f"{self.name}: no frame on {self.pv_name} yet, so its shape "
+                    "is unknown; trigger the detector first"
+                ) from exc
         data = self._frame.data
-        return {self.name: {"source": f"PVA:{self.pv_name}", "dtype": "array",
-                            "shape": list(data.shape), "dtype_numpy": data.dtype.str}}
+        return {
+            self.name: {
+                "source": f"PVA:{self.pv_name}",
+                "dtype": "array",
+                "shape": list(data.shape),
+                "dtype_numpy": data.dtype.str,
+            }
+        }
 
     def put(self, value, **kwargs):
         raise PermissionError(f"{self.name} ({self.pv_name}) is read-only")
@@ -174,8 +184,15 @@ class PtychoDetector(Device):
     image = FCpt(PvaImageSignal, "{image_pv}", kind="normal")
     unique_id = Cpt(Signal, value=0, kind="normal")
 
-    def __init__(self, prefix: str, *, name: str, image_pv: str | None = None,
-                 trigger_timeout: float = 10.0, **kwargs):
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        name: str,
+        image_pv: str | None = None,
+        trigger_timeout: float = 10.0,
+        **kwargs,
+    ):
         self.image_pv = image_pv or f"{prefix}det:Pva1:Image"  # read by the image FCpt
         self.trigger_timeout = trigger_timeout
         super().__init__(prefix, name=name, **kwargs)
@@ -200,8 +217,9 @@ class PtychoDetector(Device):
     def trigger(self) -> DeviceStatus:
         """Take one frame; the status finishes once the matching frame has been fetched."""
         status = DeviceStatus(self)
-        threading.Thread(target=self._acquire_one, args=(status,), daemon=True,
-                         name=f"{self.name}-trigger").start()
+        threading.Thread(
+            target=self._acquire_one, args=(status,), daemon=True, name=f"{self.name}-trigger"
+        ).start()
         return status
 
     def _acquire_one(self, status: DeviceStatus) -> None:
@@ -220,7 +238,8 @@ class PtychoDetector(Device):
                     raise TimeoutError(
                         f"{self.name}: frame on {self.image_pv} has uniqueId {frame.unique_id} "
                         f"but ArrayCounter_RBV is {expected} after {self.trigger_timeout} s; "
-                        "is the PVA plugin enabled and publishing every frame?")
+                        "is the PVA plugin enabled and publishing every frame?"
+                    )
                 time.sleep(0.01)
         except Exception as exc:
             log.error("%s trigger failed: %s", self.name, exc)
@@ -229,8 +248,9 @@ class PtychoDetector(Device):
             status.set_finished()
 
 
-def make_devices(prefix: str = "SIM:", timeout: float = 10.0
-                 ) -> tuple[PtychoDetector, SampleStage]:
+def make_devices(
+    prefix: str = "SIM:", timeout: float = 10.0
+) -> tuple[PtychoDetector, SampleStage]:
     """Build the detector (``det``) and stage (``stage``) and wait for their connections.
 
     Parameters

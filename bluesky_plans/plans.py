@@ -20,8 +20,7 @@ GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 SPIRAL_RADIUS_FACTOR = 0.55  # r = 0.55 * step * sqrt(n): nearest neighbours ~ step apart
 
 
-def spiral_positions(num: int, step_um: float,
-                     center: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
+def spiral_positions(num: int, step_um: float, center: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
     """Points of a Fermat spiral with roughly uniform density.
 
     Parameters
@@ -91,8 +90,13 @@ def _limits(motor) -> tuple[float, float] | None:
     return low, high
 
 
-def _check_limits(motor, values: np.ndarray, axis: str, units: str = "um",
-                  advice: str = "reduce num/step or move the center") -> None:
+def _check_limits(
+    motor,
+    values: np.ndarray,
+    axis: str,
+    units: str = "um",
+    advice: str = "reduce num/step or move the center",
+) -> None:
     limits = _limits(motor)
     if limits is None:
         return
@@ -101,7 +105,8 @@ def _check_limits(motor, values: np.ndarray, axis: str, units: str = "um",
     if vmin < low or vmax > high:
         raise ValueError(
             f"{axis} positions span [{vmin:.4f}, {vmax:.4f}] {units}, outside the limits of "
-            f"{getattr(motor, 'name', motor)} [{low}, {high}] {units}; {advice}")
+            f"{getattr(motor, 'name', motor)} [{low}, {high}] {units}; {advice}"
+        )
 
 
 def _set_mode(det, mode: str) -> MsgGenerator:
@@ -118,9 +123,15 @@ def _fields(obj) -> list[str]:
     return fields or [obj.name]
 
 
-def ptycho_scan(det, stage, num: int = 963, step: float = 0.05,
-                center: Sequence[float] = (0.0, 0.0), *, md: dict | None = None
-                ) -> MsgGenerator:
+def ptycho_scan(
+    det,
+    stage,
+    num: int = 963,
+    step: float = 0.05,
+    center: Sequence[float] = (0.0, 0.0),
+    *,
+    md: dict | None = None,
+) -> MsgGenerator:
     """Step-scan the sample over a Fermat spiral, one detector frame per point.
 
     Parameters
@@ -165,8 +176,13 @@ def ptycho_scan(det, stage, num: int = 963, step: float = 0.05,
     x_fields, y_fields = _fields(stage.x), _fields(stage.y)
     _md = {
         "plan_name": "ptycho_scan",
-        "plan_args": {"det": repr(det), "stage": repr(stage), "num": int(num),
-                      "step": float(step), "center": [float(c) for c in center]},
+        "plan_args": {
+            "det": repr(det),
+            "stage": repr(stage),
+            "num": int(num),
+            "step": float(step),
+            "center": [float(c) for c in center],
+        },
         "detectors": [det.name],
         "motors": [stage.x.name, stage.y.name],
         "num_points": int(num),
@@ -194,8 +210,9 @@ def _ptycho_scan(det, stage, positions: np.ndarray, md: dict) -> MsgGenerator:
     return (yield from inner())
 
 
-def hedm_rotation_scan(det, rot, start: float, stop: float, num: int, *,
-                       md: dict | None = None) -> MsgGenerator:
+def hedm_rotation_scan(
+    det, rot, start: float, stop: float, num: int, *, md: dict | None = None
+) -> MsgGenerator:
     """Step the sample rotation from ``start`` to ``stop`` (inclusive), one HEDM detector frame
     per angle.
 
@@ -236,16 +253,22 @@ def hedm_rotation_scan(det, rot, start: float, stop: float, num: int, *,
     try:
         start, stop = float(start), float(stop)
     except (TypeError, ValueError):
-        raise ValueError(f"start/stop must be numbers (degrees), got {start!r}, {stop!r}") \
-            from None
+        raise ValueError(
+            f"start/stop must be numbers (degrees), got {start!r}, {stop!r}"
+        ) from None
     if not (math.isfinite(start) and math.isfinite(stop)):
         raise ValueError(f"start/stop must be finite, got {start!r}, {stop!r}")
     angles = np.linspace(start, stop, num)
     _check_limits(rot, angles, "rotation", "deg", "reduce the angular range")
     _md = {
         "plan_name": "hedm_rotation_scan",
-        "plan_args": {"det": repr(det), "rot": repr(rot), "start": start, "stop": stop,
-                      "num": num},
+        "plan_args": {
+            "det": repr(det),
+            "rot": repr(rot),
+            "start": start,
+            "stop": stop,
+            "num": num,
+        },
         "detectors": [det.name],
         "motors": [rot.name],
         "num_points": num,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from edgeloop.models import ModelKind
+from edgeloop.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,9 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, input_size: int | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self, model: nn.Module, input_size: int | None = None, threads: int | None = None
+    ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
 
@@ -40,21 +42,30 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, model: nn.Module, input_size: int, threads: int = 1):
-        import onnxruntime as ort
+        require("onnx", "onnx")  # torch.onnx.export needs it
+        ort = require("onnxruntime", "onnx")
 
         buf = io.BytesIO()
         example = torch.zeros(2, 1, input_size, input_size)
         with torch.no_grad():
             n_out = len(model.eval()(example))
-        torch.onnx.export(model, (example,), buf, input_names=["x"],
-                          output_names=[f"y{i}" for i in range(n_out)],
-                          dynamic_axes={"x": {0: "batch"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,
+            input_names=["x"],
+            output_names=[f"y{i}" for i in range(n_out)],
+            dynamic_axes={"x": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(buf.getvalue(), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            buf.getvalue(), options, providers=["CPUExecutionProvider"]
+        )
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(self.session.run(None, {"x": np.ascontiguousarray(batch, np.float32)}))
@@ -67,8 +78,9 @@ def make_backend(name: str, model: nn.Module, input_size: int, threads: int = 1)
     try:
         backend = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown inference backend {name!r}; known: {sorted(BACKENDS)}") \
-            from None
+        raise ValueError(
+            f"unknown inference backend {name!r}; known: {sorted(BACKENDS)}"
+        ) from None
     return backend(model, input_size, threads)
 
 
@@ -102,8 +114,9 @@ def _check_braggnn(outs, n: int, size: int) -> None:
         raise ModelRejected(f"center output shape {centre.shape} != {(n, 2)}")
     # centres are in patch units; a usable model keeps a peak near its patch
     if np.abs(centre - 0.5).max() > 1.0:
-        raise ModelRejected(f"centres {centre.min():.2f}..{centre.max():.2f} patch widths, "
-                            "far outside the patch")
+        raise ModelRejected(
+            f"centres {centre.min():.2f}..{centre.max():.2f} patch widths, far outside the patch"
+        )
 
 
 _CHECKS = {"ptychonn": _check_ptychonn, "braggnn": _check_braggnn}
@@ -117,8 +130,9 @@ def validate(served: ServedModel, probe_inputs: list[np.ndarray]) -> None:
     except Exception as exc:
         raise ModelRejected(f"probe batch failed: {type(exc).__name__}: {exc}") from exc
     if len(outs) != len(served.spec.outputs):
-        raise ModelRejected(f"model gives {len(outs)} outputs, {served.spec.name} needs "
-                            f"{len(served.spec.outputs)}")
+        raise ModelRejected(
+            f"model gives {len(outs)} outputs, {served.spec.name} needs {len(served.spec.outputs)}"
+        )
     for name, out in zip(served.spec.outputs, outs):
         if not np.all(np.isfinite(out)):
             raise ModelRejected(f"{name} output has NaN or Inf")
@@ -134,8 +148,12 @@ def probe_inputs(kind: str, size: int, recent: list[np.ndarray]) -> list[np.ndar
     if kind == "braggnn":
         yy, xx = np.mgrid[:size, :size]
         mid = (size - 1) / 2
-        return [(20 + 1000 * np.exp(-((xx - mid - dx) ** 2 + (yy - mid + dx) ** 2) / 3)
-                 ).astype(np.float32) for dx in (-1.0, 0.0, 1.0)]
+        return [
+            (20 + 1000 * np.exp(-((xx - mid - dx) ** 2 + (yy - mid + dx) ** 2) / 3)).astype(
+                np.float32
+            )
+            for dx in (-1.0, 0.0, 1.0)
+        ]
     return [rng.poisson(50.0, (size, size)).astype(np.float32) for _ in range(2)]
 
 

@@ -30,8 +30,14 @@ from edgeloop import ntnd
 from edgeloop.config import MODE_KIND, MODES, Config
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.hedm import NO_PEAKS, locate_peaks, peak_table
-from edgeloop.edge_pva.inference import (ModelRejected, ModelSlot, ServedModel, make_backend,
-                                         probe_inputs, validate)
+from edgeloop.edge_pva.inference import (
+    ModelRejected,
+    ModelSlot,
+    ServedModel,
+    make_backend,
+    probe_inputs,
+    validate,
+)
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import ModelFileError, Registry
@@ -69,12 +75,13 @@ class EdgeServer:
         self._recent = {k: collections.deque(maxlen=4) for k in MODE_KIND.values()}
         self.slots = {k: ModelSlot(self._initial_model(k)) for k in MODE_KIND.values()}
         self.mode = cfg.mode  # of the last frame handled
-        self.phase_map = PhaseMap(cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um,
-                                  cfg.edge.stitch_sigma_px)
+        self.phase_map = PhaseMap(
+            cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um, cfg.edge.stitch_sigma_px
+        )
         self._map_lock = threading.Lock()
         self._map_dirty = False
         self._last_uid = None
-        self._latencies: collections.deque = collections.deque(maxlen=2000)
+        self.latencies: collections.deque = collections.deque(maxlen=2000)  # ms, newest last
         self._out_times: collections.deque = collections.deque(maxlen=2000)
         self.frames_out = self.bad_frames = 0
         self._stop = threading.Event()
@@ -93,8 +100,9 @@ class EdgeServer:
 
     def _serve(self, version: int, kind: str, model) -> ServedModel:
         size, edge = self.cfg.input_size(kind), self.cfg.edge
-        return ServedModel(version, model_kind(kind), size,
-                           make_backend(edge.backend, model, size, edge.threads))
+        return ServedModel(
+            version, model_kind(kind), size, make_backend(edge.backend, model, size, edge.threads)
+        )
 
     def _validate(self, served: ServedModel) -> None:
         kind = served.spec.name
@@ -110,12 +118,19 @@ class EdgeServer:
                 log.info("serving %s model v%d from %s", kind, version, self.registry.root)
                 return served
             except (ModelFileError, ModelRejected) as exc:
-                log.error("accepted %s model v%d unusable (%s); serving an untrained model",
-                          kind, version, exc)
+                log.error(
+                    "accepted %s model v%d unusable (%s); serving an untrained model",
+                    kind,
+                    version,
+                    exc,
+                )
         torch.manual_seed(0)
         model = model_kind(kind).build(**self.cfg.arch(kind))
-        log.info("no accepted %s model in %s: serving an untrained (random) model v0", kind,
-                 self.registry.root)
+        log.info(
+            "no accepted %s model in %s: serving an untrained (random) model v0",
+            kind,
+            self.registry.root,
+        )
         return self._serve(0, kind, model)
 
     def load_version(self, version: int) -> None:
@@ -125,8 +140,9 @@ class EdgeServer:
             model, meta = self.registry.load(version)
             kind = meta.get("kind")
             if kind not in self.slots:
-                raise ModelRejected(f"model kind {kind!r} is not served here "
-                                    f"({sorted(self.slots)})")
+                raise ModelRejected(
+                    f"model kind {kind!r} is not served here ({sorted(self.slots)})"
+                )
             served = self._serve(version, kind, model)
             self._validate(served)
         except (ModelFileError, ModelRejected) as exc:
@@ -166,17 +182,22 @@ class EdgeServer:
     def _make_pvs(self) -> dict[str, SharedPV]:
         n = self.cfg.model.input_size
         m = self.cfg.edge.map_size
-        image = lambda size: SharedPV(initial=ntnd.build(np.zeros((size, size), np.float32), 0))
+
+        def image(size):
+            return SharedPV(initial=ntnd.build(np.zeros((size, size), np.float32), 0))
+
         pvs = {
-            "Phase": image(n), "Amplitude": image(n), "PhaseMap": image(m),
+            "Phase": image(n),
+            "Amplitude": image(n),
+            "PhaseMap": image(m),
             "Peaks": SharedPV(initial=peak_table(0, NO_PEAKS)),
             "Mode": SharedPV(nt=NTScalar("s"), initial=self.mode),
             "Message": SharedPV(nt=NTScalar("s"), initial="starting"),
-            "LoadModel": SharedPV(nt=NTScalar("l"), initial=0,
-                                  handler=_LoadModelHandler(self._load_requests)),
+            "LoadModel": SharedPV(
+                nt=NTScalar("l"), initial=0, handler=_LoadModelHandler(self._load_requests)
+            ),
         }
-        for name in ("FramesIn", "FramesOut", "Dropped", "BadFrames", "ModelVersion",
-                     "PeakCount"):
+        for name in ("FramesIn", "FramesOut", "Dropped", "BadFrames", "ModelVersion", "PeakCount"):
             pvs[name] = SharedPV(nt=NTScalar("l"), initial=0)
         for name in ("FrameRate", "LatencyMs"):
             pvs[name] = SharedPV(nt=NTScalar("d", display=True), initial=0.0)
@@ -210,8 +231,11 @@ class EdgeServer:
             return None
         mode = frame.attributes.get("Mode", self.cfg.mode)
         if mode not in MODES:
-            self._bad(1, f"bad frame uniqueId={frame.unique_id}: Mode attribute {mode!r} is "
-                         f"not one of {list(MODES)}")
+            self._bad(
+                1,
+                f"bad frame uniqueId={frame.unique_id}: Mode attribute {mode!r} is "
+                f"not one of {list(MODES)}",
+            )
             return None
         frame.attributes["Mode"] = mode
         return frame
@@ -230,8 +254,9 @@ class EdgeServer:
             # consecutive frames of one mode form a batch
             while frames:
                 mode = frames[0].attributes["Mode"]
-                n = next((i for i, f in enumerate(frames) if f.attributes["Mode"] != mode),
-                         len(frames))
+                n = next(
+                    (i for i, f in enumerate(frames) if f.attributes["Mode"] != mode), len(frames)
+                )
                 batch, frames = frames[:n], frames[n:]
                 self._set_mode(mode)
                 served = self.slot.get()  # one model for the whole batch
@@ -253,9 +278,13 @@ class EdgeServer:
         """Peaks of each frame: finder -> patches -> all patches of the frame in one batch."""
         edge = self.cfg.edge
         for frame in frames:
-            peaks, patches = locate_peaks(frame.data, served.infer, served.input_size,
-                                          sigma=edge.peak_sigma,
-                                          min_separation=edge.peak_min_separation)
+            peaks, patches = locate_peaks(
+                frame.data,
+                served.infer,
+                served.input_size,
+                sigma=edge.peak_sigma,
+                min_separation=edge.peak_min_separation,
+            )
             self._pvs["Peaks"].post(peak_table(frame.unique_id, peaks, frame.timestamp))
             self._pvs["PeakCount"].post(len(patches))
             self._count_out(frame, time.time())
@@ -264,7 +293,7 @@ class EdgeServer:
     def _count_out(self, frame, now: float) -> None:
         """Count a frame answered at ``now`` and its latency since it arrived."""
         self.frames_out += 1
-        self._latencies.append((now - frame.received) * 1e3)
+        self.latencies.append((now - frame.received) * 1e3)
         self._out_times.append(now)
 
     def _publish(self, frames, amplitude, phase, version: int) -> None:
@@ -293,7 +322,7 @@ class EdgeServer:
             now = time.time()
             recent = [t for t in list(self._out_times) if now - t <= 2.0]
             rate = len(recent) / 2.0
-            lat = list(self._latencies)[-100:]
+            lat = list(self.latencies)[-100:]
             self._pvs["FramesIn"].post(self.queue.received)
             self._pvs["FramesOut"].post(self.frames_out)
             self._pvs["Dropped"].post(self.queue.dropped)
@@ -308,7 +337,7 @@ class EdgeServer:
                 self._pvs["PhaseMap"].post(ntnd.build(image, count))
 
     # ---- lifecycle -----------------------------------------------------------------------
-    def start(self) -> "EdgeServer":
+    def start(self) -> EdgeServer:
         names = {f"{self.prefix}edge:{k}": pv for k, pv in self._pvs.items()}
         self._server = Server(providers=[names])
         for target in (self._infer_loop, self._stats_loop, self._loader_loop):
@@ -316,12 +345,18 @@ class EdgeServer:
             t.start()
             self._threads.append(t)
         self._ctx = Context("pva", nt=False)
-        self._sub = self._ctx.monitor(self.input_pv, self._on_frame, request=PIPELINE_REQUEST,
-                                      notify_disconnect=True)
-        self._pvs["Message"].post(f"serving model v{self.slot.get().version}; "
-                                  f"input {self.input_pv}")
-        log.info("edge server %sedge:* up; input %s; model v%d", self.prefix, self.input_pv,
-                 self.slot.get().version)
+        self._sub = self._ctx.monitor(
+            self.input_pv, self._on_frame, request=PIPELINE_REQUEST, notify_disconnect=True
+        )
+        self._pvs["Message"].post(
+            f"serving model v{self.slot.get().version}; input {self.input_pv}"
+        )
+        log.info(
+            "edge server %sedge:* up; input %s; model v%d",
+            self.prefix,
+            self.input_pv,
+            self.slot.get().version,
+        )
         return self
 
     def stop(self) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def patch_origin(x_um: float, y_um: float, map_size: int, patch: int,
-                 pixel_um: float) -> tuple[int, int]:
+def patch_origin(
+    x_um: float, y_um: float, map_size: int, patch: int, pixel_um: float
+) -> tuple[int, int]:
     """Top-left map pixel of the patch centred at stage position (x, y); (0, 0) = map centre."""
     half = map_size / 2 - patch / 2
     return int(round(half + y_um / pixel_um)), int(round(half + x_um / pixel_um))
@@ -38,8 +39,8 @@ class PhaseMap:
         if r < 0 or c < 0 or r + self.patch > self.map_size or c + self.patch > self.map_size:
             self.outside += 1
             return False
-        self.total[r:r + self.patch, c:c + self.patch] += phase * self.window
-        self.weight[r:r + self.patch, c:c + self.patch] += self.window
+        self.total[r : r + self.patch, c : c + self.patch] += phase * self.window
+        self.weight[r : r + self.patch, c : c + self.patch] += self.window
         self.count += 1
         return True
 

@@ -1,12 +1,17 @@
-"""Configuration shared by every part: one dataclass, embedded defaults, JSON overrides."""
+"""Configuration (core), shared by every part: one dataclass per section, embedded defaults,
+JSON overrides, each value validated (pydantic) by type and range."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated, Literal, get_args
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 # Two CA servers on one host cannot share UDP port 5064 for unicast searches (the kernel
 # hands each datagram to one socket), so the simulated beamline serves CA on its own port
@@ -30,50 +35,77 @@ def pin_loopback(environ: dict | os._Environ = os.environ) -> None:
         environ.setdefault(key, value)
 
 
-@dataclass
+# Every section refuses unknown keys and checks each value's type and range, on load and on
+# assignment; a bad value is named by its key (ConfigError).
+SECTION = ConfigDict(extra="forbid", validate_assignment=True)
+
+Count = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+def _ordered(section, *names: str) -> None:
+    for name in names:
+        lo, hi = getattr(section, name)
+        if lo > hi:
+            raise ValueError(f"{name}: low end {lo} above high end {hi}")
+
+
+@dataclass(config=SECTION)
 class SimConfig:
     """The simulated ptychography experiment (ioc/physics.py)."""
 
-    object_size: int = 640  # object pixels per side; stage (0, 0) is the centre
-    pixel_um: float = 0.01  # object pixel size (10 nm)
-    frame_size: int = 64  # detector pixels per side
-    probe_radius_px: float = 12.0 # aperture radius in detector pixels (sets probe width)
-    probe_defocus: float = 10.0 # quadratic phase of the probe pupil, radians at the edge
-    photons: float = 1.0e6  # photons per frame
-    max_phase: float = 1.0  # phase of the thickest feature, radians
-    feature_blur_px: float = 3.0  # edge softness of the test pattern (Gaussian sigma)
-    absorption: float = 0.1  # amplitude = exp(-absorption * phase)
-    seed: int = 7
+    # object pixels per side; stage (0, 0) is the centre
+    object_size: Annotated[int, Field(ge=16)] = 640
+    pixel_um: Positive = 0.01  # object pixel size (10 nm)
+    frame_size: Annotated[int, Field(ge=8)] = 64  # detector pixels per side
+    probe_radius_px: Positive = 12.0  # aperture radius in detector pixels (sets probe width)
+    probe_defocus: float = 10.0  # quadratic phase of the probe pupil, radians at the edge
+    photons: Positive = 1.0e6  # photons per frame
+    max_phase: NonNegative = 1.0  # phase of the thickest feature, radians
+    feature_blur_px: NonNegative = 3.0  # edge softness of the test pattern (Gaussian sigma)
+    absorption: NonNegative = 0.1  # amplitude = exp(-absorption * phase)
+    seed: Seed = 7
 
 
-@dataclass
+@dataclass(config=SECTION)
 class HedmConfig:
     """The simulated HEDM experiment (ioc/hedm.py)."""
 
-    frame_size: int = 512  # detector pixels per side
-    n_grains: int = 12
+    frame_size: Annotated[int, Field(ge=16)] = 512  # detector pixels per side
+    n_grains: Annotated[int, Field(ge=0)] = 12
     # reflections each grain gives over a full turn; 12 x 60 = 720 puts ~20 lit peaks in a
     # frame (a reflection is lit over ~+-3 sigma of omega, about 9 deg of 360)
-    reflections_per_grain: int = 60
-    n_rings: int = 5  # Debye-Scherrer rings (fcc spacing)
-    ring_radius_range: tuple[float, float] = (0.15, 0.45)  # fraction of frame_size
-    omega_width_deg: float = 1.5  # sigma of a reflection's intensity in omega
+    reflections_per_grain: Annotated[int, Field(ge=0)] = 60
+    n_rings: Count = 5  # Debye-Scherrer rings (fcc spacing)
+    # ring radii, fraction of frame_size
+    ring_radius_range: tuple[Positive, Annotated[float, Field(gt=0, le=0.5)]] = (0.15, 0.45)
+    omega_width_deg: Positive = 1.5  # sigma of a reflection's intensity in omega
     azimuth_drift_rad: float = 0.3  # azimuth = az0 + drift * sin(omega - omega_peak)
-    fwhm_range: tuple[float, float] = (1.2, 3.0)  # pixels
-    eta_range: tuple[float, float] = (0.0, 0.8)  # Lorentzian fraction
-    asym_max: float = 0.15  # +x side FWHM is fwhm_x * (1 + asym), |asym| <= asym_max
-    intensity_range: tuple[float, float] = (300.0, 5000.0)  # counts at peak
-    background: float = 20.0  # mean counts per pixel (Poisson)
-    saturation: int = 65535  # uint16 detector: clipped here and flagged
-    min_height: float = 10.0  # a reflection is lit (rendered, in truth) above this height
-    render_tol: float = 0.5  # counts: a peak's box extends until its tail falls below this
-    overlap_fraction: float = 0.15  # reflections placed a few pixels from a partner
-    seed: int = 11
+    fwhm_range: tuple[Positive, Positive] = (1.2, 3.0)  # pixels
+    eta_range: tuple[Fraction, Fraction] = (0.0, 0.8)  # Lorentzian fraction
+    # +x side FWHM is fwhm_x * (1 + asym), |asym| <= asym_max
+    asym_max: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    intensity_range: tuple[Positive, Positive] = (300.0, 5000.0)  # counts at peak
+    background: NonNegative = 20.0  # mean counts per pixel (Poisson)
+    # uint16 detector: clipped here and flagged
+    saturation: Annotated[int, Field(ge=1, le=65535)] = 65535
+    min_height: NonNegative = 10.0  # a reflection is lit (rendered, in truth) above this
+    render_tol: Positive = 0.5  # counts: a peak's box extends until its tail falls below this
+    overlap_fraction: Fraction = 0.15  # reflections placed a few pixels from a partner
+    seed: Seed = 11
+
+    def __post_init__(self):
+        _ordered(self, "ring_radius_range", "fwhm_range", "eta_range", "intensity_range")
 
 
 # The technique decides the network: the detector's Mode, the scan files' technique and the
 # model kind the edge serves and remote/ trains all follow from it.
-MODES = ("ptycho", "hedm")
+Mode = Literal["ptycho", "hedm"]
+MODES = get_args(Mode)
 MODE_KIND = {"ptycho": "ptychonn", "hedm": "braggnn"}
 MODE_TECHNIQUE = {"ptycho": "ptychography", "hedm": "hedm"}
 
@@ -84,72 +116,85 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-@dataclass
+@dataclass(config=SECTION)
 class ModelConfig:
     """The networks served at the edge and trained by remote/."""
 
-    input_size: int = 64  # PtychoNN: frames are brought to this size before inference
-    width: int = 8  # channels of the first encoder block (published PtychoNN: 32, 1.15 M
+    # PtychoNN: frames are brought to this size before inference
+    input_size: Annotated[int, Field(ge=8)] = 64
+    width: Count = 8  # channels of the first encoder block (published PtychoNN: 32, 1.15 M
     # parameters); 8 keeps CPU training of the demo within minutes
-    patch: int = 11  # BraggNN: patch side cropped around each peak
-    braggnn_width: int = 64  # BraggNN's first conv channels (published: 64)
+    patch: Annotated[int, Field(ge=3)] = 11  # BraggNN: patch side cropped around each peak
+    braggnn_width: Count = 64  # BraggNN's first conv channels (published: 64)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class EdgeConfig:
-    queue_size: int = 256
-    max_batch: int = 16
-    backend: str = "torch"
-    threads: int = 1
-    map_size: int = 640  # phase-map canvas, object pixels; same geometry as SimConfig
-    map_publish_s: float = 0.5
-    stitch_sigma_px: float = 6.0  # Gaussian weight of each patch in the map (~ probe size)
-    stats_publish_s: float = 0.5
-    peak_sigma: float = 8.0  # HEDM: a peak pixel exceeds background + sigma * noise
-    peak_min_separation: int = 3  # HEDM: pixels between two maxima kept as two peaks
+    queue_size: Count = 256
+    max_batch: Count = 16
+    backend: str = "torch"  # a name in edge_pva.inference.BACKENDS
+    threads: Count = 1
+    # phase-map canvas, object pixels; same geometry as SimConfig
+    map_size: Annotated[int, Field(ge=16)] = 640
+    map_publish_s: Seconds = 0.5
+    stitch_sigma_px: Positive = 6.0  # Gaussian weight of each patch in the map (~ probe size)
+    stats_publish_s: Seconds = 0.5
+    peak_sigma: Positive = 8.0  # HEDM: a peak pixel exceeds background + sigma * noise
+    peak_min_separation: Count = 3  # HEDM: pixels between two maxima kept as two peaks
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 16
-    lr: float = 1e-3
-    lr_min: float = 1e-4
+    epochs: Count = 40
+    batch_size: Count = 16
+    lr: Positive = 1e-3
+    lr_min: Positive = 1e-4
     # "cyclic": triangular2 between lr_min and lr (PtychoNN's schedule); "cosine": anneal
     # from lr to lr_min over the whole run (BraggNN: the annealed tail gives the last
     # hundredths of a pixel)
-    schedule: str = "cyclic"
-    val_fraction: float = 0.1
-    recon_epochs: int = 30  # iterative phase retrieval epochs (labels)
+    schedule: Literal["cyclic", "cosine"] = "cyclic"
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    recon_epochs: Count = 30  # iterative phase retrieval epochs (labels)
     recon_algorithm: str = "LSQML"
-    max_frames: int = 4000  # newest frames kept for training
-    seed: int = 0
-    threads: int = 2
+    max_frames: Count = 4000  # newest frames kept for training
+    seed: Seed = 0
+    threads: Count = 2
     keep_initial: bool = False  # set when training from a checkpoint (remote/tasks.py)
 
+    def __post_init__(self):
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min {self.lr_min} above lr {self.lr}")
 
-@dataclass
+
+@dataclass(config=SECTION)
 class RemoteConfig:
     """Where retraining runs (remote/executors.py) and how its data get there."""
 
     parsl_config_file: str = ""  # Python file defining `config` (Slurm, PBS, ...); "":
     # one HighThroughputExecutor with a LocalProvider on this machine
-    parsl_workers: int = 1
+    parsl_workers: Count = 1
     parsl_worker_init: str = ""  # shell run before a worker starts (e.g. activate a venv)
     globus_endpoint_id: str = ""  # Globus Compute endpoint UUID
-    task_timeout_s: float = 1800.0  # a step running longer is abandoned -> Error
-    quality_margin: float = 0.05  # a new model may be at most 5 % worse (held-out loss)
-    staging: str = "shared"  # shared (same filesystem) or globus (Globus Transfer)
+    task_timeout_s: Seconds = 1800.0  # a step running longer is abandoned -> Error
+    # a new model may be at most 5 % worse (held-out loss); a negative margin demands that
+    # much improvement
+    quality_margin: Annotated[float, Field(gt=-1)] = 0.05
+    # shared (same filesystem) or globus (Globus Transfer)
+    staging: Literal["shared", "globus"] = "shared"
     globus_source_collection: str = ""  # collection UUID where the scans are written
     globus_dest_collection: str = ""  # collection UUID the executor reads
     globus_dest_dir: str = ""  # path on the destination collection
-    transfer_timeout_s: float = 600.0
+    transfer_timeout_s: Seconds = 600.0
 
 
-@dataclass
+class ConfigError(ValueError):
+    """A configuration that does not validate; the message names each bad key."""
+
+
+@dataclass(config=SECTION)
 class Config:
-    prefix: str = "SIM:"
-    mode: str = "ptycho"  # the detector's mode at start; frames carry their own (Mode)
+    prefix: Annotated[str, Field(min_length=1)] = "SIM:"
+    mode: Mode = "ptycho"  # the detector's mode at start; frames carry their own (Mode)
     data_dir: str = "~/.edgeloop/data"  # scans (HDF5) written by the Bluesky callback
     registry_dir: str = "~/.edgeloop/models"
     executor: str = "local"
@@ -163,12 +208,17 @@ class Config:
     # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit).  One
     # thread: its tensors are too small for a second to help, and a busy second core makes
     # two threads several times slower.
-    train_hedm: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=80, batch_size=64, lr=2e-3, lr_min=1e-5, schedule="cosine", max_frames=300,
-        threads=1))
-
-    def __post_init__(self):
-        check_mode(self.mode)
+    train_hedm: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=80,
+            batch_size=64,
+            lr=2e-3,
+            lr_min=1e-5,
+            schedule="cosine",
+            max_frames=300,
+            threads=1,
+        )
+    )
 
     def arch(self, kind: str) -> dict:
         """Constructor arguments of a model kind's network."""
@@ -179,7 +229,7 @@ class Config:
     def input_size(self, kind: str) -> int:
         return self.model.patch if kind == "braggnn" else self.model.input_size
 
-    def training(self, kind: str) -> "TrainConfig":
+    def training(self, kind: str) -> TrainConfig:
         return self.train_hedm if kind == "braggnn" else self.train
 
     @property
@@ -194,29 +244,39 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Config":
-        defaults = cls()
-        sections = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+    def from_dict(cls, data: dict) -> Config:
+        """A configuration from (a subset of) ``to_dict()``; a section given in part keeps
+        its other defaults (``train_hedm`` its own)."""
+        merged = cls().to_dict()
         for key, value in data.items():
-            if key not in sections:
-                raise ValueError(f"unknown configuration key {key!r}")
-            if isinstance(value, dict):
-                section = getattr(defaults, key)  # keys not given keep this section's defaults
-                names = {f.name for f in dataclasses.fields(section)}
-                unknown = set(value) - names
-                if unknown:
-                    raise ValueError(f"unknown keys in [{key}]: {sorted(unknown)}")
-                kwargs[key] = dataclasses.replace(section, **value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
             else:
-                kwargs[key] = value
-        return cls(**kwargs)
+                merged[key] = value
+        try:
+            return TypeAdapter(cls).validate_python(merged)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc)) from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None) -> "Config":
+    def load(cls, path: str | os.PathLike | None) -> Config:
         if path is None:
             return cls()
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def dump(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per error, each naming the key: ``edge.max_batch: Input should be ...``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in err["loc"])
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            lines.append(f"unknown configuration key {key!r}")
+        elif isinstance(err["input"], dict):  # a check across a section's keys
+            lines.append(f"{key}: {err['msg']}")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err['input']!r})")
+    return "invalid configuration: " + "; ".join(lines)

@@ -6,8 +6,8 @@ to its input.  Kinds are looked up by name in ``KINDS``; a new technique adds an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -16,8 +16,14 @@ from torch import nn
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
     # batch norm: trains from random weights in the few epochs a CPU retraining allows
-    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01),
-            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01)]
+    return [
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.01),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.01),
+    ]
 
 
 class PtychoNN(nn.Module):
@@ -32,9 +38,12 @@ class PtychoNN(nn.Module):
         super().__init__()
         w = width
         self.encoder = nn.Sequential(
-            *_block(1, w), nn.MaxPool2d(2),
-            *_block(w, 2 * w), nn.MaxPool2d(2),
-            *_block(2 * w, 4 * w), nn.MaxPool2d(2),
+            *_block(1, w),
+            nn.MaxPool2d(2),
+            *_block(w, 2 * w),
+            nn.MaxPool2d(2),
+            *_block(2 * w, 4 * w),
+            nn.MaxPool2d(2),
         )
         self.amplitude = self._decoder(w, nn.Sigmoid())
         self.phase = self._decoder(w, nn.Tanh())
@@ -42,10 +51,14 @@ class PtychoNN(nn.Module):
     @staticmethod
     def _decoder(w: int, out: nn.Module) -> nn.Sequential:
         return nn.Sequential(
-            *_block(4 * w, 4 * w), nn.Upsample(scale_factor=2, mode="bilinear"),
-            *_block(4 * w, 2 * w), nn.Upsample(scale_factor=2, mode="bilinear"),
-            *_block(2 * w, w), nn.Upsample(scale_factor=2, mode="bilinear"),
-            nn.Conv2d(w, 1, 3, padding=1), out,
+            *_block(4 * w, 4 * w),
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            *_block(4 * w, 2 * w),
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            *_block(2 * w, w),
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            nn.Conv2d(w, 1, 3, padding=1),
+            out,
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,16 +98,28 @@ class BraggNN(nn.Module):
         super().__init__()
         act = nn.LeakyReLU(0.01)
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3), NonLocalBlock(width), act,
-            nn.Conv2d(width, width // 2, 3), act,
-            nn.Conv2d(width // 2, 8, 3), act,
+            nn.Conv2d(1, width, 3),
+            NonLocalBlock(width),
+            act,
+            nn.Conv2d(width, width // 2, 3),
+            act,
+            nn.Conv2d(width // 2, 8, 3),
+            act,
         )
         side = patch - 6
         if side < 1:
             raise ValueError(f"patch must be at least 7 pixels, got {patch}")
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(8 * side * side, 64), act, nn.Linear(64, 32), act,
-            nn.Linear(32, 16), act, nn.Linear(16, 8), act, nn.Linear(8, 2),
+            nn.Flatten(),
+            nn.Linear(8 * side * side, 64),
+            act,
+            nn.Linear(64, 32),
+            act,
+            nn.Linear(32, 16),
+            act,
+            nn.Linear(16, 8),
+            act,
+            nn.Linear(8, 2),
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
@@ -121,12 +146,12 @@ def to_input_size(frame: np.ndarray, size: int) -> np.ndarray:
     if ny < size or nx < size:
         out = np.zeros((max(ny, size), max(nx, size)), np.float32)
         oy, ox = (out.shape[0] - ny) // 2, (out.shape[1] - nx) // 2
-        out[oy:oy + ny, ox:ox + nx] = frame
+        out[oy : oy + ny, ox : ox + nx] = frame
         frame, (ny, nx) = out, out.shape
     f = min(ny, nx) // size
     crop = size * f
     y0, x0 = (ny - crop) // 2, (nx - crop) // 2
-    sub = frame[y0:y0 + crop, x0:x0 + crop].astype(np.float32, copy=False)
+    sub = frame[y0 : y0 + crop, x0 : x0 + crop].astype(np.float32, copy=False)
     if f == 1:
         return sub
     return sub.reshape(size, f, size, f).sum(axis=(1, 3))

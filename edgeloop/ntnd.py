@@ -35,8 +35,12 @@ def _attribute(name: str, value) -> dict:
     return {"name": name, "value": value, "descriptor": "", "sourceType": 0, "source": ""}
 
 
-def build(data: np.ndarray, unique_id: int, attributes: dict | None = None,
-          timestamp: float | None = None) -> Value:
+def build(
+    data: np.ndarray,
+    unique_id: int,
+    attributes: dict | None = None,
+    timestamp: float | None = None,
+) -> Value:
     """A complete NTNDArray ``Value`` for a 2-D array (dimension[0] is x, the fastest axis)."""
     data = np.ascontiguousarray(data)
     if data.ndim != 2:
@@ -47,26 +51,33 @@ def build(data: np.ndarray, unique_id: int, attributes: dict | None = None,
     t = time.time() if timestamp is None else timestamp
     attrs = {"ColorMode": 0}
     attrs.update(attributes or {})
-    return Value(_ND_TYPE, {
-        "value": (_CODE2UNION[code], data.ravel()),
-        "codec": {"name": ""},
-        "compressedSize": data.nbytes,
-        "uncompressedSize": data.nbytes,
-        "uniqueId": int(unique_id),
-        "dataTimeStamp": _stamp(t),
-        "timeStamp": _stamp(t),
-        "dimension": [{"size": n, "offset": 0, "fullSize": n, "binning": 1, "reverse": False}
-                      for n in reversed(data.shape)],
-        "attribute": [_attribute(k, v) for k, v in attrs.items()],
-    })
+    return Value(
+        _ND_TYPE,
+        {
+            "value": (_CODE2UNION[code], data.ravel()),
+            "codec": {"name": ""},
+            "compressedSize": data.nbytes,
+            "uncompressedSize": data.nbytes,
+            "uniqueId": int(unique_id),
+            "dataTimeStamp": _stamp(t),
+            "timeStamp": _stamp(t),
+            "dimension": [
+                {"size": n, "offset": 0, "fullSize": n, "binning": 1, "reverse": False}
+                for n in reversed(data.shape)
+            ],
+            "attribute": [_attribute(k, v) for k, v in attrs.items()],
+        },
+    )
 
 
 def decode(value: Value, received: float | None = None) -> Frame:
     """Frame from an NTNDArray ``Value``; raises FrameError with the reason when unusable."""
     codec = value.get("codec.name", "") or ""
     if codec not in ("", "none"):
-        raise FrameError(f"compressed frames (codec {codec!r}) are not supported; "
-                         "disable NDPluginCodec or send uncompressed")
+        raise FrameError(
+            f"compressed frames (codec {codec!r}) are not supported; "
+            "disable NDPluginCodec or send uncompressed"
+        )
     flat = value.get("value")
     if flat is None or not hasattr(flat, "shape"):
         raise FrameError("frame has no pixel data")
@@ -81,6 +92,10 @@ def decode(value: Value, received: float | None = None) -> Frame:
         attrs[a["name"]] = a["value"]
     ts = value.get("timeStamp")
     stamp = ts["secondsPastEpoch"] + ts["nanoseconds"] * 1e-9 if ts is not None else 0.0
-    return Frame(data=flat.reshape(ny, nx), unique_id=int(value.get("uniqueId", 0)),
-                 timestamp=stamp, attributes=attrs,
-                 received=time.time() if received is None else received)
+    return Frame(
+        data=flat.reshape(ny, nx),
+        unique_id=int(value.get("uniqueId", 0)),
+        timestamp=stamp,
+        attributes=attrs,
+        received=time.time() if received is None else received,
+    )

@@ -31,11 +31,11 @@ def extract_patch(obj: np.ndarray, row: float, col: float, size: int) -> np.ndar
     if r0 < 0 or c0 < 0 or r0 + size + 1 > ny or c0 + size + 1 > nx:
         raise ValueError(f"patch at ({row:.1f}, {col:.1f}) leaves the {ny}x{nx} object")
     if fr == 0 and fc == 0:
-        return obj[r0:r0 + size, c0:c0 + size]
+        return obj[r0 : r0 + size, c0 : c0 + size]
     pad = 4
     lo_r, lo_c = max(r0 - pad, 0), max(c0 - pad, 0)
-    big = obj[lo_r:r0 + size + pad, lo_c:c0 + size + pad]
+    big = obj[lo_r : r0 + size + pad, lo_c : c0 + size + pad]
     ky = np.fft.fftfreq(big.shape[0])[:, None]
     kx = np.fft.fftfreq(big.shape[1])[None, :]
     shifted = np.fft.ifft2(np.fft.fft2(big) * np.exp(2j * np.pi * (ky * fr + kx * fc)))
-    return shifted[r0 - lo_r:r0 - lo_r + size, c0 - lo_c:c0 - lo_c + size].astype(obj.dtype)
+    return shifted[r0 - lo_r : r0 - lo_r + size, c0 - lo_c : c0 - lo_c + size].astype(obj.dtype)

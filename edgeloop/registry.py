@@ -1,10 +1,10 @@
-"""Versioned model files on disk, shared by remote/ (writes candidates) and edge_pva/
+"""Versioned model files on disk (core), shared by remote/ (writes candidates) and edge_pva/
 (loads, validates, marks accepted).
 
 Layout: ``<root>/v0001.pt`` (torch checkpoint: kind, arch, state_dict) beside
 ``<root>/v0001.json`` (metadata incl. sha256, kind); ``<root>/accepted.json`` names, per model
-kind, the version the edge last accepted.  Version numbers are shared by all kinds.  Every file is written to a temp name and renamed, so readers never see a
-half-written file.
+kind, the version the edge last accepted.  Version numbers are shared by all kinds.  Every
+file is written to a temp name and renamed, so readers never see a half-written file.
 """
 
 from __future__ import annotations
@@ -47,8 +47,14 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def model_to_bytes(kind: str, arch: dict, model: nn.Module) -> bytes:
     buf = io.BytesIO()
-    torch.save({"kind": kind, "arch": arch,
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, buf)
+    torch.save(
+        {
+            "kind": kind,
+            "arch": arch,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        buf,
+    )
     return buf.getvalue()
 
 
@@ -85,8 +91,14 @@ class Registry:
             version += 1
             model_path, meta_path = self._paths(version)
         atomic_write(model_path, data)
-        record = dict(meta, version=version, sha256=sha256_bytes(data), size=len(data),
-                      created=meta.get("created", time.time()), file=model_path.name)
+        record = dict(
+            meta,
+            version=version,
+            sha256=sha256_bytes(data),
+            size=len(data),
+            created=meta.get("created", time.time()),
+            file=model_path.name,
+        )
         atomic_write(meta_path, json.dumps(record, indent=2).encode())
         return version
 
@@ -111,8 +123,9 @@ class Registry:
         return model, dict(self.meta(version), **info)
 
     def _set_status(self, version: int, status: str, reason: str = "") -> None:
-        meta = dict(self.meta(version), status=status, status_reason=reason,
-                    status_time=time.time())
+        meta = dict(
+            self.meta(version), status=status, status_reason=reason, status_time=time.time()
+        )
         atomic_write(self._paths(version)[1], json.dumps(meta, indent=2).encode())
 
     def mark_accepted(self, version: int) -> None:
@@ -121,9 +134,8 @@ class Registry:
         kind = self.meta(version)["kind"]
         # oldest first; accepting a version already in it goes back to it (a rollback)
         history = accepted.get(kind, {}).get("history", [])
-        history = history[:history.index(version)] if version in history else history
-        accepted[kind] = {"version": version, "time": time.time(),
-                          "history": history + [version]}
+        history = history[: history.index(version)] if version in history else history
+        accepted[kind] = {"version": version, "time": time.time(), "history": history + [version]}
         atomic_write(self.root / "accepted.json", json.dumps(accepted, indent=2).encode())
 
     def mark_rejected(self, version: int, reason: str) -> None:
@@ -157,7 +169,11 @@ class Registry:
             except ModelFileError:
                 continue
             loss = m.get("val_loss")
-            if (m.get("status") == "accepted" and m.get("kind") == kind
-                    and loss is not None and loss < best_loss):
+            if (
+                m.get("status") == "accepted"
+                and m.get("kind") == kind
+                and loss is not None
+                and loss < best_loss
+            ):
                 best, best_loss = v, loss
         return best

@@ -53,8 +53,9 @@ def read_scan(path: str | os.PathLike) -> dict:
     with f:
         technique = str(f.attrs.get("technique", "ptychography"))
         if technique not in POSITIONS:
-            raise ValueError(f"{path}: unknown technique {technique!r}; known: "
-                             f"{sorted(POSITIONS)}")
+            raise ValueError(
+                f"{path}: unknown technique {technique!r}; known: {sorted(POSITIONS)}"
+            )
         names = (*SCAN_DATASETS, POSITIONS[technique][0])
         missing = [name for name in names if not isinstance(f.get(name), h5py.Dataset)]
         missing += [f"@{name}" for name in SCAN_ATTRS if name not in f.attrs]
@@ -65,13 +66,20 @@ def read_scan(path: str | os.PathLike) -> dict:
         reason = f.attrs.get("reason", "")
     n = len(out["frames"])
     if out["frames"].ndim != 3 or any(len(out[k]) != n for k in names):
-        raise ValueError(f"{path}: inconsistent dataset lengths/shapes "
-                         f"{ {k: out[k].shape for k in names} }")
-    out.update(technique=technique, start=json.loads(attrs["start_json"]),
-               plan_name=str(attrs["plan_name"]),
-               uid=str(attrs["uid"]), scan_id=int(attrs["scan_id"]),
-               exit_status=str(attrs["exit_status"]), num_events=int(attrs["num_events"]),
-               reason=str(reason), path=path)
+        raise ValueError(
+            f"{path}: inconsistent dataset lengths/shapes { {k: out[k].shape for k in names} }"
+        )
+    out.update(
+        technique=technique,
+        start=json.loads(attrs["start_json"]),
+        plan_name=str(attrs["plan_name"]),
+        uid=str(attrs["uid"]),
+        scan_id=int(attrs["scan_id"]),
+        exit_status=str(attrs["exit_status"]),
+        num_events=int(attrs["num_events"]),
+        reason=str(reason),
+        path=path,
+    )
     return out
 
 
@@ -90,5 +98,4 @@ def scan_summary(path: str | Path) -> tuple[str, int]:
         return technique, int(f["frames"].shape[0]) if "frames" in f else 0
 
 
-__all__ = ["POSITIONS", "SCAN_ATTRS", "SCAN_DATASETS", "read_scan", "list_scans",
-           "scan_summary"]
+__all__ = ["POSITIONS", "SCAN_ATTRS", "SCAN_DATASETS", "read_scan", "list_scans", "scan_summary"]

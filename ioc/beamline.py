@@ -12,7 +12,6 @@ import logging
 import os
 import time
 
-
 import numpy as np
 from caproto import ChannelType
 from caproto.server import PVGroup, SubGroup, pvproperty, run
@@ -35,11 +34,11 @@ class SimMotor(PVGroup):
     out-of-range move before it is sent and the server refuses a put that gets through.
     """
 
-    motor = pvproperty(value=0.0, name="", record="motor", precision=4,
-                       doc="sample stage axis")
+    motor = pvproperty(value=0.0, name="", record="motor", precision=4, doc="sample stage axis")
 
-    def __init__(self, *args, limit: float = 1.0, velocity: float = 200.0, units: str = "um",
-                 **kwargs):
+    def __init__(
+        self, *args, limit: float = 1.0, velocity: float = 200.0, units: str = "um", **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.limit = limit
         self.velocity = velocity
@@ -58,8 +57,9 @@ class SimMotor(PVGroup):
         await fields.user_low_limit.write(-self.limit)
         await fields.user_high_limit.write(self.limit)
         await fields.engineering_units.write(self.units)
-        await instance.write_metadata(lower_ctrl_limit=-self.limit, upper_ctrl_limit=self.limit,
-                                      units=self.units)
+        await instance.write_metadata(
+            lower_ctrl_limit=-self.limit, upper_ctrl_limit=self.limit, units=self.units
+        )
         await fields.done_moving_to_value.write(1)
         tick = 0.005
         while True:
@@ -99,25 +99,43 @@ class Detector(PVGroup):
     Mode cannot change while acquiring.
     """
 
-    acquire = pvproperty(value=0, name="Acquire", dtype=ChannelType.ENUM,
-                         enum_strings=["Done", "Acquire"], doc="write 1 to take NumImages")
-    acquire_rbv = pvproperty(value=0, name="Acquire_RBV", dtype=ChannelType.ENUM,
-                             enum_strings=["Done", "Acquiring"], read_only=True)
-    acquire_time = pvproperty(value=0.0, name="AcquireTime", precision=4,
-                              doc="seconds per frame (exposure)")
+    acquire = pvproperty(
+        value=0,
+        name="Acquire",
+        dtype=ChannelType.ENUM,
+        enum_strings=["Done", "Acquire"],
+        doc="write 1 to take NumImages",
+    )
+    acquire_rbv = pvproperty(
+        value=0,
+        name="Acquire_RBV",
+        dtype=ChannelType.ENUM,
+        enum_strings=["Done", "Acquiring"],
+        read_only=True,
+    )
+    acquire_time = pvproperty(
+        value=0.0, name="AcquireTime", precision=4, doc="seconds per frame (exposure)"
+    )
     num_images = pvproperty(value=1, name="NumImages", doc="frames per Acquire")
-    array_counter = pvproperty(value=0, name="ArrayCounter",
-                               doc="next frame's uniqueId - 1; write 0 to restart a scan")
+    array_counter = pvproperty(
+        value=0, name="ArrayCounter", doc="next frame's uniqueId - 1; write 0 to restart a scan"
+    )
     array_counter_rbv = pvproperty(value=0, name="ArrayCounter_RBV", read_only=True)
-    mode = pvproperty(value=0, name="Mode", dtype=ChannelType.ENUM, enum_strings=MODES,
-                      doc="technique simulated")
+    mode = pvproperty(
+        value=0, name="Mode", dtype=ChannelType.ENUM, enum_strings=MODES, doc="technique simulated"
+    )
     array_size_x = pvproperty(value=0, name="ArraySizeX_RBV", read_only=True)
     array_size_y = pvproperty(value=0, name="ArraySizeY_RBV", read_only=True)
-    status_message = pvproperty(value="Idle", name="StatusMessage_RBV", dtype=ChannelType.CHAR,
-                                max_length=256, report_as_string=True, read_only=True)
+    status_message = pvproperty(
+        value="Idle",
+        name="StatusMessage_RBV",
+        dtype=ChannelType.CHAR,
+        max_length=256,
+        report_as_string=True,
+        read_only=True,
+    )
 
-    def __init__(self, *args, sims: dict, initial_mode: str, image_pv: SharedPV, stage,
-                 **kwargs):
+    def __init__(self, *args, sims: dict, initial_mode: str, image_pv: SharedPV, stage, **kwargs):
         super().__init__(*args, **kwargs)
         self.sims = sims
         self.active_mode = initial_mode
@@ -223,13 +241,20 @@ class Beamline(PVGroup):
         for axis in (self.x, self.y):
             axis.limit = limit
         self.rot.limit, self.rot.velocity, self.rot.units = 360.0, 180.0, "deg"
-        self.cam = Detector(f"{prefix}det:cam1:", sims=sims, initial_mode=cfg.mode,
-                            image_pv=image_pv, stage=self, parent=self)
+        self.cam = Detector(
+            f"{prefix}det:cam1:",
+            sims=sims,
+            initial_mode=cfg.mode,
+            image_pv=image_pv,
+            stage=self,
+            parent=self,
+        )
         self.pvdb.update(self.cam.pvdb)
 
 
-def serve(cfg: Config, interfaces: list[str] | None = None,
-          ca_port: int = BEAMLINE_CA_PORT) -> None:
+def serve(
+    cfg: Config, interfaces: list[str] | None = None, ca_port: int = BEAMLINE_CA_PORT
+) -> None:
     """Run the simulated beamline until interrupted (CA via caproto, PVA via p4p)."""
     os.environ["EPICS_CA_SERVER_PORT"] = str(ca_port)
     image_name = f"{cfg.prefix}det:Pva1:Image"
@@ -239,6 +264,10 @@ def serve(cfg: Config, interfaces: list[str] | None = None,
     image_pv = SharedPV(initial=ntnd.build(np.zeros((n, n), np.int32), 0))
     beamline = Beamline(cfg.prefix, cfg, image_pv)
     with Server(providers=[{image_name: image_pv}]):
-        log.info("simulated beamline %s up: %d CA PVs, PVA %s", cfg.prefix,
-                 len(beamline.pvdb), image_name)
+        log.info(
+            "simulated beamline %s up: %d CA PVs, PVA %s",
+            cfg.prefix,
+            len(beamline.pvdb),
+            image_name,
+        )
         run(beamline.pvdb, interfaces=interfaces or ["127.0.0.1"], log_pv_names=False)

@@ -31,22 +31,35 @@ _GAUSS_AREA = math.sqrt(math.pi) / _K  # integral of that Gaussian per unit FWHM
 # fcc h^2 + k^2 + l^2 of the first rings (111, 200, 220, 311, 222, ...): ring spacing
 _FCC_HKL2 = (3, 4, 8, 11, 12, 16, 19, 20, 24, 27)
 
-REFLECTION_DTYPE = np.dtype([
-    ("grain", np.int32), ("ring", np.int32), ("radius", np.float64),
-    ("azimuth0", np.float64),  # radians, azimuth at the diffraction condition
-    ("omega_peak", np.float64),  # degrees
-    ("intensity", np.float64),  # peak height (counts) at the diffraction condition
-    ("fwhm_x", np.float64), ("fwhm_y", np.float64), ("eta", np.float64), ("asym", np.float64),
-])
+REFLECTION_DTYPE = np.dtype(
+    [
+        ("grain", np.int32),
+        ("ring", np.int32),
+        ("radius", np.float64),
+        ("azimuth0", np.float64),  # radians, azimuth at the diffraction condition
+        ("omega_peak", np.float64),  # degrees
+        ("intensity", np.float64),  # peak height (counts) at the diffraction condition
+        ("fwhm_x", np.float64),
+        ("fwhm_y", np.float64),
+        ("eta", np.float64),
+        ("asym", np.float64),
+    ]
+)
 
-TRUTH_DTYPE = np.dtype([
-    ("index", np.int32),  # row of HedmSimulator.reflections
-    ("x", np.float64), ("y", np.float64),  # true centre, pixels (x = column, y = row)
-    ("intensity", np.float64),  # integrated counts above background (analytic)
-    ("height", np.float64),  # peak height, counts above background
-    ("fwhm_x", np.float64), ("fwhm_y", np.float64), ("eta", np.float64), ("asym", np.float64),
-    ("saturated", np.bool_),
-])
+TRUTH_DTYPE = np.dtype(
+    [
+        ("index", np.int32),  # row of HedmSimulator.reflections
+        ("x", np.float64),  # true centre, pixels (x = column, y = row)
+        ("y", np.float64),
+        ("intensity", np.float64),  # integrated counts above background (analytic)
+        ("height", np.float64),  # peak height, counts above background
+        ("fwhm_x", np.float64),
+        ("fwhm_y", np.float64),
+        ("eta", np.float64),
+        ("asym", np.float64),
+        ("saturated", np.bool_),
+    ]
+)
 
 
 def _profiles(coords, x0, fwhm, asym=0.0, integrate: bool = True):
@@ -60,12 +73,11 @@ def _profiles(coords, x0, fwhm, asym=0.0, integrate: bool = True):
     if not integrate:
         u = coords - x0
         f = np.where(u > 0, right, fwhm)
-        return np.exp(-(_K * u / f) ** 2), 1.0 / (1.0 + (2.0 * u / f) ** 2)
+        return np.exp(-((_K * u / f) ** 2)), 1.0 / (1.0 + (2.0 * u / f) ** 2)
 
     def antiderivatives(u):
         f = np.where(u > 0, right, fwhm)
-        return (0.5 * _GAUSS_AREA * f * erf(_K * u / f),
-                0.5 * f * np.arctan(2.0 * u / f))
+        return (0.5 * _GAUSS_AREA * f * erf(_K * u / f), 0.5 * f * np.arctan(2.0 * u / f))
 
     g_hi, l_hi = antiderivatives(coords + 0.5 - x0)
     g_lo, l_lo = antiderivatives(coords - 0.5 - x0)
@@ -75,8 +87,9 @@ def _profiles(coords, x0, fwhm, asym=0.0, integrate: bool = True):
 def pseudo_voigt_integral(amplitude, fwhm_x, fwhm_y, eta, asym=0.0):
     """Analytic integral (counts) of the separable pseudo-Voigt over the whole plane."""
     fx = np.asarray(fwhm_x, np.float64) * (1.0 + 0.5 * np.asarray(asym, np.float64))
-    return amplitude * (eta * (0.5 * np.pi) ** 2 * fx * fwhm_y
-                        + (1.0 - eta) * _GAUSS_AREA**2 * fx * fwhm_y)
+    return amplitude * (
+        eta * (0.5 * np.pi) ** 2 * fx * fwhm_y + (1.0 - eta) * _GAUSS_AREA**2 * fx * fwhm_y
+    )
 
 
 def _half_box(amplitude, fwhm, eta, tol):
@@ -87,9 +100,18 @@ def _half_box(amplitude, fwhm, eta, tol):
     return max(gauss, lorentz, 2.0 * fwhm)
 
 
-def add_pseudo_voigt(image: np.ndarray, x0: float, y0: float, amplitude: float,
-                     fwhm_x: float, fwhm_y: float, eta: float, asym: float = 0.0,
-                     tol: float = 0.5, integrate: bool = True) -> None:
+def add_pseudo_voigt(
+    image: np.ndarray,
+    x0: float,
+    y0: float,
+    amplitude: float,
+    fwhm_x: float,
+    fwhm_y: float,
+    eta: float,
+    asym: float = 0.0,
+    tol: float = 0.5,
+    integrate: bool = True,
+) -> None:
     """Add one peak into ``image`` (in place), inside the box where it exceeds ``tol``.
 
     ``tol <= 0`` renders over the whole image.
@@ -109,9 +131,19 @@ def add_pseudo_voigt(image: np.ndarray, x0: float, y0: float, amplitude: float,
     image[r0:r1, c0:c1] += amplitude * (eta * np.outer(ly, lx) + (1.0 - eta) * np.outer(gy, gx))
 
 
-def pseudo_voigt_2d(shape: tuple[int, int], x0: float, y0: float, amplitude: float,
-                    fwhm_x: float, fwhm_y: float, eta: float, asym: float = 0.0, *,
-                    integrate: bool = True, tol: float = 0.0) -> np.ndarray:
+def pseudo_voigt_2d(
+    shape: tuple[int, int],
+    x0: float,
+    y0: float,
+    amplitude: float,
+    fwhm_x: float,
+    fwhm_y: float,
+    eta: float,
+    asym: float = 0.0,
+    *,
+    integrate: bool = True,
+    tol: float = 0.0,
+) -> np.ndarray:
     """2-D pseudo-Voigt ``eta * L + (1 - eta) * G`` centred at sub-pixel (x0, y0).
 
     x is the column, y the row; ``asym`` widens the +x side to ``fwhm_x * (1 + asym)``.
@@ -161,12 +193,13 @@ def make_reflections(cfg: HedmConfig) -> np.ndarray:
     # at nearly the same omega: overlapping peaks
     n_pairs = int(cfg.overlap_fraction * n / 2)
     order = rng.permutation(n)
-    for a, b in zip(order[:n_pairs], order[n_pairs: 2 * n_pairs]):
+    for a, b in zip(order[:n_pairs], order[n_pairs : 2 * n_pairs]):
         refl["ring"][b], refl["radius"][b] = refl["ring"][a], refl["radius"][a]
         offset_px = rng.uniform(2.0, 6.0) * rng.choice([-1.0, 1.0])
         refl["azimuth0"][b] = refl["azimuth0"][a] + offset_px / refl["radius"][a]
-        refl["omega_peak"][b] = (refl["omega_peak"][a]
-                                 + rng.uniform(-1.0, 1.0) * cfg.omega_width_deg) % 360.0
+        refl["omega_peak"][b] = (
+            refl["omega_peak"][a] + rng.uniform(-1.0, 1.0) * cfg.omega_width_deg
+        ) % 360.0
     return refl
 
 
@@ -205,8 +238,7 @@ class HedmSimulator:
         self.centre = (cfg.frame_size / 2.0, cfg.frame_size / 2.0)  # (x, y) of the beam
         self.rng = np.random.default_rng(cfg.seed + 1)
         self._background_noise = ConstantPoisson(cfg.background)
-        log.debug("HEDM simulator: %d reflections on %d rings", len(self.reflections),
-                  cfg.n_rings)
+        log.debug("HEDM simulator: %d reflections on %d rings", len(self.reflections), cfg.n_rings)
 
     def truth(self, omega_deg: float) -> np.ndarray:
         """Lit reflections at ``omega_deg`` (``TRUTH_DTYPE``; ``saturated`` not yet set)."""
@@ -223,8 +255,9 @@ class HedmSimulator:
         out["height"] = height[lit]
         for name in ("fwhm_x", "fwhm_y", "eta", "asym"):
             out[name] = r[name]
-        out["intensity"] = pseudo_voigt_integral(out["height"], r["fwhm_x"], r["fwhm_y"],
-                                                 r["eta"], r["asym"])
+        out["intensity"] = pseudo_voigt_integral(
+            out["height"], r["fwhm_x"], r["fwhm_y"], r["eta"], r["asym"]
+        )
         return out
 
     def frame(self, omega_deg: float, noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -234,8 +267,17 @@ class HedmSimulator:
         truth = self.truth(omega_deg)
         signal = np.zeros((n, n))
         for p in truth:
-            add_pseudo_voigt(signal, p["x"], p["y"], p["height"], p["fwhm_x"], p["fwhm_y"],
-                             p["eta"], p["asym"], cfg.render_tol)
+            add_pseudo_voigt(
+                signal,
+                p["x"],
+                p["y"],
+                p["height"],
+                p["fwhm_x"],
+                p["fwhm_y"],
+                p["eta"],
+                p["asym"],
+                cfg.render_tol,
+            )
         if noise:  # Poisson(background + signal) = Poisson(background) + Poisson(signal)
             image = self._background_noise.sample(self.rng, (n, n)).astype(np.float64)
             lit = signal > 0
@@ -245,15 +287,19 @@ class HedmSimulator:
         # flagged when any pixel next to the peak's centre reaches the detector's ceiling
         rows = np.clip(np.rint(truth["y"]).astype(int), 1, n - 2)
         cols = np.clip(np.rint(truth["x"]).astype(int), 1, n - 2)
-        near = np.max([image[rows + dr, cols + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)],
-                      axis=0) if len(truth) else np.zeros(0)
+        near = (
+            np.max([image[rows + dr, cols + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)], axis=0)
+            if len(truth)
+            else np.zeros(0)
+        )
         truth["saturated"] = near >= cfg.saturation
         np.clip(image, 0, cfg.saturation, out=image)
         return image.astype(np.uint16), truth
 
 
-def make_patch_dataset(n_peaks: int, patch: int = 11, seed: int = 0,
-                       cfg: HedmConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+def make_patch_dataset(
+    n_peaks: int, patch: int = 11, seed: int = 0, cfg: HedmConfig | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Isolated noisy peaks rendered straight into patches, for training and accuracy checks.
 
     Centres are uniform within +-1.5 px of the patch centre; shapes and heights uniform over
@@ -275,7 +321,8 @@ def make_patch_dataset(n_peaks: int, patch: int = 11, seed: int = 0,
     gx, lx = _profiles(coords, x0[:, None], fx[:, None], asym[:, None])
     gy, ly = _profiles(coords, y0[:, None], fy[:, None])
     eta3 = eta[:, None, None]
-    expected = amp[:, None, None] * (eta3 * ly[:, :, None] * lx[:, None, :]
-                                     + (1.0 - eta3) * gy[:, :, None] * gx[:, None, :])
+    expected = amp[:, None, None] * (
+        eta3 * ly[:, :, None] * lx[:, None, :] + (1.0 - eta3) * gy[:, :, None] * gx[:, None, :]
+    )
     patches = rng.poisson(expected + cfg.background).astype(np.float32)
     return patches, np.stack([x0, y0], axis=1).astype(np.float32)

@@ -78,9 +78,11 @@ def position_to_pixel(x_um: float, y_um: float, cfg: SimConfig) -> tuple[float, 
     return half + y_um / cfg.pixel_um, half + x_um / cfg.pixel_um
 
 
-def diffraction(probe: np.ndarray, patch: np.ndarray, photons: float,
-                rng: np.random.Generator | None) -> np.ndarray:
-    """Far-field intensity (zero frequency at the centre), scaled to ``photons``; Poisson if rng."""
+def diffraction(
+    probe: np.ndarray, patch: np.ndarray, photons: float, rng: np.random.Generator | None
+) -> np.ndarray:
+    """Far-field intensity (zero frequency at the centre), scaled to ``photons``; Poisson
+    if rng."""
     wave = np.fft.fftshift(np.fft.fft2(probe * patch, norm="ortho"))
     intensity = np.abs(wave) ** 2
     intensity *= photons / max(float(intensity.sum()), 1e-30)
@@ -106,8 +108,9 @@ class PtychoSimulator:
         return np.angle(self.patch(x_um, y_um)).astype(np.float32)
 
     def frame(self, x_um: float, y_um: float, noise: bool = True) -> np.ndarray:
-        return diffraction(self.probe, self.patch(x_um, y_um), self.cfg.photons,
-                           self.rng if noise else None)
+        return diffraction(
+            self.probe, self.patch(x_um, y_um), self.cfg.photons, self.rng if noise else None
+        )
 
     @property
     def max_travel_um(self) -> float:

@@ -37,16 +37,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PVXS_QSRV_ENABLE", "YES")
-    from epicscorelibs import ioc as base_ioc
     import pvxslibs.path
+    from epicscorelibs import ioc as base_ioc
 
     if args.acf:
         base_ioc.dbCore.asSetFilename(str(Path(args.acf).resolve()).encode())
         if args.acf_subs:
             base_ioc.dbCore.asSetSubstitutions(args.acf_subs.encode())
-    base_ioc.start_ioc(dbs=[(d, args.macros) for d in args.database],
-                       extra_dbd_load=(("pvxsIoc.dbd", pvxslibs.path.dbd_path),),
-                       extra_dso_load=("pvxslibs.lib.pvxsIoc",))
+    base_ioc.start_ioc(
+        dbs=[(d, args.macros) for d in args.database],
+        extra_dbd_load=(("pvxsIoc.dbd", pvxslibs.path.dbd_path),),
+        extra_dso_load=("pvxslibs.lib.pvxsIoc",),
+    )
     sys.stderr.flush()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -71,17 +73,35 @@ def _stdin_is_pipe() -> bool:
 def command(prefix: str, operators: str | None = None, service: str | None = None) -> list[str]:
     user = getpass.getuser()
     subs = f"OPERATORS={operators or user},SERVICE={service or user}"
-    return [sys.executable, "-u", "-m", "edgeloop.ioc.softioc", "-m", f"P={prefix}",
-            "-d", str(db_dir() / "ml.db"), "-a", str(db_dir() / "ml.acf"), "-s", subs]
+    return [
+        sys.executable,
+        "-u",
+        "-m",
+        "edgeloop.ioc.softioc",
+        "-m",
+        f"P={prefix}",
+        "-d",
+        str(db_dir() / "ml.db"),
+        "-a",
+        str(db_dir() / "ml.acf"),
+        "-s",
+        subs,
+    ]
 
 
-def start(prefix: str, env: dict | None = None, timeout: float = 30.0,
-          **kwargs) -> subprocess.Popen:
+def start(
+    prefix: str, env: dict | None = None, timeout: float = 30.0, **kwargs
+) -> subprocess.Popen:
     """Start the real IOC and return once it reports initialization complete."""
     # stdin is a pipe we hold: if this process dies, the IOC sees end of input and exits
-    proc = subprocess.Popen(command(prefix, **kwargs), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        command(prefix, **kwargs),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

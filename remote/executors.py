@@ -20,6 +20,7 @@ import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
 
 from edgeloop.config import RemoteConfig
+from edgeloop.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def parsl_config(cfg: RemoteConfig, run_dir: str | None = None):
     """The Parsl ``Config``: from ``remote.parsl_config_file`` (a Python file defining
     ``config``, e.g. remote/parsl_examples/slurm.py) or one ``HighThroughputExecutor`` on
     this machine (``LocalProvider``), both on loopback here."""
+    require("parsl", "parsl")
     from parsl.config import Config as ParslConfig
     from parsl.executors import HighThroughputExecutor
     from parsl.providers import LocalProvider
@@ -58,8 +60,11 @@ def parsl_config(cfg: RemoteConfig, run_dir: str | None = None):
             raise ValueError(f"{cfg.parsl_config_file} must define `config`, a parsl Config")
         return namespace["config"]
     htex = HighThroughputExecutor(
-        label="edgeloop", address="127.0.0.1", loopback_address="127.0.0.1",
-        max_workers_per_node=cfg.parsl_workers, cores_per_worker=1,
+        label="edgeloop",
+        address="127.0.0.1",
+        loopback_address="127.0.0.1",
+        max_workers_per_node=cfg.parsl_workers,
+        cores_per_worker=1,
         provider=LocalProvider(init_blocks=1, max_blocks=1, worker_init=cfg.parsl_worker_init),
     )
     return ParslConfig(executors=[htex], run_dir=run_dir or "runinfo", strategy="none")
@@ -95,15 +100,19 @@ def globus_compute_executor(cfg: RemoteConfig) -> Executor:
     SDK's: a stored login token (``globus-compute-endpoint login`` / the first use opens a
     browser flow) or client credentials in GLOBUS_COMPUTE_CLIENT_ID / _SECRET."""
     if not cfg.globus_endpoint_id:
-        raise ValueError("executor 'globus-compute' needs remote.globus_endpoint_id (the UUID "
-                         "`globus-compute-endpoint list` shows)")
+        raise ValueError(
+            "executor 'globus-compute' needs remote.globus_endpoint_id (the UUID "
+            "`globus-compute-endpoint list` shows)"
+        )
+    require("globus_compute_sdk", "globus")
     from globus_compute_sdk import Executor as ComputeExecutor
 
     return ComputeExecutor(endpoint_id=cfg.globus_endpoint_id)
 
 
-def make_executor(name: str, cfg: RemoteConfig | None = None, run_dir: str | None = None
-                  ) -> Executor:
+def make_executor(
+    name: str, cfg: RemoteConfig | None = None, run_dir: str | None = None
+) -> Executor:
     cfg = cfg or RemoteConfig()
     if name == "local":
         return LocalExecutor()

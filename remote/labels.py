@@ -18,17 +18,22 @@ from edgeloop.optics import extract_patch
 log = logging.getLogger(__name__)
 
 
-def reconstruct(intensities: np.ndarray, positions_px: np.ndarray, probe: np.ndarray,
-                epochs: int = 30, algorithm: str = "LSQML", threads: int = 2
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reconstruct(
+    intensities: np.ndarray,
+    positions_px: np.ndarray,
+    probe: np.ndarray,
+    epochs: int = 30,
+    algorithm: str = "LSQML",
+    threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run ptychi; returns (object, probe, origin) with the patch centre of position p at
     ``p + origin`` in the object array.
 
     intensities: (N, M, M), zero frequency at the centre (as the detector sees it);
     positions_px: (N, 2) (row, col) in object pixels; probe: (M, M) complex initial guess.
     """
-    import torch
     import ptychi.api as api
+    import torch
     from ptychi.api.task import PtychographyTask
     from ptychi.utils import rescale_probe
 
@@ -54,8 +59,7 @@ def reconstruct(intensities: np.ndarray, positions_px: np.ndarray, probe: np.nda
         opts.object_options.alpha = opts.probe_options.alpha = alpha
         batch = 10
     else:
-        raise ValueError(f"unknown phase-retrieval algorithm {algorithm!r} "
-                         "(LSQML, rPIE, ePIE)")
+        raise ValueError(f"unknown phase-retrieval algorithm {algorithm!r} (LSQML, rPIE, ePIE)")
     opts.data_options.fft_shift = True  # detector data: zero frequency at the centre
     opts.data_options.free_space_propagation_distance_m = math.inf
     ro = opts.reconstructor_options
@@ -79,11 +83,14 @@ def reconstruct(intensities: np.ndarray, positions_px: np.ndarray, probe: np.nda
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
-        with PtychographyTask(opts, diffraction_data=intensities,
-                              object_data=np.ones((1, *obj_shape), np.complex64),
-                              probe_data=p0.astype(np.complex64),
-                              probe_position_y_px=pos[:, 0].astype(np.float32),
-                              probe_position_x_px=pos[:, 1].astype(np.float32)) as task:
+        with PtychographyTask(
+            opts,
+            diffraction_data=intensities,
+            object_data=np.ones((1, *obj_shape), np.complex64),
+            probe_data=p0.astype(np.complex64),
+            probe_position_y_px=pos[:, 0].astype(np.float32),
+            probe_position_x_px=pos[:, 1].astype(np.float32),
+        ) as task:
             task.run()
             obj = task.get_data_to_cpu("object", as_numpy=True)[0]
             prb = task.get_data_to_cpu("probe", as_numpy=True)[0, 0]
@@ -91,8 +98,9 @@ def reconstruct(intensities: np.ndarray, positions_px: np.ndarray, probe: np.nda
     return obj, prb, used
 
 
-def label_patches(obj: np.ndarray, origin: np.ndarray, positions_px: np.ndarray,
-                  size: int, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def label_patches(
+    obj: np.ndarray, origin: np.ndarray, positions_px: np.ndarray, size: int, probe: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(amplitude, phase) label patches, (N, size, size) each.
 
     The global phase of a reconstruction is arbitrary: it is set so the illuminated part of
@@ -102,7 +110,7 @@ def label_patches(obj: np.ndarray, origin: np.ndarray, positions_px: np.ndarray,
     power = (np.abs(probe) ** 2).astype(np.float32)
     tops = positions_px + origin - (size - 1) / 2
     for ty, tx in np.round(tops).astype(int):
-        coverage[ty:ty + size, tx:tx + size] += power
+        coverage[ty : ty + size, tx : tx + size] += power
     lit = coverage > 0.1 * coverage.max()
     obj = obj * np.exp(-1j * np.angle(obj[lit].sum()))
     scale = np.percentile(np.abs(obj[lit]), 99)
@@ -111,9 +119,15 @@ def label_patches(obj: np.ndarray, origin: np.ndarray, positions_px: np.ndarray,
     return amplitude, np.angle(patches).astype(np.float32)
 
 
-def make_labels(frames: np.ndarray, positions_um: np.ndarray, pixel_um: float,
-                probe: np.ndarray, epochs: int, algorithm: str, threads: int = 2
-                ) -> tuple[np.ndarray, np.ndarray]:
+def make_labels(
+    frames: np.ndarray,
+    positions_um: np.ndarray,
+    pixel_um: float,
+    probe: np.ndarray,
+    epochs: int,
+    algorithm: str,
+    threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels for one scan: positions (x, y) in um -> (row, col) px, reconstruct, cut."""
     if len(frames) < 4:
         raise ValueError(f"phase retrieval needs several overlapping frames, got {len(frames)}")

@@ -50,7 +50,7 @@ def _axes(params, yy: np.ndarray, xx: np.ndarray):
     centre, fwhm = np.array([[x0], [y0]]), np.array([[fx], [fy]])
     edges = np.stack([coords + 0.5 - centre, coords - 0.5 - centre])  # (hi/lo, axis, n)
     s = edges / fwhm
-    eg, er = np.exp(-(_K * s) ** 2), erf(_K * s)
+    eg, er = np.exp(-((_K * s) ** 2)), erf(_K * s)
     el, at = 1.0 / (1.0 + (2.0 * s) ** 2), np.arctan(2.0 * s)
     c = 0.5 * _GAUSS_AREA
     g = c * fwhm * (er[0] - er[1])
@@ -73,8 +73,9 @@ def _model(params, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
 def _jacobian(params, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """d model / d params, shape (pixels, 7), pixels in row-major order."""
     amp, eta = params[2], params[5]
-    ((gx, gy), (lx, ly), (gx_c, gy_c), (lx_c, ly_c), (gx_f, gy_f),
-     (lx_f, ly_f)) = _axes(params, yy, xx)
+    ((gx, gy), (lx, ly), (gx_c, gy_c), (lx_c, ly_c), (gx_f, gy_f), (lx_f, ly_f)) = _axes(
+        params, yy, xx
+    )
     lor, gau = np.outer(ly, lx), np.outer(gy, gx)
     # each column: amp * (eta * d(Ly Lx) + (1 - eta) * d(Gy Gx))
     a, b = amp * eta, amp * (1.0 - eta)
@@ -122,8 +123,10 @@ def fit_pseudo_voigt(patch: np.ndarray) -> FitResult:
     if data.ndim != 2 or min(data.shape) < 3:
         raise ValueError(f"expected a 2-D patch of at least 3x3 pixels, got shape {data.shape}")
     if not np.all(np.isfinite(data)):
-        raise ValueError(f"patch holds {int(np.count_nonzero(~np.isfinite(data)))} NaN or "
-                         "infinite values; mask or drop it before fitting")
+        raise ValueError(
+            f"patch holds {int(np.count_nonzero(~np.isfinite(data)))} NaN or "
+            "infinite values; mask or drop it before fitting"
+        )
     lo, span = float(data.min()), float(np.ptp(data))
     if span <= 0.0:
         return _failed("flat patch: no peak to fit")
@@ -135,9 +138,15 @@ def fit_pseudo_voigt(patch: np.ndarray) -> FitResult:
     p0 = np.clip(_initial_guess(norm), lower + 1e-6, upper - 1e-6)
     target = norm.ravel()
     try:
-        res = least_squares(lambda p: _model(p, yy, xx).ravel() - target, p0,
-                            jac=lambda p: _jacobian(p, yy, xx), bounds=(lower, upper),
-                            method="trf", x_scale="jac", max_nfev=MAX_NFEV)
+        res = least_squares(
+            lambda p: _model(p, yy, xx).ravel() - target,
+            p0,
+            jac=lambda p: _jacobian(p, yy, xx),
+            bounds=(lower, upper),
+            method="trf",
+            x_scale="jac",
+            max_nfev=MAX_NFEV,
+        )
     except (ValueError, np.linalg.LinAlgError) as exc:  # defensive: report, do not raise
         log.debug("pseudo-Voigt fit raised: %s", exc)
         return _failed(f"fit raised {type(exc).__name__}: {exc}")
@@ -146,8 +155,18 @@ def fit_pseudo_voigt(patch: np.ndarray) -> FitResult:
     # the brightest model pixel (not the continuous height, which a 0.5 px wide fit to one
     # noisy pixel inflates) against the residual: noise alone gives 3-5, real peaks 30+
     height = float(np.max(res.fun + target)) - bg
-    result = FitResult(float(x0), float(y0), float(amp * span), float(fx), float(fy),
-                       float(eta), float(bg * span + lo), True, res.message, int(res.nfev))
+    result = FitResult(
+        float(x0),
+        float(y0),
+        float(amp * span),
+        float(fx),
+        float(fy),
+        float(eta),
+        float(bg * span + lo),
+        True,
+        res.message,
+        int(res.nfev),
+    )
     reason = None
     if res.status <= 0:
         reason = f"optimiser did not converge: {res.message}"

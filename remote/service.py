@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 
 STATES = ["Idle", "Staging", "Analyzing", "Training", "Validating", "Deploying", "Error"]
 # coarse $(P)ml:Progress (%) at the start of each state; Error keeps the last value
-PROGRESS = {"Idle": 100.0, "Staging": 0.0, "Analyzing": 5.0, "Training": 35.0,
-            "Validating": 90.0, "Deploying": 95.0}
+PROGRESS = {
+    "Idle": 100.0,
+    "Staging": 0.0,
+    "Analyzing": 5.0,
+    "Training": 35.0,
+    "Validating": 90.0,
+    "Deploying": 95.0,
+}
 
 
 class RetrainError(RuntimeError):
@@ -49,8 +55,7 @@ def usable_scans(data_dir) -> list[tuple[str, str, int]]:
     return out
 
 
-def stage_scans(scans: list[tuple[str, str, int]], technique: str,
-                max_frames: int) -> list[str]:
+def stage_scans(scans: list[tuple[str, str, int]], technique: str, max_frames: int) -> list[str]:
     """Of :func:`usable_scans`, the newest of a technique whose frames add up to at most
     max_frames (at least one scan), oldest first."""
     chosen, total = [], 0
@@ -68,9 +73,13 @@ class Aborted(RetrainError):
     pass
 
 
-TIMING_PVS = {"staging_s": "ml:StagingTime", "analysis_s": "ml:AnalysisTime",
-              "training_s": "ml:TrainingTime", "return_s": "ml:ReturnTime",
-              "end_to_end_s": "ml:EndToEndTime"}
+TIMING_PVS = {
+    "staging_s": "ml:StagingTime",
+    "analysis_s": "ml:AnalysisTime",
+    "training_s": "ml:TrainingTime",
+    "return_s": "ml:ReturnTime",
+    "end_to_end_s": "ml:EndToEndTime",
+}
 
 
 class RetrainService:
@@ -99,8 +108,9 @@ class RetrainService:
         self.runs_finished = 0
 
     def _make_executor(self, name: str):
-        return make_executor(name, self.cfg.remote,
-                             run_dir=str(self.cfg.registry_path / "work" / "parsl"))
+        return make_executor(
+            name, self.cfg.remote, run_dir=str(self.cfg.registry_path / "work" / "parsl")
+        )
 
     # ---- PV helpers ----------------------------------------------------------------------
     def _put(self, name: str, value) -> None:
@@ -120,12 +130,15 @@ class RetrainService:
     # ---- triggers ------------------------------------------------------------------------
     def _button(self, name: str, action):
         """Monitor callback of a bo 'button': on 1, reset it and run ``action``."""
+
         def on_value(value) -> None:
             if isinstance(value, Exception) or int(value["value.index"]) != 1:
                 return
-            threading.Thread(target=self._put, args=(name, {"value.index": 0}),
-                             daemon=True).start()
+            threading.Thread(
+                target=self._put, args=(name, {"value.index": 0}), daemon=True
+            ).start()
             action()
+
         return on_value
 
     def abort(self) -> None:
@@ -215,8 +228,10 @@ class RetrainService:
                 raise Aborted(f"{what} aborted by ml:Abort")
             if time.monotonic() > deadline:
                 self._cancel(future)
-                raise RetrainError(f"{what} exceeded its time limit of "
-                                   f"{self.step_timeout:.0f} s (remote.task_timeout_s)")
+                raise RetrainError(
+                    f"{what} exceeded its time limit of "
+                    f"{self.step_timeout:.0f} s (remote.task_timeout_s)"
+                )
             try:
                 return future.result(timeout=0.2)
             except FutureTimeout:
@@ -239,14 +254,20 @@ class RetrainService:
         out = cfg.registry_path / "work" / f"labels_{kind}_{int(time.time())}.h5"
         request = {"scans": scans, "kind": kind, "out": str(out)}
         if kind == "braggnn":
-            request.update(patch=cfg.model.patch, sigma=cfg.edge.peak_sigma,
-                           min_separation=cfg.edge.peak_min_separation)
+            request.update(
+                patch=cfg.model.patch,
+                sigma=cfg.edge.peak_sigma,
+                min_separation=cfg.edge.peak_min_separation,
+            )
             return "pseudo-Voigt peak fits", request
-        request.update(pixel_um=cfg.sim.pixel_um,
-                       probe={"radius_px": cfg.sim.probe_radius_px,
-                              "defocus": cfg.sim.probe_defocus},
-                       epochs=cfg.train.recon_epochs, algorithm=cfg.train.recon_algorithm,
-                       threads=cfg.train.threads, input_size=cfg.model.input_size)
+        request.update(
+            pixel_um=cfg.sim.pixel_um,
+            probe={"radius_px": cfg.sim.probe_radius_px, "defocus": cfg.sim.probe_defocus},
+            epochs=cfg.train.recon_epochs,
+            algorithm=cfg.train.recon_algorithm,
+            threads=cfg.train.threads,
+            input_size=cfg.model.input_size,
+        )
         return f"phase retrieval ({cfg.train.recon_algorithm})", request
 
     def run_once(self) -> dict | None:
@@ -273,15 +294,28 @@ class RetrainService:
             timings["analysis_s"] = labels["seconds"]
 
             best, serving = self.registry.best(kind), self.registry.accepted(kind)
-            self._status("Training", f"training {kind} on {labels['n_frames']} samples from "
-                                     f"{'v%d' % best if best else 'scratch'} "
-                                     f"({self.endpoint})")
+            self._status(
+                "Training",
+                f"training {kind} on {labels['n_frames']} samples from "
+                f"{f'v{best}' if best else 'scratch'} "
+                f"({self.endpoint})",
+            )
             t0 = time.perf_counter()
-            result = self._wait(self.executor.submit(tasks.train_model, {
-                "labels": labels["labels"], "labels_sha256": labels["sha256"],
-                **self._ref("init", best), **self._ref("baseline", serving),
-                "kind": kind, "arch": cfg.arch(kind), "train": vars(train_cfg),
-            }), "training")
+            result = self._wait(
+                self.executor.submit(
+                    tasks.train_model,
+                    {
+                        "labels": labels["labels"],
+                        "labels_sha256": labels["sha256"],
+                        **self._ref("init", best),
+                        **self._ref("baseline", serving),
+                        "kind": kind,
+                        "arch": cfg.arch(kind),
+                        "train": vars(train_cfg),
+                    },
+                ),
+                "training",
+            )
             timings["training_s"] = result["seconds"]
             t_returned = time.perf_counter()
 
@@ -290,12 +324,21 @@ class RetrainService:
                 raise RetrainError("returned model fails its checksum (corrupted in transit)")
             if not math.isfinite(result["val_loss"]):
                 raise RetrainError(f"validation loss is {result['val_loss']}")
-            meta = {"kind": kind, "arch": result["arch"], "val_loss": result["val_loss"],
-                    "baseline_val_loss": result["baseline_val_loss"], "baseline": serving,
-                    "trained_on": scans, "labels_sha256": labels["sha256"],
-                    "n_frames": result["n_frames"], "parent": best,
-                    "history": result["history"], "timings": timings,
-                    "executor": self.endpoint, "code_version": code_version()}
+            meta = {
+                "kind": kind,
+                "arch": result["arch"],
+                "val_loss": result["val_loss"],
+                "baseline_val_loss": result["baseline_val_loss"],
+                "baseline": serving,
+                "trained_on": scans,
+                "labels_sha256": labels["sha256"],
+                "n_frames": result["n_frames"],
+                "parent": best,
+                "history": result["history"],
+                "timings": timings,
+                "executor": self.endpoint,
+                "code_version": code_version(),
+            }
             version = self.registry.add(result["model"], meta)
             self._put("ml:ValLoss", result["val_loss"])
             self._quality_gate(version, result)
@@ -307,16 +350,24 @@ class RetrainService:
                 raise RetrainError(f"edge refused model v{version}: {exc}") from exc
             # return: from the end of training (remote) to serving here; the task's own
             # clock does not see queueing and result transfer, so that is included
-            timings["return_s"] = (time.perf_counter() - t_returned
-                                   + max(0.0, t_returned - t0 - result["seconds"]))
+            timings["return_s"] = (
+                time.perf_counter() - t_returned + max(0.0, t_returned - t0 - result["seconds"])
+            )
             timings["end_to_end_s"] = time.perf_counter() - t_start
             self._put("ml:ModelVersion", version)
             self._publish_timings(timings)
-            self._status("Idle", f"{kind} model v{version} serving; val loss "
-                                 f"{result['val_loss']:.4g}; "
-                                 + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-            self.last_result = {"version": version, "kind": kind,
-                                "val_loss": result["val_loss"], "timings": timings}
+            self._status(
+                "Idle",
+                f"{kind} model v{version} serving; val loss "
+                f"{result['val_loss']:.4g}; "
+                + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+            )
+            self.last_result = {
+                "version": version,
+                "kind": kind,
+                "val_loss": result["val_loss"],
+                "timings": timings,
+            }
             return self.last_result
         except RetrainError as exc:
             self._status("Error", str(exc))
@@ -339,8 +390,10 @@ class RetrainService:
             return
         limit = baseline * (1.0 + self.cfg.remote.quality_margin)
         if result["val_loss"] > limit:
-            reason = (f"quality gate: held-out loss {result['val_loss']:.4g} > serving model's "
-                      f"{baseline:.4g} + {self.cfg.remote.quality_margin:.0%}")
+            reason = (
+                f"quality gate: held-out loss {result['val_loss']:.4g} > serving model's "
+                f"{baseline:.4g} + {self.cfg.remote.quality_margin:.0%}"
+            )
             self.registry.mark_rejected(version, reason)
             raise RetrainError(f"model v{version} not deployed: {reason}")
 
@@ -348,18 +401,21 @@ class RetrainService:
         for key, pv in TIMING_PVS.items():
             if key in timings:
                 self._put(pv, timings[key])
-        log.info("retraining timings: %s", json.dumps({k: round(v, 2)
-                                                       for k, v in timings.items()}))
+        log.info(
+            "retraining timings: %s", json.dumps({k: round(v, 2) for k, v in timings.items()})
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------
-    def start(self) -> "RetrainService":
+    def start(self) -> RetrainService:
         self._put("ml:Endpoint", self.endpoint)
         self._put("ml:ModelVersion", self.registry.accepted(MODE_KIND[self.cfg.mode]) or 0)
         self._status("Idle", f"retraining service ready (executor {self.endpoint})")
-        for name, callback in (("ml:Retrain", self._button("ml:Retrain", self.request)),
-                               ("ml:Abort", self._button("ml:Abort", self.abort)),
-                               ("ml:Rollback", self._button("ml:Rollback", self.rollback)),
-                               ("ml:Endpoint", self._on_endpoint)):
+        for name, callback in (
+            ("ml:Retrain", self._button("ml:Retrain", self.request)),
+            ("ml:Abort", self._button("ml:Abort", self.abort)),
+            ("ml:Rollback", self._button("ml:Rollback", self.rollback)),
+            ("ml:Endpoint", self._on_endpoint),
+        ):
             self._subs.append(self.ctx.monitor(f"{self.p}{name}", callback))
         return self
 

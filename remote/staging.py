@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import edgeloop
 from edgeloop.config import Config
+from edgeloop.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,34 @@ def code_version() -> str:
     """edgeloop's version, plus the git commit when running from a checkout."""
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{edgeloop.__version__}+g{commit}" if commit else edgeloop.__version__
 
 
-def transfer_data(source_collection: str, dest_collection: str, paths: list[str],
-                  dest_dir: str, label: str = "edgeloop scans"):
+def transfer_data(
+    source_collection: str,
+    dest_collection: str,
+    paths: list[str],
+    dest_dir: str,
+    label: str = "edgeloop scans",
+):
     """The Globus Transfer request: every scan file to ``dest_dir``, checksummed."""
-    import globus_sdk
+    globus_sdk = require("globus_sdk", "globus")
 
-    tdata = globus_sdk.TransferData(source_endpoint=source_collection,
-                                    destination_endpoint=dest_collection, label=label,
-                                    sync_level="checksum", verify_checksum=True)
+    tdata = globus_sdk.TransferData(
+        source_endpoint=source_collection,
+        destination_endpoint=dest_collection,
+        label=label,
+        sync_level="checksum",
+        verify_checksum=True,
+    )
     for path in paths:
         tdata.add_item(str(path), str(PurePosixPath(dest_dir) / Path(path).name))
     return tdata
@@ -59,8 +73,9 @@ def globus_transfer(client, tdata, timeout_s: float, poll_s: float = 5.0) -> str
     log.info("Globus transfer %s submitted (%d files)", task_id, len(tdata["DATA"]))
     if not client.task_wait(task_id, timeout=int(timeout_s), polling_interval=int(poll_s)):
         client.cancel_task(task_id)
-        raise StagingError(f"Globus transfer {task_id} did not finish in {timeout_s:.0f} s "
-                           "(cancelled)")
+        raise StagingError(
+            f"Globus transfer {task_id} did not finish in {timeout_s:.0f} s (cancelled)"
+        )
     status = client.get_task(task_id)["status"]
     if status != "SUCCEEDED":
         raise StagingError(f"Globus transfer {task_id} ended {status}")
@@ -75,17 +90,20 @@ def stage(scans: list[str], cfg: Config, client=None) -> list[str]:
     if r.staging != "globus":
         raise StagingError(f"unknown staging {r.staging!r}: shared or globus")
     if not (r.globus_source_collection and r.globus_dest_collection and r.globus_dest_dir):
-        raise StagingError("globus staging needs remote.globus_source_collection, "
-                           "globus_dest_collection and globus_dest_dir")
+        raise StagingError(
+            "globus staging needs remote.globus_source_collection, "
+            "globus_dest_collection and globus_dest_dir"
+        )
     if client is None:
-        import globus_sdk
-
+        globus_sdk = require("globus_sdk", "globus")
         token = os.environ.get("GLOBUS_TRANSFER_TOKEN")
         if not token:
-            raise StagingError("globus staging needs a Transfer access token in "
-                               "GLOBUS_TRANSFER_TOKEN")
+            raise StagingError(
+                "globus staging needs a Transfer access token in GLOBUS_TRANSFER_TOKEN"
+            )
         client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer(token))
-    tdata = transfer_data(r.globus_source_collection, r.globus_dest_collection, scans,
-                          r.globus_dest_dir)
+    tdata = transfer_data(
+        r.globus_source_collection, r.globus_dest_collection, scans, r.globus_dest_dir
+    )
     globus_transfer(client, tdata, r.transfer_timeout_s)
     return [str(PurePosixPath(r.globus_dest_dir) / Path(p).name) for p in scans]

@@ -42,8 +42,12 @@ def analyze(request: dict) -> dict:
         f.attrs["scans"] = json.dumps(list(map(str, request["scans"])))
         f.attrs["kind"] = request["kind"]
     tmp.replace(out)
-    return {"labels": str(out), "sha256": reg.sha256_bytes(out.read_bytes()),
-            "n_frames": int(n), "seconds": time.perf_counter() - t0}
+    return {
+        "labels": str(out),
+        "sha256": reg.sha256_bytes(out.read_bytes()),
+        "n_frames": int(n),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _analyze_hedm(request: dict, f: h5py.File) -> int:
@@ -53,7 +57,7 @@ def _analyze_hedm(request: dict, f: h5py.File) -> int:
     request: scans, patch, sigma, min_separation.  Writes inputs (n, 1, P, P), center (n, 2)
     as (x, y) in patch widths.
     """
-    from edgeloop.edge_pva.peaks import peak_patches
+    from edgeloop.peaks import peak_patches
     from edgeloop.remote.peakfit import fit_patches
 
     size = request["patch"]
@@ -63,18 +67,25 @@ def _analyze_hedm(request: dict, f: h5py.File) -> int:
         if scan["technique"] != "hedm":
             raise ValueError(f"{path} is a {scan['technique']} scan, not HEDM")
         for frame in scan["frames"]:
-            peaks, patches, _ = peak_patches(frame, size, sigma=request["sigma"],
-                                             min_separation=request["min_separation"])
+            peaks, patches, _ = peak_patches(
+                frame, size, sigma=request["sigma"], min_separation=request["min_separation"]
+            )
             seen += len(patches)
             kept.append(patches[~(peaks.border | peaks.saturated)])
         log.info("peaks of %s: %d frames", path, len(scan["frames"]))
     patches = np.concatenate(kept) if kept else np.zeros((0, size, size), np.float32)
     centres, ok = fit_patches(patches)
-    log.info("pseudo-Voigt fits: %d of %d patches labelled (%d peaks seen)", ok.sum(),
-             len(patches), seen)
+    log.info(
+        "pseudo-Voigt fits: %d of %d patches labelled (%d peaks seen)",
+        ok.sum(),
+        len(patches),
+        seen,
+    )
     if ok.sum() < 10:
-        raise ValueError(f"only {int(ok.sum())} peaks could be fitted in "
-                         f"{len(request['scans'])} scan(s); need at least 10 to train")
+        raise ValueError(
+            f"only {int(ok.sum())} peaks could be fitted in "
+            f"{len(request['scans'])} scan(s); need at least 10 to train"
+        )
     f["inputs"] = model_kind("braggnn").preprocess(patches[ok], size)
     f["center"] = (centres[ok] / size).astype(np.float32)
     return int(ok.sum())
@@ -93,11 +104,20 @@ def _analyze_ptycho(request: dict, f: h5py.File) -> int:
         scan = read_scan(path)
         frames = scan["frames"].astype(np.float32)
         probe = make_probe(frames.shape[-1], pr["radius_px"], pr["defocus"])
-        amp, phase = make_labels(frames, scan["positions_um"], request["pixel_um"], probe,
-                                 request["epochs"], request["algorithm"], request["threads"])
+        amp, phase = make_labels(
+            frames,
+            scan["positions_um"],
+            request["pixel_um"],
+            probe,
+            request["epochs"],
+            request["algorithm"],
+            request["threads"],
+        )
         if amp.shape[-1] != request["input_size"]:
-            raise ValueError(f"{path}: frames {frames.shape[-1]} px but the network takes "
-                             f"{request['input_size']} px labels")
+            raise ValueError(
+                f"{path}: frames {frames.shape[-1]} px but the network takes "
+                f"{request['input_size']} px labels"
+            )
         frames_all.append(spec.preprocess(list(frames), request["input_size"]))
         amp_all.append(amp)
         phase_all.append(phase)
@@ -127,8 +147,10 @@ def train_model(request: dict) -> dict:
     spec = model_kind(request["kind"])
     with h5py.File(request["labels"], "r") as f:
         if f.attrs.get("kind") != spec.name:
-            raise ValueError(f"labels file {request['labels']} is for {f.attrs.get('kind')!r}"
-                             f", not {spec.name!r}")
+            raise ValueError(
+                f"labels file {request['labels']} is for {f.attrs.get('kind')!r}"
+                f", not {spec.name!r}"
+            )
         inputs = f["inputs"][()]
         if spec.name == "braggnn":
             targets, loss = (f["center"][()],), centre_loss
@@ -150,10 +172,16 @@ def train_model(request: dict) -> dict:
         baseline_val_loss = evaluate(baseline, inputs, targets, loss, val_idx)
     model, val_loss, history = train(model, inputs, targets, loss, cfg)
     blob = reg.model_to_bytes(spec.name, arch, model)
-    return {"model": blob, "sha256": reg.sha256_bytes(blob), "val_loss": float(val_loss),
-            "baseline_val_loss": baseline_val_loss,
-            "history": history, "n_frames": int(len(inputs)), "arch": arch,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "model": blob,
+        "sha256": reg.sha256_bytes(blob),
+        "val_loss": float(val_loss),
+        "baseline_val_loss": baseline_val_loss,
+        "history": history,
+        "n_frames": int(len(inputs)),
+        "arch": arch,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _checkpoint(path: str, sha256: str, kind: str):

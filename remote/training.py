@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,16 +51,27 @@ def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     """Stepped once per batch."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(1, cfg.epochs * steps_per_epoch), eta_min=cfg.lr_min)
+            opt, T_max=max(1, cfg.epochs * steps_per_epoch), eta_min=cfg.lr_min
+        )
     if cfg.schedule == "cyclic":
-        return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=cfg.lr_min, max_lr=cfg.lr,
-                                                 step_size_up=max(1, 3 * steps_per_epoch),
-                                                 cycle_momentum=False, mode="triangular2")
+        return torch.optim.lr_scheduler.CyclicLR(
+            opt,
+            base_lr=cfg.lr_min,
+            max_lr=cfg.lr,
+            step_size_up=max(1, 3 * steps_per_epoch),
+            cycle_momentum=False,
+            mode="triangular2",
+        )
     raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}: cyclic or cosine")
 
 
-def evaluate(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray],
-             loss_fn: LossFn, idx: np.ndarray) -> float:
+def evaluate(
+    model: nn.Module,
+    inputs: np.ndarray,
+    targets: Sequence[np.ndarray],
+    loss_fn: LossFn,
+    idx: np.ndarray,
+) -> float:
     """The loss of a model on the samples ``idx`` (e.g. the held-out split)."""
     model.eval()
     i = torch.from_numpy(np.asarray(idx))
@@ -70,8 +81,14 @@ def evaluate(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray]
         return float(loss_fn(model(x), ys).item())
 
 
-def train(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray], loss_fn: LossFn,
-          cfg: TrainConfig, progress=None) -> tuple[nn.Module, float, list[dict]]:
+def train(
+    model: nn.Module,
+    inputs: np.ndarray,
+    targets: Sequence[np.ndarray],
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    progress=None,
+) -> tuple[nn.Module, float, list[dict]]:
     """Train in place from the given weights; returns (best model, best val loss, history)."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -93,7 +110,7 @@ def train(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray], l
         order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(train_idx))
         total = 0.0
         for start in range(0, len(order), cfg.batch_size):
-            b = order[start:start + cfg.batch_size]
+            b = order[start : start + cfg.batch_size]
             if len(b) < 2:  # batch norm needs two samples
                 continue
             opt.zero_grad()
@@ -105,12 +122,23 @@ def train(model: nn.Module, inputs: np.ndarray, targets: Sequence[np.ndarray], l
         model.eval()
         with torch.no_grad():
             val = loss_fn(model(x[vi]), [y[vi] for y in ys]).item()
-        history.append({"epoch": epoch, "train_loss": total / len(train_idx), "val_loss": val,
-                        "seconds": time.perf_counter() - t0})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / len(train_idx),
+                "val_loss": val,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         if val < best_loss:
             best_loss, best_state = val, copy.deepcopy(model.state_dict())
-        log.info("epoch %d/%d train %.5f val %.5f", epoch + 1, cfg.epochs,
-                 history[-1]["train_loss"], val)
+        log.info(
+            "epoch %d/%d train %.5f val %.5f",
+            epoch + 1,
+            cfg.epochs,
+            history[-1]["train_loss"],
+            val,
+        )
         if progress is not None:
             progress(epoch + 1, cfg.epochs, val)
     if best_state is not None:

@@ -1,29 +1,149 @@
 """Fixtures that own real servers on loopback: the simulated beamline + real ML IOC
 (``edgeloop ioc``), the edge server, and the retraining service, each a subprocess stopped by
-PID at the end, its output printed when a test fails."""
+PID at the end, its output printed when a test fails.
 
+Tests that start servers or worker processes carry the ``system`` marker (``pytest -m "not
+system"`` runs the unit tests alone).  Every test, and every module with its fixtures, must
+stop the threads and processes it started: a check here fails the test that left one."""
+
+import contextlib
 import os
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
 
+import psutil
+import pytest
+from p4p.client.thread import Context
+
+from edgeloop.app.processes import ManagedProcess, wait_for_pv
 from edgeloop.config import LOOPBACK_ENV, Config
 
-os.environ.update(LOOPBACK_ENV)  # before any EPICS client library is imported
-
-import secrets  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from p4p.client.thread import Context  # noqa: E402
-
-from edgeloop.processes import ManagedProcess, wait_for_pv  # noqa: E402
-
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# what a library starts once per process and keeps by design (processes by command line,
+# threads by the module of their target)
+LONG_LIVED = (
+    "multiprocessing.resource_tracker",
+    "multiprocessing.forkserver",
+    "globus_compute_sdk.sdk.executor",
+)
+
+
+def pytest_configure(config):
+    os.environ.update(LOOPBACK_ENV)  # before any EPICS client reads its settings
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _loopback_only():
     for key, value in LOOPBACK_ENV.items():
         assert os.environ[key] == value, f"{key} must be {value!r} in tests"
+
+
+def _children() -> dict[int, str]:
+    """This process's own children (a server's workers are that server's to stop)."""
+    alive = {}
+    for proc in psutil.Process().children():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if not any(name in cmdline for name in LONG_LIVED):
+            alive[proc.pid] = cmdline[:160]
+    return alive
+
+
+def _process_wide_threads() -> set[int]:
+    """Threads a library starts once per process and keeps by design: ophyd's dispatcher,
+    p4p's default work queues (SharedPV callbacks), and the thread globus_compute_sdk starts
+    on import to shut its executors down at exit."""
+    keep = {
+        t.ident
+        for t in threading.enumerate()
+        if getattr(getattr(t, "_target", None), "__module__", "") in LONG_LIVED
+    }
+    ophyd = sys.modules.get("ophyd")
+    dispatcher = ophyd.cl.get_dispatcher() if ophyd is not None else None
+    if dispatcher is not None:
+        threads = (*dispatcher._threads.values(), dispatcher._debug_monitor_thread)
+        keep |= {t.ident for t in threads}
+    p4p_util = sys.modules.get("p4p.util")
+    if p4p_util is not None:
+        queues = [q for q in p4p_util._defaultWorkQueue.W if q is not None]
+        keep |= {t.ident for q in queues for t in q._T if t is not None}
+    return keep
+
+
+def _threads() -> dict[int, str]:
+    keep = _process_wide_threads()
+    return {t.ident: t.name for t in threading.enumerate() if t.is_alive() and t.ident not in keep}
+
+
+class LeakCheck:
+    """Threads and child processes alive now that were not at the start."""
+
+    def __init__(self):
+        self.threads, self.children = _threads(), _children()
+
+    def left_behind(self, grace_s: float = 5.0) -> list[str]:
+        deadline = time.monotonic() + grace_s
+        while True:  # a stopped worker may take a moment to exit
+            threads = {k: v for k, v in _threads().items() if k not in self.threads}
+            children = {k: v for k, v in _children().items() if k not in self.children}
+            if not (threads or children) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return [f"thread {name!r}" for name in threads.values()] + [
+            f"process {pid}: {cmd}" for pid, cmd in children.items()
+        ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_leaves_nothing_running(request):
+    """Set up before and torn down after the module's own fixtures."""
+    check = LeakCheck()
+    yield
+    left = check.left_behind()
+    assert not left, f"{request.module.__name__} left running: {left}"
+
+
+@pytest.fixture(autouse=True)
+def _test_leaves_nothing_running(request):
+    check = LeakCheck()
+    yield
+    left = check.left_behind()
+    assert not left, f"{request.node.nodeid} left running: {left}"
+
+
+@contextlib.contextmanager
+def run_engine():
+    """A bluesky RunEngine whose event-loop thread is stopped afterwards."""
+    from bluesky import RunEngine
+
+    engine = RunEngine({})
+    try:
+        yield engine
+    finally:
+        if engine.state != "idle":
+            engine.halt()
+        # Each RunEngine runs its own event loop on a daemon thread: stop it and close it.
+        loop, thread = engine.loop, getattr(engine, "_th", None)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not None:
+                thread.join(timeout=5)
+            if not loop.is_running():
+                loop.close()
+
+
+@pytest.fixture
+def RE():
+    with run_engine() as engine:
+        yield engine
 
 
 def random_prefix(tag: str) -> str:
@@ -71,8 +191,9 @@ class System:
             if predicate(v):
                 return v
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.prefix}{name} = {v!r} after {timeout} s\n"
-                                   + self.outputs())
+                raise TimeoutError(
+                    f"{self.prefix}{name} = {v!r} after {timeout} s\n" + self.outputs()
+                )
             time.sleep(0.1)
 
     def outputs(self) -> str:

@@ -6,12 +6,12 @@ import time
 
 import numpy as np
 import pytest
-from edgeloop import ntnd
-
 from conftest import SHARED_DATA, post
 from test_loop import Collector
 
-pytestmark = pytest.mark.timeout(300)
+from edgeloop import ntnd
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
 APS = SHARED_DATA / "aps-ptycho-test235.npz"
 
 
@@ -47,15 +47,18 @@ def test_malformed_frames_are_reported_and_the_stream_continues(aps_edge):
     bad_before = system.value("edge:BadFrames")
     out_before = system.value("edge:FramesOut")
     bad = ntnd.build(np.ones((8, 8), np.int32), 101)
-    bad["dimension"] = [{"size": 9, "offset": 0, "fullSize": 9, "binning": 1, "reverse": False},
-                        {"size": 8, "offset": 0, "fullSize": 8, "binning": 1, "reverse": False}]
+    bad["dimension"] = [
+        {"size": 9, "offset": 0, "fullSize": 9, "binning": 1, "reverse": False},
+        {"size": 8, "offset": 0, "fullSize": 8, "binning": 1, "reverse": False},
+    ]
     post(source, bad)
     coded = ntnd.build(np.ones((8, 8), np.int32), 102)
     coded["codec.name"] = "blosc"
     post(source, coded)
     system.wait_value("edge:BadFrames", lambda v: v >= bad_before + 2, 10)
-    assert "blosc" in system.value("edge:Message") or "does not match" in \
-        system.value("edge:Message")
+    assert "blosc" in system.value("edge:Message") or "does not match" in system.value(
+        "edge:Message"
+    )
     assert system.pv("edge:Message")["alarm.severity"] >= 1
     post(source, ntnd.build(np.ones((64, 64), np.int32), 103))
     system.wait_value("edge:FramesOut", lambda v: v >= out_before + 1, 10)

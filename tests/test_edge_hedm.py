@@ -10,8 +10,8 @@ from p4p.server.thread import SharedPV
 
 from edgeloop.config import TrainConfig
 from edgeloop.edge_pva.hedm import PEAK_COLUMNS, locate_peaks, peak_table
-from edgeloop.ioc.hedm import HedmConfig, HedmSimulator, make_patch_dataset
 from edgeloop.edge_pva.inference import ServedModel, TorchBackend
+from edgeloop.ioc.hedm import HedmConfig, HedmSimulator, make_patch_dataset
 from edgeloop.models import BraggNN, braggnn_preprocess, kind
 from edgeloop.remote.peakfit import fit_patches
 from edgeloop.remote.training import centre_loss, train
@@ -26,9 +26,13 @@ def braggnn():
     patches, _ = make_patch_dataset(1500, 11, seed=5)
     labels, ok = fit_patches(patches)
     torch.manual_seed(0)
-    model, _, _ = train(BraggNN(11), braggnn_preprocess(patches[ok], 11), (labels[ok] / 11,),
-                        centre_loss, TrainConfig(epochs=12, batch_size=64, lr=2e-3,
-                                                 lr_min=2e-4))
+    model, _, _ = train(
+        BraggNN(11),
+        braggnn_preprocess(patches[ok], 11),
+        (labels[ok] / 11,),
+        centre_loss,
+        TrainConfig(epochs=12, batch_size=64, lr=2e-3, lr_min=2e-4),
+    )
     return ServedModel(1, kind("braggnn"), 11, TorchBackend(model)).infer
 
 
@@ -64,6 +68,7 @@ def _served(value):
             ctx.close()
 
 
+@pytest.mark.system
 def test_peak_table_is_an_nttable_and_empty_frames_give_zero_rows(braggnn):
     frame = np.random.default_rng(0).poisson(20, (64, 64)).astype(np.uint16)
     received = _served(peak_table(7, locate_peaks(frame, braggnn)[0]))

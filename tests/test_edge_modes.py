@@ -5,14 +5,13 @@ import time
 
 import numpy as np
 import pytest
-
-from edgeloop import ntnd
-from edgeloop.hedm_demo import PeakCollector
-from edgeloop.ioc.hedm import add_pseudo_voigt
-
 from conftest import post
 
-pytestmark = pytest.mark.timeout(300)
+from edgeloop import ntnd
+from edgeloop.app.hedm_demo import PeakCollector
+from edgeloop.ioc.hedm import add_pseudo_voigt
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
 
 
 def _hedm(image, uid, omega=0.0):

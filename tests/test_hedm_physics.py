@@ -30,6 +30,7 @@ def _half_max_width(row: np.ndarray, centre: int) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- pseudo_voigt_2d
 
+
 @pytest.mark.parametrize("eta", [0.0, 0.3])
 def test_peak_sits_at_the_requested_subpixel_centre(eta):
     x0, y0 = 31.37, 30.81
@@ -59,8 +60,9 @@ def test_asymmetry_widens_the_plus_x_side():
     assert right == pytest.approx(4.0 * 1.15, rel=0.03)
 
 
-@pytest.mark.parametrize("eta,asym,rel", [(0.0, 0.0, 1e-6), (0.0, 0.15, 1e-6),
-                                          (0.5, 0.1, 0.02), (1.0, 0.0, 0.04)])
+@pytest.mark.parametrize(
+    "eta,asym,rel", [(0.0, 0.0, 1e-6), (0.0, 0.15, 1e-6), (0.5, 0.1, 0.02), (1.0, 0.0, 0.04)]
+)
 def test_sum_matches_the_analytic_integral(eta, asym, rel):
     img = pseudo_voigt_2d((256, 256), 127.6, 128.2, 500.0, 2.2, 1.7, eta, asym)
     expected = pseudo_voigt_integral(500.0, 2.2, 1.7, eta, asym)
@@ -77,6 +79,7 @@ def test_sub_window_render_drops_only_a_faint_tail():
 
 
 # ---------------------------------------------------------------- simulator
+
 
 @pytest.fixture(scope="module")
 def sim():
@@ -118,7 +121,7 @@ def test_truth_matches_the_noise_free_image(sim):
     assert len(bright) >= 3
     for p in bright:
         r, c = int(np.rint(p["y"])), int(np.rint(p["x"]))
-        win = img[r - 2:r + 3, c - 2:c + 3]
+        win = img[r - 2 : r + 3, c - 2 : c + 3]
         dr, dc = np.unravel_index(np.argmax(win), win.shape)
         assert abs(r - 2 + dr - p["y"]) <= 1.0 and abs(c - 2 + dc - p["x"]) <= 1.0
         assert win.max() > 20 + 0.3 * p["height"]
@@ -160,14 +163,20 @@ def test_patch_dataset_shapes_and_centres():
 
 # ---------------------------------------------------------------- fitter
 
+
 def test_fit_model_matches_simulator_and_jacobian():
     yy = xx = np.arange(11.0)
     params = np.array([5.3, 4.6, 1.2, 2.1, 1.7, 0.4, 0.1])
     sim = pseudo_voigt_2d((11, 11), 5.3, 4.6, 1.2, 2.1, 1.7, 0.4) + 0.1
     np.testing.assert_allclose(_model(params, yy, xx), sim, atol=1e-12)
     step = 1e-6
-    numeric = np.stack([(_model(params + d, yy, xx) - _model(params - d, yy, xx)).ravel()
-                        / (2 * step) for d in np.eye(7) * step], axis=1)
+    numeric = np.stack(
+        [
+            (_model(params + d, yy, xx) - _model(params - d, yy, xx)).ravel() / (2 * step)
+            for d in np.eye(7) * step
+        ],
+        axis=1,
+    )
     np.testing.assert_allclose(_jacobian(params, yy, xx), numeric, atol=1e-7)
 
 
@@ -196,8 +205,9 @@ def test_bad_patches_fail_without_raising():
     rng = np.random.default_rng(5)
     assert not fit_pseudo_voigt(np.zeros((11, 11))).success
     assert "flat" in fit_pseudo_voigt(np.full((11, 11), 7.0)).message
-    for patch in [rng.poisson(20.0, (11, 11)) for _ in range(20)] + \
-                 [rng.normal(0.0, 1.0, (11, 11)) for _ in range(20)]:
+    for patch in [rng.poisson(20.0, (11, 11)) for _ in range(20)] + [
+        rng.normal(0.0, 1.0, (11, 11)) for _ in range(20)
+    ]:
         fit = fit_pseudo_voigt(patch)
         assert not fit.success and fit.message, fit
     centres, ok = fit_patches(np.stack([np.zeros((11, 11)), rng.poisson(20.0, (11, 11))]))

@@ -7,12 +7,13 @@ import time
 import numpy as np
 import pytest
 from caproto.sync import client as ca_client
+from conftest import run_engine
 
 from edgeloop import ntnd
-from edgeloop.demo import wait_drained
+from edgeloop.app.loop import wait_drained
 from edgeloop.registry import Registry
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
 
 
 def ca_get(pv, **kwargs):  # caget; no CA repeater daemon left behind
@@ -102,14 +103,34 @@ def test_real_ioc_serves_every_ml_record_over_ca_and_pva(system):
     import pvaccess
 
     p = system.prefix
-    for name in ("ml:Retrain", "ml:Status", "ml:ModelVersion", "ml:ValLoss", "ml:Message",
-                 "ml:Endpoint", "ml:Progress", "ml:Abort", "ml:Rollback", "ml:StagingTime",
-                 "ml:AnalysisTime", "ml:TrainingTime", "ml:ReturnTime", "ml:EndToEndTime"):
+    for name in (
+        "ml:Retrain",
+        "ml:Status",
+        "ml:ModelVersion",
+        "ml:ValLoss",
+        "ml:Message",
+        "ml:Endpoint",
+        "ml:Progress",
+        "ml:Abort",
+        "ml:Rollback",
+        "ml:StagingTime",
+        "ml:AnalysisTime",
+        "ml:TrainingTime",
+        "ml:ReturnTime",
+        "ml:EndToEndTime",
+    ):
         assert ca_get(f"{p}{name}", timeout=5).data is not None  # Channel Access (RSRV)
         assert system.pv(name) is not None  # pvAccess (QSRV2) via p4p
         assert pvaccess.Channel(f"{p}{name}", pvaccess.PVA).get() is not None  # via pvapy
     assert system.pv("ml:Status")["value.choices"] == [
-        "Idle", "Staging", "Analyzing", "Training", "Validating", "Deploying", "Error"]
+        "Idle",
+        "Staging",
+        "Analyzing",
+        "Training",
+        "Validating",
+        "Deploying",
+        "Error",
+    ]
     assert system.value("ml:Endpoint") == "local"
 
 
@@ -120,8 +141,10 @@ def test_corrupt_model_is_rejected_and_old_one_keeps_serving(system):
     with pytest.raises(Exception, match="does not load"):
         system.ctx.put(f"{system.prefix}edge:LoadModel", bad_load, wait=True, timeout=30)
     # a model file damaged after it was registered fails its checksum
-    good = reg.add(reg.read_verified(serving) if serving else _fresh_model_bytes(),
-                   {"kind": "ptychonn", "val_loss": 0.1})
+    good = reg.add(
+        reg.read_verified(serving) if serving else _fresh_model_bytes(),
+        {"kind": "ptychonn", "val_loss": 0.1},
+    )
     path = reg.root / f"v{good:04d}.pt"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(Exception, match="checksum"):
@@ -150,8 +173,11 @@ def test_out_of_range_puts_are_refused_and_nothing_moves(system):
     from edgeloop.bluesky_plans import make_devices
 
     p = system.prefix
-    for pv, value in (("det:cam1:NumImages", 0), ("det:cam1:AcquireTime", -1.0),
-                      ("det:cam1:Mode", 7)):
+    for pv, value in (
+        ("det:cam1:NumImages", 0),
+        ("det:cam1:AcquireTime", -1.0),
+        ("det:cam1:Mode", 7),
+    ):
         with pytest.raises(ErrorResponseReceived):
             ca_put(f"{p}{pv}", value, notify=True, timeout=5)
     _, stage = make_devices(p)
@@ -166,65 +192,83 @@ def test_out_of_range_puts_are_refused_and_nothing_moves(system):
     stage.x.move(0.0, wait=True, timeout=10)
 
 
-def test_retrain_without_scans_ends_in_error_with_a_message(system):
-    p = system.prefix
-    assert not list(system.cfg.data_path.glob("scan_*.h5"))
-    ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)
-    system.wait_value("ml:Status", lambda v: v["index"] == 6, 30)  # Error
-    assert "no scans" in system.value("ml:Message")
-    assert system.pv("ml:Status")["alarm.severity"] == 2  # MAJOR
-    assert system.value("ml:Retrain")["index"] == 0  # the trigger was taken
-
-
-def test_pv_write_retrains_and_hot_swaps_without_dropping_frames(system):
-    from bluesky import RunEngine
-
+@pytest.fixture(scope="module")
+def ptycho_retrained(system):
+    """A spiral scan written for retraining, then ``ml:Retrain`` written as ``caput`` would
+    while frames keep streaming through the hot swap: what the edge and the ML IOC showed."""
     from edgeloop.bluesky_plans import ScanWriter, make_devices, ptycho_scan
 
     p = system.prefix
     det, stage = make_devices(p)
-    RE = RunEngine({})
-    RE.subscribe(ScanWriter(system.cfg.data_path))
-    RE(ptycho_scan(det, stage, num=40, step=0.05))
-    old = system.value("edge:ModelVersion")
-    dropped = system.value("edge:Dropped")
-    outputs = Collector(system.ctx, f"{p}edge:Phase")
+    outputs = None
+    try:
+        with run_engine() as RE:
+            RE.subscribe(ScanWriter(system.cfg.data_path))
+            RE(ptycho_scan(det, stage, num=40, step=0.05))
+        old = system.value("edge:ModelVersion")
+        dropped = system.value("edge:Dropped")
+        outputs = Collector(system.ctx, f"{p}edge:Phase")
 
-    ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)  # as `caput` would
-    ca_put(f"{p}det:cam1:AcquireTime", 0.02, notify=True, timeout=5)
-    seen_states = set()
-    deadline = time.monotonic() + 240
-    while system.value("edge:ModelVersion") == old:  # stream frames through the swap
-        assert time.monotonic() < deadline, system.outputs()
+        ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)
+        ca_put(f"{p}det:cam1:AcquireTime", 0.02, notify=True, timeout=5)
+        seen_states = set()
+        deadline = time.monotonic() + 240
+        while system.value("edge:ModelVersion") == old:  # stream frames through the swap
+            assert time.monotonic() < deadline, system.outputs()
+            acquire(system, 10)
+            status = system.pv("ml:Status")
+            seen_states.add(status["value.choices"][status["value.index"]])
+            assert "Error" not in seen_states, system.value("ml:Message")
         acquire(system, 10)
-        status = system.pv("ml:Status")
-        seen_states.add(status["value.choices"][status["value.index"]])
-        assert "Error" not in seen_states, system.value("ml:Message")
-    acquire(system, 10)
-    ca_put(f"{p}det:cam1:AcquireTime", 0.0, notify=True, timeout=5)
-    new = system.value("edge:ModelVersion")
-    assert new > old
-    system.wait_value("ml:Status", lambda v: v["index"] == 0, 30)
-    assert system.value("ml:ModelVersion") == new
-    assert system.value("ml:Progress") == 100.0
-    assert system.value("ml:ValLoss") > 0
-    assert system.value("ml:EndToEndTime") >= system.value("ml:TrainingTime") > 0
-    assert "serving" in system.value("ml:Message")
-    assert seen_states & {"Analyzing", "Training"}
-    wait_drained(system.ctx, p, settle_s=1.0, timeout=30)  # every frame in was answered
-    assert system.value("edge:Dropped") == dropped
-    versions = [f.attributes["ModelVersion"] for f in outputs.wait(0)]
-    outputs.close()
-    assert old in versions and new in versions  # the stream crossed the swap
-    assert versions == sorted(versions)  # never back to the old model
-    assert Registry(system.cfg.registry_path).accepted("ptychonn") == new
+        ca_put(f"{p}det:cam1:AcquireTime", 0.0, notify=True, timeout=5)
+        system.wait_value("ml:Status", lambda v: v["index"] == 0, 30)
+        ml = {
+            name: system.value(f"ml:{name}")
+            for name in (
+                "ModelVersion",
+                "Progress",
+                "ValLoss",
+                "EndToEndTime",
+                "TrainingTime",
+                "Message",
+            )
+        }
+        wait_drained(system.ctx, p, settle_s=1.0, timeout=30)  # every frame in was answered
+        return {
+            "old": old,
+            "new": system.value("edge:ModelVersion"),
+            "ml": ml,
+            "seen_states": seen_states,
+            "dropped": system.value("edge:Dropped") - dropped,
+            "versions": [f.attributes["ModelVersion"] for f in outputs.wait(0)],
+        }
+    finally:
+        if outputs is not None:
+            outputs.close()
+        det.destroy()
+        stage.destroy()
 
 
-def test_restarted_edge_serves_the_last_accepted_model(system, tmp_path):
+def test_pv_write_retrains_and_hot_swaps_without_dropping_frames(system, ptycho_retrained):
+    r = ptycho_retrained
+    assert r["new"] > r["old"]
+    assert r["ml"]["ModelVersion"] == r["new"]
+    assert r["ml"]["Progress"] == 100.0
+    assert r["ml"]["ValLoss"] > 0
+    assert r["ml"]["EndToEndTime"] >= r["ml"]["TrainingTime"] > 0
+    assert "serving" in r["ml"]["Message"]
+    assert r["seen_states"] & {"Analyzing", "Training"}
+    assert r["dropped"] == 0
+    assert r["old"] in r["versions"] and r["new"] in r["versions"]  # the stream crossed the swap
+    assert r["versions"] == sorted(r["versions"])  # never back to the old model
+    assert Registry(system.cfg.registry_path).accepted("ptychonn") == r["new"]
+
+
+def test_restarted_edge_serves_the_last_accepted_model(system, ptycho_retrained, tmp_path):
     from conftest import System
 
     accepted = Registry(system.cfg.registry_path).accepted("ptychonn")
-    assert accepted is not None and accepted >= 1  # set by the retraining test above
+    assert accepted is not None and accepted >= ptycho_retrained["new"]
     second = System(system.cfg, system.config_path, tmp_path)
     second.prefix = system.prefix + "R:"
     try:
@@ -238,22 +282,20 @@ def test_restarted_edge_serves_the_last_accepted_model(system, tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system):
+def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system, RE):
     """HEDM end to end: Bluesky rotation scan -> frames over PVA -> edge:Peaks per frame
     (NTTable, read with p4p and pvapy) -> ml:Retrain -> pseudo-Voigt labels -> BraggNN
     trained -> hot swap -> peaks within a fraction of a pixel of the truth."""
     import pvaccess
-    from bluesky import RunEngine
 
+    from edgeloop.app.hedm_demo import PeakCollector, scan_errors
     from edgeloop.bluesky_plans import ScanWriter, hedm_rotation_scan, make_devices, read_scan
-    from edgeloop.hedm_demo import PeakCollector, scan_errors
     from edgeloop.ioc.hedm import HedmSimulator
 
     p, cfg = system.prefix, system.cfg
     reg = Registry(cfg.registry_path)
     ptycho_accepted = reg.accepted("ptychonn")
     det, stage = make_devices(p)
-    RE = RunEngine({})
     writer = ScanWriter(cfg.data_path)
     RE.subscribe(writer)
     sim = HedmSimulator(cfg.hedm)
@@ -292,8 +334,10 @@ def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system):
         after_tables = tables.take(range(1, 21), 60)
         err_after, found, scored = scan_errors(after_tables, scan2, sim)
         assert found >= 0.95 * scored
-        assert err_after.mean() < 0.35 and err_after.mean() < 0.5 * err_before.mean(), \
-            (err_after.mean(), err_before.mean())
+        assert err_after.mean() < 0.35 and err_after.mean() < 0.5 * err_before.mean(), (
+            err_after.mean(),
+            err_before.mean(),
+        )
     finally:
         tables.close()
         ca_put(f"{p}det:cam1:Mode", "ptycho", notify=True, timeout=5)

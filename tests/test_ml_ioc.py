@@ -1,13 +1,12 @@
 """The real EPICS IOC alone: its access-security file decides who may write."""
 
 import pytest
+from conftest import random_prefix
 from p4p.client.thread import Context
 
 from edgeloop.ioc import softioc
 
-from conftest import random_prefix
-
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
 
 @pytest.fixture

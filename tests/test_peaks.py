@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from edgeloop.edge_pva.peaks import crop_patches, find_peaks
 from edgeloop.models import BraggNN, braggnn_preprocess, count_parameters, kind
+from edgeloop.peaks import crop_patches, find_peaks
 
 
 def gaussian_frame(centres, shape=(128, 128), height=1000.0, sigma=1.2, background=20, seed=0):
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
     img = np.full(shape, float(background))
     for y, x in centres:
         img += height * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma**2))
@@ -56,7 +56,7 @@ def test_border_patches_are_padded_and_flagged():
     assert list(peaks.border[order]) == [True, False, True]
     centre = order[1]
     r, c = tops[centre]
-    np.testing.assert_array_equal(patches[centre], frame[r:r + 11, c:c + 11])
+    np.testing.assert_array_equal(patches[centre], frame[r : r + 11, c : c + 11])
     for i in range(3):  # every patch has its maximum at the centre pixel
         assert np.unravel_index(patches[i].argmax(), (11, 11)) == (5, 5)
     with pytest.raises(ValueError):

@@ -1,19 +1,20 @@
 """Tests of edgeloop.bluesky_plans: spiral geometry, plan messages, and a real scan on the
 simulated beamline IOC written to HDF5 by ScanWriter."""
 
-from edgeloop.config import pin_loopback
+import logging
 
-pin_loopback()  # before ophyd / pyepics / caproto are imported
+import h5py
+import numpy as np
+import pytest
+from event_model import DocumentNames, schema_validators
 
-import logging  # noqa: E402
-
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from event_model import DocumentNames, schema_validators  # noqa: E402
-
-from edgeloop.bluesky_plans import (ScanWriter, hedm_rotation_scan,  # noqa: E402
-                                    ptycho_scan, read_scan, spiral_positions)
+from edgeloop.bluesky_plans import (
+    ScanWriter,
+    hedm_rotation_scan,
+    ptycho_scan,
+    read_scan,
+    spiral_positions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +42,23 @@ def test_spiral_spacing(step):
     assert abs(median - step) < 0.2 * step, median
 
 
-@pytest.mark.parametrize("kwargs", [{"num": 0, "step_um": 0.05}, {"num": -3, "step_um": 0.05},
-                                    {"num": 10, "step_um": 0.0}, {"num": 10, "step_um": -1.0},
-                                    {"num": 10, "step_um": float("nan")},
-                                    {"num": 10, "step_um": 0.05, "center": (0.0,)}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num": 0, "step_um": 0.05},
+        {"num": -3, "step_um": 0.05},
+        {"num": 10, "step_um": 0.0},
+        {"num": 10, "step_um": -1.0},
+        {"num": 10, "step_um": float("nan")},
+        {"num": 10, "step_um": 0.05, "center": (0.0,)},
+    ],
+)
 def test_spiral_rejects_bad_args(kwargs):
     with pytest.raises(ValueError):
         spiral_positions(**kwargs)
 
 
 # --------------------------------------------------------------------------- messages
-
-
-@pytest.fixture
-def RE():
-    from bluesky import RunEngine
-    engine = RunEngine({})
-    yield engine
-    if engine.state != "idle":
-        engine.halt()
-    # Each RunEngine runs its own event loop on a daemon thread: stop it and close it.
-    loop, thread = engine.loop, getattr(engine, "_th", None)
-    if not loop.is_closed():
-        loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
-            thread.join(timeout=5)
-        if not loop.is_running():
-            loop.close()
 
 
 @pytest.fixture
@@ -83,8 +74,10 @@ def sim_devices():
     return det, SimStage(name="stage")
 
 
-@pytest.mark.parametrize("kwargs", [{"num": 0}, {"num": -1}, {"step": 0.0},
-                                    {"step": -0.05}, {"center": (1.0, 2.0, 3.0)}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num": 0}, {"num": -1}, {"step": 0.0}, {"step": -0.05}, {"center": (1.0, 2.0, 3.0)}],
+)
 def test_ptycho_scan_validates_before_any_msg(sim_devices, kwargs):
     det, stage = sim_devices
     with pytest.raises(ValueError):
@@ -133,8 +126,9 @@ def test_hedm_rotation_scan_messages_and_validation(sim_devices):
     assert md["technique"] == "hedm" and md["plan_name"] == "hedm_rotation_scan"
     assert md["motors"] == ["rot"] and md["omega_step_deg"] == 0.5 and md["sample"] == "Ni"
     assert md["hints"]["dimensions"] == [(["rot"], "primary")]
-    np.testing.assert_allclose([m.args[0] for m in msgs if m.command == "set"],
-                               [10.0, 10.5, 11.0, 11.5, 12.0])
+    np.testing.assert_allclose(
+        [m.args[0] for m in msgs if m.command == "set"], [10.0, 10.5, 11.0, 11.5, 12.0]
+    )
     assert len([m for m in msgs if m.command == "trigger" and m.obj is det]) == 5
     for bad in ({"num": 0}, {"start": float("nan")}, {"stop": "x"}):
         args = {"start": 0.0, "stop": 1.0, "num": 3} | bad
@@ -152,8 +146,9 @@ def test_scan_writer_with_sim_devices(RE, tmp_path):
     from ophyd.sim import SynAxis, SynSignal
 
     class ImageDet(Device):
-        image = Cpt(SynSignal, func=lambda: np.random.poisson(5, (8, 6)).astype(np.uint16),
-                    kind="hinted")
+        image = Cpt(
+            SynSignal, func=lambda: np.random.poisson(5, (8, 6)).astype(np.uint16), kind="hinted"
+        )
 
         def trigger(self):
             return self.image.trigger()
@@ -168,6 +163,7 @@ def test_scan_writer_with_sim_devices(RE, tmp_path):
     RE(ptycho_scan(det, stage, num=7, step=0.1))
     RE.md["technique"] = "other"
     from bluesky.plans import count
+
     RE(count([det], num=2))  # ignored: not ptychography
     assert len(writer.paths) == 1
     scan = read_scan(writer.last_path)
@@ -207,12 +203,14 @@ def beamline_prefix(system):
 @pytest.fixture(scope="module")
 def devices(beamline_prefix):
     from edgeloop.bluesky_plans import make_devices
+
     det, stage = make_devices(beamline_prefix, timeout=15)
     yield det, stage
     det.destroy()
     stage.destroy()
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_detector_trigger_and_read(devices):
     det, _ = devices
@@ -230,6 +228,7 @@ def test_detector_trigger_and_read(devices):
     assert desc["dtype"] == "array" and desc["shape"] == [64, 64] and "external" not in desc
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_ptycho_scan_on_beamline(devices, RE, tmp_path):
     det, stage = devices
@@ -261,6 +260,7 @@ def test_ptycho_scan_on_beamline(devices, RE, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_failed_scan_is_written_and_marked(devices, RE, tmp_path):
     """A run that fails mid-way is still written, with exit_status 'fail' and its frames."""
@@ -287,6 +287,7 @@ def test_failed_scan_is_written_and_marked(devices, RE, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_live_table_shows_progress_during_a_scan(devices, RE, capsys):
     """What a scientist sees in IPython: BestEffortCallback's live table, a row per point."""

@@ -12,20 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_prefix, run_engine, wait_process_gone
 from p4p.client.thread import Context
 
 from edgeloop.config import Config
 from edgeloop.registry import Registry, sha256_bytes
 from edgeloop.remote import tasks
 
-from conftest import random_prefix, wait_process_gone
-
 pytestmark = pytest.mark.timeout(600)
 
 
 def hedm_scan(data_dir: Path, frames: int = 12, start: float = 0.0, blank: bool = False):
     """One HEDM rotation scan through the RunEngine and ScanWriter (ophyd.sim hardware)."""
-    from bluesky import RunEngine
     from ophyd import Component as Cpt
     from ophyd import Device
     from ophyd.sim import SynAxis, SynSignal
@@ -48,11 +46,10 @@ def hedm_scan(data_dir: Path, frames: int = 12, start: float = 0.0, blank: bool 
         def trigger(self):
             return self.image.trigger()
 
-    RE = RunEngine({})
     writer = ScanWriter(data_dir)
-    RE.subscribe(writer)
-    RE(hedm_rotation_scan(Cam(name="cam"), rot, start, start + 3.0, frames))
-    RE.loop.call_soon_threadsafe(RE.loop.stop)
+    with run_engine() as RE:
+        RE.subscribe(writer)
+        RE(hedm_rotation_scan(Cam(name="cam"), rot, start, start + 3.0, frames))
     return writer.last_path
 
 
@@ -63,8 +60,12 @@ class Loop:
         from edgeloop.edge_pva.server import EdgeServer
         from edgeloop.ioc import softioc
 
-        self.cfg = Config(prefix=random_prefix("r"), mode="hedm", data_dir=str(tmp / "data"),
-                          registry_dir=str(tmp / "models"))
+        self.cfg = Config(
+            prefix=random_prefix("r"),
+            mode="hedm",
+            data_dir=str(tmp / "data"),
+            registry_dir=str(tmp / "models"),
+        )
         self.cfg.hedm.frame_size = 256
         self.cfg.train_hedm.epochs = 4
         for key, value in remote.items():
@@ -132,6 +133,7 @@ def loop(tmp_path):
 # --------------------------------------------------------------------------- Parsl
 
 
+@pytest.mark.system
 def test_parsl_closes_the_loop_with_timings_and_model_metadata(loop):
     lp = loop()
     hedm_scan(lp.cfg.data_path, 12)
@@ -140,9 +142,16 @@ def test_parsl_closes_the_loop_with_timings_and_model_metadata(loop):
     assert lp.retrain(timeout=400) == "Idle", lp.value("ml:Message")
     version = lp.value("ml:ModelVersion")
     assert version >= 1 and lp.value("edge:ModelVersion") == version
-    timings = {pv: lp.value(pv) for pv in ("ml:StagingTime", "ml:AnalysisTime",
-                                           "ml:TrainingTime", "ml:ReturnTime",
-                                           "ml:EndToEndTime")}
+    timings = {
+        pv: lp.value(pv)
+        for pv in (
+            "ml:StagingTime",
+            "ml:AnalysisTime",
+            "ml:TrainingTime",
+            "ml:ReturnTime",
+            "ml:EndToEndTime",
+        )
+    }
     assert all(t > 0 for k, t in timings.items() if k != "ml:StagingTime"), timings
     assert timings["ml:EndToEndTime"] >= timings["ml:TrainingTime"] + timings["ml:AnalysisTime"]
     meta = Registry(lp.cfg.registry_path).meta(version)
@@ -152,6 +161,7 @@ def test_parsl_closes_the_loop_with_timings_and_model_metadata(loop):
     assert set(meta["timings"]) >= {"staging_s", "analysis_s", "training_s"}
 
 
+@pytest.mark.system
 def test_parsl_executor_returns_results_and_task_errors(tmp_path):
     from edgeloop.remote.executors import make_executor
 
@@ -159,8 +169,9 @@ def test_parsl_executor_returns_results_and_task_errors(tmp_path):
     try:
         assert ex.submit(sha256_bytes, b"abc").result(timeout=120) == sha256_bytes(b"abc")
         with pytest.raises(ValueError, match="no analysis for model kind"):
-            ex.submit(tasks.analyze, {"kind": "nonsense", "scans": [],
-                                      "out": str(tmp_path / "x.h5")}).result(timeout=120)
+            ex.submit(
+                tasks.analyze, {"kind": "nonsense", "scans": [], "out": str(tmp_path / "x.h5")}
+            ).result(timeout=120)
     finally:
         ex.shutdown()
 
@@ -179,10 +190,17 @@ def test_globus_compute_payloads_round_trip_the_sdk_serializer(tmp_path):
     from edgeloop.remote.executors import GLOBUS_COMPUTE_PAYLOAD_LIMIT
 
     ser = ComputeSerializer()
-    request = {"labels": str(tmp_path / "labels.h5"), "labels_sha256": "0" * 64,
-               "init": None, "init_sha256": None, "baseline": None, "baseline_sha256": None,
-               "kind": "braggnn", "arch": {"patch": 11, "width": 64},
-               "train": vars(Config().train_hedm)}
+    request = {
+        "labels": str(tmp_path / "labels.h5"),
+        "labels_sha256": "0" * 64,
+        "init": None,
+        "init_sha256": None,
+        "baseline": None,
+        "baseline_sha256": None,
+        "kind": "braggnn",
+        "arch": {"patch": 11, "width": 64},
+        "train": vars(Config().train_hedm),
+    }
     fn = ser.deserialize(ser.serialize(tasks.train_model))
     assert fn.__name__ == "train_model" and fn.__module__ == tasks.train_model.__module__
     args = ser.serialize(((request,), {}))
@@ -197,6 +215,7 @@ def test_globus_compute_payloads_round_trip_the_sdk_serializer(tmp_path):
         assert len(packed) < GLOBUS_COMPUTE_PAYLOAD_LIMIT, len(packed)  # published size
 
 
+@pytest.mark.system
 def test_globus_compute_endpoint_wiring_up_to_the_network(loop, monkeypatch):
     """The real SDK is driven until it needs the service: with client credentials (dummy
     here) building the executor logs in over the network, which is unreachable from here —
@@ -218,6 +237,7 @@ def test_globus_compute_endpoint_wiring_up_to_the_network(loop, monkeypatch):
     assert lp.retrain() == "Idle", lp.value("ml:Message")  # the next trigger works
 
 
+@pytest.mark.system
 def test_unknown_or_unconfigured_endpoint_is_refused(loop):
     lp = loop()
     lp.start_service("local")
@@ -236,6 +256,31 @@ def test_unknown_or_unconfigured_endpoint_is_refused(loop):
     assert lp.service.endpoint == "local"
 
 
+@pytest.mark.system
+def test_retrain_without_scans_ends_in_error_with_a_message(loop):
+    lp = loop()
+    lp.start_service("local")
+    assert not list(lp.cfg.data_path.glob("scan_*.h5"))
+    assert lp.retrain(timeout=30) == "Error"
+    assert "no scans" in lp.value("ml:Message")
+    assert lp.ctx.get(f"{lp.p}ml:Status", timeout=5)["alarm.severity"] == 2  # MAJOR
+    assert lp.value("ml:Retrain")["index"] == 0  # the trigger was taken
+
+
+def test_missing_optional_sdk_names_the_extra_to_install(monkeypatch):
+    import sys
+
+    from edgeloop.config import RemoteConfig
+    from edgeloop.remote.executors import make_executor
+
+    monkeypatch.setitem(sys.modules, "parsl", None)  # as if `pip install` had left it out
+    with pytest.raises(ImportError, match=r"pip install 'edgeloop\[parsl\]'"):
+        make_executor("parsl", RemoteConfig())
+    monkeypatch.setitem(sys.modules, "globus_compute_sdk", None)
+    with pytest.raises(ImportError, match=r"pip install 'edgeloop\[globus\]'"):
+        make_executor("globus-compute", RemoteConfig(globus_endpoint_id="abc"))
+
+
 def test_globus_transfer_request_wait_and_timeout():
     from edgeloop.remote.staging import StagingError, globus_transfer, stage, transfer_data
 
@@ -244,7 +289,9 @@ def test_globus_transfer_request_wait_and_timeout():
     assert tdata["source_endpoint"] == src and tdata["destination_endpoint"] == dst
     assert tdata["sync_level"] in ("checksum", 3) and tdata["verify_checksum"] is True
     assert [(i["source_path"], i["destination_path"]) for i in tdata["DATA"]] == [
-        ("/data/scan_1_ab.h5", "/inbox/scan_1_ab.h5"), ("/data/scan_2_cd.h5", "/inbox/scan_2_cd.h5")]
+        ("/data/scan_1_ab.h5", "/inbox/scan_1_ab.h5"),
+        ("/data/scan_2_cd.h5", "/inbox/scan_2_cd.h5"),
+    ]
 
     class TransferAPI:  # the network boundary: records calls, answers like the service
         def __init__(self, finishes, status="SUCCEEDED"):
@@ -284,6 +331,7 @@ def test_globus_transfer_request_wait_and_timeout():
 # --------------------------------------------------------------------------- lifecycle
 
 
+@pytest.mark.system
 def test_quality_gate_rollback_and_restart(loop, tmp_path):
     lp = loop(quality_margin=0.05)
     hedm_scan(lp.cfg.data_path, 12)
@@ -316,6 +364,7 @@ def test_quality_gate_rollback_and_restart(loop, tmp_path):
     assert restarted.slots["braggnn"].get().version == v1
 
 
+@pytest.mark.system
 def test_abort_a_running_training_then_the_next_trigger_works(loop):
     lp = loop()
     hedm_scan(lp.cfg.data_path, 12)
@@ -334,6 +383,7 @@ def test_abort_a_running_training_then_the_next_trigger_works(loop):
     assert lp.value("edge:ModelVersion") >= 1
 
 
+@pytest.mark.system
 def test_time_limit_failing_task_and_corrupted_result_end_in_error(loop):
     lp = loop()
     hedm_scan(lp.cfg.data_path, 12, blank=True)  # no peaks: the analysis raises
@@ -358,9 +408,13 @@ def test_time_limit_failing_task_and_corrupted_result_end_in_error(loop):
             if fn is not tasks.train_model:
                 return future
             from concurrent.futures import Future
+
             out = Future()
-            future.add_done_callback(lambda f: out.set_result(
-                dict(f.result(), model=f.result()["model"][:-10] + b"0" * 10)))
+            future.add_done_callback(
+                lambda f: out.set_result(
+                    dict(f.result(), model=f.result()["model"][:-10] + b"0" * 10)
+                )
+            )
             return out
 
         def shutdown(self, wait=True, cancel_futures=False):
@@ -379,15 +433,14 @@ def test_time_limit_failing_task_and_corrupted_result_end_in_error(loop):
 # --------------------------------------------------------------------------- triggers
 
 
-def test_bluesky_trigger_every_n_runs_and_frames_and_coalescing(loop):
-    from bluesky import RunEngine
+@pytest.mark.system
+def test_bluesky_trigger_every_n_runs_and_frames_and_coalescing(loop, RE):
     from bluesky.plans import count
     from ophyd.sim import det
 
     from edgeloop.bluesky_plans import RetrainTrigger
 
     calls = []
-    RE = RunEngine({})
     trigger = RetrainTrigger(every_n_runs=2, request=lambda: calls.append("run"))
     RE.subscribe(trigger)
     RE.md["technique"] = "hedm"
@@ -402,7 +455,6 @@ def test_bluesky_trigger_every_n_runs_and_frames_and_coalescing(loop):
     RE.md["technique"] = "other"
     RE(count([det], num=10))  # not a technique edgeloop trains on
     assert by_frames.frames == 0 and calls.count("frames") == 1
-    RE.loop.call_soon_threadsafe(RE.loop.stop)
 
     # through the PV, to a busy service: three requests coalesce into one follow-up
     lp = loop()

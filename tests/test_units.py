@@ -7,14 +7,25 @@ import pytest
 import torch
 
 from edgeloop import ntnd
-from edgeloop.config import Config, SimConfig
+from edgeloop.config import Config, ConfigError, SimConfig
 from edgeloop.edge_pva.frame_queue import FrameQueue
-from edgeloop.edge_pva.inference import (ModelRejected, ServedModel, TorchBackend, probe_inputs,
-                                         validate)
+from edgeloop.edge_pva.inference import (
+    ModelRejected,
+    ServedModel,
+    TorchBackend,
+    probe_inputs,
+    validate,
+)
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.ioc.physics import PtychoSimulator
-from edgeloop.models import (BraggNN, PtychoNN, count_parameters, kind, ptycho_preprocess,
-                             to_input_size)
+from edgeloop.models import (
+    BraggNN,
+    PtychoNN,
+    count_parameters,
+    kind,
+    ptycho_preprocess,
+    to_input_size,
+)
 from edgeloop.optics import extract_patch, illuminated_mask, make_probe
 from edgeloop.registry import ModelFileError, Registry, model_to_bytes
 
@@ -35,7 +46,9 @@ def test_diffraction_is_far_field_of_probe_times_object(sim):
     expected = np.abs(np.fft.fftshift(np.fft.fft2(wave, norm="ortho"))) ** 2
     np.testing.assert_allclose(frame / frame.sum(), expected / expected.sum(), atol=1e-6)
     noisy = sim.frame(0.0, 0.0)
-    assert noisy.dtype == np.int32 and abs(noisy.sum() - SMALL.photons) < 5 * np.sqrt(SMALL.photons)
+    assert noisy.dtype == np.int32 and abs(noisy.sum() - SMALL.photons) < 5 * np.sqrt(
+        SMALL.photons
+    )
     # a pure phase object's intensity changes with position (it is not blank)
     assert not np.allclose(frame, sim.frame(0.2, 0.1, noise=False))
 
@@ -91,7 +104,7 @@ def test_phase_map_stitches_patches_at_positions():
     pm = PhaseMap(128, 32, 0.01)
     for x, y in [(0, 0), (0.05, 0), (0, 0.05), (-0.1, -0.1)]:
         r, c = 48 + int(round(y / 0.01)), 48 + int(round(x / 0.01))
-        assert pm.add(truth[r:r + 32, c:c + 32], x, y)
+        assert pm.add(truth[r : r + 32, c : c + 32], x, y)
     img = pm.image()
     seen = img != 0
     np.testing.assert_allclose(img[seen], truth[seen], atol=1e-5)
@@ -146,8 +159,10 @@ def test_registry_versions_checksums_and_best(tmp_path):
     reg.mark_accepted(v2)
     assert reg.accepted("ptychonn") == v2 and reg.best("ptychonn") == v2
     # kinds share version numbers but are accepted independently
-    vb = reg.add(model_to_bytes("braggnn", {"patch": 11}, BraggNN(11)),
-                 {"kind": "braggnn", "val_loss": 0.01})
+    vb = reg.add(
+        model_to_bytes("braggnn", {"patch": 11}, BraggNN(11)),
+        {"kind": "braggnn", "val_loss": 0.01},
+    )
     reg.mark_accepted(vb)
     assert vb == 3 and reg.accepted("braggnn") == vb and reg.accepted("ptychonn") == v2
     assert reg.best("ptychonn") == v2 and reg.best("braggnn") == vb
@@ -174,6 +189,7 @@ def test_validate_rejects_models_with_wrong_outputs():
 
     with pytest.raises(ModelRejected, match="NaN"):
         validate(ServedModel(2, spec, 64, TorchBackend(NaNNet(4))), frames)
+
     class CroppedNet(PtychoNN):
         def forward(self, x):
             a, p = super().forward(x)
@@ -204,10 +220,47 @@ def test_config_round_trip_and_unknown_keys(tmp_path):
     cfg.train.epochs = 3
     cfg.dump(tmp_path / "c.json")
     assert Config.load(tmp_path / "c.json").train.epochs == 3
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ConfigError, match="unknown configuration key 'nonsense'"):
         Config.from_dict({"nonsense": 1})
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown configuration key 'train.epoch'"):
         Config.from_dict({"train": {"epoch": 3}})
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {"edge": {"max_batch": 0}},
+            r"edge\.max_batch: Input should be greater than or equal to 1",
+        ),
+        ({"edge": {"queue_size": "many"}}, r"edge\.queue_size: Input should be a valid integer"),
+        ({"mode": "xrd"}, r"mode: Input should be 'ptycho' or 'hedm'"),
+        ({"train": {"val_fraction": 1.5}}, r"train\.val_fraction: Input should be less than 1"),
+        (
+            {"train": {"schedule": "step"}},
+            r"train\.schedule: Input should be 'cyclic' or 'cosine'",
+        ),
+        ({"train": {"lr_min": 1.0}}, r"train: .*lr_min 1\.0 above lr 0\.001"),
+        (
+            {"hedm": {"fwhm_range": [3, 1]}},
+            r"hedm: .*fwhm_range: low end 3\.0 above high end 1\.0",
+        ),
+        ({"remote": {"staging": "ftp"}}, r"remote\.staging: Input should be 'shared' or 'globus'"),
+    ],
+)
+def test_config_values_are_checked_by_type_and_range(data, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict(data)
+
+
+def test_config_keeps_section_defaults_and_checks_assignments():
+    cfg = Config.from_dict({"train_hedm": {"epochs": 5}, "hedm": {"fwhm_range": [1, 2]}})
+    assert cfg.train_hedm.epochs == 5
+    assert cfg.train_hedm.schedule == "cosine"  # train_hedm's own default, not train's
+    assert cfg.hedm.fwhm_range == (1.0, 2.0)
+    with pytest.raises(ValueError, match="max_batch"):
+        cfg.edge.max_batch = 0
+    assert cfg.edge.max_batch == 16
 
 
 def test_local_executor_stops_a_running_task_on_shutdown():
@@ -230,8 +283,9 @@ def test_local_executor_stops_a_running_task_on_shutdown():
     assert wait_process_gone(worker.pid, 10)
 
 
-@pytest.mark.parametrize("name, size, arch", [("braggnn", 11, {"patch": 11}),
-                                              ("ptychonn", 64, {"width": 4})])
+@pytest.mark.parametrize(
+    "name, size, arch", [("braggnn", 11, {"patch": 11}), ("ptychonn", 64, {"width": 4})]
+)
 def test_onnxruntime_backend_matches_torch(name, size, arch):
     from edgeloop.edge_pva.inference import make_backend
 
@@ -245,3 +299,42 @@ def test_onnxruntime_backend_matches_torch(name, size, arch):
         np.testing.assert_allclose(a, b, atol=1e-4)
     with pytest.raises(ValueError, match="unknown inference backend"):
         make_backend("tensorrt-on-cpu", model, size)
+
+
+def test_config_logging_owns_the_edgeloop_logger_and_leaves_root_alone():
+    import io
+    import logging
+
+    from edgeloop.log import LIBRARY_LOGGERS, config_logging, verbosity_level
+
+    assert [verbosity_level(v, q) for v, q in ((0, 0), (1, 0), (2, 0), (0, 1), (0, 2))] == [
+        logging.INFO,
+        logging.DEBUG,
+        logging.DEBUG,
+        logging.WARNING,
+        logging.ERROR,
+    ]
+    root = logging.getLogger()
+    root_state = (list(root.handlers), root.level)
+    saved = {
+        name: (list(lg.handlers), lg.level, lg.propagate)
+        for name in ("edgeloop", *LIBRARY_LOGGERS)
+        for lg in [logging.getLogger(name)]
+    }
+    try:
+        stream = io.StringIO()
+        config_logging(logging.INFO, stream=io.StringIO())
+        config_logging(logging.DEBUG, stream=stream)  # replaces the first handler
+        logging.getLogger("edgeloop.edge_pva.server").debug("from a part")
+        logging.getLogger("caproto.ctx").debug("from a library")
+        assert "DEBUG edgeloop.edge_pva.server: from a part" in stream.getvalue()
+        assert "from a library" not in stream.getvalue()  # only with libraries=True (-vv)
+        assert len(logging.getLogger("edgeloop").handlers) == 1
+        config_logging(logging.DEBUG, stream=stream, libraries=True)
+        logging.getLogger("caproto.ctx").debug("from a library")
+        assert "from a library" in stream.getvalue()
+        assert (list(root.handlers), root.level) == root_state
+    finally:
+        for name, (handlers, level, propagate) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate

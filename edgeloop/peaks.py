@@ -1,4 +1,5 @@
-"""Bragg-peak candidates in a detector frame and the fixed-size patches BraggNN reads.
+"""Bragg-peak candidates in a detector frame and the fixed-size patches BraggNN reads (core:
+the edge server and the pseudo-Voigt labelling find peaks the same way).
 
 Behaviour at the edges of the problem, by design:
 - a frame with no pixel above threshold gives no peaks (an empty table, not an error);
@@ -39,9 +40,14 @@ def robust_background(frame: np.ndarray) -> tuple[float, float]:
     return median, max(mad, np.sqrt(max(median, 1.0)))
 
 
-def find_peaks(frame: np.ndarray, threshold: float | None = None, sigma: float = 8.0,
-               min_separation: int = 3, min_pixels: int = 3,
-               saturation: float = 65535) -> Candidates:
+def find_peaks(
+    frame: np.ndarray,
+    threshold: float | None = None,
+    sigma: float = 8.0,
+    min_separation: int = 3,
+    min_pixels: int = 3,
+    saturation: float = 65535,
+) -> Candidates:
     """Thresholded connected components, then local maxima inside each component.
 
     Peaks cover a small part of a frame, so after labelling everything works on the
@@ -61,8 +67,14 @@ def find_peaks(frame: np.ndarray, threshold: float | None = None, sigma: float =
     rows, cols, lab = rows[sel], cols[sel], lab[sel]
     if len(rows) == 0:
         empty = np.zeros(0)
-        return Candidates(empty.astype(int), empty.astype(int), empty, empty,
-                          empty.astype(bool), empty.astype(bool))
+        return Candidates(
+            empty.astype(int),
+            empty.astype(int),
+            empty,
+            empty,
+            empty.astype(bool),
+            empty.astype(bool),
+        )
     # a pixel is a local maximum if it equals the maximum of its (2s+1)^2 neighbourhood
     w = min_separation
     padded = np.pad(img, w, mode="constant", constant_values=-np.inf)
@@ -73,8 +85,14 @@ def find_peaks(frame: np.ndarray, threshold: float | None = None, sigma: float =
     mr, mc = _suppress_close(img, mr, mc, min_separation)
     sums = np.bincount(lab, weights=values - background, minlength=n + 1)
     maxima = img[mr, mc]
-    return Candidates(rows=mr, cols=mc, maxima=maxima, intensity=sums[labels[mr, mc]],
-                      saturated=maxima >= saturation, border=np.zeros(len(mr), bool))
+    return Candidates(
+        rows=mr,
+        cols=mc,
+        maxima=maxima,
+        intensity=sums[labels[mr, mc]],
+        saturated=maxima >= saturation,
+        border=np.zeros(len(mr), bool),
+    )
 
 
 def _one_per_plateau(rows: np.ndarray, cols: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -97,15 +115,15 @@ def _suppress_close(img, rows, cols, min_separation: int):
     order = np.argsort(-img[rows, cols], kind="stable")
     kept: list[int] = []
     for i in order:
-        if all(max(abs(rows[i] - rows[j]), abs(cols[i] - cols[j])) > min_separation
-               for j in kept):
+        if all(max(abs(rows[i] - rows[j]), abs(cols[i] - cols[j])) > min_separation for j in kept):
             kept.append(i)
     kept.sort()
     return rows[kept], cols[kept]
 
 
-def crop_patches(frame: np.ndarray, peaks: Candidates, size: int = 11
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def crop_patches(
+    frame: np.ndarray, peaks: Candidates, size: int = 11
+) -> tuple[np.ndarray, np.ndarray]:
     """(patches (n, size, size) float32, top-left corners (n, 2) as (row, col)).
 
     Sets ``peaks.border`` for patches that needed padding at the frame edge.
@@ -118,15 +136,19 @@ def crop_patches(frame: np.ndarray, peaks: Candidates, size: int = 11
     padded = np.pad(frame.astype(np.float32, copy=False), half, mode="edge")
     tops = np.stack([peaks.rows - half, peaks.cols - half], axis=1)
     ny, nx = frame.shape
-    peaks.border = ((tops[:, 0] < 0) | (tops[:, 1] < 0) | (tops[:, 0] + size > ny)
-                    | (tops[:, 1] + size > nx))
+    peaks.border = (
+        (tops[:, 0] < 0) | (tops[:, 1] < 0) | (tops[:, 0] + size > ny) | (tops[:, 1] + size > nx)
+    )
     # a peak at frame (r, c) sits at (r + half, c + half) in the padded frame
-    patches = np.stack([padded[r:r + size, c:c + size] for r, c in zip(peaks.rows, peaks.cols)])
+    patches = np.stack(
+        [padded[r : r + size, c : c + size] for r, c in zip(peaks.rows, peaks.cols)]
+    )
     return patches, tops
 
 
-def peak_patches(frame: np.ndarray, size: int = 11, **finder
-                 ) -> tuple[Candidates, np.ndarray, np.ndarray]:
+def peak_patches(
+    frame: np.ndarray, size: int = 11, **finder
+) -> tuple[Candidates, np.ndarray, np.ndarray]:
     """:func:`find_peaks` then :func:`crop_patches`: (candidates, patches, top-left corners)."""
     peaks = find_peaks(frame, **finder)
     patches, tops = crop_patches(frame, peaks, size)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeloop.app.hedm_accuracy import frame_errors
+from edgeloop.app.loop import OutputCollector, burst, edge_stats, retrain_via_pv
 from edgeloop.config import Config
-from edgeloop.demo import OutputCollector, burst, edge_stats, retrain_via_pv
-from edgeloop.hedm_accuracy import frame_errors
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,10 @@ class PeakCollector(OutputCollector):
 
     def _parse(self, value) -> tuple[int, dict[str, np.ndarray]]:
         # p4p gives None for an empty column of a local Value, [] to a client; both mean 0 rows
-        columns = {k: np.asarray(value["value"][k] if value["value"][k] is not None else [])
-                   for k in value["labels"]}
+        columns = {
+            k: np.asarray(value["value"][k] if value["value"][k] is not None else [])
+            for k in value["labels"]
+        }
         return int(value["timeStamp.userTag"]), columns
 
 
@@ -43,13 +45,17 @@ def scan_errors(tables: dict, scan: dict, sim) -> tuple[np.ndarray, int, int]:
 def fit_scan(scan: dict, cfg: Config, sim, frames: int = 20) -> dict:
     """The conventional analysis on a scan's first ``frames`` frames: peak finder, then a
     pseudo-Voigt fit per patch, scored like the edge's answers and timed per peak."""
-    from edgeloop.edge_pva.peaks import peak_patches
+    from edgeloop.peaks import peak_patches
     from edgeloop.remote.peakfit import fit_patches
 
     errors, n_peaks, seconds = [], 0, 0.0
     for frame, omega in zip(scan["frames"][:frames], scan["omega_deg"][:frames]):
-        _, patches, tops = peak_patches(frame, cfg.model.patch, sigma=cfg.edge.peak_sigma,
-                                        min_separation=cfg.edge.peak_min_separation)
+        _, patches, tops = peak_patches(
+            frame,
+            cfg.model.patch,
+            sigma=cfg.edge.peak_sigma,
+            min_separation=cfg.edge.peak_min_separation,
+        )
         t0 = time.perf_counter()
         centres, ok = fit_patches(patches)
         seconds += time.perf_counter() - t0
@@ -63,8 +69,11 @@ def fit_scan(scan: dict, cfg: Config, sim, frames: int = 20) -> dict:
 def _stats(errors: np.ndarray) -> dict:
     if not len(errors):
         return {"mean": float("nan"), "p50": float("nan"), "p95": float("nan")}
-    return {"mean": float(errors.mean()), "p50": float(np.percentile(errors, 50)),
-            "p95": float(np.percentile(errors, 95))}
+    return {
+        "mean": float(errors.mean()),
+        "p50": float(np.percentile(errors, 50)),
+        "p95": float(np.percentile(errors, 95)),
+    }
 
 
 def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
@@ -98,17 +107,24 @@ def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
     _save_png(out / "hedm_peaks.png", scans[1], tables[1], sim, cfg, versions[1])
     return {
         "mode": "hedm",
-        "frames_in": stats["FramesIn"], "frames_out": stats["FramesOut"],
-        "dropped": stats["Dropped"], "bad_frames": stats["BadFrames"],
-        "fps": seen / burst_s, "frames_per_scan": frames,
+        "frames_in": stats["FramesIn"],
+        "frames_out": stats["FramesOut"],
+        "dropped": stats["Dropped"],
+        "bad_frames": stats["BadFrames"],
+        "fps": seen / burst_s,
+        "frames_per_scan": frames,
         "scan_fps": 2 * frames / sum(seconds),
         "peaks_per_frame": float(np.mean(peaks)) if peaks else 0.0,
         "model_versions": versions,
-        "error_px_before": _stats(err1), "error_px_after": _stats(err2),
-        "fit_error_px": _stats(fit["errors"]), "fit_us_per_peak": fit["us_per_peak"],
-        "found_after": found, "scored_after": scored,
+        "error_px_before": _stats(err1),
+        "error_px_after": _stats(err2),
+        "fit_error_px": _stats(fit["errors"]),
+        "fit_us_per_peak": fit["us_per_peak"],
+        "found_after": found,
+        "scored_after": scored,
         "error_unit": "px, distance to the true centre of strong isolated peaks",
-        "retrain_s": retrain_s, "retrain_states": states,
+        "retrain_s": retrain_s,
+        "retrain_states": states,
     }
 
 
@@ -116,10 +132,11 @@ def _save_png(path: Path, scan: dict, tables: dict, sim, cfg: Config, version: i
     """One frame: the whole detector with the true centres, and close-ups of three peaks
     with the true (o), fitted (x) and edge-predicted (+) centres."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgeloop.edge_pva.peaks import peak_patches
+    from edgeloop.peaks import peak_patches
     from edgeloop.remote.peakfit import fit_patches
 
     counts = [len(tables.get(int(u), {"x": []})["x"]) for u in scan["unique_id"]]
@@ -127,32 +144,40 @@ def _save_png(path: Path, scan: dict, tables: dict, sim, cfg: Config, version: i
     frame, uid = scan["frames"][k].astype(float), int(scan["unique_id"][k])
     truth = sim.truth(float(scan["omega_deg"][k]))
     table = tables.get(uid, {"x": np.zeros(0), "y": np.zeros(0)})
-    _, patches, tops = peak_patches(frame, cfg.model.patch, sigma=cfg.edge.peak_sigma,
-                                    min_separation=cfg.edge.peak_min_separation)
+    _, patches, tops = peak_patches(
+        frame,
+        cfg.model.patch,
+        sigma=cfg.edge.peak_sigma,
+        min_separation=cfg.edge.peak_min_separation,
+    )
     centres, ok = fit_patches(patches)
     fx, fy = tops[ok, 1] + centres[ok, 0], tops[ok, 0] + centres[ok, 1]
     strong = np.argsort(-truth["height"])[:3]
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6),
-                             gridspec_kw={"width_ratios": [1.6, 1, 1, 1]})
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), gridspec_kw={"width_ratios": [1.6, 1, 1, 1]})
     shown = np.log10(np.maximum(frame, 1))
-    axes[0].imshow(shown, cmap="magma", vmin=np.percentile(shown, 50),
-                   vmax=np.percentile(shown, 99.95))
+    axes[0].imshow(
+        shown, cmap="magma", vmin=np.percentile(shown, 50), vmax=np.percentile(shown, 99.95)
+    )
     axes[0].scatter(truth["x"], truth["y"], s=60, facecolors="none", edgecolors="c", lw=0.8)
-    axes[0].set_title(f"frame uniqueId {uid}, omega {scan['omega_deg'][k]:.2f} deg "
-                      f"(log counts)\n{len(truth)} lit reflections (cyan), "
-                      f"{len(table['x'])} peaks on edge:Peaks")
+    axes[0].set_title(
+        f"frame uniqueId {uid}, omega {scan['omega_deg'][k]:.2f} deg "
+        f"(log counts)\n{len(truth)} lit reflections (cyan), "
+        f"{len(table['x'])} peaks on edge:Peaks"
+    )
     half = 7
     for ax, i in zip(axes[1:], strong):
         cx, cy = int(round(truth["x"][i])), int(round(truth["y"][i]))
-        ax.imshow(frame, cmap="magma", extent=(-0.5, frame.shape[1] - 0.5,
-                                               frame.shape[0] - 0.5, -0.5))
+        ax.imshow(
+            frame, cmap="magma", extent=(-0.5, frame.shape[1] - 0.5, frame.shape[0] - 0.5, -0.5)
+        )
         ax.set_xlim(cx - half, cx + half)
         ax.set_ylim(cy + half, cy - half)
         ax.plot(truth["x"], truth["y"], "o", mfc="none", mec="c", ms=14, mew=2, label="truth")
         ax.plot(fx, fy, "x", c="w", ms=11, mew=2, label="pseudo-Voigt fit")
-        ax.plot(table["x"], table["y"], "+", c="lime", ms=14, mew=2,
-                label=f"BraggNN v{version} (edge)")
+        ax.plot(
+            table["x"], table["y"], "+", c="lime", ms=14, mew=2, label=f"BraggNN v{version} (edge)"
+        )
         ax.set_title(f"peak at ({truth['x'][i]:.2f}, {truth['y'][i]:.2f})")
     axes[1].legend(loc="lower left", fontsize=8, framealpha=0.6)
     fig.suptitle("edgeloop HEDM: Bragg peak centres, truth vs fit vs edge")

@@ -1,16 +1,14 @@
-"""``edgeloop`` command line: ioc, edge, retrain-service, demo."""
+"""``edgeloop`` command line (app layer): ioc, edge, retrain-service, demo, hedm-accuracy."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 
 from edgeloop.config import MODES, Config, pin_loopback
+from edgeloop.log import config_logging, verbosity_level
 from edgeloop.remote.executors import EXECUTORS
-
-log = logging.getLogger("edgeloop")
 
 
 def _config(args) -> Config:
@@ -51,7 +49,7 @@ def cmd_retrain_service(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from edgeloop.demo import run_demo
+    from edgeloop.app.demo import run_demo
 
     cfg = _config(args)
     mode = args.mode or cfg.mode
@@ -60,15 +58,33 @@ def cmd_demo(args) -> None:
 
 
 def cmd_hedm_accuracy(args) -> None:
-    from edgeloop.hedm_accuracy import run
+    from edgeloop.app.hedm_accuracy import run
 
-    run(args.out, n_train=args.train_peaks, n_test=args.test_peaks, epochs=args.epochs,
-        width=args.width or _config(args).model.braggnn_width)
+    run(
+        args.out,
+        n_train=args.train_peaks,
+        n_test=args.test_peaks,
+        epochs=args.epochs,
+        width=args.width or _config(args).model.braggnn_width,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log: -v debug, -vv also the libraries' (caproto, p4p, ...)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=0,
+        help="less log: -q warnings only, -qq errors only",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, func, help_):
@@ -84,32 +100,50 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-ml-ioc", action="store_true", help="only the simulated beamline")
     p = add("edge", cmd_edge, "edge inference server")
     p.add_argument("--input-pv", help="NTNDArray to monitor (default $(P)det:Pva1:Image)")
-    p = add("retrain-service", cmd_retrain_service,
-            "watch $(P)ml:Retrain and run retraining on the configured executor")
-    p.add_argument("--executor", choices=list(EXECUTORS),
-                   help="where retraining runs (default: the config's, local)")
+    p = add(
+        "retrain-service",
+        cmd_retrain_service,
+        "watch $(P)ml:Retrain and run retraining on the configured executor",
+    )
+    p.add_argument(
+        "--executor",
+        choices=list(EXECUTORS),
+        help="where retraining runs (default: the config's, local)",
+    )
     p = add("demo", cmd_demo, "run the whole loop once and report")
     p.add_argument("--out", default="edgeloop-demo", help="output directory")
-    p.add_argument("--mode", choices=list(MODES),
-                   help="technique: ptycho (default) or hedm")
-    p.add_argument("--points", type=int, default=None,
-                   help="points (ptycho) or angles (hedm) per scan; default 500 / 120")
+    p.add_argument("--mode", choices=list(MODES), help="technique: ptycho (default) or hedm")
+    p.add_argument(
+        "--points",
+        type=int,
+        default=None,
+        help="points (ptycho) or angles (hedm) per scan; default 500 / 120",
+    )
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
-    p.add_argument("--executor", choices=list(EXECUTORS),
-                   help="where retraining runs (default: the config's, local)")
+    p.add_argument(
+        "--executor",
+        choices=list(EXECUTORS),
+        help="where retraining runs (default: the config's, local)",
+    )
 
-    p = add("hedm-accuracy", cmd_hedm_accuracy,
-            "BraggNN vs pseudo-Voigt fitting on fresh simulated peaks (accuracy, speed)")
+    p = add(
+        "hedm-accuracy",
+        cmd_hedm_accuracy,
+        "BraggNN vs pseudo-Voigt fitting on fresh simulated peaks (accuracy, speed)",
+    )
     p.add_argument("--out", default="edgeloop-hedm-accuracy", help="output directory")
     p.add_argument("--train-peaks", type=int, default=20000)
     p.add_argument("--test-peaks", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--width", type=int, default=None,
-                   help="BraggNN channels (default: the config's model.braggnn_width)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="BraggNN channels (default: the config's model.braggnn_width)",
+    )
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_logging(verbosity_level(args.verbose, args.quiet), libraries=args.verbose >= 2)
     pin_loopback()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     args.func(args)

@@ -15,7 +15,7 @@ from edgeloop.config import LOOPBACK_ENV
 
 
 class ManagedProcess:
-    """``python -m edgeloop.cli <args>``; output to a log file; stopped by PID."""
+    """``python -m edgeloop.app.cli <args>``; output to a log file; stopped by PID."""
 
     def __init__(self, name: str, args: list[str], log_path: Path, env: dict | None = None):
         self.name = name
@@ -25,9 +25,13 @@ class ManagedProcess:
         full_env.update(LOOPBACK_ENV)
         full_env.update(env or {})
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-u", "-m", "edgeloop.cli", *args],
-                                     stdin=subprocess.PIPE, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=full_env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "edgeloop.app.cli", *args],
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -64,8 +68,8 @@ def wait_for_pv(ctx: Context, name: str, timeout: float, proc: ManagedProcess | 
             return ctx.get(name, timeout=1.0)
         except Exception:
             if proc is not None and not proc.alive():
-                raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}")
+                raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}") from None
             if time.monotonic() > deadline:
                 tail = proc.output()[-3000:] if proc else ""
-                raise TimeoutError(f"{name} did not answer within {timeout} s\n{tail}")
+                raise TimeoutError(f"{name} did not answer within {timeout} s\n{tail}") from None
             time.sleep(0.2)

@@ -1,0 +1,172 @@
+"""What every demo does with the running loop (app layer): start the three servers, collect
+the edge's outputs by frame, burst frames, wait until the edge has drained, and retrain
+through a PV write as an operator would."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from p4p.client.thread import Context
+
+from edgeloop import ntnd
+from edgeloop.app.processes import ManagedProcess, wait_for_pv
+from edgeloop.config import MODE_KIND, Config, pin_loopback
+
+log = logging.getLogger(__name__)
+
+
+class OutputCollector:
+    """Every update of an edge output PV (pipelined monitor, so none are squashed), keyed by
+    the input frame's uniqueId; here edge:Phase frames, subclasses parse other outputs."""
+
+    def __init__(self, ctx: Context, pv: str):
+        self.lock = threading.Lock()
+        self.items: dict = {}
+        self.sub = ctx.monitor(pv, self._on, request="field()record[pipeline=true,queueSize=64]")
+
+    def _parse(self, value) -> tuple[int, object]:
+        frame = ntnd.decode(value)
+        return frame.unique_id, frame
+
+    def _on(self, value) -> None:
+        if isinstance(value, Exception):
+            return
+        uid, item = self._parse(value)
+        if uid > 0:  # 0: the placeholder before the first frame
+            with self.lock:
+                self.items[uid] = item
+
+    def take(self, expected, timeout: float) -> dict:
+        """Wait for the outputs of the uniqueIds in ``expected`` (or for ``expected`` outputs
+        when it is an int); return what arrived and start afresh."""
+
+        def done() -> bool:
+            if isinstance(expected, int):
+                return len(self.items) >= expected
+            return {int(u) for u in expected} <= set(self.items)
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if done():
+                    break
+            time.sleep(0.05)
+        with self.lock:
+            out, self.items = self.items, {}
+        return out
+
+    def close(self) -> None:
+        self.sub.close()
+
+
+def wait_drained(ctx: Context, prefix: str, settle_s: float = 1.0, timeout: float = 60.0) -> int:
+    """Wait until the edge has answered every frame it received and no more arrive."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        frames_in = ctx.get(f"{prefix}edge:FramesIn")["value"]
+        frames_out = ctx.get(f"{prefix}edge:FramesOut")["value"]
+        if frames_in == frames_out == last:
+            return frames_in
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"edge not drained: {frames_in} in, {frames_out} out")
+        last = frames_in if frames_in == frames_out else None
+        time.sleep(settle_s)
+
+
+def _wait_retrained(ctx: Context, p: str, old_version: int, timeout: float) -> list[str]:
+    states, last = [], None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = ctx.get(f"{p}ml:Status")
+        state = status["value.choices"][status["value.index"]]
+        if state != last:
+            msg = ctx.get(f"{p}ml:Message")["value"]
+            log.info("ml:Status %s  (%s)", state, msg)
+            states.append(state)
+            last = state
+        if state == "Error":
+            raise RuntimeError(f"retraining failed: {ctx.get(f'{p}ml:Message')['value']}")
+        if state == "Idle" and ctx.get(f"{p}edge:ModelVersion")["value"] != old_version:
+            return states
+        time.sleep(0.2)
+    raise TimeoutError(f"retraining did not finish within {timeout} s (states {states})")
+
+
+class Servers:
+    """The three servers as subprocesses (ioc, edge, retrain-service), stopped by PID."""
+
+    def __init__(self, cfg: Config, out: Path):
+        self.cfg, self.out = cfg, out
+        self.procs: list[ManagedProcess] = []
+        self.ctx = Context("pva", nt=False)
+
+    def __enter__(self) -> Servers:
+        p, out = self.cfg.prefix, self.out
+        common = ["--prefix", p, "--config", str(out / "config.json")]
+        try:
+            for name, ready in (
+                ("ioc", "ml:Status"),
+                ("edge", "edge:ModelVersion"),
+                ("retrain-service", None),
+            ):
+                proc = ManagedProcess(name, [name, *common], out / "logs" / f"{name}.log")
+                self.procs.append(proc)
+                if ready:
+                    wait_for_pv(self.ctx, f"{p}{ready}", 60, proc)
+            time.sleep(1.0)  # the service subscribes to ml:Retrain
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ctx.close()
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def prepare(cfg: Config, out: str | Path, epochs: int | None) -> Path:
+    pin_loopback()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "models"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    cfg.data_dir, cfg.registry_dir = str(out / "data"), str(out / "models")
+    if epochs is not None:
+        cfg.training(MODE_KIND[cfg.mode]).epochs = epochs
+    cfg.dump(out / "config.json")
+    return out
+
+
+def burst(ctx: Context, p: str, frames: int, take) -> tuple[int, float]:
+    """A free-running burst, as fast as the detector posts: (outputs seen, seconds)."""
+    from caproto.sync.client import write as ca_put
+
+    ca_put(f"{p}det:cam1:NumImages", frames, notify=True, repeater=False)
+    t0 = time.perf_counter()
+    ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=120, repeater=False)
+    seen = len(take(frames, 120))
+    return seen, time.perf_counter() - t0
+
+
+def edge_stats(ctx: Context, cfg: Config) -> dict:
+    wait_drained(ctx, cfg.prefix, settle_s=4 * cfg.edge.stats_publish_s)
+    return {
+        k: int(ctx.get(f"{cfg.prefix}edge:{k}")["value"])
+        for k in ("FramesIn", "FramesOut", "Dropped", "BadFrames")
+    }
+
+
+def retrain_via_pv(ctx: Context, p: str, old_version: int) -> tuple[float, list[str]]:
+    from caproto.sync.client import write as ca_put  # caput, as an operator would
+
+    log.info("operator: caput %sml:Retrain 1", p)
+    t0 = time.perf_counter()
+    ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5, repeater=False)
+    states = _wait_retrained(ctx, p, old_version, timeout=900)
+    return time.perf_counter() - t0, states

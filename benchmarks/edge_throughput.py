@@ -23,7 +23,7 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import Config, pin_loopback
-from edgeloop.edge_pva.server import PIPELINE_REQUEST, EdgeServer
+from edgeloop.edge_pva.server import MONITOR_REQUEST, EdgeServer
 
 
 def _frames(size: int, n: int) -> list[np.ndarray]:
@@ -54,7 +54,7 @@ def transport_ceiling(size: int, n: int) -> float:
                 if len(got) >= n:
                     done.set()
 
-        sub = ctx.monitor("BENCH:T:Image", cb, request=PIPELINE_REQUEST)
+        sub = ctx.monitor("BENCH:T:Image", cb, request=MONITOR_REQUEST)
         time.sleep(0.5)
         t0 = time.perf_counter()
         _post_all(pv, _frames(size, n), n)
@@ -100,7 +100,7 @@ def edge_rate(
             if isinstance(v, Exception) or v[frame_id] == 0
             else outs.append(time.perf_counter())
         ),
-        request=PIPELINE_REQUEST,
+        request=MONITOR_REQUEST,
     )
     time.sleep(0.5)
     edge.latencies.clear()

@@ -28,6 +28,7 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import MODE_KIND, MODES, Config
+from edgeloop.edge_pva.frame_ids import FrameIds
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.hedm import NO_PEAKS, locate_peaks, peak_table
 from edgeloop.edge_pva.inference import (
@@ -44,7 +45,9 @@ from edgeloop.registry import ModelFileError, Registry
 
 log = logging.getLogger(__name__)
 
-PIPELINE_REQUEST = "field()record[pipeline=true,queueSize=32]"
+# Every server kind delivers each frame once to this request; pipeline=true does not: a
+# pvDatabase server (pvapy, areaDetector's NDPluginPva) then resends frames many times.
+MONITOR_REQUEST = "field()record[queueSize=32]"
 
 
 class _LoadModelHandler:
@@ -71,6 +74,7 @@ class EdgeServer:
         self.registry = Registry(cfg.registry_path)
         torch.set_num_threads(cfg.edge.threads)
         self.queue = FrameQueue(cfg.edge.queue_size)
+        self.frame_ids = FrameIds()
         # recent inputs of each kind: the probe batch a candidate model must pass
         self._recent = {k: collections.deque(maxlen=4) for k in MODE_KIND.values()}
         self.slots = {k: ModelSlot(self._initial_model(k)) for k in MODE_KIND.values()}
@@ -197,7 +201,8 @@ class EdgeServer:
                 nt=NTScalar("l"), initial=0, handler=_LoadModelHandler(self._load_requests)
             ),
         }
-        for name in ("FramesIn", "FramesOut", "Dropped", "BadFrames", "ModelVersion", "PeakCount"):
+        counters = ("FramesIn", "FramesOut", "Dropped", "BadFrames", "MissedFrames", "Repeats")
+        for name in (*counters, "ModelVersion", "PeakCount"):
             pvs[name] = SharedPV(nt=NTScalar("l"), initial=0)
         for name in ("FrameRate", "LatencyMs"):
             pvs[name] = SharedPV(nt=NTScalar("d", display=True), initial=0.0)
@@ -213,9 +218,12 @@ class EdgeServer:
             else:
                 log.warning("input %s: %s", self.input_pv, value)
             return
-        if value.get("uniqueId", 0) == 0:
+        uid = value.get("uniqueId", 0)
+        if uid == 0:
             return  # the placeholder a detector PV holds before its first frame
-        self.queue.put((value, time.time()))
+        stamp = (value.get("timeStamp.secondsPastEpoch"), value.get("timeStamp.nanoseconds"))
+        if self.frame_ids.is_new(uid, stamp):
+            self.queue.put((value, time.time()))
 
     def _bad(self, count: int, msg: str, severity: int = 1) -> None:
         self.bad_frames += count
@@ -327,6 +335,8 @@ class EdgeServer:
             self._pvs["FramesOut"].post(self.frames_out)
             self._pvs["Dropped"].post(self.queue.dropped)
             self._pvs["BadFrames"].post(self.bad_frames)
+            self._pvs["MissedFrames"].post(self.frame_ids.missed)
+            self._pvs["Repeats"].post(self.frame_ids.repeats)
             self._pvs["FrameRate"].post(rate)
             self._pvs["LatencyMs"].post(float(np.median(lat)) if lat else 0.0)
             if self._map_dirty and now - last_map >= self.cfg.edge.map_publish_s:
@@ -346,7 +356,7 @@ class EdgeServer:
             self._threads.append(t)
         self._ctx = Context("pva", nt=False)
         self._sub = self._ctx.monitor(
-            self.input_pv, self._on_frame, request=PIPELINE_REQUEST, notify_disconnect=True
+            self.input_pv, self._on_frame, request=MONITOR_REQUEST, notify_disconnect=True
         )
         self._pvs["Message"].post(
             f"serving model v{self.slot.get().version}; input {self.input_pv}"

@@ -9,6 +9,8 @@ import numpy as np
 from p4p import Value
 from p4p.nt import NTNDArray
 
+from edgeloop import codecs
+
 _CODE2UNION = NTNDArray._code2u
 _ND_TYPE = NTNDArray.buildType()
 
@@ -40,8 +42,10 @@ def build(
     unique_id: int,
     attributes: dict | None = None,
     timestamp: float | None = None,
+    codec: str = "",
 ) -> Value:
-    """A complete NTNDArray ``Value`` for a 2-D array (dimension[0] is x, the fastest axis)."""
+    """A complete NTNDArray ``Value`` for a 2-D array (dimension[0] is x, the fastest axis),
+    compressed with ``codec`` (one of ``codecs.CODECS``) as NDPluginCodec sends it."""
     data = np.ascontiguousarray(data)
     if data.ndim != 2:
         raise FrameError(f"only 2-D (mono) arrays are published, got shape {data.shape}")
@@ -51,12 +55,19 @@ def build(
     t = time.time() if timestamp is None else timestamp
     attrs = {"ColorMode": 0}
     attrs.update(attributes or {})
+    if codec:
+        payload = codecs.compress(codec, data)
+        value = ("ubyteValue", payload)
+        # an int32 ScalarType code on areaDetector; p4p sends a Python int as int64
+        codec_field = {"name": codec, "parameters": codecs.SCALAR_TYPE_CODES[data.dtype]}
+    else:
+        payload, value, codec_field = data, (_CODE2UNION[code], data.ravel()), {"name": ""}
     return Value(
         _ND_TYPE,
         {
-            "value": (_CODE2UNION[code], data.ravel()),
-            "codec": {"name": ""},
-            "compressedSize": data.nbytes,
+            "value": value,
+            "codec": codec_field,
+            "compressedSize": payload.nbytes,
             "uncompressedSize": data.nbytes,
             "uniqueId": int(unique_id),
             "dataTimeStamp": _stamp(t),
@@ -70,26 +81,48 @@ def build(
     )
 
 
-def decode(value: Value, received: float | None = None) -> Frame:
-    """Frame from an NTNDArray ``Value``; raises FrameError with the reason when unusable."""
-    codec = value.get("codec.name", "") or ""
-    if codec not in ("", "none"):
-        raise FrameError(
-            f"compressed frames (codec {codec!r}) are not supported; "
-            "disable NDPluginCodec or send uncompressed"
-        )
+def _pixels(value: Value) -> np.ndarray:
+    """The frame's pixels as a 1-D array, decompressed when a codec is named."""
     flat = value.get("value")
-    if flat is None or not hasattr(flat, "shape"):
+    if flat is None or not hasattr(flat, "dtype"):
         raise FrameError("frame has no pixel data")
-    dims = [d["size"] for d in value.get("dimension", [])]
-    if len(dims) != 2:
-        raise FrameError(f"expected a 2-D mono frame, got dimension sizes {dims}")
-    ny, nx = dims[1], dims[0]
-    if ny <= 0 or nx <= 0 or ny * nx != flat.size:
-        raise FrameError(f"dimension {nx}x{ny} does not match {flat.size} pixels")
+    codec = value.get("codec.name", "") or ""
+    if codec in ("", "none"):
+        if flat.dtype not in codecs.SCALAR_TYPE_CODES:
+            raise FrameError(f"pixel type {flat.dtype} is not supported")
+        return flat
+    if flat.dtype != np.uint8:
+        raise FrameError(f"{codec} frame holds {flat.dtype} data, not bytes in ubyteValue")
+    declared = int(value.get("compressedSize", 0) or 0)
+    if declared and declared != flat.size:
+        raise FrameError(f"compressedSize {declared} but {flat.size} bytes arrived")
+    params = value.get("codec.parameters")
+    try:
+        dtype = codecs.pixel_type(params["value"] if isinstance(params, Value) else params)
+        pixels = codecs.decompress(codec, flat, dtype, int(value.get("uncompressedSize", 0)))
+    except codecs.CodecError as exc:
+        raise FrameError(str(exc)) from None
+    return pixels
+
+
+def decode(value: Value, received: float | None = None) -> Frame:
+    """Frame from an NTNDArray ``Value`` (plain or NDPluginCodec-compressed); raises
+    FrameError with the reason when unusable."""
     attrs = {}
     for a in value.get("attribute", []):
         attrs[a["name"]] = a["value"]
+    dims = [d["size"] for d in value.get("dimension", [])]
+    if len(dims) == 3:
+        raise FrameError(
+            f"colour frames are not supported (dimension sizes {dims}, ColorMode "
+            f"{attrs.get('ColorMode', '?')}); send mono frames (ColorMode 0)"
+        )
+    if len(dims) != 2:
+        raise FrameError(f"expected a 2-D mono frame, got dimension sizes {dims}")
+    ny, nx = dims[1], dims[0]
+    flat = _pixels(value)
+    if ny <= 0 or nx <= 0 or ny * nx != flat.size:
+        raise FrameError(f"dimension {nx}x{ny} does not match {flat.size} pixels")
     ts = value.get("timeStamp")
     stamp = ts["secondsPastEpoch"] + ts["nanoseconds"] * 1e-9 if ts is not None else 0.0
     return Frame(

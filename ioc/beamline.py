@@ -88,6 +88,47 @@ class SimMotor(PVGroup):
         return value
 
 
+class Codec(PVGroup):
+    """NDPluginCodec-like compression of the frames on ``Pva1:Image``: with callbacks
+    enabled and a compressor chosen, each frame goes out compressed as NDPluginCodec sends it
+    (``edgeloop.codecs``)."""
+
+    # codec name -> Compressor choice (areaDetector's spelling)
+    COMPRESSORS = {"": "None", "lz4": "LZ4", "bslz4": "BSLZ4", "blosc": "Blosc", "zlib": "Zlib"}
+
+    enable = pvproperty(
+        value=0,
+        name="EnableCallbacks",
+        dtype=ChannelType.ENUM,
+        enum_strings=["Disable", "Enable"],
+        doc="compress the frames (Enable) or pass them through (Disable)",
+    )
+    compressor = pvproperty(
+        value=0,
+        name="Compressor",
+        dtype=ChannelType.ENUM,
+        enum_strings=list(COMPRESSORS.values()),
+        doc="codec applied to each frame",
+    )
+    comp_factor = pvproperty(
+        value=1.0,
+        name="CompFactor_RBV",
+        precision=2,
+        read_only=True,
+        doc="uncompressed / compressed size of the last frame",
+    )
+
+    @property
+    def codec(self) -> str:
+        """The codec name frames go out with ("" when not compressing)."""
+        if self.enable.value not in (1, "Enable"):
+            return ""
+        choice = self.compressor.value  # caproto holds an enum as its string once written
+        if isinstance(choice, int):
+            return list(self.COMPRESSORS)[choice]
+        return {v: k for k, v in self.COMPRESSORS.items()}[choice]
+
+
 class Detector(PVGroup):
     """areaDetector-like camera: Acquire takes NumImages frames at the stage position.
 
@@ -135,8 +176,11 @@ class Detector(PVGroup):
         read_only=True,
     )
 
-    def __init__(self, *args, sims: dict, initial_mode: str, image_pv: SharedPV, stage, **kwargs):
+    def __init__(
+        self, *args, sims: dict, initial_mode: str, image_pv: SharedPV, stage, codec, **kwargs
+    ):
         super().__init__(*args, **kwargs)
+        self.codec = codec
         self.sims = sims
         self.active_mode = initial_mode
         self.image_pv = image_pv
@@ -177,7 +221,9 @@ class Detector(PVGroup):
             frame = await asyncio.to_thread(self.sims["ptycho"].frame, x, y)
             attrs = {"Mode": "ptycho", "SampleX": x, "SampleY": y}
             where = f"({x:.4f}, {y:.4f}) um"
-        self.image_pv.post(ntnd.build(frame, uid, attrs))
+        value = ntnd.build(frame, uid, attrs, codec=self.codec.codec)
+        self.image_pv.post(value)
+        await self.codec.comp_factor.write(value["uncompressedSize"] / value["compressedSize"])
         await self.array_counter.write(uid)
         await self.array_counter_rbv.write(uid)
         await self.status_message.write(f"frame {uid} at {where}")
@@ -228,7 +274,8 @@ class Detector(PVGroup):
 class Beamline(PVGroup):
     """Simulated beamline: $(P)SampleX, $(P)SampleY (micrometres) and $(P)SampleRot (degrees,
     +-360), all EpicsMotor-compatible; $(P)det:cam1:* (Acquire, AcquireTime, NumImages,
-    ArrayCounter_RBV, Mode ptycho/hedm), and frames as NTNDArray on $(P)det:Pva1:Image."""
+    ArrayCounter_RBV, Mode ptycho/hedm), $(P)det:Codec1:* (EnableCallbacks, Compressor,
+    CompFactor_RBV), and frames as NTNDArray on $(P)det:Pva1:Image."""
 
     x = SubGroup(SimMotor, prefix="SampleX")
     y = SubGroup(SimMotor, prefix="SampleY")
@@ -241,15 +288,18 @@ class Beamline(PVGroup):
         for axis in (self.x, self.y):
             axis.limit = limit
         self.rot.limit, self.rot.velocity, self.rot.units = 360.0, 180.0, "deg"
+        self.codec = Codec(f"{prefix}det:Codec1:", parent=self)
         self.cam = Detector(
             f"{prefix}det:cam1:",
             sims=sims,
             initial_mode=cfg.mode,
             image_pv=image_pv,
             stage=self,
+            codec=self.codec,
             parent=self,
         )
         self.pvdb.update(self.cam.pvdb)
+        self.pvdb.update(self.codec.pvdb)
 
 
 def serve(

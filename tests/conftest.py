@@ -18,6 +18,7 @@ import psutil
 import pytest
 from p4p.client.thread import Context
 
+from edgeloop import ntnd
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
 from edgeloop.config import LOOPBACK_ENV, Config
 
@@ -267,3 +268,29 @@ def wait_process_gone(pid: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+class Collector:
+    """All updates of an NTNDArray PV (p4p monitor, pipelined so none are squashed)."""
+
+    def __init__(self, ctx, pv):
+        self.frames, self.lock = [], threading.Lock()
+        self.sub = ctx.monitor(pv, self._on, request="field()record[pipeline=true,queueSize=64]")
+
+    def _on(self, value):
+        if not isinstance(value, Exception) and value["uniqueId"] > 0:  # 0: the placeholder
+            with self.lock:
+                self.frames.append(ntnd.decode(value))
+
+    def wait(self, n, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.frames) >= n:
+                    break
+            time.sleep(0.05)
+        with self.lock:
+            return list(self.frames)
+
+    def close(self):
+        self.sub.close()

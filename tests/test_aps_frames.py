@@ -6,8 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, post
-from test_loop import Collector
+from conftest import SHARED_DATA, Collector, post
 
 from edgeloop import ntnd
 

@@ -1,13 +1,12 @@
 """Integration: the real servers on loopback, through real clients (p4p, pvapy, caproto,
 ophyd, bluesky)."""
 
-import threading
 import time
 
 import numpy as np
 import pytest
 from caproto.sync import client as ca_client
-from conftest import run_engine
+from conftest import Collector, run_engine
 
 from edgeloop import ntnd
 from edgeloop.app.loop import wait_drained
@@ -22,32 +21,6 @@ def ca_get(pv, **kwargs):  # caget; no CA repeater daemon left behind
 
 def ca_put(pv, value, **kwargs):  # caput
     return ca_client.write(pv, value, repeater=False, **kwargs)
-
-
-class Collector:
-    """All updates of an NTNDArray PV (p4p monitor, pipelined so none are squashed)."""
-
-    def __init__(self, ctx, pv):
-        self.frames, self.lock = [], threading.Lock()
-        self.sub = ctx.monitor(pv, self._on, request="field()record[pipeline=true,queueSize=64]")
-
-    def _on(self, value):
-        if not isinstance(value, Exception) and value["uniqueId"] > 0:  # 0: the placeholder
-            with self.lock:
-                self.frames.append(ntnd.decode(value))
-
-    def wait(self, n, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if len(self.frames) >= n:
-                    break
-            time.sleep(0.05)
-        with self.lock:
-            return list(self.frames)
-
-    def close(self):
-        self.sub.close()
 
 
 def acquire(system, n):

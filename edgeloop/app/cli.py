@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 
+from edgeloop.codecs import CODECS
 from edgeloop.config import MODES, Config, pin_loopback
 from edgeloop.log import config_logging, verbosity_level
 from edgeloop.remote.executors import EXECUTORS
@@ -54,7 +55,9 @@ def cmd_demo(args) -> None:
     cfg = _config(args)
     mode = args.mode or cfg.mode
     points = args.points or {"ptycho": 500, "hedm": 120}[mode]
-    run_demo(cfg, out=args.out, scan_points=points, epochs=args.epochs, mode=mode)
+    run_demo(
+        cfg, out=args.out, scan_points=points, epochs=args.epochs, mode=mode, codec=args.codec
+    )
 
 
 def cmd_hedm_accuracy(args) -> None:
@@ -120,6 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         help="points (ptycho) or angles (hedm) per scan; default 500 / 120",
     )
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument(
+        "--codec",
+        choices=CODECS,
+        help="compress the detector's frames (det:Codec1) as NDPluginCodec does",
+    )
     p.add_argument(
         "--executor",
         choices=list(EXECUTORS),

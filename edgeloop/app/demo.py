@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from edgeloop.app import hedm_demo, ptycho_demo
-from edgeloop.app.loop import Servers, prepare
+from edgeloop.app.loop import Servers, prepare, set_codec
 from edgeloop.config import Config, check_mode
 
 
@@ -20,8 +20,10 @@ def run_demo(
     epochs: int | None = None,
     step: float = 0.05,
     mode: str | None = None,
+    codec: str | None = None,
 ) -> dict:
-    """The whole loop once, for ``mode`` (default ``cfg.mode``): ptycho or hedm."""
+    """The whole loop once, for ``mode`` (default ``cfg.mode``): ptycho or hedm; with
+    ``codec``, the detector sends its frames compressed (det:Codec1)."""
     cfg.mode = check_mode(mode or cfg.mode)
     t_demo = time.perf_counter()
     out = prepare(cfg, out, epochs)
@@ -32,6 +34,8 @@ def run_demo(
 
             from edgeloop.bluesky_plans import ScanWriter, make_devices
 
+            if codec:
+                set_codec(cfg.prefix, codec)
             det, stage = make_devices(cfg.prefix)
             devices += [det, stage]
             RE = RunEngine({})
@@ -49,6 +53,7 @@ def run_demo(
             for device in devices:  # disconnect cleanly before the servers go away
                 device.destroy()
     report["demo_s"] = time.perf_counter() - t_demo
+    report["codec"] = codec or "none"
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (hedm_demo if cfg.mode == "hedm" else ptycho_demo).print_report(report, out)
     return report

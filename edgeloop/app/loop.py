@@ -143,6 +143,17 @@ def prepare(cfg: Config, out: str | Path, epochs: int | None) -> Path:
     return out
 
 
+def set_codec(p: str, codec: str) -> None:
+    """Compress the detector's frames with ``codec``, as an operator sets NDPluginCodec."""
+    from caproto.sync.client import write as ca_put
+
+    log.info("operator: %sdet:Codec1 Compressor %s, EnableCallbacks Enable", p, codec)
+    from edgeloop.ioc.beamline import Codec
+
+    ca_put(f"{p}det:Codec1:Compressor", Codec.COMPRESSORS[codec], notify=True, repeater=False)
+    ca_put(f"{p}det:Codec1:EnableCallbacks", "Enable", notify=True, repeater=False)
+
+
 def burst(ctx: Context, p: str, frames: int, take) -> tuple[int, float]:
     """A free-running burst, as fast as the detector posts: (outputs seen, seconds)."""
     from caproto.sync.client import write as ca_put

@@ -1,0 +1,135 @@
+"""Frame compression the way areaDetector's NDPluginCodec does it (core).
+
+NDPluginCodec sends the compressed bytes in the NTNDArray's ``ubyteValue``, the codec name in
+``codec.name`` and the original pixel type as a pvData ScalarType code in
+``codec.parameters`` (ADCore ``NDCodec.cpp``, ``ntndArrayConverter.cpp``).  The codecs are
+the libraries areaDetector and pvapy use: ``lz4.block`` (raw LZ4 block), ``bitshuffle``
+(bitshuffle + LZ4 blocks, default block size), ``blosc`` (c-blosc 1 frames) and ``zlib``.
+
+Chunks read straight out of an HDF5 file (pvapy's ``pvapy-ad-sim-server -hcm``) keep the
+HDF5 filter's header in front of the payload: 8 bytes of big-endian uncompressed size and 4
+of block size (bitshuffle filter 32008, LZ4 filter 32004, whose blocks each carry a 4-byte
+compressed size).  NDPluginCodec never sends it; ``decompress`` recognises it by the size it
+declares and reads both forms, so the user sets nothing.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import bitshuffle
+import blosc
+import lz4.block
+import numpy as np
+
+# pvData ScalarType codes of the pixel types a detector frame may have (ScalarType enum:
+# 0 boolean, 1 byte .. 4 long, 5 ubyte .. 8 ulong, 9 float, 10 double, 11 string)
+SCALAR_TYPES: dict[int, np.dtype] = {
+    1: np.dtype(np.int8),
+    2: np.dtype(np.int16),
+    3: np.dtype(np.int32),
+    5: np.dtype(np.uint8),
+    6: np.dtype(np.uint16),
+    7: np.dtype(np.uint32),
+    9: np.dtype(np.float32),
+    10: np.dtype(np.float64),
+}
+SCALAR_TYPE_CODES = {dtype: code for code, dtype in SCALAR_TYPES.items()}
+CODECS = ("lz4", "bslz4", "blosc", "zlib")
+HDF5_HEADER = 12  # uncompressed size (uint64 BE) + block size (uint32 BE)
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decompressed into the frame it declares."""
+
+
+def pixel_type(code) -> np.dtype:
+    """The numpy dtype of a pvData ScalarType code, or CodecError naming what is accepted."""
+    try:
+        return SCALAR_TYPES[int(code)]
+    except (KeyError, TypeError, ValueError):
+        names = ", ".join(f"{c} {t}" for c, t in SCALAR_TYPES.items())
+        raise CodecError(f"pixel type code {code!r} is not one of {names}") from None
+
+
+def _hdf5_header(payload: np.ndarray, nbytes: int) -> int | None:
+    """The block size (bytes) of an HDF5 filter header declaring ``nbytes``, else None."""
+    if payload.size < HDF5_HEADER + 4:
+        return None
+    head = payload[:HDF5_HEADER].tobytes()
+    if int.from_bytes(head[:8], "big") != nbytes:
+        return None
+    return int.from_bytes(head[8:12], "big")
+
+
+def _lz4(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> bytes:
+    block = _hdf5_header(payload, nbytes)
+    if block is None:
+        return lz4.block.decompress(payload.tobytes(), uncompressed_size=nbytes)
+    data, pos, parts = payload.tobytes(), HDF5_HEADER, []
+    remaining = nbytes
+    while remaining > 0:
+        want = min(block or nbytes, remaining)
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        chunk = data[pos + 4 : pos + 4 + size]
+        if len(chunk) != size:
+            raise CodecError("HDF5 LZ4 chunk ends inside a block")
+        if size != want:  # the filter stores a block it cannot shrink as it is
+            chunk = lz4.block.decompress(chunk, uncompressed_size=want)
+        parts.append(chunk)
+        pos, remaining = pos + 4 + size, remaining - want
+    return b"".join(parts)
+
+
+def _bslz4(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> np.ndarray:
+    block = _hdf5_header(payload, nbytes)
+    if block is not None:
+        payload, block = payload[HDF5_HEADER:], block // dtype.itemsize
+    return bitshuffle.decompress_lz4(payload, (nbytes // dtype.itemsize,), dtype, block or 0)
+
+
+def _blosc(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> bytes:
+    return blosc.decompress(payload.tobytes())
+
+
+def _zlib(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> bytes:
+    return zlib.decompress(payload.tobytes())
+
+
+_DECOMPRESS = {"lz4": _lz4, "bslz4": _bslz4, "blosc": _blosc, "zlib": _zlib}
+
+
+def decompress(codec: str, payload: np.ndarray, dtype: np.dtype, nbytes: int) -> np.ndarray:
+    """The 1-D pixel array of ``nbytes`` bytes that ``payload`` (uint8) holds."""
+    if codec not in _DECOMPRESS:
+        raise CodecError(f"unknown codec {codec!r}; edgeloop decodes {list(CODECS)}")
+    if nbytes <= 0 or nbytes % dtype.itemsize:
+        raise CodecError(f"uncompressedSize {nbytes} is not a whole number of {dtype} pixels")
+    try:
+        out = _DECOMPRESS[codec](np.ascontiguousarray(payload, np.uint8), nbytes, dtype)
+    except CodecError:
+        raise
+    except Exception as exc:  # each library raises its own kind of error on a bad payload
+        raise CodecError(f"{codec} payload does not decompress: {exc}") from None
+    out = np.frombuffer(out, dtype) if isinstance(out, bytes) else out.view(dtype).ravel()
+    if out.nbytes != nbytes:
+        raise CodecError(
+            f"{codec} payload decompressed to {out.nbytes} bytes, uncompressedSize says {nbytes}"
+        )
+    return out
+
+
+def compress(codec: str, data: np.ndarray) -> np.ndarray:
+    """``data``'s bytes compressed as NDPluginCodec would send them, as uint8."""
+    data = np.ascontiguousarray(data)
+    if codec == "lz4":
+        raw = lz4.block.compress(data.tobytes(), store_size=False)
+    elif codec == "bslz4":
+        return bitshuffle.compress_lz4(data.ravel(), 0)
+    elif codec == "blosc":
+        raw = blosc.compress(data.tobytes(), data.dtype.itemsize, shuffle=blosc.SHUFFLE)
+    elif codec == "zlib":
+        raw = zlib.compress(data.tobytes(), 1)
+    else:
+        raise CodecError(f"unknown codec {codec!r}; edgeloop compresses {list(CODECS)}")
+    return np.frombuffer(raw, np.uint8)

@@ -27,7 +27,7 @@ from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
-from edgeloop.config import MODE_KIND, MODES, Config
+from edgeloop.config import MODE_KIND, MODES, Config, search_hint
 from edgeloop.edge_pva.frame_ids import FrameIds
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.hedm import NO_PEAKS, locate_peaks, peak_table
@@ -39,6 +39,7 @@ from edgeloop.edge_pva.inference import (
     probe_inputs,
     validate,
 )
+from edgeloop.edge_pva.scalars import ScalarPVs
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import ModelFileError, Registry
@@ -90,11 +91,14 @@ class EdgeServer:
         self.frames_out = self.bad_frames = 0
         self._stop = threading.Event()
         self._load_requests: queue.Queue = queue.Queue()
+        self._scalars = ScalarPVs(cfg.edge)
         self._pvs = self._make_pvs()
         self._threads: list[threading.Thread] = []
         self._server = None
         self._ctx = None
         self._sub = None
+        self._input_since: float | None = time.monotonic()  # not connected since
+        self._input_reported = False
 
     # ---- model ---------------------------------------------------------------------------
     @property
@@ -201,11 +205,7 @@ class EdgeServer:
                 nt=NTScalar("l"), initial=0, handler=_LoadModelHandler(self._load_requests)
             ),
         }
-        counters = ("FramesIn", "FramesOut", "Dropped", "BadFrames", "MissedFrames", "Repeats")
-        for name in (*counters, "ModelVersion", "PeakCount"):
-            pvs[name] = SharedPV(nt=NTScalar("l"), initial=0)
-        for name in ("FrameRate", "LatencyMs"):
-            pvs[name] = SharedPV(nt=NTScalar("d", display=True), initial=0.0)
+        pvs.update(self._scalars.pvs)
         pvs["ModelVersion"].post(self.slot.get().version)
         return pvs
 
@@ -213,11 +213,14 @@ class EdgeServer:
     def _on_frame(self, value) -> None:
         if isinstance(value, Exception):
             if isinstance(value, Disconnected):
-                log.warning("input %s disconnected", self.input_pv)
-                self._pvs["Message"].post(f"input {self.input_pv} disconnected", severity=1)
+                if self._input_since is None:
+                    log.warning("input %s disconnected", self.input_pv)
+                    self._pvs["Message"].post(f"input {self.input_pv} disconnected", severity=1)
+                    self._input_since = time.monotonic()
             else:
                 log.warning("input %s: %s", self.input_pv, value)
             return
+        self._input_since = None
         uid = value.get("uniqueId", 0)
         if uid == 0:
             return  # the placeholder a detector PV holds before its first frame
@@ -326,25 +329,46 @@ class EdgeServer:
     # ---- statistics ----------------------------------------------------------------------
     def _stats_loop(self) -> None:
         last_map = 0.0
+        dropped: collections.deque = collections.deque()  # (time, count) over the last 2 s
         while not self._stop.wait(self.cfg.edge.stats_publish_s):
             now = time.time()
             recent = [t for t in list(self._out_times) if now - t <= 2.0]
             rate = len(recent) / 2.0
             lat = list(self.latencies)[-100:]
-            self._pvs["FramesIn"].post(self.queue.received)
-            self._pvs["FramesOut"].post(self.frames_out)
-            self._pvs["Dropped"].post(self.queue.dropped)
-            self._pvs["BadFrames"].post(self.bad_frames)
-            self._pvs["MissedFrames"].post(self.frame_ids.missed)
-            self._pvs["Repeats"].post(self.frame_ids.repeats)
-            self._pvs["FrameRate"].post(rate)
-            self._pvs["LatencyMs"].post(float(np.median(lat)) if lat else 0.0)
+            dropped.append((now, self.queue.dropped))
+            while now - dropped[0][0] > 2.0:
+                dropped.popleft()
+            values = {
+                "FramesIn": self.queue.received,
+                "FramesOut": self.frames_out,
+                "Dropped": self.queue.dropped,
+                "BadFrames": self.bad_frames,
+                "MissedFrames": self.frame_ids.missed,
+                "Repeats": self.frame_ids.repeats,
+                "FrameRate": rate,
+                "LatencyMs": float(np.median(lat)) if lat else 0.0,
+                "DroppedRate": (dropped[-1][1] - dropped[0][1]) / 2.0,
+            }
+            for name, value in values.items():
+                self._scalars.post(name, value)
+            self._watch_input()
             if self._map_dirty and now - last_map >= self.cfg.edge.map_publish_s:
                 with self._map_lock:
                     self._map_dirty = False
                     image, count = self.phase_map.image(), self.phase_map.count
                 last_map = now
                 self._pvs["PhaseMap"].post(ntnd.build(image, count))
+
+    def _watch_input(self, grace_s: float = 5.0) -> None:
+        """Say once which PV the edge cannot reach, and where it searched."""
+        since = self._input_since
+        if since is None:
+            self._input_reported = False
+        elif not self._input_reported and time.monotonic() - since > grace_s:
+            self._input_reported = True
+            msg = f"input {self.input_pv} not connected for {grace_s:.0f} s; {search_hint()}"
+            log.warning(msg)
+            self._pvs["Message"].post(msg, severity=1)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> EdgeServer:

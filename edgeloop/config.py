@@ -29,10 +29,23 @@ LOOPBACK_ENV = {
 }
 
 
-def pin_loopback(environ: dict | os._Environ = os.environ) -> None:
-    """Keep all EPICS traffic on loopback unless the caller set the variables already."""
+def pin_loopback(environ: dict | os._Environ = os.environ, force: bool = False) -> None:
+    """Keep all EPICS traffic on loopback: unless the caller set the variables already, or
+    whatever they hold with ``force`` (the demo, which starts every server itself)."""
     for key, value in LOOPBACK_ENV.items():
-        environ.setdefault(key, value)
+        if force:
+            environ[key] = value
+        else:
+            environ.setdefault(key, value)
+
+
+def search_hint(protocol: str = "pva", environ: dict | os._Environ = os.environ) -> str:
+    """Where a ``pva`` or ``ca`` client searches for PVs, as the EPICS environment says; for
+    the message about a PV that does not answer."""
+    key = {"pva": "EPICS_PVA", "ca": "EPICS_CA"}[protocol]
+    addresses = environ.get(f"{key}_ADDR_LIST", "")
+    auto = environ.get(f"{key}_AUTO_ADDR_LIST", "YES")
+    return f"searched {key}_ADDR_LIST={addresses!r}, {key}_AUTO_ADDR_LIST={auto}"
 
 
 # Every section refuses unknown keys and checks each value's type and range, on load and on
@@ -141,6 +154,9 @@ class EdgeConfig:
     stats_publish_s: Seconds = 0.5
     peak_sigma: Positive = 8.0  # HEDM: a peak pixel exceeds background + sigma * noise
     peak_min_separation: Count = 3  # HEDM: pixels between two maxima kept as two peaks
+    latency_warn_ms: Positive = 100.0  # edge:LatencyMs above: MINOR
+    latency_alarm_ms: Positive = 1000.0  # above: MAJOR
+    dropped_rate_alarm: Positive = 10.0  # edge:DroppedRate (frames/s) above: MAJOR; any: MINOR
 
 
 @dataclass(config=SECTION)

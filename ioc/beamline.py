@@ -60,6 +60,15 @@ class SimMotor(PVGroup):
         await instance.write_metadata(
             lower_ctrl_limit=-self.limit, upper_ctrl_limit=self.limit, units=self.units
         )
+        # readbacks carry the axis's units and precision too: positions of a few 0.01 um
+        # would show as 0 in a client that reads the RBV's precision (ophyd, a live table)
+        for readback in (fields.user_readback_value, fields.dial_readback_value):
+            await readback.write_metadata(
+                precision=instance.precision,
+                units=self.units,
+                lower_disp_limit=-self.limit,
+                upper_disp_limit=self.limit,
+            )
         await fields.done_moving_to_value.write(1)
         tick = 0.005
         while True:
@@ -155,7 +164,13 @@ class Detector(PVGroup):
         read_only=True,
     )
     acquire_time = pvproperty(
-        value=0.0, name="AcquireTime", precision=4, doc="seconds per frame (exposure)"
+        value=0.0,
+        name="AcquireTime",
+        precision=4,
+        units="s",
+        lower_ctrl_limit=0.0,
+        upper_ctrl_limit=60.0,
+        doc="seconds per frame (exposure)",
     )
     num_images = pvproperty(value=1, name="NumImages", doc="frames per Acquire")
     array_counter = pvproperty(
@@ -165,8 +180,8 @@ class Detector(PVGroup):
     mode = pvproperty(
         value=0, name="Mode", dtype=ChannelType.ENUM, enum_strings=MODES, doc="technique simulated"
     )
-    array_size_x = pvproperty(value=0, name="ArraySizeX_RBV", read_only=True)
-    array_size_y = pvproperty(value=0, name="ArraySizeY_RBV", read_only=True)
+    array_size_x = pvproperty(value=0, name="ArraySizeX_RBV", read_only=True, units="pixels")
+    array_size_y = pvproperty(value=0, name="ArraySizeY_RBV", read_only=True, units="pixels")
     status_message = pvproperty(
         value="Idle",
         name="StatusMessage_RBV",
@@ -320,4 +335,6 @@ def serve(
             len(beamline.pvdb),
             image_name,
         )
-        run(beamline.pvdb, interfaces=interfaces or ["127.0.0.1"], log_pv_names=False)
+        # like every CA server: the interfaces EPICS_CAS_INTF_ADDR_LIST names, else all
+        interfaces = interfaces or os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "0.0.0.0").split()
+        run(beamline.pvdb, interfaces=interfaces, log_pv_names=False)

@@ -15,7 +15,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from p4p.client.thread import Context
 
-from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config
+from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config, search_hint
 from edgeloop.registry import Registry, sha256_bytes
 from edgeloop.remote import tasks
 from edgeloop.remote.executors import LocalExecutor, make_executor
@@ -117,7 +117,7 @@ class RetrainService:
         try:
             self.ctx.put(f"{self.p}{name}", value, timeout=5)
         except Exception as exc:
-            log.error("cannot write %s%s: %s", self.p, name, exc)
+            log.error("cannot write %s%s: %s (%s)", self.p, name, exc, search_hint())
 
     def _status(self, state: str, message: str | None = None) -> None:
         self._put("ml:Status", {"value.index": STATES.index(state)})

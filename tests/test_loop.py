@@ -72,6 +72,35 @@ def test_one_phase_output_per_frame_with_matching_unique_id(system):
     assert system.value("edge:FrameRate") >= 0 and system.value("edge:LatencyMs") > 0
 
 
+def test_detector_codec_frames_decode_in_pvapy_and_at_the_edge(system):
+    """det:Codec1 compresses as NDPluginCodec: pvapy's own decoder reads the frames, the
+    edge answers them, and the compression factor is published."""
+    import pvaccess
+    from pvapy.utility.adImageUtility import AdImageUtility
+
+    p = system.prefix
+    out, bad = system.value("edge:FramesOut"), system.value("edge:BadFrames")
+    choices = {"lz4": "LZ4", "bslz4": "BSLZ4", "blosc": "Blosc"}  # pvapy's codecs
+    try:
+        ca_put(f"{p}det:Codec1:EnableCallbacks", "Enable", notify=True, timeout=5)
+        for codec in (*choices, "zlib"):
+            ca_put(f"{p}det:Codec1:Compressor", choices.get(codec, "Zlib"), notify=True)
+            acquire(system, 2)
+            mine = ntnd.decode(system.pv("det:Pva1:Image"))
+            assert ca_get(f"{p}det:Codec1:CompFactor_RBV").data[0] > 1.2
+            value = pvaccess.Channel(f"{p}det:Pva1:Image", pvaccess.PVA).get("field()")
+            assert value["codec"]["name"] == codec
+            if codec in choices:
+                image = AdImageUtility.reshapeNtNdArray(value)[1]
+                np.testing.assert_array_equal(image, mine.data)
+    finally:
+        ca_put(f"{p}det:Codec1:EnableCallbacks", "Disable", notify=True, timeout=5)
+    system.wait_value("edge:FramesOut", lambda v: v >= out + 8, 20)
+    assert system.value("edge:BadFrames") == bad
+    acquire(system, 1)
+    assert system.pv("det:Pva1:Image")["codec.name"] == ""
+
+
 def test_real_ioc_serves_every_ml_record_over_ca_and_pva(system):
     import pvaccess
 
@@ -105,6 +134,31 @@ def test_real_ioc_serves_every_ml_record_over_ca_and_pva(system):
         "Error",
     ]
     assert system.value("ml:Endpoint") == "local"
+
+
+def test_records_carry_units_precision_limits_and_alarm_limits(system):
+    """What any client (caget, Phoebus, ophyd) shows: the ML IOC's records over CA, the edge's
+    scalars over PVA, and the beamline's motor readbacks through ophyd."""
+    from edgeloop.bluesky_plans import make_devices
+
+    p = system.prefix
+    meta = ca_get(f"{p}ml:EndToEndTime", data_type="control").metadata
+    assert meta.units == b"s" and meta.precision == 2
+    assert (meta.upper_warning_limit, meta.upper_alarm_limit) == (600, 3600)
+    assert ca_get(f"{p}ml:Progress", data_type="control").metadata.units == b"%"
+    latency = system.pv("edge:LatencyMs")
+    assert latency["display.units"] == "ms" and latency["display.precision"] == 1
+    assert "latency" in latency["display.description"].lower()
+    assert latency["valueAlarm.highWarningLimit"] == system.cfg.edge.latency_warn_ms
+    assert system.pv("edge:FramesIn")["display.units"] == "frames"
+    det, stage = make_devices(p)
+    try:
+        readback = stage.x.user_readback
+        assert readback.describe()[readback.name]["precision"] == 4
+        assert readback.describe()[readback.name]["units"] == "um"
+    finally:
+        det.destroy()
+        stage.destroy()
 
 
 def test_corrupt_model_is_rejected_and_old_one_keeps_serving(system):

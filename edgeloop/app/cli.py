@@ -7,7 +7,7 @@ import signal
 import sys
 
 from edgeloop.codecs import CODECS
-from edgeloop.config import MODES, Config, pin_loopback
+from edgeloop.config import MODES, Config
 from edgeloop.log import config_logging, verbosity_level
 from edgeloop.remote.executors import EXECUTORS
 
@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     config_logging(verbosity_level(args.verbose, args.quiet), libraries=args.verbose >= 2)
-    pin_loopback()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     args.func(args)
 

@@ -131,7 +131,7 @@ class Servers:
 
 
 def prepare(cfg: Config, out: str | Path, epochs: int | None) -> Path:
-    pin_loopback()
+    pin_loopback(force=True)  # the demo starts every server: all its traffic stays here
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("data", "models"):

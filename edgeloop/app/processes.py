@@ -11,7 +11,7 @@ from pathlib import Path
 
 from p4p.client.thread import Context
 
-from edgeloop.config import LOOPBACK_ENV
+from edgeloop.config import LOOPBACK_ENV, search_hint
 
 
 class ManagedProcess:
@@ -71,5 +71,7 @@ def wait_for_pv(ctx: Context, name: str, timeout: float, proc: ManagedProcess | 
                 raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}") from None
             if time.monotonic() > deadline:
                 tail = proc.output()[-3000:] if proc else ""
-                raise TimeoutError(f"{name} did not answer within {timeout} s\n{tail}") from None
+                raise TimeoutError(
+                    f"{name} did not answer within {timeout} s ({search_hint()})\n{tail}"
+                ) from None
             time.sleep(0.2)

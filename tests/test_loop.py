@@ -370,3 +370,27 @@ def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system, RE):
         ca_put(f"{p}det:cam1:Mode", "ptycho", notify=True, timeout=5)
         det.destroy()
         stage.destroy()
+
+
+def test_status_prints_every_pv_and_names_those_that_do_not_answer(system):
+    import subprocess
+    import sys
+
+    def status(prefix):
+        cmd = [sys.executable, "-m", "edgeloop.app.cli", "status", "--prefix", prefix]
+        return subprocess.run([*cmd, "--beamline"], capture_output=True, text=True, timeout=60)
+
+    p = system.prefix
+    done = status(p)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:] if line.strip()}
+    assert "frames" in rows[f"{p}edge:FramesIn"] and rows[f"{p}edge:FramesIn"].endswith("yes")
+    assert rows[f"{p}ml:Status"].split()[1] in ("Idle", "Error")
+    assert " s " in rows[f"{p}ml:EndToEndTime"]  # units
+    assert rows[f"{p}SampleX.RBV"].split()[2] == "um"
+    assert rows[f"{p}det:cam1:Mode"].split()[1] in ("ptycho", "hedm")
+    assert len(rows) > 40
+    gone = status("TNOBODY:")
+    assert gone.returncode == 1
+    assert "did not answer" in gone.stdout and "TNOBODY:edge:FramesIn" in gone.stdout
+    assert "EPICS_PVA_ADDR_LIST='127.0.0.1'" in gone.stdout

@@ -72,30 +72,33 @@ def cmd_hedm_accuracy(args) -> None:
     )
 
 
+def cmd_status(args) -> None:
+    from edgeloop.app.status import print_status
+
+    sys.exit(print_status(args.prefix, beamline=args.beamline, timeout=args.timeout))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__)
-    parser.add_argument(
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--prefix", default="SIM:", help="PV prefix (default SIM:)")
+    common.add_argument("--config", help="JSON configuration file (see edgeloop.config)")
+    common.add_argument("--data-dir", help="where scans are stored (HDF5)")
+    common.add_argument("--registry-dir", help="model registry directory")
+    common.add_argument(
         "-v",
         "--verbose",
         action="count",
         default=0,
         help="more log: -v debug, -vv also the libraries' (caproto, p4p, ...)",
     )
-    parser.add_argument(
-        "-q",
-        "--quiet",
-        action="count",
-        default=0,
-        help="less log: -q warnings only, -qq errors only",
+    common.add_argument(
+        "-q", "--quiet", action="count", default=0, help="less log: -q warnings, -qq errors"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, func, help_):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--prefix", default="SIM:", help="PV prefix (default SIM:)")
-        p.add_argument("--config", help="JSON configuration file (see edgeloop.config)")
-        p.add_argument("--data-dir", help="where scans are stored (HDF5)")
-        p.add_argument("--registry-dir", help="model registry directory")
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
         p.set_defaults(func=func)
         return p
 
@@ -134,6 +137,14 @@ def main(argv: list[str] | None = None) -> None:
         help="where retraining runs (default: the config's, local)",
     )
 
+    p = add(
+        "status",
+        cmd_status,
+        "print every edgeloop PV of the prefix (value, units, severity, connected); exit 1 "
+        "naming those that do not answer",
+    )
+    p.add_argument("--beamline", action="store_true", help="also the simulated beamline's PVs")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each PV")
     p = add(
         "hedm-accuracy",
         cmd_hedm_accuracy,

@@ -9,12 +9,15 @@ simulated beamline (its Channel Access server listens on a non-standard port).
 """
 
 from edgeloop.bluesky_plans.callbacks import SCAN_DATASETS, RetrainTrigger, ScanWriter, read_scan
+from edgeloop.bluesky_plans.live import EdgeLivePlot, ScanProgress
 from edgeloop.bluesky_plans.plans import hedm_rotation_scan, ptycho_scan, spiral_positions
 
 _DEVICE_NAMES = ("PtychoDetector", "PvaImageSignal", "SampleStage", "make_devices")
 
 __all__ = [
     "SCAN_DATASETS",
+    "EdgeLivePlot",
+    "ScanProgress",
     "PtychoDetector",
     "PvaImageSignal",
     "RetrainTrigger",

@@ -30,6 +30,7 @@ LONG_LIVED = (
     "multiprocessing.resource_tracker",
     "multiprocessing.forkserver",
     "globus_compute_sdk.sdk.executor",
+    "tqdm._monitor",
 )
 
 
@@ -60,12 +61,13 @@ def _children() -> dict[int, str]:
 
 def _process_wide_threads() -> set[int]:
     """Threads a library starts once per process and keeps by design: ophyd's dispatcher,
-    p4p's default work queues (SharedPV callbacks), and the thread globus_compute_sdk starts
-    on import to shut its executors down at exit."""
+    p4p's default work queues (SharedPV callbacks), tqdm's monitor, and the thread
+    globus_compute_sdk starts on import to shut its executors down at exit."""
     keep = {
         t.ident
         for t in threading.enumerate()
         if getattr(getattr(t, "_target", None), "__module__", "") in LONG_LIVED
+        or type(t).__module__ in LONG_LIVED
     }
     ophyd = sys.modules.get("ophyd")
     dispatcher = ophyd.cl.get_dispatcher() if ophyd is not None else None
@@ -208,11 +210,10 @@ class System:
             assert proc.proc.returncode is not None, f"{name} still running"
 
 
-@pytest.fixture(scope="session")
-def system(tmp_path_factory, request):
+@contextlib.contextmanager
+def whole_system(tmp: Path, tag: str, request):
     """ioc (beamline + ML IOC) + edge + retrain-service, with small training settings."""
-    tmp = tmp_path_factory.mktemp("system")
-    cfg, path = small_config(tmp, random_prefix("s"))
+    cfg, path = small_config(tmp, random_prefix(tag))
     sys_ = System(cfg, path, tmp / "logs")
     try:
         sys_.start("ioc", ready_pv="ml:Status")
@@ -224,6 +225,13 @@ def system(tmp_path_factory, request):
         sys_.stop()
         if failed:
             print(sys_.outputs())
+
+
+@pytest.fixture(scope="session")
+def system(tmp_path_factory, request):
+    """The whole loop, shared by the tests of test_loop.py."""
+    with whole_system(tmp_path_factory.mktemp("system"), "s", request) as sys_:
+        yield sys_
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from edgeloop.codecs import CODECS
 from edgeloop.config import MODES, Config
@@ -72,6 +73,14 @@ def cmd_hedm_accuracy(args) -> None:
     )
 
 
+def cmd_ipython_profile(args) -> None:
+    from edgeloop.app.ipython_profile import PROFILE, write_profile
+
+    cfg = _config(args)
+    path = write_profile(cfg.prefix, cfg.data_dir, args.simulated, args.ipython_dir)
+    print(f"wrote {path}\nstart the session with: ipython --profile={PROFILE}", flush=True)
+
+
 def cmd_status(args) -> None:
     from edgeloop.app.status import print_status
 
@@ -137,6 +146,18 @@ def main(argv: list[str] | None = None) -> None:
         help="where retraining runs (default: the config's, local)",
     )
 
+    p = add(
+        "ipython-profile",
+        cmd_ipython_profile,
+        "write the IPython profile 'edgeloop': a Bluesky session with the devices, plans, RE, "
+        "live table, progress bar, live plot of the edge, ScanWriter and RetrainTrigger",
+    )
+    p.add_argument(
+        "--simulated",
+        action="store_true",
+        help="for the simulated beamline on this host (keeps EPICS traffic on loopback)",
+    )
+    p.add_argument("--ipython-dir", type=Path, help="IPython directory (default ~/.ipython)")
     p = add(
         "status",
         cmd_status,

@@ -1,0 +1,61 @@
+"""``edgeloop ipython-profile`` (app layer): an IPython profile whose startup file opens a
+Bluesky session on the beamline: the devices, the plans, ``RE`` with the live table, the
+scan progress bar, the edge's live plot, the ScanWriter and the RetrainTrigger."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROFILE = "edgeloop"
+
+STARTUP = '''\
+"""edgeloop's Bluesky session (written by `edgeloop ipython-profile`)."""
+{pin}from bluesky import RunEngine
+from bluesky.callbacks.best_effort import BestEffortCallback
+
+from edgeloop.bluesky_plans import (
+    EdgeLivePlot,
+    RetrainTrigger,
+    ScanProgress,
+    ScanWriter,
+    hedm_rotation_scan,
+    make_devices,
+    ptycho_scan,
+)
+
+PREFIX = "{prefix}"
+det, stage = make_devices(PREFIX)
+RE = RunEngine({{}})
+bec = BestEffortCallback()  # the live table
+RE.subscribe(bec)
+RE.subscribe(ScanProgress())  # a progress bar over the scan's points
+live = EdgeLivePlot(PREFIX)  # the stitched phase map (ptycho) / peaks per frame (HEDM)
+RE.subscribe(live)
+RE.subscribe(ScanWriter("{data_dir}"))  # frames + positions to HDF5 for retraining
+RE.subscribe(RetrainTrigger(PREFIX, every_n_runs=1))  # retrain after each good run
+print(f"edgeloop session on {{PREFIX}}: RE(ptycho_scan(det, stage, num=963, step=0.05)), "
+      "RE(hedm_rotation_scan(det, stage.rot, 0, 30, 120))")
+'''
+
+PIN = """from edgeloop.config import pin_loopback
+
+pin_loopback()  # the simulated beamline on this host: EPICS traffic stays on loopback
+"""
+
+
+def ipython_dir() -> Path:
+    return Path(os.environ.get("IPYTHONDIR", "~/.ipython")).expanduser()
+
+
+def write_profile(
+    prefix: str, data_dir: str, simulated: bool = False, directory: Path | None = None
+) -> Path:
+    """Write ``profile_edgeloop/startup/00-edgeloop.py`` under ``directory`` (the IPython
+    directory by default) and return its path."""
+    startup = (directory or ipython_dir()) / f"profile_{PROFILE}" / "startup"
+    startup.mkdir(parents=True, exist_ok=True)
+    path = startup / "00-edgeloop.py"
+    text = STARTUP.format(pin=PIN if simulated else "", prefix=prefix, data_dir=data_dir)
+    path.write_text(text)
+    return path

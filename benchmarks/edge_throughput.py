@@ -32,11 +32,20 @@ def _frames(size: int, n: int) -> list[np.ndarray]:
 
 
 def _post_all(
-    pv: SharedPV, frames, n: int, pace_s: float = 0.0, attributes: dict | None = None
+    pv: SharedPV,
+    frames,
+    n: int,
+    pace_s: float = 0.0,
+    attributes: dict | None = None,
+    codec: str = "",
 ) -> float:
+    """Post n frames (built, and compressed with ``codec``, before the clock starts)."""
+    values = [
+        ntnd.build(frames[i % len(frames)], i + 1, attributes, codec=codec) for i in range(n)
+    ]
     t0 = time.perf_counter()
-    for i in range(n):
-        pv.post(ntnd.build(frames[i % len(frames)], i + 1, attributes))
+    for value in values:
+        pv.post(value)
         if pace_s:
             time.sleep(pace_s)
     return time.perf_counter() - t0
@@ -87,6 +96,7 @@ def edge_rate(
     attributes: dict | None = None,
     output: str = "Phase",
     frame_id: str = "uniqueId",
+    codec: str = "",
 ):
     """Post n frames (cycling through ``frames``) and time the edge's answers on
     ``edge:<output>`` (whose field ``frame_id`` is 0 for the placeholder).
@@ -106,7 +116,7 @@ def edge_rate(
     edge.latencies.clear()
     in0, drop0 = edge.queue.received, edge.queue.dropped
     t0 = time.perf_counter()
-    post_s = _post_all(source, frames, n, pace_s, attributes)
+    post_s = _post_all(source, frames, n, pace_s, attributes, codec)
     deadline = time.monotonic() + 120
     while edge.frames_out < in0 + n - (edge.queue.dropped - drop0) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -125,6 +135,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--codecs", nargs="*", default=[], help="also time bursts of frames compressed so"
+    )
     args = ap.parse_args()
     print(
         f"{'frame':>7} {'transport':>10} {'model':>8} {'edge':>8} {'edge/min':>9} "
@@ -146,6 +159,9 @@ def main() -> None:
             rate, lat, dropped, _ = edge_rate(edge, source, frames, args.frames)
             paced_fps = 0.5 * min(transport, model)
             _, paced_lat, _, _ = edge_rate(edge, source, frames, args.frames // 2, 1.0 / paced_fps)
+            coded = {
+                c: edge_rate(edge, source, frames, args.frames, codec=c)[0] for c in args.codecs
+            }
         finally:
             edge.stop()
             server.stop()
@@ -157,6 +173,11 @@ def main() -> None:
             f"{p50:>7.1f} {p99:>7.1f} {dropped:>8d} {paced_fps:>10.1f} {q50:>7.1f} "
             f"{q99:>7.1f}"
         )
+        for codec, coded_rate in coded.items():
+            print(
+                f"        burst of {codec} frames: {coded_rate:.1f} frames/s, "
+                f"{coded_rate / rate:.2f} of the uncompressed burst"
+            )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"frames/s; latency = receive -> publish inside the edge; a burst of {args.frames} "

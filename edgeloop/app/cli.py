@@ -81,6 +81,16 @@ def cmd_ipython_profile(args) -> None:
     print(f"wrote {path}\nstart the session with: ipython --profile={PROFILE}", flush=True)
 
 
+def cmd_screens(args) -> None:
+    from edgeloop.app import screens
+
+    for path in screens.write(args.out):
+        print(f"wrote {path}")
+    if args.render:
+        png = screens.render(args.out / f"{args.screen}.bob", args.prefix, args.render)
+        print(f"drew {png} from the live PVs of {args.prefix}")
+
+
 def cmd_status(args) -> None:
     from edgeloop.app.status import print_status
 
@@ -158,6 +168,15 @@ def main(argv: list[str] | None = None) -> None:
         help="for the simulated beamline on this host (keeps EPICS traffic on loopback)",
     )
     p.add_argument("--ipython-dir", type=Path, help="IPython directory (default ~/.ipython)")
+    p = add(
+        "screens",
+        cmd_screens,
+        "write the Phoebus screens (overview.bob, beamline.bob) and Phoebus settings file; "
+        "optionally draw one from the live PVs as a PNG",
+    )
+    p.add_argument("--out", type=Path, default=Path("screens"), help="folder (default screens)")
+    p.add_argument("--render", type=Path, help="PNG to draw from the live PVs of --prefix")
+    p.add_argument("--screen", choices=("overview", "beamline"), default="overview")
     p = add(
         "status",
         cmd_status,

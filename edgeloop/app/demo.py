@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from edgeloop.app import hedm_demo, ptycho_demo
+from edgeloop.app import hedm_demo, ptycho_demo, screens
 from edgeloop.app.loop import Servers, prepare, set_codec
 from edgeloop.config import Config, check_mode
 
@@ -49,6 +49,8 @@ def run_demo(
                 report = ptycho_demo.ptycho_demo(
                     cfg, out, system.ctx, RE, writer, det, stage, scan_points, step
                 )
+            screens.write(out / "screens")  # and the operator's view of the loop now
+            screens.render(out / "screens" / "overview.bob", cfg.prefix, out / "overview.png")
         finally:
             for device in devices:  # disconnect cleanly before the servers go away
                 device.destroy()

@@ -8,6 +8,7 @@ import re
 import time
 from importlib import resources
 
+import numpy as np
 from p4p.client.thread import Context
 
 from edgeloop.config import EdgeConfig, search_hint
@@ -43,7 +44,7 @@ def pva_names() -> list[str]:
     return [f"edge:{n}" for n in edge] + ml_records()
 
 
-def _pva_row(name: str, value) -> tuple:
+def pva_row(name: str, value) -> tuple:
     if isinstance(value, Exception):
         return name, "", "", "", "no"
     fields = value.keys()
@@ -58,10 +59,11 @@ def _pva_row(name: str, value) -> tuple:
         v = v["choices"][v["index"]] if 0 <= v["index"] < len(v["choices"]) else v["index"]
     units = value.get("display.units", "") or ""
     severity = value.get("alarm.severity", 0) or 0
-    return name, _fmt(v), units, SEVERITIES[min(severity, 3)], "yes"
+    precision = value.get("display.precision") if "display" in fields else None
+    return name, _fmt(v, precision), units, SEVERITIES[min(severity, 3)], "yes"
 
 
-def _ca_rows(names: list[str], timeout: float) -> list[tuple]:
+def ca_rows(names: list[str], timeout: float) -> list[tuple]:
     """The CA PVs, searched for side by side, each given what is left of ``timeout``."""
     from caproto.threading.client import Context as CAContext
 
@@ -90,11 +92,16 @@ def _ca_row(name: str, response) -> tuple:
     else:
         value = data[0].decode() if isinstance(data[0], bytes) else data[0]
     units = getattr(meta, "units", b"").decode()
-    return name, _fmt(value), units, SEVERITIES[min(int(meta.severity), 3)], "yes"
+    precision = getattr(meta, "precision", None)
+    return name, _fmt(value, precision), units, SEVERITIES[min(int(meta.severity), 3)], "yes"
 
 
-def _fmt(value) -> str:
-    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+def _fmt(value, precision: int | None = None) -> str:
+    """A value as a display shows it: floats with the PV's precision."""
+    if isinstance(value, float | np.floating):
+        text = f"{value:.{precision}f}" if precision is not None else f"{value:.6g}"
+    else:
+        text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -103,9 +110,9 @@ def status(prefix: str, beamline: bool = False, timeout: float = 3.0) -> tuple[l
     names = [f"{prefix}{n}" for n in pva_names()]
     with Context("pva", nt=False) as ctx:
         values = ctx.get(names, timeout=timeout, throw=False)
-    rows = [_pva_row(n, v) for n, v in zip(names, values)]
+    rows = [pva_row(n, v) for n, v in zip(names, values)]
     if beamline:
-        rows += _ca_rows([f"{prefix}{n}" for n in BEAMLINE_CA], timeout)
+        rows += ca_rows([f"{prefix}{n}" for n in BEAMLINE_CA], timeout)
     missing = [row[0] for row in rows if row[4] == "no"]
     return rows, missing
 

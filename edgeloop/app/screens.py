@@ -1,0 +1,394 @@
+"""Operator screens (app layer): Phoebus Display Builder files generated with phoebusgen,
+what they name, and a picture of a screen drawn from the live PVs.
+
+``overview.bob``: the edge's live phase image and stitched map (``pva://``), the peak
+table, the frame statistics, the model, the training state with its time breakdown and the
+Retrain / Abort / Rollback buttons.  ``beamline.bob``: the stage motors, the detector's
+mode and controls, and its codec.  ``$(P)`` is the prefix macro; the layout follows ADCore's
+``ADApp/op/bob`` screens (a title bar, labelled sections, readbacks beside controls); the
+status PVs get alarm-sensitive borders (Phoebus shows no alarm on an NTTable, so severities
+live on the scalars)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from p4p.client.thread import Context
+from phoebusgen import colors, fonts, screen, widget
+from phoebusgen.widget import properties as phoebus_properties
+from phoebusgen.widget import widgets as phoebus_widgets
+
+SCREENS = ("overview", "beamline")
+ROW = 26  # px per line of readbacks
+SETTINGS = """\
+# Phoebus settings for the simulated beamline on this host (phoebus -settings this_file):
+# Channel Access searches the ML IOC (5064) and the simulated beamline (5066), pvAccess
+# searches loopback; nothing is broadcast elsewhere.
+org.phoebus.pv.ca/addr_list=127.0.0.1 127.0.0.1:5066
+org.phoebus.pv.ca/auto_addr_list=false
+org.phoebus.pv.pva/epics_pva_addr_list=127.0.0.1
+org.phoebus.pv.pva/epics_pva_auto_addr_list=false
+"""
+
+
+class _Layout:
+    """Places widgets on a phoebusgen screen, section by section."""
+
+    def __init__(self, title: str, width: int, height: int):
+        self.screen = screen.Screen(title)
+        self.screen.width(width)
+        self.screen.height(height)
+        self.screen.macro("P", "SIM:")
+        self._n = 0
+        bar = widget.Label("title", title, 0, 0, width, 36)
+        bar.predefined_font(fonts.Header1)
+        bar.predefined_background_color(colors.Header_Background)
+        bar.transparent(False)
+        bar.horizontal_alignment_center()
+        self.add(bar)
+
+    def add(self, w) -> None:
+        self.screen.add_widget(w)
+
+    def _name(self, kind: str) -> str:
+        self._n += 1
+        return f"{kind}{self._n}"
+
+    def section(self, text: str, x: int, y: int, width: int) -> None:
+        label = widget.Label(self._name("section"), text, x, y, width, 24)
+        label.predefined_font(fonts.Header3)
+        self.add(label)
+
+    def label(self, text: str, x: int, y: int, width: int = 150) -> None:
+        self.add(widget.Label(self._name("label"), text, x, y, width, ROW - 4))
+
+    def readback(self, pv: str, x: int, y: int, width: int = 160) -> None:
+        w = widget.TextUpdate(self._name("readback"), pv, x, y, width, ROW - 4)
+        w.show_units(True)
+        w.alarm_border(True)
+        w.predefined_background_color(colors.Read_Background)
+        w.transparent(False)
+        self.add(w)
+
+    def rows(self, x: int, y: int, rows: list[tuple[str, str]], width: int = 160) -> int:
+        """Label + readback per row; returns the y below them."""
+        for text, pv in rows:
+            self.label(text, x, y)
+            self.readback(pv, x + 155, y, width)
+            y += ROW
+        return y
+
+    def entry(self, pv: str, x: int, y: int, width: int = 100) -> None:
+        w = widget.TextEntry(self._name("entry"), pv, x, y, width, ROW - 4)
+        w.show_units(True)
+        w.alarm_border(True)
+        self.add(w)
+
+    def combo(self, pv: str, x: int, y: int, width: int = 120) -> None:
+        w = widget.ComboBox(self._name("combo"), pv, x, y, width, ROW - 4)
+        w.items_from_pv(True)
+        self.add(w)
+
+    def button(self, text: str, pv: str, value, x: int, y: int, width: int = 110) -> None:
+        w = widget.ActionButton(self._name("button"), text, pv, x, y, width, 30)
+        w.action_write_pv(pv, value, text)
+        self.add(w)
+
+    def image(self, pv: str, x: int, y: int, size: int) -> None:
+        w = widget.Image(self._name("image"), pv, x, y, size, size)
+        w.show_toolbar(False)
+        w.alarm_border(True)
+        self.add(w)
+
+
+def overview() -> screen.Screen:
+    lay = _Layout("edgeloop $(P)", 1500, 900)
+    edge, ml = "pva://$(P)edge:", "$(P)ml:"
+    lay.section("Live phase (edge:Phase)", 20, 50, 320)
+    lay.image(f"{edge}Phase", 20, 80, 320)
+    lay.section("Stitched phase map (edge:PhaseMap)", 360, 50, 480)
+    lay.image(f"{edge}PhaseMap", 360, 80, 480)
+    lay.section("Bragg peaks (edge:Peaks)", 20, 580, 500)
+    table = widget.Table("peaks", f"{edge}Peaks", 20, 610, 820, 270)
+    table.show_toolbar(False)
+    lay.add(table)
+    lay.rows(560, 580, [("Peaks in last frame", f"{edge}PeakCount")], width=120)
+
+    x = 870
+    lay.section("Edge server", x, 50, 600)
+    lay.rows(
+        x,
+        80,
+        [
+            ("Mode", f"{edge}Mode"),
+            ("Model version", f"{edge}ModelVersion"),
+            ("Frame rate", f"{edge}FrameRate"),
+            ("Latency (median)", f"{edge}LatencyMs"),
+            ("Frames in", f"{edge}FramesIn"),
+            ("Frames out", f"{edge}FramesOut"),
+            ("Dropped", f"{edge}Dropped"),
+            ("Dropped rate", f"{edge}DroppedRate"),
+            ("Bad frames", f"{edge}BadFrames"),
+            ("Missed frames", f"{edge}MissedFrames"),
+            ("Repeats", f"{edge}Repeats"),
+        ],
+    )
+    lay.label("Message", x, 80 + 11 * ROW)
+    lay.readback(f"{edge}Message", x + 155, 80 + 11 * ROW, 450)
+
+    x2 = 1200
+    lay.section("Retraining", x2, 80, 280)
+    lay.rows(
+        x2 - 10,
+        110,
+        [
+            ("Status", f"{ml}Status"),
+            ("Model version", f"{ml}ModelVersion"),
+            ("Validation loss", f"{ml}ValLoss"),
+        ],
+        width=130,
+    )
+    lay.label("Progress", x2 - 10, 110 + 3 * ROW)
+    bar = widget.ProgressBar("progress", f"{ml}Progress", x2 + 145, 110 + 3 * ROW, 130, 20)
+    lay.add(bar)
+
+    y = 420
+    lay.section("Training", x, y, 600)
+    lay.label("Message", x, y + 30)
+    lay.readback(f"{ml}Message", x + 155, y + 30, 450)
+    lay.label("Executor", x, y + 30 + ROW)
+    lay.readback(f"{ml}Endpoint", x + 155, y + 30 + ROW, 160)
+    lay.entry(f"{ml}Endpoint", x + 330, y + 30 + ROW, 140)
+    for i, (text, pv) in enumerate(
+        (("Retrain", "Retrain"), ("Abort", "Abort"), ("Rollback", "Rollback"))
+    ):
+        lay.button(text, f"{ml}{pv}", 1, x + 155 + i * 120, y + 40 + 2 * ROW)
+    lay.section("Time of the last retraining", x, y + 90 + 2 * ROW, 600)
+    lay.rows(
+        x,
+        y + 120 + 2 * ROW,
+        [
+            ("Staging", f"{ml}StagingTime"),
+            ("Analysis (labels)", f"{ml}AnalysisTime"),
+            ("Training", f"{ml}TrainingTime"),
+            ("Return + deploy", f"{ml}ReturnTime"),
+            ("End to end", f"{ml}EndToEndTime"),
+        ],
+    )
+    return lay.screen
+
+
+def beamline() -> screen.Screen:
+    lay = _Layout("edgeloop beamline $(P)", 1100, 620)
+    lay.section("Sample stage", 20, 50, 500)
+    y = 80
+    for axis in ("SampleX", "SampleY", "SampleRot"):
+        lay.label(axis, 20, y)
+        lay.readback(f"$(P){axis}.RBV", 175, y, 140)
+        lay.entry(f"$(P){axis}.VAL", 325, y, 120)
+        y += ROW
+    cam = "$(P)det:cam1:"
+    lay.section("Detector (det:cam1)", 20, 180, 500)
+    lay.label("Mode", 20, 210)
+    lay.combo(f"{cam}Mode", 175, 210)
+    lay.readback(f"{cam}Mode", 325, 210, 120)
+    y = 210 + ROW
+    for text, name in (("Acquire time", "AcquireTime"), ("Images", "NumImages")):
+        lay.label(text, 20, y)
+        lay.readback(f"{cam}{name}", 175, y, 140)
+        lay.entry(f"{cam}{name}", 325, y, 120)
+        y += ROW
+    y = lay.rows(
+        20,
+        y,
+        [
+            ("Acquiring", f"{cam}Acquire_RBV"),
+            ("Image counter", f"{cam}ArrayCounter_RBV"),
+            ("Size X", f"{cam}ArraySizeX_RBV"),
+            ("Size Y", f"{cam}ArraySizeY_RBV"),
+        ],
+        width=140,
+    )
+    lay.label("Status", 20, y)
+    lay.readback(f"{cam}StatusMessage_RBV", 175, y, 340)
+    lay.button("Start", f"{cam}Acquire", 1, 175, y + ROW + 6)
+    lay.button("Stop", f"{cam}Acquire", 0, 295, y + ROW + 6)
+    codec = "$(P)det:Codec1:"
+    lay.section("Compression (det:Codec1)", 20, 520, 500)
+    lay.label("Callbacks", 20, 550)
+    lay.combo(f"{codec}EnableCallbacks", 175, 550)
+    lay.label("Compressor", 20, 550 + ROW)
+    lay.combo(f"{codec}Compressor", 175, 550 + ROW)
+    lay.readback(f"{codec}CompFactor_RBV", 325, 550 + ROW, 120)
+    lay.section("Frames (det:Pva1:Image; Phoebus decodes lz4 only)", 560, 50, 520)
+    lay.image("pva://$(P)det:Pva1:Image", 560, 80, 500)
+    return lay.screen
+
+
+def write(out: Path) -> list[Path]:
+    """Write every screen and the Phoebus settings file into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in SCREENS:
+        path = out / f"{name}.bob"
+        globals()[name]().write_screen(str(path))
+        paths.append(path)
+    (out / "phoebus_settings.ini").write_text(SETTINGS)
+    return paths
+
+
+# ---- what a .bob names, and what Phoebus knows ---------------------------------------------
+
+
+def pv_names(path: Path, prefix: str) -> set[str]:
+    """Every PV a screen names (widgets and write actions), with ``$(P)`` set to ``prefix``
+    and the ``pva://`` / ``ca://`` scheme kept."""
+    root = ET.parse(path).getroot()
+    return {e.text.replace("$(P)", prefix) for e in root.iter("pv_name") if e.text}
+
+
+def _tags(cls) -> set[str]:
+    """The XML elements a phoebusgen property class writes."""
+    source = inspect.getsource(cls)
+    return set(re.findall(r"self\.root,\s*'([a-z_]+)'", source)) | set(
+        re.findall(r"'([a-z_]+)'", " ".join(re.findall(r"\w+\(self\.root, [^)]*\)", source)))
+    )
+
+
+def known_properties() -> dict[str, set[str]]:
+    """Widget type -> the property elements Phoebus takes for it, as phoebusgen (whose widget
+    definitions follow Phoebus's) writes them."""
+    base = {"name", "x", "y", "width", "height", "class", "visible", "tooltip", "rules"}
+    base |= {"scripts", "actions"}
+    known = {}
+    for _, cls in inspect.getmembers(phoebus_widgets, inspect.isclass):
+        init = inspect.getsource(cls.__init__) if "__init__" in vars(cls) else ""
+        match = re.search(r"_Widget.__init__\(self, '([a-z0-9_\-]+)'", init)
+        if not match:
+            continue
+        tags = set(base)
+        for mixin in cls.__mro__:
+            if mixin.__module__ == phoebus_properties.__name__:
+                tags |= _tags(mixin)
+        known[match.group(1)] = tags
+    return known
+
+
+def unknown_properties(path: Path) -> list[str]:
+    """Widgets or properties in a screen that Phoebus does not know."""
+    known = known_properties()
+    problems = []
+    for w in ET.parse(path).getroot().iter("widget"):
+        kind = w.get("type")
+        if kind not in known:
+            problems.append(f"widget type {kind!r}")
+            continue
+        problems += [f"{kind}.{child.tag}" for child in w if child.tag not in known[kind]]
+    return problems
+
+
+# ---- a picture of a screen, drawn from the live PVs ------------------------------------------
+
+_SEVERITY_COLOURS = {"NO_ALARM": "#3a3", "MINOR": "#e8c000", "MAJOR": "#e00", "INVALID": "#e0e"}
+
+
+def _live(names: set[str], timeout: float = 3.0) -> dict[str, tuple]:
+    """name (as the screen writes it) -> (formatted value, units, severity, raw PVA value)."""
+    from edgeloop.app.status import ca_rows, pva_row
+
+    pva = sorted(n for n in names if n.startswith("pva://"))
+    ca = sorted(n for n in names if not n.startswith("pva://"))
+    live = {}
+    with Context("pva", nt=False) as ctx:
+        values = ctx.get([n[len("pva://") :] for n in pva], timeout=timeout, throw=False)
+    for name, value in zip(pva, values):
+        _, text, units, severity, connected = pva_row(name, value)
+        live[name] = (text, units, severity if connected == "yes" else "INVALID", value)
+    for name, text, units, severity, connected in ca_rows(ca, timeout):
+        live[name] = (text, units, severity if connected == "yes" else "INVALID", None)
+    return live
+
+
+def render(path: Path, prefix: str, png: Path) -> Path:
+    """Draw ``path`` (a .bob) as Phoebus would show it with the live values of ``prefix``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from edgeloop import ntnd
+
+    root = ET.parse(path).getroot()
+    width, height = int(root.findtext("width")), int(root.findtext("height"))
+    live = _live(pv_names(path, prefix))
+    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_axis_off()
+    ax.add_patch(Rectangle((0, 0), width, height, color="#f0f0f0"))
+    for w in root.iter("widget"):
+        kind = w.get("type")
+        x, y = int(w.findtext("x")), int(w.findtext("y"))
+        wd, ht = int(w.findtext("width")), int(w.findtext("height"))
+        pv = (w.findtext("pv_name") or "").replace("$(P)", prefix)
+        text, units, severity, raw = live.get(pv, ("", "", "INVALID", None))
+        title = (w.findtext("text") or "").replace("$(P)", prefix)
+        if kind == "label":
+            header = w.find("background_color") is not None
+            if header:
+                ax.add_patch(Rectangle((x, y), wd, ht, color="#7890a8"))
+            big = 16 if header else (11 if w.find("font") is not None else 9)
+            ax.text(
+                x + (wd / 2 if header else 2),
+                y + ht / 2,
+                title,
+                va="center",
+                ha="center" if header else "left",
+                fontsize=big,
+                fontweight="bold" if w.find("font") is not None else "normal",
+            )
+        elif kind == "image":
+            if raw is not None and not isinstance(raw, Exception) and raw["uniqueId"] > 0:
+                data = ntnd.decode(raw).data
+                ax.imshow(
+                    data, cmap="gray", extent=(x, x + wd, y + ht, y), aspect="auto", zorder=2
+                )
+            ax.add_patch(
+                Rectangle((x, y), wd, ht, fill=False, ec=_SEVERITY_COLOURS[severity], lw=1.5)
+            )
+        elif kind == "table":
+            ax.add_patch(Rectangle((x, y), wd, ht, color="white", ec="#888"))
+            if raw is not None and not isinstance(raw, Exception):
+                labels = list(raw["labels"])[:8]
+                lines = ["   ".join(f"{c:>9s}" for c in labels)]
+                columns = [raw["value"][c] for c in labels]
+                rows = 0 if columns[0] is None else len(columns[0])
+                for r in range(min(rows, 9)):
+                    cells = [columns[i][r] for i in range(len(labels))]
+                    lines.append("   ".join(f"{float(c):9.2f}" for c in cells))
+                ax.text(x + 4, y + 4, "\n".join(lines), va="top", family="monospace", fontsize=8)
+        elif kind == "progressbar":
+            ax.add_patch(Rectangle((x, y), wd, ht, color="white", ec="#888"))
+            try:
+                ax.add_patch(Rectangle((x, y), wd * min(float(text), 100) / 100, ht, color="#4a4"))
+            except ValueError:
+                pass
+        elif kind == "action_button":
+            ax.add_patch(Rectangle((x, y), wd, ht, color="#d8d8d8", ec="#777"))
+            ax.text(x + wd / 2, y + ht / 2, title, ha="center", va="center", fontsize=10)
+        elif kind in ("textupdate", "textentry", "combo"):
+            face = "#ffffff" if kind != "textupdate" else "#e8e8e8"
+            ax.add_patch(
+                Rectangle((x, y), wd, ht, color=face, ec=_SEVERITY_COLOURS[severity], lw=1.2)
+            )
+            shown = f"{text} {units}".strip() if severity != "INVALID" else "<disconnected>"
+            ax.text(x + 4, y + ht / 2, shown, va="center", fontsize=9, clip_on=True)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

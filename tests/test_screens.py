@@ -1,0 +1,51 @@
+"""The operator screens: the committed .bob files are what the generator writes, every
+widget and property is one Phoebus knows, every PV a screen names answers on a running loop
+through real CA and PVA clients, and the overview draws from the live PVs."""
+
+from pathlib import Path
+
+import pytest
+from p4p.client.thread import Context
+
+from edgeloop.app import screens
+from edgeloop.app.status import ca_rows
+
+SCREENS = Path(__file__).resolve().parents[1] / "screens"
+
+
+@pytest.mark.parametrize("name", screens.SCREENS)
+def test_committed_screens_are_generated_and_known_to_phoebus(name, tmp_path):
+    screens.write(tmp_path)
+    committed = SCREENS / f"{name}.bob"
+    assert committed.read_text() == (tmp_path / f"{name}.bob").read_text(), (
+        "screens/ is stale: run `edgeloop screens`"
+    )
+    assert screens.unknown_properties(committed) == []
+    assert (SCREENS / "phoebus_settings.ini").read_text() == screens.SETTINGS
+
+
+def test_a_property_phoebus_does_not_know_is_found(tmp_path):
+    bad = tmp_path / "bad.bob"
+    text = (SCREENS / "overview.bob").read_text()
+    text = text.replace("<show_units>true</show_units>", "<show_unitz>true</show_unitz>", 1)
+    bad.write_text(text.replace('type="image"', 'type="imag"', 1))
+    problems = screens.unknown_properties(bad)
+    assert "textupdate.show_unitz" in problems and "widget type 'imag'" in problems
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+def test_every_pv_on_the_screens_answers_and_the_overview_draws(system, tmp_path):
+    p = system.prefix
+    names = set()
+    for name in screens.SCREENS:
+        names |= screens.pv_names(SCREENS / f"{name}.bob", p)
+    pva = sorted(n[len("pva://") :] for n in names if n.startswith("pva://"))
+    ca = sorted(n for n in names if "://" not in n)
+    assert len(pva) >= 15 and len(ca) >= 25
+    with Context("pva", nt=False) as ctx:
+        values = ctx.get(pva, timeout=5, throw=False)
+    assert [n for n, v in zip(pva, values) if isinstance(v, Exception)] == []
+    assert [row[0] for row in ca_rows(ca, timeout=5) if row[4] != "yes"] == []
+    png = screens.render(SCREENS / "overview.bob", p, tmp_path / "overview.png")
+    assert png.stat().st_size > 20_000

@@ -134,3 +134,26 @@ def test_the_edge_answers_a_compressed_frame_as_it_answers_it_uncompressed(fed_e
     for column in ("x", "y", "intensity"):
         np.testing.assert_array_equal(tables[uid - 1][column], tables[uid][column])
     assert system.value("edge:BadFrames") == bad
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+def test_a_corrupt_compressed_frame_is_counted_named_and_the_next_is_answered(fed_edge):
+    system, source = fed_edge
+    p = system.prefix
+    outputs = Collector(system.ctx, f"{p}edge:Phase")
+    time.sleep(0.5)
+    bad, out = system.value("edge:BadFrames"), system.value("edge:FramesOut")
+    corrupt = ntnd.build(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), 901, codec="bslz4")
+    payload = corrupt["value"].copy()[:40]
+    corrupt["value"] = ("ubyteValue", payload)
+    corrupt["compressedSize"] = payload.size
+    post(source, corrupt)
+    post(source, ntnd.build(np.ones((64, 64), np.uint16), 902, {"Mode": "ptycho"}, codec="lz4"))
+    system.wait_value("edge:BadFrames", lambda v: v == bad + 1, 10)
+    system.wait_value("edge:FramesOut", lambda v: v == out + 1, 10)
+    assert [f.unique_id for f in outputs.wait(1, timeout=10)] == [902]
+    outputs.close()
+    message = system.pv("edge:Message")
+    assert "uniqueId=901" in message["value"] and "bslz4" in message["value"]
+    assert message["alarm.severity"] == 1

@@ -20,7 +20,7 @@ from p4p.client.thread import Context
 
 from edgeloop import ntnd
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
-from edgeloop.config import LOOPBACK_ENV, Config
+from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV, Config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -34,20 +34,35 @@ LONG_LIVED = (
 )
 
 
+# Two simulated beamlines on one host cannot share a CA port for unicast searches: a whole
+# loop that runs beside the session's `system` serves its beamline on this one.
+SECOND_BEAMLINE_CA_PORT = BEAMLINE_CA_PORT + 1
+TEST_ENV = dict(
+    LOOPBACK_ENV,
+    EPICS_CA_ADDR_LIST=f"{LOOPBACK_ENV['EPICS_CA_ADDR_LIST']} 127.0.0.1:{SECOND_BEAMLINE_CA_PORT}",
+)
+
+
 def pytest_configure(config):
-    os.environ.update(LOOPBACK_ENV)  # before any EPICS client reads its settings
+    os.environ.update(TEST_ENV)  # before any EPICS client reads its settings
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _loopback_only():
-    for key, value in LOOPBACK_ENV.items():
+    for key, value in TEST_ENV.items():
         assert os.environ[key] == value, f"{key} must be {value!r} in tests"
+
+
+# processes of session fixtures: they outlive the module that first asked for them
+SESSION_PIDS: set[int] = set()
 
 
 def _children() -> dict[int, str]:
     """This process's own children (a server's workers are that server's to stop)."""
     alive = {}
     for proc in psutil.Process().children():
+        if proc.pid in SESSION_PIDS:
+            continue
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
@@ -168,15 +183,16 @@ def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
 class System:
     """Handles to a running set of servers."""
 
-    def __init__(self, cfg: Config, config_path: Path, logs: Path):
+    def __init__(self, cfg: Config, config_path: Path, logs: Path, env: dict | None = None):
         self.cfg, self.config_path, self.logs = cfg, config_path, logs
+        self.env = dict(TEST_ENV, **(env or {}))
         self.prefix = cfg.prefix
         self.procs: dict[str, ManagedProcess] = {}
         self.ctx = Context("pva", nt=False)
 
     def start(self, name: str, *extra: str, ready_pv: str, timeout: float = 90.0):
         args = [name, "--prefix", self.prefix, "--config", str(self.config_path), *extra]
-        proc = ManagedProcess(name, args, self.logs / f"{name}.log")
+        proc = ManagedProcess(name, args, self.logs / f"{name}.log", env=self.env)
         self.procs[name] = proc
         wait_for_pv(self.ctx, f"{self.prefix}{ready_pv}", timeout, proc)
         return proc
@@ -211,10 +227,11 @@ class System:
 
 
 @contextlib.contextmanager
-def whole_system(tmp: Path, tag: str, request):
+def whole_system(tmp: Path, tag: str, request, beamline_ca_port: int = BEAMLINE_CA_PORT):
     """ioc (beamline + ML IOC) + edge + retrain-service, with small training settings."""
     cfg, path = small_config(tmp, random_prefix(tag))
-    sys_ = System(cfg, path, tmp / "logs")
+    port = {"EDGELOOP_BEAMLINE_CA_PORT": str(beamline_ca_port)}
+    sys_ = System(cfg, path, tmp / "logs", env=port)
     try:
         sys_.start("ioc", ready_pv="ml:Status")
         sys_.start("edge", ready_pv="edge:ModelVersion")
@@ -231,6 +248,7 @@ def whole_system(tmp: Path, tag: str, request):
 def system(tmp_path_factory, request):
     """The whole loop, shared by the tests of test_loop.py."""
     with whole_system(tmp_path_factory.mktemp("system"), "s", request) as sys_:
+        SESSION_PIDS.update(proc.proc.pid for proc in sys_.procs.values())
         yield sys_
 
 

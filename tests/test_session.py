@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-from conftest import whole_system
+from conftest import SECOND_BEAMLINE_CA_PORT, whole_system
 
 from edgeloop.bluesky_plans import (
     EdgeLivePlot,
@@ -31,7 +31,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory, request):
     """A whole loop of this module's own: the session's RetrainTrigger retrains it."""
-    with whole_system(tmp_path_factory.mktemp("session"), "i", request) as sys_:
+    tmp = tmp_path_factory.mktemp("session")
+    with whole_system(tmp, "i", request, SECOND_BEAMLINE_CA_PORT) as sys_:
         yield sys_
 
 

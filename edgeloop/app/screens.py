@@ -158,7 +158,8 @@ def overview() -> screen.Screen:
     y = 420
     lay.section("Training", x, y, 600)
     lay.label("Message", x, y + 30)
-    lay.readback(f"{ml}Message", x + 155, y + 30, 450)
+    # an lsi record: over CA a plain name gives 40 characters, pva:// gives it whole
+    lay.readback(f"pva://{ml}Message", x + 155, y + 30, 450)
     lay.label("Executor", x, y + 30 + ROW)
     lay.readback(f"{ml}Endpoint", x + 155, y + 30 + ROW, 160)
     lay.entry(f"{ml}Endpoint", x + 330, y + 30 + ROW, 140)

@@ -253,10 +253,7 @@ def pv_names(path: Path, prefix: str) -> set[str]:
 
 def _tags(cls) -> set[str]:
     """The XML elements a phoebusgen property class writes."""
-    source = inspect.getsource(cls)
-    return set(re.findall(r"self\.root,\s*'([a-z_]+)'", source)) | set(
-        re.findall(r"'([a-z_]+)'", " ".join(re.findall(r"\w+\(self\.root, [^)]*\)", source)))
-    )
+    return set(re.findall(r"self\.root,\s*'([a-z_]+)'", inspect.getsource(cls)))
 
 
 def known_properties() -> dict[str, set[str]]:

@@ -35,7 +35,6 @@ SCALAR_TYPES: dict[int, np.dtype] = {
     10: np.dtype(np.float64),
 }
 SCALAR_TYPE_CODES = {dtype: code for code, dtype in SCALAR_TYPES.items()}
-CODECS = ("lz4", "bslz4", "blosc", "zlib")
 HDF5_HEADER = 12  # uncompressed size (uint64 BE) + block size (uint32 BE)
 
 
@@ -97,6 +96,7 @@ def _zlib(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> bytes:
 
 
 _DECOMPRESS = {"lz4": _lz4, "bslz4": _bslz4, "blosc": _blosc, "zlib": _zlib}
+CODECS = tuple(_DECOMPRESS)
 
 
 def decompress(codec: str, payload: np.ndarray, dtype: np.dtype, nbytes: int) -> np.ndarray:

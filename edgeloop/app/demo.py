@@ -5,12 +5,15 @@ the technique's own steps are in ``ptycho_demo`` and ``hedm_demo``."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from edgeloop.app import hedm_demo, ptycho_demo, screens
 from edgeloop.app.loop import Servers, prepare, set_codec
 from edgeloop.config import Config, check_mode
+
+log = logging.getLogger(__name__)
 
 
 def run_demo(
@@ -49,8 +52,12 @@ def run_demo(
                 report = ptycho_demo.ptycho_demo(
                     cfg, out, system.ctx, RE, writer, det, stage, scan_points, step
                 )
-            screens.write(out / "screens")  # and the operator's view of the loop now
-            screens.render(out / "screens" / "overview.bob", cfg.prefix, out / "overview.png")
+            try:  # and the operator's view of the loop now; a failed picture loses no report
+                screens.write(out / "screens")
+                overview = out / "screens" / "overview.bob"
+                screens.render(overview, cfg.prefix, out / "overview.png")
+            except Exception:
+                log.exception("could not draw the overview screen")
         finally:
             for device in devices:  # disconnect cleanly before the servers go away
                 device.destroy()

@@ -21,7 +21,6 @@ from phoebusgen import colors, fonts, screen, widget
 from phoebusgen.widget import properties as phoebus_properties
 from phoebusgen.widget import widgets as phoebus_widgets
 
-SCREENS = ("overview", "beamline")
 ROW = 26  # px per line of readbacks
 SETTINGS = """\
 # Phoebus settings for the simulated beamline on this host (phoebus -settings this_file):
@@ -229,13 +228,16 @@ def beamline() -> screen.Screen:
     return lay.screen
 
 
+SCREENS = {"overview": overview, "beamline": beamline}
+
+
 def write(out: Path) -> list[Path]:
     """Write every screen and the Phoebus settings file into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in SCREENS:
+    for name, build in SCREENS.items():
         path = out / f"{name}.bob"
-        globals()[name]().write_screen(str(path))
+        build().write_screen(str(path))
         paths.append(path)
     (out / "phoebus_settings.ini").write_text(SETTINGS)
     return paths

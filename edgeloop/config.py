@@ -157,6 +157,11 @@ class EdgeConfig:
     latency_warn_ms: Positive = 100.0  # edge:LatencyMs above: MINOR
     latency_alarm_ms: Positive = 1000.0  # above: MAJOR
     dropped_rate_alarm: Positive = 10.0  # edge:DroppedRate (frames/s) above: MAJOR; any: MINOR
+    # a frame holding more bytes (compressed or not) is refused before it is decoded
+    max_frame_bytes: Count = 64 * 1024 * 1024
+    # HEDM: at most this many peaks are refined per frame; a frame with more is flagged
+    max_peaks_per_frame: Count = 2000
+    bad_frame_report_s: Seconds = 1.0  # one summary of refused frames per interval
 
 
 @dataclass(config=SECTION)
@@ -203,6 +208,23 @@ class RemoteConfig:
     transfer_timeout_s: Seconds = 600.0
 
 
+@dataclass(config=SECTION)
+class SecurityConfig:
+    """Who may change what is served, and what a model file may hold."""
+
+    # users (CA/PVA account names) who may write the control PVs; empty: the user running
+    # edgeloop.  The retraining service's user may write them too.
+    operators: tuple[str, ...] = ()
+    service_user: str = ""  # the retraining service's account; "": the user running it
+    hosts: tuple[str, ...] = ()  # hosts control writes may come from; empty: any host
+    # HMAC-SHA256 key shared by the service and the training endpoint (a file, mode 0600;
+    # created with a random key on first use when it is the default path)
+    signing_key_file: str = "~/.edgeloop/signing.key"
+    max_model_bytes: Count = 256 * 1024 * 1024  # a model file larger is refused unread
+    max_width: Count = 256  # any width in a model file's architecture above: refused
+    max_patch: Count = 64  # BraggNN patch side above: refused
+
+
 class ConfigError(ValueError):
     """A configuration that does not validate; the message names each bad key."""
 
@@ -220,6 +242,7 @@ class Config:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     # BraggNN trains on thousands of small patches: bigger batches, a higher rate, and only
     # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit).  One
     # thread: its tensors are too small for a second to help, and a busy second core makes

@@ -175,6 +175,7 @@ def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
     cfg.train.recon_epochs = 8
     cfg.edge.stats_publish_s = 0.2
     cfg.edge.map_publish_s = 0.2
+    cfg.security.signing_key_file = str(tmp / "signing.key")
     path = tmp / "config.json"
     cfg.dump(path)
     return cfg, path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 from bluesky.callbacks.core import CallbackBase
 
-from edgeloop.scanfile import POSITIONS, SCAN_DATASETS, read_scan
+from edgeloop.scanfile import PART, POSITIONS, SCAN_DATASETS, read_scan
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,11 @@ class _Keys:
 class _Run:
     start: dict
     keys: _Keys | None = None
-    frames: list = field(default_factory=list)
-    positions: list = field(default_factory=list)
-    unique_ids: list = field(default_factory=list)
-    timestamps: list = field(default_factory=list)
+    path: Path | None = None  # the final name; the file grows at path + PART until the stop
+    file: h5py.File | None = None
+    datasets: dict = field(default_factory=dict)  # kept open: a write error raises at flush
+    n: int = 0  # events written
+    error: str | None = None  # why the file stopped growing
 
 
 def _image_key(data_keys: dict, detectors: list[str], object_keys: dict) -> str:
@@ -91,14 +92,26 @@ def _motor_keys(start: dict, descriptor: dict, n: int) -> tuple[str, ...]:
     )
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ScanWriter(CallbackBase):
     """Write each ptychography or HEDM run to ``<data_dir>/scan_<scan_id>_<uid8>.h5``.
 
     Runs whose start document has no ``technique`` of ``'ptychography'`` or ``'hedm'`` are
-    ignored.  Events of
-    the ``primary`` stream are kept in memory; at the stop document the file is written to
-    a temporary name in ``data_dir`` and renamed into place, so readers never see a partial
-    file.  Failed or aborted runs are written too, with their ``exit_status``.
+    ignored.  Each event of the ``primary`` stream is appended to ``<name>.h5.part`` and
+    flushed (HDF5 in SWMR mode: the file stays readable if the process dies, with ``complete``
+    false and the ``num_events`` written so far); at the stop document the file is completed,
+    fsynced and renamed to ``<name>.h5``, so a ``scan_*.h5`` is never half-written.  Failed
+    or aborted runs are written too, with their ``exit_status``.  A write error (a full disk)
+    never stops the scan: it is logged, kept in :attr:`errors`, and the ``.part`` file keeps
+    the frames written so far, marked incomplete.  Writing stops before the disk is full
+    (less than the next frame + ``reserve_bytes`` free), so the file can still be closed.
 
     Parameters
     ----------
@@ -113,15 +126,19 @@ class ScanWriter(CallbackBase):
         The file of the latest finished run.
     paths : list of pathlib.Path
         All files written by this callback.
+    errors : list of str
+        Write errors (one per run at most).
 
     Notes
     -----
     Datasets: ``frames`` (N, ny, nx, detector dtype), ``unique_id`` (N,), ``timestamps`` (N,;
     the frame timestamps, seconds since the epoch) and the motor readbacks: ``positions_um``
     (N, 2; x, y) for ptychography, ``omega_deg`` (N,) for HEDM.  Attributes: ``technique``,
-    ``start_json``, ``plan_name``, ``uid``, ``scan_id``, ``exit_status``, ``num_events`` (and
-    ``reason`` from the stop document).
+    ``start_json``, ``plan_name``, ``uid``, ``scan_id``, ``exit_status``, ``num_events``,
+    ``complete`` (and ``reason`` from the stop document, ``error`` after a write error).
     """
+
+    reserve_bytes = 256 * 1024  # free space kept beyond the next frame; less is a full disk
 
     def __init__(self, data_dir: str | os.PathLike, stream: str = "primary"):
         super().__init__()
@@ -129,6 +146,8 @@ class ScanWriter(CallbackBase):
         self.stream = stream
         self.last_path: Path | None = None
         self.paths: list[Path] = []
+        self.errors: list[str] = []
+        self._abandoned: list = []
         self._runs: dict[str, _Run] = {}
         self._descriptors: dict[str, str] = {}  # descriptor uid -> run start uid
 
@@ -170,14 +189,38 @@ class ScanWriter(CallbackBase):
                 doc.get("seq_num"),
             )
             return doc
-        run.frames.append(np.asarray(frame))
-        run.positions.append(tuple(float(data[k]) for k in keys.axes))
-        run.unique_ids.append(
-            int(data[keys.unique_id])
-            if keys.unique_id
-            else int(doc.get("seq_num", len(run.frames)))
-        )
-        run.timestamps.append(float(doc.get("timestamps", {}).get(keys.image, doc["time"])))
+        if run.error is not None:
+            return doc
+        n_axes = POSITIONS[run.start["technique"]][1]
+        position = [float(data[k]) for k in keys.axes]
+        uid = int(data[keys.unique_id]) if keys.unique_id else int(doc.get("seq_num", run.n + 1))
+        timestamp = float(doc.get("timestamps", {}).get(keys.image, doc["time"]))
+        frame = np.asarray(frame)
+        try:
+            if run.file is None:
+                self._open(run, frame.dtype, frame.shape)
+            free = shutil.disk_usage(run.path.parent).free
+            if free < frame.nbytes + self.reserve_bytes:
+                self._failed(run, f"disk full: {free} bytes free in {run.path.parent}")
+                return doc
+            # each dataset grows by one, then num_events says the row is whole
+            for name, value in (
+                ("frames", frame),
+                ("positions", position if n_axes > 1 else position[0]),
+                ("unique_id", uid),
+                ("timestamps", timestamp),
+            ):
+                run.datasets[name].resize(run.n + 1, axis=0)
+                run.datasets[name][run.n] = value
+            run.file.attrs["num_events"] = run.n + 1
+            run.file.flush()
+            run.n += 1
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            return doc
+        # after the except block, whose traceback holds h5py objects
+        self._failed(run, error, broken=run.file is not None)
         return doc
 
     def stop(self, doc):
@@ -185,58 +228,108 @@ class ScanWriter(CallbackBase):
         if run is None:
             return doc
         self._descriptors = {d: s for d, s in self._descriptors.items() if s != doc["run_start"]}
+        if run.error is not None:
+            log.error("ScanWriter: %s keeps the %d frames written before", self._part(run), run.n)
+            return doc
         try:
-            self.last_path = self._write(run, doc)
-            self.paths.append(self.last_path)
-        except Exception:
-            log.exception("ScanWriter: could not write run %s", doc["run_start"])
-            raise
+            if run.file is None:
+                shape = run.keys.shape if run.keys else (0, 0)
+                self._open(run, np.int32, shape)  # a run without events: an empty file
+            self._finish(run, doc)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            return doc
+        self._failed(run, error, broken=run.file is not None)
+        if run.path is not None:
+            log.error("ScanWriter: %s kept as it was (%d frames)", self._part(run), run.n)
         return doc
 
-    def _write(self, run: _Run, stop: dict) -> Path:
+    def _part(self, run: _Run) -> Path:
+        return run.path.with_name(run.path.name + PART)
+
+    def _open(self, run: _Run, dtype, shape: tuple[int, ...]) -> None:
         start = run.start
-        scan_id = start.get("scan_id", 0)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        path = self.data_dir / f"scan_{scan_id}_{start['uid'][:8]}.h5"
-        shape = run.keys.shape if run.keys else (0, 0)
-        if run.frames:
-            frames = np.stack(run.frames)
-        else:
-            frames = np.zeros((0, *shape), dtype=np.int32)
+        run.path = self.data_dir / f"scan_{start.get('scan_id', 0)}_{start['uid'][:8]}.h5"
+        positions_name, n_axes = POSITIONS[start["technique"]]
+        f = run.file = h5py.File(self._part(run), "w", libver="latest")
+        chunks = (1, *shape) if all(shape) else True
+        rows = (0, n_axes) if n_axes > 1 else (0,)
+        run.datasets = {
+            "frames": f.create_dataset(
+                "frames", (0, *shape), dtype, maxshape=(None, *shape), chunks=chunks
+            ),
+            "positions": f.create_dataset(positions_name, rows, float, maxshape=(None, *rows[1:])),
+            "unique_id": f.create_dataset("unique_id", (0,), np.int64, maxshape=(None,)),
+            "timestamps": f.create_dataset("timestamps", (0,), float, maxshape=(None,)),
+        }
+        f.attrs.update(
+            technique=start["technique"],
+            start_json=json.dumps(start, default=repr),
+            plan_name=str(start.get("plan_name", "")),
+            uid=start["uid"],
+            scan_id=int(start.get("scan_id", 0)),
+            exit_status="running",
+            reason="",
+            num_events=0,
+            complete=False,
+        )
+        # from now on the file on disk is readable at every moment, and no object or
+        # attribute can be added to it (existing attributes can be changed)
+        f.swmr_mode = True
+
+    def _finish(self, run: _Run, stop: dict) -> None:
         exit_status = stop.get("exit_status", "unknown")
-        technique = start["technique"]
-        positions_name, n_axes = POSITIONS[technique]
-        positions = np.asarray(run.positions, dtype=float).reshape(-1, n_axes)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset(
-                    "frames", data=frames, chunks=(1, *frames.shape[1:]) if frames.size else None
-                )
-                f.create_dataset(positions_name, data=positions if n_axes > 1 else positions[:, 0])
-                f.create_dataset("unique_id", data=np.asarray(run.unique_ids, dtype=np.int64))
-                f.create_dataset("timestamps", data=np.asarray(run.timestamps, dtype=float))
-                f.attrs["technique"] = technique
-                f.attrs["start_json"] = json.dumps(start, default=repr)
-                f.attrs["plan_name"] = str(start.get("plan_name", ""))
-                f.attrs["uid"] = start["uid"]
-                f.attrs["scan_id"] = int(scan_id)
-                f.attrs["exit_status"] = str(exit_status)
-                f.attrs["reason"] = str(stop.get("reason", ""))
-                f.attrs["num_events"] = len(run.frames)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        level = logging.INFO if exit_status == "success" else logging.WARNING
+        f = run.file
+        f.attrs["exit_status"] = str(exit_status)
+        f.attrs["reason"] = str(stop.get("reason", ""))
+        f.attrs["complete"] = True
+        f.flush()
+        self._close(run)
+        _fsync(self._part(run))
+        os.replace(self._part(run), run.path)
+        _fsync(run.path.parent)  # the rename
+        self.last_path = run.path
+        self.paths.append(run.path)
         log.log(
-            level,
+            logging.INFO if exit_status == "success" else logging.WARNING,
             "ScanWriter: wrote %s (%d frames, exit_status %s)",
-            path,
-            len(run.frames),
+            run.path,
+            run.n,
             exit_status,
         )
-        return path
+
+    def _failed(self, run: _Run, error: str, broken: bool = False) -> None:
+        """Stop writing this run (the scan goes on): the ``.part`` file keeps what was
+        flushed, marked incomplete.  An HDF5 file whose write failed is never touched again
+        (closing it can crash the library): its handles are kept open until the process ends.
+        """
+        if run.error is None:
+            run.error = error
+            self.errors.append(f"{run.start['uid']}: {error}")
+            log.error(
+                "ScanWriter: cannot write run %s after %d frames: %s; the scan goes on",
+                run.start["uid"],
+                run.n,
+                error,
+            )
+        try:
+            self._close(run)
+        except Exception:
+            log.exception("ScanWriter: closing %s", self._part(run))
+
+    @staticmethod
+    def _close(run: _Run) -> None:
+        datasets, run.datasets = run.datasets, {}
+        for dataset in datasets.values():
+            try:
+                dataset.id.close()
+            except Exception as e:
+                print("ds close", type(e))
+        if run.file is not None:
+            file, run.file = run.file, None
+            file.close()
 
 
 class RetrainTrigger(CallbackBase):

@@ -3,37 +3,67 @@
 from __future__ import annotations
 
 import collections
+import enum
 import threading
+
+
+class Arrival(enum.Enum):
+    NEW = "new"  # the next frame of the running acquisition (or after a gap)
+    LATE = "late"  # a uniqueId below the last one that was missing: out of order
+    RESTART = "restart"  # the counter went back: a new acquisition
+    REPEAT = "repeat"  # seen already: refused
 
 
 class FrameIds:
     """Tells a new frame from a repeat and counts the frames a source skipped.
 
-    A frame is identified by (uniqueId, timeStamp): a pvDatabase server (pvapy, areaDetector's
-    NDPluginPva) answering a pipelined monitor can deliver one frame many times, each copy
-    with the same identity; those repeats are refused and counted.  A uniqueId above the last
-    one plus one counts the frames in between as missed; a lower one is a restarted counter
-    (a new acquisition), not a gap.  The identities of the last ``memory`` frames are kept.
+    A frame is identified by its uniqueId within one acquisition.  A pvDatabase server
+    (pvapy, areaDetector's NDPluginPva) answering a pipelined monitor can deliver one frame
+    many times, and a faulty source can send a uniqueId twice: each uniqueId is answered
+    once.  A uniqueId above the last one plus one counts the ones in between as missed; one
+    of those arriving later (out of order) is answered and no longer missed.  Any other
+    uniqueId below the last one, or a seen one with a new timeStamp below the last, is a
+    restarted counter (a new acquisition).  The last ``memory`` uniqueIds are remembered.
     """
 
     def __init__(self, memory: int = 4096):
-        self._recent: collections.OrderedDict = collections.OrderedDict()
+        self._seen: collections.OrderedDict = collections.OrderedDict()  # uid -> stamp
+        self._missing: collections.OrderedDict = collections.OrderedDict()
         self._memory = memory
         self._lock = threading.Lock()
         self.last: int | None = None
         self.repeats = 0
         self.missed = 0
 
-    def is_new(self, unique_id: int, stamp: tuple[int, int]) -> bool:
-        key = (unique_id, stamp)
+    def arrival(self, unique_id: int, stamp: tuple[int, int]) -> Arrival:
         with self._lock:
-            if key in self._recent:
+            seen = self._seen.get(unique_id)
+            if seen is not None and (seen == stamp or unique_id >= self.last):
                 self.repeats += 1
-                return False
-            self._recent[key] = None
-            if len(self._recent) > self._memory:
-                self._recent.popitem(last=False)
-            if self.last is not None and unique_id > self.last + 1:
-                self.missed += unique_id - self.last - 1
-            self.last = unique_id
-            return True
+                return Arrival.REPEAT
+            if self.last is None or unique_id > self.last:
+                verdict = Arrival.NEW
+                if self.last is not None:
+                    self._gap(self.last + 1, unique_id)
+                self.last = unique_id
+            elif unique_id in self._missing:
+                del self._missing[unique_id]
+                self.missed -= 1
+                verdict = Arrival.LATE
+            else:
+                self._seen.clear()
+                self._missing.clear()
+                self.last = unique_id
+                verdict = Arrival.RESTART
+            self._seen[unique_id] = stamp
+            while len(self._seen) > self._memory:
+                self._seen.popitem(last=False)
+            return verdict
+
+    def _gap(self, first: int, end: int) -> None:
+        self.missed += end - first
+        # remember the newest missing ids only: a huge jump is counted, not listed
+        for uid in range(max(first, end - self._memory), end):
+            self._missing[uid] = None
+        while len(self._missing) > self._memory:
+            self._missing.popitem(last=False)

@@ -35,9 +35,9 @@ NO_PEAKS = {
 
 def locate_peaks(
     frame: np.ndarray, infer: Callable, patch: int = 11, **finder
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Peaks of one frame: x (column), y (row) in detector pixels, intensity, max and flags;
-    and the patches the network saw.
+    the patches the network saw; and how many maxima were left out above ``max_peaks``.
 
     ``infer(patches)`` returns ``(centres,)``, (n, 2) as (x, y) in patch widths (a
     :class:`~edgeloop.edge_pva.inference.ServedModel` of kind braggnn).  ``finder`` goes to
@@ -49,23 +49,31 @@ def locate_peaks(
         centre = np.asarray(centre, np.float64) * patch  # (x, y) in patch pixels
     else:
         centre = np.zeros((0, 2))
-    return {
-        "x": tops[:, 1] + centre[:, 0],
-        "y": tops[:, 0] + centre[:, 1],
-        "intensity": np.asarray(peaks.intensity, np.float64),
-        "max": np.asarray(peaks.maxima, np.float64),
-        "saturated": np.asarray(peaks.saturated, bool),
-        "border": np.asarray(peaks.border, bool),
-    }, patches
+    return (
+        {
+            "x": tops[:, 1] + centre[:, 0],
+            "y": tops[:, 0] + centre[:, 1],
+            "intensity": np.asarray(peaks.intensity, np.float64),
+            "max": np.asarray(peaks.maxima, np.float64),
+            "saturated": np.asarray(peaks.saturated, bool),
+            "border": np.asarray(peaks.border, bool),
+        },
+        patches,
+        peaks.truncated,
+    )
 
 
 def peak_table(
-    unique_id: int, peaks: dict[str, np.ndarray], timestamp: float | None = None
+    unique_id: int,
+    peaks: dict[str, np.ndarray],
+    timestamp: float | None = None,
+    warning: str = "",
 ) -> Value:
     """The NTTable of one frame's peaks (zero rows when the frame has none).
 
     The frame's uniqueId is in every row and also in ``timeStamp.userTag``, so a frame
-    without peaks is still identified; the time stamp is the frame's.
+    without peaks is still identified; the time stamp is the frame's.  A ``warning`` (e.g.
+    peaks left out) flags the table: alarm MINOR with that message.
     """
     n = len(peaks["x"])
     t = time.time() if timestamp is None else timestamp
@@ -83,5 +91,6 @@ def peak_table(
                 "nanoseconds": int((t - sec) * 1e9),
                 "userTag": int(unique_id),
             },
+            "alarm": {"severity": 1 if warning else 0, "message": warning},
         },
     )

@@ -54,10 +54,12 @@ def scalars(cfg: EdgeConfig) -> dict[str, Scalar]:
         "FramesOut": Scalar("l", frames, 0, "Frames answered"),
         "Dropped": Scalar("l", frames, 0, "Frames dropped (queue full)"),
         "BadFrames": Scalar("l", frames, 0, "Frames refused (see Message)"),
+        "InFlight": Scalar("l", frames, 0, "Frames queued or being handled"),
         "MissedFrames": Scalar("l", frames, 0, "UniqueIds the source skipped"),
         "Repeats": Scalar("l", frames, 0, "Frames received again, refused"),
         "ModelVersion": Scalar("l", "", 0, "Model version serving this mode"),
         "PeakCount": Scalar("l", "peaks", 0, "Bragg peaks in the last frame"),
+        "Restarts": Scalar("l", "", 0, "Edge worker threads that died", high=0, hihi=0),
         "FrameRate": Scalar("d", "frames/s", 1, "Frames answered per second", limit_high=2000),
         "LatencyMs": Scalar(
             "d",

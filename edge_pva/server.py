@@ -5,16 +5,24 @@ in the configured mode when it has none; each mode has its own model kind and mo
 
 PVs (prefix P): edge:Phase, edge:Amplitude (ptycho: NTNDArray per input frame, same
 uniqueId), edge:PhaseMap (stitched), edge:Peaks (hedm: NTTable per input frame),
-edge:PeakCount, edge:FramesIn, :FramesOut, :Dropped, :BadFrames, :FrameRate, :LatencyMs,
-:Mode (of the last frame), :ModelVersion (serving that mode), :Message, and edge:LoadModel
-(write a registry version number of either kind; the put completes once the model serves,
-or fails with the reason it was rejected).
+edge:PeakCount, edge:FramesIn, :FramesOut, :Dropped, :BadFrames, :InFlight, :FrameRate,
+:LatencyMs, :Restarts, :Mode (of the last frame), :ModelVersion (serving that mode),
+:Message, and edge:LoadModel (write a registry version number of either kind; the put
+completes once the model serves, or fails with the reason it was rejected).
+
+Whatever a frame holds, it is answered or refused (counted in BadFrames, summarised in
+Message once per ``edge.bad_frame_report_s``), and every count is taken from one snapshot:
+FramesIn = FramesOut + Dropped + BadFrames + InFlight.  Worker threads are supervised: one
+that dies is reported (Message MAJOR, Restarts) and restarted; one that keeps dying stops the
+edge with a non-zero exit, so a process supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
+import numbers
 import queue
 import threading
 import time
@@ -28,7 +36,7 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import MODE_KIND, MODES, Config, search_hint
-from edgeloop.edge_pva.frame_ids import FrameIds
+from edgeloop.edge_pva.frame_ids import Arrival, FrameIds
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.hedm import NO_PEAKS, locate_peaks, peak_table
 from edgeloop.edge_pva.inference import (
@@ -41,8 +49,9 @@ from edgeloop.edge_pva.inference import (
 )
 from edgeloop.edge_pva.scalars import ScalarPVs
 from edgeloop.edge_pva.stitch import PhaseMap
+from edgeloop.edge_pva.supervise import Supervisor
 from edgeloop.models import kind as model_kind
-from edgeloop.registry import ModelFileError, Registry
+from edgeloop.registry import ModelFileError, ModelUnavailable, Registry
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +61,17 @@ MONITOR_REQUEST = "field()record[queueSize=32]"
 
 
 class _LoadModelHandler:
-    def __init__(self, requests: queue.Queue):
+    def __init__(self, requests: queue.Queue, security):
+        from edgeloop.edge_pva.access import WriteAccess
+
         self.requests = requests
+        self.access = WriteAccess(security)  # the rule db/ml.acf gives the IOC
 
     def put(self, pv, op):
+        refusal = self.access.refusal(op)
+        if refusal is not None:
+            op.done(error=refusal)
+            return
         try:
             version = int(op.value())
         except (TypeError, ValueError):
@@ -85,19 +101,22 @@ class EdgeServer:
         )
         self._map_lock = threading.Lock()
         self._map_dirty = False
-        self._last_uid = None
         self.latencies: collections.deque = collections.deque(maxlen=2000)  # ms, newest last
         self._out_times: collections.deque = collections.deque(maxlen=2000)
-        self.frames_out = self.bad_frames = 0
+        # frames answered with a caveat (not stitched, peaks left out): reason -> count
+        self._notes: collections.Counter = collections.Counter()
+        self._last_report = time.monotonic()
         self._stop = threading.Event()
+        self.supervisor = Supervisor(self._stop, self._thread_died, self._fatal)
         self._load_requests: queue.Queue = queue.Queue()
         self._scalars = ScalarPVs(cfg.edge)
         self._pvs = self._make_pvs()
-        self._threads: list[threading.Thread] = []
         self._server = None
         self._ctx = None
         self._sub = None
         self._input_since: float | None = time.monotonic()  # not connected since
+        self._input_seen = False  # a frame has arrived since start
+        self._failed = threading.Event()  # a worker kept dying
         self._input_reported = False
 
     # ---- model ---------------------------------------------------------------------------
@@ -120,7 +139,7 @@ class EdgeServer:
         version = self.registry.accepted(kind)
         if version is not None:
             try:
-                model, _ = self.registry.load(version)
+                model, _ = self.registry.load(version, self.cfg.security)
                 served = self._serve(version, kind, model)
                 self._validate(served)
                 log.info("serving %s model v%d from %s", kind, version, self.registry.root)
@@ -145,7 +164,13 @@ class EdgeServer:
         """Load, validate and swap in a registry version; raises with the reason if rejected."""
         kind = None
         try:
-            model, meta = self.registry.load(version)
+            meta = self.registry.meta(version)
+            if meta.get("status") == "rejected":
+                raise ModelUnavailable(
+                    f"it was rejected ({meta.get('status_reason') or 'no reason recorded'}); "
+                    "a rejected version is never served"
+                )
+            model, meta = self.registry.load(version, self.cfg.security)
             kind = meta.get("kind")
             if kind not in self.slots:
                 raise ModelRejected(
@@ -157,10 +182,11 @@ class EdgeServer:
             serving = ", ".join(f"{k} v{s.get().version}" for k, s in self.slots.items())
             msg = f"model v{version} rejected: {exc}; still serving {serving}"
             log.error(msg)
-            try:
-                self.registry.mark_rejected(version, str(exc))
-            except ModelFileError:
-                pass
+            if not isinstance(exc, ModelUnavailable):  # a transient error rejects nothing
+                try:
+                    self.registry.mark_rejected(version, str(exc))
+                except ModelFileError:
+                    pass
             self._pvs["Message"].post(msg[:500], severity=2)
             raise ModelRejected(msg) from exc
         old = self.slots[kind].swap(served)
@@ -202,7 +228,9 @@ class EdgeServer:
             "Mode": SharedPV(nt=NTScalar("s"), initial=self.mode),
             "Message": SharedPV(nt=NTScalar("s"), initial="starting"),
             "LoadModel": SharedPV(
-                nt=NTScalar("l"), initial=0, handler=_LoadModelHandler(self._load_requests)
+                nt=NTScalar("l"),
+                initial=0,
+                handler=_LoadModelHandler(self._load_requests, self.cfg.security),
             ),
         }
         pvs.update(self._scalars.pvs)
@@ -210,6 +238,10 @@ class EdgeServer:
         return pvs
 
     # ---- frame path ----------------------------------------------------------------------
+    @property
+    def frames_out(self) -> int:
+        return self.queue.answered
+
     def _on_frame(self, value) -> None:
         if isinstance(value, Exception):
             if isinstance(value, Disconnected):
@@ -220,36 +252,59 @@ class EdgeServer:
             else:
                 log.warning("input %s: %s", self.input_pv, value)
             return
-        self._input_since = None
-        uid = value.get("uniqueId", 0)
+        if self._input_since is not None:
+            self._input_back()
+        if self.supervisor.failed:
+            return  # the edge is stopping: nothing more is taken in
+        try:
+            uid = int(value["uniqueId"])
+            ts = value["timeStamp"]
+            stamp = (int(ts["secondsPastEpoch"]), int(ts["nanoseconds"]))
+            size = ntnd.payload_bytes(value)
+        except Exception as exc:
+            self.queue.refuse("?", f"not an NTNDArray: {type(exc).__name__}: {exc}")
+            return
         if uid == 0:
             return  # the placeholder a detector PV holds before its first frame
-        stamp = (value.get("timeStamp.secondsPastEpoch"), value.get("timeStamp.nanoseconds"))
-        if self.frame_ids.is_new(uid, stamp):
-            self.queue.put((value, time.time()))
-
-    def _bad(self, count: int, msg: str, severity: int = 1) -> None:
-        self.bad_frames += count
-        log.warning(msg)
-        self._pvs["Message"].post(msg[:500], severity=severity)
+        arrival = self.frame_ids.arrival(uid, stamp)
+        if arrival is Arrival.REPEAT:
+            return
+        if size > self.cfg.edge.max_frame_bytes:
+            self.queue.refuse(
+                uid, f"{size} bytes, above edge.max_frame_bytes {self.cfg.edge.max_frame_bytes}"
+            )
+            return
+        self.queue.put((value, time.time(), arrival is Arrival.RESTART))
 
     def _decode(self, item) -> ntnd.Frame | None:
-        value, received = item
+        value, received, restart = item
+        uid = value.get("uniqueId", "?")
         try:
             frame = ntnd.decode(value, received)
+            mode = frame.attributes.get("Mode", self.cfg.mode)
+            if not isinstance(mode, str) or mode not in MODES:
+                raise ntnd.FrameError(f"Mode attribute {mode!r} is not one of {list(MODES)}")
+            data = frame.data
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                raise ntnd.FrameError(f"{data.size - np.isfinite(data).sum()} NaN/Inf pixels")
+            if mode == "ptycho":
+                self._check_ptycho_size(data.shape)
         except ntnd.FrameError as exc:
-            self._bad(1, f"bad frame uniqueId={value.get('uniqueId', '?')}: {exc}")
-            return None
-        mode = frame.attributes.get("Mode", self.cfg.mode)
-        if mode not in MODES:
-            self._bad(
-                1,
-                f"bad frame uniqueId={frame.unique_id}: Mode attribute {mode!r} is "
-                f"not one of {list(MODES)}",
-            )
+            self.queue.settle_bad(uid, str(exc))
             return None
         frame.attributes["Mode"] = mode
+        frame.new_acquisition = restart
         return frame
+
+    def _check_ptycho_size(self, shape) -> None:
+        """A frame smaller than the network's input is zero-padded: bound what that costs."""
+        size = self.cfg.model.input_size
+        padded = max(shape[0], size) * max(shape[1], size) * 4
+        if padded > self.cfg.edge.max_frame_bytes:
+            raise ntnd.FrameError(
+                f"a {shape[1]}x{shape[0]} frame padded to the network's {size} px needs "
+                f"{padded} bytes, above edge.max_frame_bytes"
+            )
 
     def _set_mode(self, mode: str) -> None:
         if mode != self.mode:
@@ -271,60 +326,98 @@ class EdgeServer:
                 batch, frames = frames[:n], frames[n:]
                 self._set_mode(mode)
                 served = self.slot.get()  # one model for the whole batch
-                try:
-                    if mode == "hedm":
-                        self._hedm(batch, served)
-                    else:
-                        self._ptycho(batch, served)
-                except Exception as exc:
-                    log.exception("inference failed on %d frames", len(batch))
-                    self._bad(len(batch), f"inference failed: {exc}", severity=2)
+                if mode == "hedm":
+                    for frame in batch:
+                        self._guarded(frame, self._hedm, served)
+                else:
+                    self._ptycho(batch, served)
+
+    def _guarded(self, frame, handle, *args) -> None:
+        """Handle one frame; whatever fails, it is counted once, as bad, and reported."""
+        try:
+            handle(frame, *args)
+        except Exception as exc:
+            log.debug("frame uniqueId=%s failed", frame.unique_id, exc_info=True)
+            self.queue.settle_bad(
+                frame.unique_id, f"inference failed: {type(exc).__name__}: {exc}", severity=2
+            )
 
     def _ptycho(self, frames, served: ServedModel) -> None:
-        amplitude, phase = served.infer([f.data for f in frames])
-        self._publish(frames, amplitude[:, 0], phase[:, 0], served.version)
+        """The batch at once; if that fails, frame by frame, so only the culprit is lost."""
+        try:
+            amplitude, phase = served.infer([f.data for f in frames])
+        except Exception:
+            if len(frames) == 1:
+                return self._guarded(frames[0], self._ptycho_one, served)
+            for frame in frames:
+                self._guarded(frame, self._ptycho_one, served)
+            return
+        for frame, amp, ph in zip(frames, amplitude[:, 0], phase[:, 0]):
+            self._guarded(frame, self._publish, amp, ph, served.version)
         self._recent["ptychonn"].extend(f.data for f in frames[-2:])
 
-    def _hedm(self, frames, served: ServedModel) -> None:
-        """Peaks of each frame: finder -> patches -> all patches of the frame in one batch."""
+    def _ptycho_one(self, frame, served: ServedModel) -> None:
+        amplitude, phase = served.infer([frame.data])
+        self._publish(frame, amplitude[0, 0], phase[0, 0], served.version)
+
+    def _hedm(self, frame, served: ServedModel) -> None:
+        """Peaks of a frame: finder -> patches -> all patches of the frame in one batch."""
         edge = self.cfg.edge
-        for frame in frames:
-            peaks, patches = locate_peaks(
-                frame.data,
-                served.infer,
-                served.input_size,
-                sigma=edge.peak_sigma,
-                min_separation=edge.peak_min_separation,
-            )
-            self._pvs["Peaks"].post(peak_table(frame.unique_id, peaks, frame.timestamp))
-            self._pvs["PeakCount"].post(len(patches))
-            self._count_out(frame, time.time())
-            self._recent["braggnn"].extend(patches[:4])
+        peaks, patches, left_out = locate_peaks(
+            frame.data,
+            served.infer,
+            served.input_size,
+            sigma=edge.peak_sigma,
+            min_separation=edge.peak_min_separation,
+            max_peaks=edge.max_peaks_per_frame,
+        )
+        if not all(np.isfinite(peaks[k]).all() for k in ("x", "y")):
+            raise ModelRejected("the model gave non-finite peak centres")
+        warning = ""
+        if left_out:
+            warning = f"{left_out} maxima above edge.max_peaks_per_frame left out"
+            self._notes[f"peaks left out (max_peaks_per_frame {edge.max_peaks_per_frame})"] += 1
+        self._pvs["Peaks"].post(peak_table(frame.unique_id, peaks, frame.timestamp, warning))
+        self._pvs["PeakCount"].post(len(patches))
+        self._count_out(frame, time.time())
+        self._recent["braggnn"].extend(patches[:4])
 
     def _count_out(self, frame, now: float) -> None:
         """Count a frame answered at ``now`` and its latency since it arrived."""
-        self.frames_out += 1
+        self.queue.settle_answered()
         self.latencies.append((now - frame.received) * 1e3)
         self._out_times.append(now)
 
-    def _publish(self, frames, amplitude, phase, version: int) -> None:
-        for frame, amp, ph in zip(frames, amplitude, phase):
-            uid = frame.unique_id
-            x, y = frame.attributes.get("SampleX"), frame.attributes.get("SampleY")
-            with self._map_lock:
-                if self._last_uid is not None and uid < self._last_uid:
-                    self.phase_map.reset()  # uniqueId restarted: a new scan
-                self._last_uid = uid
-                if x is not None and y is not None:
-                    self.phase_map.add(ph, float(x), float(y))
-                    self._map_dirty = True
-            now = time.time()
-            attrs = {"ModelVersion": version, "LatencyMs": (now - frame.received) * 1e3}
-            if x is not None and y is not None:
-                attrs.update(SampleX=float(x), SampleY=float(y))
-            self._pvs["Phase"].post(ntnd.build(ph, uid, attrs, frame.timestamp))
-            self._pvs["Amplitude"].post(ntnd.build(amp, uid, attrs, frame.timestamp))
-            self._count_out(frame, now)  # after the posts: FramesOut never runs ahead
+    def _position(self, frame) -> tuple[float, float] | None:
+        """The frame's (SampleX, SampleY) if both are finite numbers, else None."""
+        xy = frame.attributes.get("SampleX"), frame.attributes.get("SampleY")
+        if all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            for v in xy
+        ):
+            return float(xy[0]), float(xy[1])
+        if any(v is not None for v in xy):
+            self._notes["SampleX/SampleY not finite numbers: answered, not stitched"] += 1
+        return None
+
+    def _publish(self, frame, amp, ph, version: int) -> None:
+        if not (np.isfinite(amp).all() and np.isfinite(ph).all()):
+            raise ModelRejected("the model gave NaN/Inf for this frame")
+        uid = frame.unique_id
+        xy = self._position(frame)
+        with self._map_lock:
+            if frame.new_acquisition:
+                self.phase_map.reset()
+            if xy is not None:
+                self.phase_map.add(ph, *xy)
+                self._map_dirty = True
+        now = time.time()
+        attrs = {"ModelVersion": version, "LatencyMs": (now - frame.received) * 1e3}
+        if xy is not None:
+            attrs.update(SampleX=xy[0], SampleY=xy[1])
+        self._pvs["Phase"].post(ntnd.build(ph, uid, attrs, frame.timestamp))
+        self._pvs["Amplitude"].post(ntnd.build(amp, uid, attrs, frame.timestamp))
+        self._count_out(frame, now)  # after the posts: FramesOut never runs ahead
 
     # ---- statistics ----------------------------------------------------------------------
     def _stats_loop(self) -> None:
@@ -338,11 +431,13 @@ class EdgeServer:
             dropped.append((now, self.queue.dropped))
             while now - dropped[0][0] > 2.0:
                 dropped.popleft()
+            counts = self.queue.counts()  # one snapshot: the counts add up
             values = {
-                "FramesIn": self.queue.received,
-                "FramesOut": self.frames_out,
-                "Dropped": self.queue.dropped,
-                "BadFrames": self.bad_frames,
+                "FramesIn": counts["in"],
+                "FramesOut": counts["out"],
+                "Dropped": counts["dropped"],
+                "BadFrames": counts["bad"],
+                "InFlight": counts["in_flight"],
                 "MissedFrames": self.frame_ids.missed,
                 "Repeats": self.frame_ids.repeats,
                 "FrameRate": rate,
@@ -351,6 +446,7 @@ class EdgeServer:
             }
             for name, value in values.items():
                 self._scalars.post(name, value)
+            self._report_refusals()
             self._watch_input()
             if self._map_dirty and now - last_map >= self.cfg.edge.map_publish_s:
                 with self._map_lock:
@@ -358,6 +454,27 @@ class EdgeServer:
                     image, count = self.phase_map.image(), self.phase_map.count
                 last_map = now
                 self._pvs["PhaseMap"].post(ntnd.build(image, count))
+
+    def _report_refusals(self) -> None:
+        """One summary per ``edge.bad_frame_report_s`` of the frames refused or answered
+        with a caveat since the last one, never a line per frame."""
+        now = time.monotonic()
+        span = now - self._last_report
+        if span < self.cfg.edge.bad_frame_report_s:
+            return
+        refused = self.queue.take_reasons()
+        notes, self._notes = self._notes, collections.Counter()
+        if not refused and not notes:
+            return
+        self._last_report = now
+        parts = [f"{n} x {reason} (e.g. uniqueId {uid})" for n, uid, reason, _ in refused]
+        parts += [f"{n} x {note}" for note, n in notes.items()]
+        total = sum(n for n, *_ in refused)
+        what = f"{total} frame(s) refused" if total else "frames answered with a caveat"
+        msg = f"{what} in the last {span:.1f} s: " + "; ".join(parts)
+        log.warning(msg)
+        severity = max([sev for *_, sev in refused] + [1])
+        self._pvs["Message"].post(msg[:500], severity=severity)
 
     def _watch_input(self, grace_s: float = 5.0) -> None:
         """Say once which PV the edge cannot reach, and where it searched."""
@@ -370,14 +487,37 @@ class EdgeServer:
             log.warning(msg)
             self._pvs["Message"].post(msg, severity=1)
 
+    def _input_back(self) -> None:
+        """First frame after a disconnection: clear the alarm, say how long it was away."""
+        away = time.monotonic() - self._input_since
+        self._input_since = None
+        if self._input_seen:
+            msg = (
+                f"input {self.input_pv} back after {away:.1f} s; frames it skipped are "
+                f"counted in MissedFrames ({self.frame_ids.missed} so far)"
+            )
+            log.info(msg)
+            self._pvs["Message"].post(msg, severity=0)
+        self._input_seen = True
+
+    # ---- supervision ---------------------------------------------------------------------
+    def _thread_died(self, name: str, exc: BaseException) -> None:
+        msg = f"edge thread {name} died ({type(exc).__name__}: {exc}); restarting it"
+        self._pvs["Message"].post(msg[:500], severity=2)
+        self._scalars.post("Restarts", self.supervisor.deaths)
+
+    def _fatal(self, reason: str) -> None:
+        msg = f"{reason}; the edge stops (exit status 1) for its supervisor to restart it"
+        log.critical(msg)
+        self._pvs["Message"].post(msg[:500], severity=2)
+        self._failed.set()
+
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> EdgeServer:
         names = {f"{self.prefix}edge:{k}": pv for k, pv in self._pvs.items()}
         self._server = Server(providers=[names])
         for target in (self._infer_loop, self._stats_loop, self._loader_loop):
-            t = threading.Thread(target=target, name=target.__name__, daemon=True)
-            t.start()
-            self._threads.append(t)
+            self.supervisor.start(target)
         self._ctx = Context("pva", nt=False)
         self._sub = self._ctx.monitor(
             self.input_pv, self._on_frame, request=MONITOR_REQUEST, notify_disconnect=True
@@ -397,8 +537,7 @@ class EdgeServer:
         if self._sub is not None:
             self._sub.close()
         self._stop.set()
-        for t in self._threads:
-            t.join(timeout=5)
+        self.supervisor.join(timeout=5)
         if self._ctx is not None:
             self._ctx.close()
         if self._server is not None:
@@ -411,11 +550,14 @@ class EdgeServer:
         self.stop()
 
     def serve_forever(self) -> None:
+        """Serve until interrupted; SystemExit(1) when a worker thread keeps dying."""
         self.start()
         try:
-            while True:
-                time.sleep(1)
+            while not self._failed.wait(1.0):
+                pass
         except KeyboardInterrupt:
             pass
         finally:
             self.stop()
+        if self.supervisor.failed:
+            raise SystemExit(f"edge stopped: {self.supervisor.failed}")

@@ -26,6 +26,7 @@ class Frame:
     timestamp: float
     attributes: dict = field(default_factory=dict)
     received: float = 0.0
+    new_acquisition: bool = False  # the source's uniqueId counter restarted with this frame
 
 
 def _stamp(t: float) -> dict:
@@ -105,13 +106,35 @@ def _pixels(value: Value) -> np.ndarray:
     return pixels
 
 
+def payload_bytes(value: Value) -> int:
+    """The most bytes a frame holds or declares (its payload, its uncompressedSize, its
+    dimensions times its pixel size): what a byte limit is checked against, before decoding."""
+    flat = value.get("value")
+    held = int(getattr(flat, "nbytes", 0))
+    itemsize = int(getattr(getattr(flat, "dtype", None), "itemsize", 1))
+    declared = int(value.get("uncompressedSize", 0) or 0)
+    pixels = 1
+    for d in value.get("dimension", []):
+        pixels *= max(int(d["size"]), 0)
+    return max(held, declared, pixels * itemsize)
+
+
 def decode(value: Value, received: float | None = None) -> Frame:
     """Frame from an NTNDArray ``Value`` (plain or NDPluginCodec-compressed); raises
-    FrameError with the reason when unusable."""
+    FrameError with the reason when unusable, whatever the value holds."""
+    try:
+        return _decode(value, received)
+    except FrameError:
+        raise
+    except Exception as exc:  # a structure that is not an NTNDArray, or a damaged one
+        raise FrameError(f"malformed NTNDArray: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(value: Value, received: float | None) -> Frame:
     attrs = {}
     for a in value.get("attribute", []):
         attrs[a["name"]] = a["value"]
-    dims = [d["size"] for d in value.get("dimension", [])]
+    dims = [int(d["size"]) for d in value.get("dimension", [])]
     if len(dims) == 3:
         raise FrameError(
             f"colour frames are not supported (dimension sizes {dims}, ColorMode "

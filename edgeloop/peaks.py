@@ -8,7 +8,10 @@ Behaviour at the edges of the problem, by design:
 - a peak whose patch would cross the frame border is cropped with edge padding and flagged
   ``border`` (its centre is still reported; a consumer may drop it);
 - a peak touching the detector's saturation value is flagged ``saturated`` (its shape is
-  clipped, so its centre is less certain).
+  clipped, so its centre is less certain);
+- a frame with more than ``max_peaks`` maxima (a flood of light, a noisy frame) keeps the
+  brightest ``max_peaks`` and says how many it left out (``truncated``), so no frame costs
+  more than a bounded time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Candidates:
     intensity: np.ndarray  # background-subtracted sum over the peak's connected region
     saturated: np.ndarray  # bool
     border: np.ndarray  # bool, set by crop_patches
+    truncated: int = 0  # maxima left out above max_peaks
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -47,6 +51,7 @@ def find_peaks(
     min_separation: int = 3,
     min_pixels: int = 3,
     saturation: float = 65535,
+    max_peaks: int = 2000,
 ) -> Candidates:
     """Thresholded connected components, then local maxima inside each component.
 
@@ -82,6 +87,10 @@ def find_peaks(
     values = img[rows, cols]
     is_max = values >= windows[rows, cols].max(axis=(1, 2))
     mr, mc = _one_per_plateau(rows[is_max], cols[is_max], img.shape)
+    truncated = max(0, len(mr) - max_peaks)
+    if truncated:
+        brightest = np.sort(np.argpartition(-img[mr, mc], max_peaks - 1)[:max_peaks])
+        mr, mc = mr[brightest], mc[brightest]
     mr, mc = _suppress_close(img, mr, mc, min_separation)
     sums = np.bincount(lab, weights=values - background, minlength=n + 1)
     maxima = img[mr, mc]
@@ -92,6 +101,7 @@ def find_peaks(
         intensity=sums[labels[mr, mc]],
         saturated=maxima >= saturation,
         border=np.zeros(len(mr), bool),
+        truncated=truncated,
     )
 
 
@@ -111,12 +121,16 @@ def _one_per_plateau(rows: np.ndarray, cols: np.ndarray, shape) -> tuple[np.ndar
 
 
 def _suppress_close(img, rows, cols, min_separation: int):
-    """Keep the brighter of two maxima closer than ``min_separation`` (Chebyshev)."""
-    order = np.argsort(-img[rows, cols], kind="stable")
+    """Keep the brighter of two maxima closer than ``min_separation`` (Chebyshev): brightest
+    first, each kept one marks its neighbourhood taken (linear in the number of maxima)."""
+    w = min_separation
+    taken = np.zeros((img.shape[0] + 2 * w, img.shape[1] + 2 * w), bool)
     kept: list[int] = []
-    for i in order:
-        if all(max(abs(rows[i] - rows[j]), abs(cols[i] - cols[j])) > min_separation for j in kept):
+    for i in np.argsort(-img[rows, cols], kind="stable"):
+        r, c = rows[i], cols[i]  # (r, c) in the frame is (r + w, c + w) in ``taken``
+        if not taken[r : r + 2 * w + 1, c : c + 2 * w + 1].any():
             kept.append(i)
+            taken[r + w, c + w] = True
     kept.sort()
     return rows[kept], cols[kept]
 

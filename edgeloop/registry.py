@@ -10,9 +10,13 @@ file is written to a temp name and renamed, so readers never see a half-written 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
+import logging
+import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +24,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgeloop.config import SecurityConfig
 from edgeloop.models import kind as model_kind
+
+log = logging.getLogger(__name__)
+
+VERSION_FILE = re.compile(r"v(\d+)\.json")
 
 
 class ModelFileError(RuntimeError):
-    """A model file that is missing, corrupt, fails its checksum, or does not build."""
+    """A model file that is corrupt, fails its checksum, is out of bounds, or does not build:
+    retrying will not help."""
+
+
+class ModelUnavailable(ModelFileError):
+    """A model file that cannot be read now (missing, permission, I/O error): it may be fine
+    later, so it is never a reason to mark a version rejected."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -58,21 +73,77 @@ def model_to_bytes(kind: str, arch: dict, model: nn.Module) -> bytes:
     return buf.getvalue()
 
 
-def model_from_bytes(data: bytes) -> tuple[nn.Module, dict]:
-    """Build the network from checkpoint bytes; ModelFileError for anything unusable."""
+# architecture key -> the SecurityConfig field that bounds it
+ARCH_BOUNDS = {"width": "max_width", "patch": "max_patch"}
+
+
+def check_arch(kind: str, arch, security: SecurityConfig | None = None) -> dict:
+    """The constructor arguments a model file declares, refused unless every key is one the
+    network takes and every value an int within the configured bounds, so that a file
+    cannot make us allocate a network of any size."""
+    bounds = security or SecurityConfig()
+    spec = model_kind(kind)
+    if not isinstance(arch, dict):
+        raise ModelFileError(f"architecture is a {type(arch).__name__}, not a dict")
+    takes = set(inspect.signature(spec.build).parameters) & set(ARCH_BOUNDS)
+    for key, value in arch.items():
+        if key not in takes:
+            known = sorted(takes)
+            raise ModelFileError(f"unknown {kind} architecture key {key!r}; known: {known}")
+        if type(value) is not int:
+            raise ModelFileError(f"architecture {key}={value!r} is not an integer")
+        limit = getattr(bounds, ARCH_BOUNDS[key])
+        if not 1 <= value <= limit:
+            raise ModelFileError(
+                f"architecture {key}={value} outside 1..{limit} (security.{ARCH_BOUNDS[key]})"
+            )
+    return arch
+
+
+def model_from_bytes(
+    data: bytes, security: SecurityConfig | None = None
+) -> tuple[nn.Module, dict]:
+    """Build the network from checkpoint bytes; ModelFileError for anything unusable.
+
+    Never runs code from the file (weights only); the declared architecture is checked
+    against ``security``'s bounds before the network is built, and every tensor must match
+    the built network's (strict)."""
+    bounds = security or SecurityConfig()
+    if len(data) > bounds.max_model_bytes:
+        raise ModelFileError(
+            f"model file of {len(data)} bytes exceeds security.max_model_bytes "
+            f"({bounds.max_model_bytes})"
+        )
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        spec = model_kind(ckpt["kind"])
-        model = spec.build(**ckpt["arch"])
-        model.load_state_dict(ckpt["state_dict"])
     except Exception as exc:  # torch raises many types for a damaged file
         raise ModelFileError(f"model file does not load: {type(exc).__name__}: {exc}") from exc
-    return model.eval(), {"kind": ckpt["kind"], "arch": ckpt["arch"]}
+    if not isinstance(ckpt, dict) or not {"kind", "arch", "state_dict"} <= set(ckpt):
+        raise ModelFileError("model file does not load: not a checkpoint (kind, arch, state_dict)")
+    try:
+        arch = check_arch(ckpt["kind"], ckpt["arch"], bounds)
+    except (ValueError, TypeError) as exc:  # an unknown (or unhashable) kind
+        raise ModelFileError(f"model file does not load: {exc}") from exc
+    try:
+        model = model_kind(ckpt["kind"]).build(**arch)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except Exception as exc:
+        raise ModelFileError(f"model file does not load: {type(exc).__name__}: {exc}") from exc
+    return model.eval(), {"kind": ckpt["kind"], "arch": arch}
 
 
 class Registry:
+    """Every reader survives stray, truncated and wrongly shaped files: each is skipped with a
+    warning (once per file and problem), never a crash."""
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
+        self._warned: set[tuple[str, str]] = set()
+
+    def _warn(self, name: str, problem: str) -> None:
+        if (name, problem) not in self._warned:
+            self._warned.add((name, problem))
+            log.warning("model registry %s: skipping %s: %s", self.root, name, problem)
 
     def _paths(self, version: int) -> tuple[Path, Path]:
         return self.root / f"v{version:04d}.pt", self.root / f"v{version:04d}.json"
@@ -80,7 +151,14 @@ class Registry:
     def versions(self) -> list[int]:
         if not self.root.is_dir():
             return []
-        return sorted(int(p.stem[1:]) for p in self.root.glob("v[0-9]*.json"))
+        found = []
+        for p in self.root.glob("v*.json"):
+            match = VERSION_FILE.fullmatch(p.name)
+            if match:
+                found.append(int(match[1]))
+            else:
+                self._warn(p.name, "not a version file name (vNNNN.json)")
+        return sorted(found)
 
     def add(self, data: bytes, meta: dict) -> int:
         """Store model bytes as the next version; returns the version number."""
@@ -103,24 +181,50 @@ class Registry:
         return version
 
     def meta(self, version: int) -> dict:
+        """The metadata of a version: ModelUnavailable if it cannot be read now, ModelFileError
+        if it is not a JSON object."""
+        path = self._paths(version)[1]
         try:
-            return json.loads(self._paths(version)[1].read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"no readable metadata for model v{version}: {exc}") from exc
-
-    def read_verified(self, version: int) -> bytes:
-        meta = self.meta(version)
-        try:
-            data = self._paths(version)[0].read_bytes()
+            text = path.read_text()
         except OSError as exc:
-            raise ModelFileError(f"model v{version} file unreadable: {exc}") from exc
+            raise ModelUnavailable(f"no readable metadata for model v{version}: {exc}") from exc
+        try:
+            meta = json.loads(text)
+        except ValueError as exc:
+            raise ModelFileError(f"metadata of model v{version} is not JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise ModelFileError(f"metadata of model v{version} is a {type(meta).__name__}")
+        return meta
+
+    def read_verified(self, version: int, security: SecurityConfig | None = None) -> bytes:
+        """The bytes of a version, checked against its size bound (before reading) and its
+        recorded sha256."""
+        bounds = security or SecurityConfig()
+        meta = self.meta(version)
+        path = self._paths(version)[0]
+        try:
+            size = path.stat().st_size
+            if size > bounds.max_model_bytes:
+                raise ModelFileError(
+                    f"model v{version} file of {size} bytes exceeds security.max_model_bytes "
+                    f"({bounds.max_model_bytes}); not read"
+                )
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelUnavailable(f"model v{version} file unreadable: {exc}") from exc
         if sha256_bytes(data) != meta.get("sha256"):
             raise ModelFileError(f"model v{version} fails its sha256 checksum (file corrupt)")
         return data
 
-    def load(self, version: int) -> tuple[nn.Module, dict]:
-        model, info = model_from_bytes(self.read_verified(version))
-        return model, dict(self.meta(version), **info)
+    def load(self, version: int, security: SecurityConfig | None = None) -> tuple[nn.Module, dict]:
+        """Checksum, bounds, weights only: see :func:`model_from_bytes`."""
+        meta = self.meta(version)
+        model, info = model_from_bytes(self.read_verified(version, security), security)
+        if meta.get("kind") not in (None, info["kind"]):
+            raise ModelFileError(
+                f"model v{version} is a {info['kind']} but its metadata says {meta['kind']!r}"
+            )
+        return model, dict(meta, **info)
 
     def _set_status(self, version: int, status: str, reason: str = "") -> None:
         meta = dict(
@@ -133,7 +237,7 @@ class Registry:
         accepted = self._accepted_all()
         kind = self.meta(version)["kind"]
         # oldest first; accepting a version already in it goes back to it (a rollback)
-        history = accepted.get(kind, {}).get("history", [])
+        history = self._history(kind)
         history = history[: history.index(version)] if version in history else history
         accepted[kind] = {"version": version, "time": time.time(), "history": history + [version]}
         atomic_write(self.root / "accepted.json", json.dumps(accepted, indent=2).encode())
@@ -142,38 +246,65 @@ class Registry:
         self._set_status(version, "rejected", reason)
 
     def _accepted_all(self) -> dict:
+        path = self.root / "accepted.json"
         try:
-            data = json.loads((self.root / "accepted.json").read_text())
-        except (OSError, ValueError):
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
             return {}
-        return data if isinstance(data, dict) else {}
+        except (OSError, ValueError) as exc:
+            self._warn(path.name, f"unreadable ({exc})")
+            return {}
+        if not isinstance(data, dict):
+            self._warn(path.name, f"a {type(data).__name__}, not an object")
+            return {}
+        return data
+
+    def _entry(self, kind: str) -> dict:
+        entry = self._accepted_all().get(kind, {})
+        if not isinstance(entry, dict):
+            self._warn("accepted.json", f"entry {kind!r} is a {type(entry).__name__}")
+            return {}
+        return entry
+
+    def _history(self, kind: str) -> list[int]:
+        history = self._entry(kind).get("history", [])
+        if not isinstance(history, list):
+            self._warn("accepted.json", f"history of {kind!r} is a {type(history).__name__}")
+            return []
+        return [v for v in history if type(v) is int]
 
     def accepted(self, kind: str) -> int | None:
         """The version of this kind the edge accepted last (served after a restart)."""
-        try:
-            return int(self._accepted_all()[kind]["version"])
-        except (KeyError, TypeError, ValueError):
+        version = self._entry(kind).get("version")
+        if version is not None and type(version) is not int:
+            self._warn("accepted.json", f"version of {kind!r} is {version!r}")
             return None
+        return version
 
     def previous(self, kind: str) -> int | None:
         """The version of this kind accepted before the one serving now (rollback target)."""
-        history = self._accepted_all().get(kind, {}).get("history", [])
+        history = self._history(kind)
         return history[-2] if len(history) >= 2 else None
 
-    def best(self, kind: str) -> int | None:
-        """The accepted version of this kind with the lowest validation loss."""
-        best, best_loss = None, float("inf")
+    def ranked(self, kind: str) -> list[int]:
+        """The accepted versions of this kind, lowest validation loss first."""
+        found = []
         for v in self.versions():
             try:
                 m = self.meta(v)
-            except ModelFileError:
+            except ModelFileError as exc:
+                self._warn(self._paths(v)[1].name, str(exc))
                 continue
             loss = m.get("val_loss")
-            if (
-                m.get("status") == "accepted"
-                and m.get("kind") == kind
-                and loss is not None
-                and loss < best_loss
-            ):
-                best, best_loss = v, loss
-        return best
+            if m.get("status") != "accepted" or m.get("kind") != kind:
+                continue
+            if type(loss) not in (int, float) or not math.isfinite(loss):
+                self._warn(self._paths(v)[1].name, f"val_loss {loss!r} is not a number")
+                continue
+            found.append((loss, v))
+        return [v for _, v in sorted(found)]
+
+    def best(self, kind: str) -> int | None:
+        """The accepted version of this kind with the lowest validation loss."""
+        ranked = self.ranked(kind)
+        return ranked[0] if ranked else None

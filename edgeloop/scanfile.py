@@ -3,7 +3,12 @@
 Datasets: ``frames`` (N, ny, nx), ``unique_id`` (N,), ``timestamps`` (N,) and the positions
 of the technique: ``positions_um`` (N, 2) as (x, y) for ptychography, ``omega_deg`` (N,) for
 HEDM; attributes ``technique``, ``start_json``, ``plan_name``, ``uid``, ``scan_id``,
-``exit_status``, ``num_events``.
+``exit_status``, ``num_events``, ``complete``.
+
+A scan is written as ``scan_*.h5.part`` while it runs (HDF5 in SWMR mode, flushed per event)
+and renamed to ``scan_*.h5`` when its stop document is written; a ``.part`` left by a
+process that died is readable, with ``complete`` false and the ``num_events`` written.
+Files written before ``complete`` existed count as complete.
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ SCAN_DATASETS = ("frames", "unique_id", "timestamps")
 SCAN_ATTRS = ("start_json", "plan_name", "uid", "scan_id", "exit_status", "num_events")
 # technique -> (positions dataset, number of motor axes)
 POSITIONS = {"ptychography": ("positions_um", 2), "hedm": ("omega_deg", 1)}
+PART = ".part"  # suffix of a scan file while it is written
+
+
+def _open(path: Path) -> h5py.File:
+    # swmr: also a file whose SWMR writer died (its "open for writing" flag still set)
+    return h5py.File(path, "r", swmr=True)
 
 
 def read_scan(path: str | os.PathLike) -> dict:
@@ -34,7 +45,8 @@ def read_scan(path: str | os.PathLike) -> dict:
         ``frames`` (N, ny, nx), ``unique_id`` (N,), ``timestamps`` (N,) and
         ``positions_um`` (N, 2) or ``omega_deg`` (N,) as numpy arrays; ``technique``,
         ``start`` (the start document, dict), ``plan_name``, ``uid``, ``scan_id``,
-        ``exit_status``, ``num_events``, ``reason`` and ``path``.
+        ``exit_status``, ``num_events``, ``complete``, ``reason`` and ``path``.  Of an
+        incomplete file, the first ``num_events`` rows (those written whole).
 
     Raises
     ------
@@ -47,7 +59,7 @@ def read_scan(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no scan file {path}")
     try:
-        f = h5py.File(path, "r")
+        f = _open(path)
     except OSError as exc:
         raise ValueError(f"{path} is not a readable HDF5 file: {exc}") from exc
     with f:
@@ -61,8 +73,10 @@ def read_scan(path: str | os.PathLike) -> dict:
         missing += [f"@{name}" for name in SCAN_ATTRS if name not in f.attrs]
         if missing:
             raise ValueError(f"{path} is not a ScanWriter scan file; missing {missing}")
-        out = {name: f[name][()] for name in names}
         attrs = {name: f.attrs[name] for name in SCAN_ATTRS}
+        complete = bool(f.attrs.get("complete", True))
+        rows = slice(None) if complete else slice(int(attrs["num_events"]))
+        out = {name: f[name][rows] for name in names}
         reason = f.attrs.get("reason", "")
     n = len(out["frames"])
     if out["frames"].ndim != 3 or any(len(out[k]) != n for k in names):
@@ -77,6 +91,7 @@ def read_scan(path: str | os.PathLike) -> dict:
         scan_id=int(attrs["scan_id"]),
         exit_status=str(attrs["exit_status"]),
         num_events=int(attrs["num_events"]),
+        complete=complete,
         reason=str(reason),
         path=path,
     )
@@ -88,14 +103,46 @@ def list_scans(data_dir: str | Path) -> list[Path]:
     root = Path(data_dir)
     if not root.is_dir():
         return []
-    return sorted(root.glob("scan_*.h5"), key=lambda p: p.stat().st_mtime)
+    found = []
+    for path in root.glob("scan_*.h5"):
+        try:
+            found.append((path.stat().st_mtime, path))
+        except FileNotFoundError:  # removed meanwhile
+            pass
+    return [path for _, path in sorted(found)]
 
 
 def scan_summary(path: str | Path) -> tuple[str, int]:
-    """(technique, number of frames) of a scan file without reading the frames."""
-    with h5py.File(path, "r") as f:
+    """(technique, number of frames) of a scan file without reading the frames.
+
+    Raises
+    ------
+    OSError
+        If the file is not readable HDF5 (e.g. truncated).
+    ValueError
+        If it is incomplete or its datasets disagree in length (one scan, one answer)."""
+    with _open(Path(path)) as f:
         technique = str(f.attrs.get("technique", "ptychography"))
-        return technique, int(f["frames"].shape[0]) if "frames" in f else 0
+        if technique not in POSITIONS:
+            raise ValueError(f"unknown technique {technique!r}")
+        if not f.attrs.get("complete", True):
+            raise ValueError(f"incomplete ({f.attrs.get('error', 'its writer stopped')})")
+        names = (*SCAN_DATASETS, POSITIONS[technique][0])
+        missing = [name for name in names if not isinstance(f.get(name), h5py.Dataset)]
+        if missing:
+            raise ValueError(f"no {missing}")
+        lengths = {name: f[name].shape[0] if f[name].shape else 0 for name in names}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"datasets of different lengths {lengths}")
+        return technique, lengths["frames"]
 
 
-__all__ = ["POSITIONS", "SCAN_ATTRS", "SCAN_DATASETS", "read_scan", "list_scans", "scan_summary"]
+__all__ = [
+    "PART",
+    "POSITIONS",
+    "SCAN_ATTRS",
+    "SCAN_DATASETS",
+    "read_scan",
+    "list_scans",
+    "scan_summary",
+]

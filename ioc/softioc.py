@@ -1,7 +1,7 @@
 """The real EPICS IOC (EPICS base soft IOC with CA, and PVA through pvxs QSRV2) that
 serves db/*.db with an access-security file.
 
-``python -m edgeloop.ioc.softioc -m P=SIM: -d db/ml.db -a db/ml.acf -s OPERATORS=me``
+``python -m edgeloop.ioc.softioc -m P=SIM: -d db/ml.db -a db/ml.acf -s 'OPERATORS="me,you"'``
 runs until SIGINT/SIGTERM or, when stdin is a pipe, until end of input; it needs no stdin.
 ``start()`` runs it as a subprocess and waits for ``iocRun: All initialization complete``.
 """
@@ -9,8 +9,10 @@ runs until SIGINT/SIGTERM or, when stdin is a pipe, until end of input; it needs
 from __future__ import annotations
 
 import argparse
+import ctypes
 import getpass
 import os
+import re
 import select
 import signal
 import stat
@@ -20,6 +22,8 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
+
+from edgeloop.config import SecurityConfig
 
 READY = "iocRun: All initialization complete"
 
@@ -41,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     from epicscorelibs import ioc as base_ioc
 
     if args.acf:
+        # match HAG entries against the client's address, not the host name a CA client
+        # claims (QSRV2 knows only the address); names in the ACF are resolved at load
+        ctypes.c_int.in_dll(base_ioc.Com, "asCheckClientIP").value = 1
         base_ioc.dbCore.asSetFilename(str(Path(args.acf).resolve()).encode())
         if args.acf_subs:
             base_ioc.dbCore.asSetSubstitutions(args.acf_subs.encode())
@@ -70,9 +77,32 @@ def _stdin_is_pipe() -> bool:
         return False
 
 
-def command(prefix: str, operators: str | None = None, service: str | None = None) -> list[str]:
+# what an ACF accepts unquoted as a user or host name
+_ACF_NAME = re.compile(r"[A-Za-z0-9_+:.\[\]<>;-]+")
+
+
+def acf_substitutions(security: SecurityConfig | None = None) -> str:
+    """Macros of db/ml.acf: users and hosts as quoted lists (macLib splits an unquoted
+    value at its commas); no hosts: any host."""
+    security = security or SecurityConfig()
     user = getpass.getuser()
-    subs = f"OPERATORS={operators or user},SERVICE={service or user}"
+    groups = {
+        "OPERATORS": security.operators or (user,),
+        "SERVICE": (security.service_user or user,),
+    }
+    if security.hosts:
+        groups["HOSTS"] = security.hosts
+    for key, names in groups.items():
+        bad = [name for name in names if not _ACF_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"{key.lower()}: not a user or host name: {bad}")
+    subs = [f'{key}="{",".join(names)}"' for key, names in groups.items()]
+    if not security.hosts:
+        subs.append('ANYHOST="#"')
+    return ",".join(subs)
+
+
+def command(prefix: str, security: SecurityConfig | None = None) -> list[str]:
     return [
         sys.executable,
         "-u",
@@ -85,17 +115,21 @@ def command(prefix: str, operators: str | None = None, service: str | None = Non
         "-a",
         str(db_dir() / "ml.acf"),
         "-s",
-        subs,
+        acf_substitutions(security),
     ]
 
 
 def start(
-    prefix: str, env: dict | None = None, timeout: float = 30.0, **kwargs
+    prefix: str,
+    env: dict | None = None,
+    timeout: float = 30.0,
+    security: SecurityConfig | None = None,
 ) -> subprocess.Popen:
-    """Start the real IOC and return once it reports initialization complete."""
+    """Start the real IOC and return once it reports initialization complete; only the
+    users and hosts of ``security`` may write (db/ml.acf)."""
     # stdin is a pipe we hold: if this process dies, the IOC sees end of input and exits
     proc = subprocess.Popen(
-        command(prefix, **kwargs),
+        command(prefix, security),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -15,10 +15,18 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from p4p.client.thread import Context
 
+from edgeloop import signing
 from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config, search_hint
-from edgeloop.registry import Registry, sha256_bytes
+from edgeloop.registry import (
+    ModelFileError,
+    ModelUnavailable,
+    Registry,
+    model_from_bytes,
+    sha256_bytes,
+)
 from edgeloop.remote import tasks
 from edgeloop.remote.executors import LocalExecutor, make_executor
+from edgeloop.remote.quality import held_out_losses
 from edgeloop.remote.staging import code_version, stage
 from edgeloop.scanfile import list_scans, scan_summary
 
@@ -41,14 +49,15 @@ class RetrainError(RuntimeError):
 
 
 def usable_scans(data_dir) -> list[tuple[str, str, int]]:
-    """(path, technique, frames) of the readable scans with at least 4 frames, newest first;
-    the first one's technique is what the beamline is doing now."""
+    """(path, technique, frames) of the complete, consistent scans with at least 4 frames,
+    newest first; the first one's technique is what the beamline is doing now.  A truncated,
+    incomplete or inconsistent scan is skipped with a warning."""
     out = []
     for path in reversed(list_scans(data_dir)):
         try:
             technique, n = scan_summary(path)
-        except (OSError, KeyError) as exc:
-            log.warning("skipping unreadable scan %s: %s", path, exc)
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("skipping scan %s: %s", path, exc)
             continue
         if n >= 4:
             out.append((str(path), technique, n))
@@ -80,6 +89,14 @@ TIMING_PVS = {
     "return_s": "ml:ReturnTime",
     "end_to_end_s": "ml:EndToEndTime",
 }
+
+
+def _number(x) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def _fmt(x) -> str:
+    return f"{x:.4g}" if _number(x) else repr(x)[:40]
 
 
 class RetrainService:
@@ -275,6 +292,7 @@ class RetrainService:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         try:
+            key = self._signing_key()  # a missing key fails now, not after the training
             self._status("Staging", f"staging scans from {cfg.data_path}")
             t0 = time.perf_counter()
             available = usable_scans(cfg.data_path)
@@ -293,12 +311,14 @@ class RetrainService:
             labels = self._wait(self.executor.submit(tasks.analyze, request), what)
             timings["analysis_s"] = labels["seconds"]
 
-            best, serving = self.registry.best(kind), self.registry.accepted(kind)
+            best, skipped = self.usable_best(kind)
+            serving, baseline = self._serving(kind)
             self._status(
                 "Training",
                 f"training {kind} on {labels['n_frames']} samples from "
                 f"{f'v{best}' if best else 'scratch'} "
-                f"({self.endpoint})",
+                + (f"(unusable, skipped: {', '.join(skipped)}) " if skipped else "")
+                + f"({self.endpoint})",
             )
             t0 = time.perf_counter()
             result = self._wait(
@@ -312,6 +332,12 @@ class RetrainService:
                         "kind": kind,
                         "arch": cfg.arch(kind),
                         "train": vars(train_cfg),
+                        # the path, never the key: the endpoint reads its own copy
+                        "signing_key_file": cfg.security.signing_key_file,
+                        "security": {
+                            k: getattr(cfg.security, k)
+                            for k in ("max_model_bytes", "max_width", "max_patch")
+                        },
                     },
                 ),
                 "training",
@@ -320,16 +346,14 @@ class RetrainService:
             t_returned = time.perf_counter()
 
             self._status("Validating", "checking the returned model")
-            if sha256_bytes(result["model"]) != result["sha256"]:
-                raise RetrainError("returned model fails its checksum (corrupted in transit)")
-            if not math.isfinite(result["val_loss"]):
-                raise RetrainError(f"validation loss is {result['val_loss']}")
+            figures = self._validate(result, kind, key, labels, baseline, train_cfg)
             meta = {
                 "kind": kind,
                 "arch": result["arch"],
-                "val_loss": result["val_loss"],
-                "baseline_val_loss": result["baseline_val_loss"],
+                **figures,
                 "baseline": serving,
+                "skipped_frames": labels.get("skipped_frames", 0),
+                "signature": result.get("signature"),
                 "trained_on": scans,
                 "labels_sha256": labels["sha256"],
                 "n_frames": result["n_frames"],
@@ -340,8 +364,8 @@ class RetrainService:
                 "code_version": code_version(),
             }
             version = self.registry.add(result["model"], meta)
-            self._put("ml:ValLoss", result["val_loss"])
-            self._quality_gate(version, result)
+            self._put("ml:ValLoss", figures["val_loss"])
+            self._quality_gate(version, figures)
 
             self._status("Deploying", f"deploying model v{version}")
             try:
@@ -359,13 +383,13 @@ class RetrainService:
             self._status(
                 "Idle",
                 f"{kind} model v{version} serving; val loss "
-                f"{result['val_loss']:.4g}; "
+                f"{figures['val_loss']:.4g}; "
                 + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
             )
             self.last_result = {
                 "version": version,
                 "kind": kind,
-                "val_loss": result["val_loss"],
+                "val_loss": figures["val_loss"],
                 "timings": timings,
             }
             return self.last_result
@@ -383,16 +407,95 @@ class RetrainService:
         meta = self.registry.meta(version)
         return {name: str(self.registry.root / meta["file"]), f"{name}_sha256": meta["sha256"]}
 
-    def _quality_gate(self, version: int, result: dict) -> None:
-        """The new model must not be worse than the serving one on the same held-out set."""
-        baseline = result["baseline_val_loss"]
+    def _signing_key(self) -> bytes:
+        """The service's signing key; the default key file is created on first use."""
+        try:
+            return signing.load_key(self.cfg.security.signing_key_file, create_default=True)
+        except signing.SigningError as exc:
+            raise RetrainError(str(exc)) from exc
+
+    def usable_best(self, kind: str) -> tuple[int | None, list[str]]:
+        """The accepted model of this kind with the lowest validation loss that loads here
+        (checksum, bounds, builds): (version or None, the better ones skipped, as "vN")."""
+        skipped = []
+        for version in self.registry.ranked(kind):
+            try:
+                self.registry.load(version, self.cfg.security)
+                return version, skipped
+            except ModelFileError as exc:
+                log.warning("not training from %s v%d: %s", kind, version, exc)
+                skipped.append(f"v{version}")
+        return None, skipped
+
+    def _serving(self, kind: str):
+        """(version, model) of the serving model, the quality gate's baseline; (None, None)
+        if none or if its file is corrupt (then nothing to compare with: warned).  A file
+        that cannot be read now ends this run: a gate without its baseline would let any
+        model through."""
+        version = self.registry.accepted(kind)
+        if version is None:
+            return None, None
+        try:
+            return version, self.registry.load(version, self.cfg.security)[0]
+        except ModelUnavailable as exc:
+            raise RetrainError(f"serving model unreadable, cannot gate: {exc}") from exc
+        except ModelFileError as exc:
+            log.warning("serving %s v%d unusable as baseline: %s", kind, version, exc)
+            return None, None
+
+    def _validate(self, result: dict, kind: str, key: bytes, labels: dict, baseline, train_cfg):
+        """Checks a returned model and computes the gate's figures here: the endpoint's word
+        is taken for nothing but its signed bytes.  Returns the metadata figures."""
+        if sha256_bytes(result["model"]) != result["sha256"]:
+            raise RetrainError("returned model fails its checksum (corrupted in transit)")
+        try:
+            signing.verify(key, result["model"], dict(result, kind=kind), result.get("signature"))
+            model, info = model_from_bytes(result["model"], self.cfg.security)
+        except (signing.SigningError, ModelFileError) as exc:
+            raise RetrainError(f"returned model refused: {exc}") from exc
+        if info["kind"] != kind or info["arch"] != result["arch"]:
+            raise RetrainError(f"returned model is a {info}, not the {kind} {result['arch']}")
+        try:
+            losses = held_out_losses(
+                {"candidate": model, "baseline": baseline},
+                labels["labels"],
+                labels["sha256"],
+                kind,
+                train_cfg,
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise RetrainError(
+                f"cannot evaluate the returned model on the held-out set here: {exc} "
+                "(the labels file must be readable by the service)"
+            ) from exc
+        if not math.isfinite(losses["candidate"]):
+            raise RetrainError(f"held-out loss of the returned model is {losses['candidate']}")
+        reported = result["val_loss"]
+        if not (_number(reported) and math.isclose(reported, losses["candidate"], rel_tol=0.01)):
+            log.warning(
+                "endpoint reported held-out loss %r, the service measures %.6g",
+                reported,
+                losses["candidate"],
+            )
+        return {
+            "val_loss": losses["candidate"],
+            "baseline_val_loss": losses["baseline"],
+            "endpoint_val_loss": reported,
+            "endpoint_baseline_val_loss": result.get("baseline_val_loss"),
+        }
+
+    def _quality_gate(self, version: int, figures: dict) -> None:
+        """The new model must not be worse than the serving one on the same held-out set, by
+        the service's own figures."""
+        baseline = figures["baseline_val_loss"]
         if baseline is None:
             return
         limit = baseline * (1.0 + self.cfg.remote.quality_margin)
-        if result["val_loss"] > limit:
+        if figures["val_loss"] > limit:
             reason = (
-                f"quality gate: held-out loss {result['val_loss']:.4g} > serving model's "
-                f"{baseline:.4g} + {self.cfg.remote.quality_margin:.0%}"
+                f"quality gate: held-out loss {figures['val_loss']:.4g} (measured by the "
+                f"service; the endpoint reported {_fmt(figures['endpoint_val_loss'])}) > "
+                f"serving model's {baseline:.4g} + {self.cfg.remote.quality_margin:.0%}"
             )
             self.registry.mark_rejected(version, reason)
             raise RetrainError(f"model v{version} not deployed: {reason}")

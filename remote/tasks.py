@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 
 from edgeloop import registry as reg
-from edgeloop.config import TrainConfig
+from edgeloop import signing
+from edgeloop.config import SecurityConfig, TrainConfig
 from edgeloop.models import kind as model_kind
 from edgeloop.optics import illuminated_mask, make_probe
 from edgeloop.remote.labels import make_labels
@@ -26,7 +27,10 @@ def analyze(request: dict) -> dict:
     one labels file.  ``request["kind"]`` picks it: phase retrieval for ``ptychonn``,
     pseudo-Voigt peak fitting for ``braggnn``.
 
-    Returns: labels (path), sha256, n_frames (training samples), seconds.
+    Frames holding NaN/Inf pixels are left out, counted (``skipped_frames`` in the result
+    and the labels file's attributes) and logged.
+
+    Returns: labels (path), sha256, n_frames (training samples), skipped_frames, seconds.
     """
     analyses = {"ptychonn": _analyze_ptycho, "braggnn": _analyze_hedm}
     try:
@@ -38,7 +42,8 @@ def analyze(request: dict) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with h5py.File(tmp, "w") as f:
-        n = run(request, f)
+        n, skipped = run(request, f)
+        f.attrs["skipped_frames"] = skipped
         f.attrs["scans"] = json.dumps(list(map(str, request["scans"])))
         f.attrs["kind"] = request["kind"]
     tmp.replace(out)
@@ -46,11 +51,27 @@ def analyze(request: dict) -> dict:
         "labels": str(out),
         "sha256": reg.sha256_bytes(out.read_bytes()),
         "n_frames": int(n),
+        "skipped_frames": int(skipped),
         "seconds": time.perf_counter() - t0,
     }
 
 
-def _analyze_hedm(request: dict, f: h5py.File) -> int:
+def _finite(path, frames: np.ndarray, *more: np.ndarray) -> np.ndarray:
+    """Which frames (and their positions) hold only finite values; warns about the rest."""
+    ok = np.isfinite(frames.reshape(len(frames), -1)).all(axis=1)
+    for values in more:
+        ok &= np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if not ok.all():
+        log.warning(
+            "%s: %d of %d frames hold NaN/Inf values; left out of training",
+            path,
+            int((~ok).sum()),
+            len(ok),
+        )
+    return ok
+
+
+def _analyze_hedm(request: dict, f: h5py.File) -> tuple[int, int]:
     """Bragg peaks of every frame -> patches -> a 2-D pseudo-Voigt fit each; the fitted
     centres label BraggNN.  Border and saturated peaks, and failed fits, are left out.
 
@@ -61,12 +82,14 @@ def _analyze_hedm(request: dict, f: h5py.File) -> int:
     from edgeloop.remote.peakfit import fit_patches
 
     size = request["patch"]
-    kept, seen = [], 0
+    kept, seen, skipped = [], 0, 0
     for path in request["scans"]:
         scan = read_scan(path)
         if scan["technique"] != "hedm":
             raise ValueError(f"{path} is a {scan['technique']} scan, not HEDM")
-        for frame in scan["frames"]:
+        ok = _finite(path, scan["frames"])
+        skipped += int((~ok).sum())
+        for frame in scan["frames"][ok]:
             peaks, patches, _ = peak_patches(
                 frame, size, sigma=request["sigma"], min_separation=request["min_separation"]
             )
@@ -88,10 +111,10 @@ def _analyze_hedm(request: dict, f: h5py.File) -> int:
         )
     f["inputs"] = model_kind("braggnn").preprocess(patches[ok], size)
     f["center"] = (centres[ok] / size).astype(np.float32)
-    return int(ok.sum())
+    return int(ok.sum()), skipped
 
 
-def _analyze_ptycho(request: dict, f: h5py.File) -> int:
+def _analyze_ptycho(request: dict, f: h5py.File) -> tuple[int, int]:
     """Phase retrieval (ptychi) on each scan; the object's patches label PtychoNN.
 
     request: scans, pixel_um, probe {radius_px, defocus}, epochs, algorithm, threads,
@@ -99,14 +122,18 @@ def _analyze_ptycho(request: dict, f: h5py.File) -> int:
     """
     spec = model_kind("ptychonn")
     pr = request["probe"]
-    frames_all, amp_all, phase_all = [], [], []
+    frames_all, amp_all, phase_all, skipped = [], [], [], 0
     for path in request["scans"]:
         scan = read_scan(path)
-        frames = scan["frames"].astype(np.float32)
+        ok = _finite(path, scan["frames"], scan["positions_um"])
+        skipped += int((~ok).sum())
+        if not ok.any():
+            continue
+        frames = scan["frames"][ok].astype(np.float32)
         probe = make_probe(frames.shape[-1], pr["radius_px"], pr["defocus"])
         amp, phase = make_labels(
             frames,
-            scan["positions_um"],
+            scan["positions_um"][ok],
             request["pixel_um"],
             probe,
             request["epochs"],
@@ -122,59 +149,55 @@ def _analyze_ptycho(request: dict, f: h5py.File) -> int:
         amp_all.append(amp)
         phase_all.append(phase)
         log.info("labels for %s: %d frames", path, len(frames))
+    if not frames_all:
+        raise ValueError(f"no finite frames in {len(request['scans'])} scan(s) to train on")
     f["inputs"] = np.concatenate(frames_all)
     f["amplitude"] = np.concatenate(amp_all)
     f["phase"] = np.concatenate(phase_all)
     probe = make_probe(request["input_size"], pr["radius_px"], pr["defocus"])
     f["weight"] = illuminated_mask(probe).astype(np.float32)
-    return int(sum(len(a) for a in amp_all))
+    return int(sum(len(a) for a in amp_all)), skipped
 
 
 def train_model(request: dict) -> dict:
-    """Train from the given checkpoint (or fresh); returns the model as bytes + metrics.
+    """Train from the given checkpoint (or fresh); returns the model as bytes + metrics,
+    signed with the key in ``request["signing_key_file"]`` on this machine.
 
     request: labels, labels_sha256, init (checkpoint path or None), init_sha256, kind,
-    arch, train (TrainConfig fields), and optionally baseline / baseline_sha256 (the serving
-    model: its loss on the same held-out split is returned as ``baseline_val_loss``, for the
-    quality gate).
+    arch, train (TrainConfig fields), signing_key_file, and optionally security (the model
+    bounds, SecurityConfig fields), baseline / baseline_sha256 (the serving model: its loss
+    on the same held-out split is returned as ``baseline_val_loss``).
     """
     t0 = time.perf_counter()
-    from edgeloop.remote.training import centre_loss, evaluate, ptycho_loss, split, train
+    from edgeloop.remote.quality import read_labels
+    from edgeloop.remote.training import evaluate, split, train
 
-    data = Path(request["labels"]).read_bytes()
-    if reg.sha256_bytes(data) != request["labels_sha256"]:
-        raise ValueError(f"labels file {request['labels']} fails its checksum")
+    if not request.get("signing_key_file"):
+        raise ValueError("the train request names no signing_key_file")
+    key = signing.load_key(request["signing_key_file"])  # before hours of training
+    security = SecurityConfig(**request.get("security", {}))
     spec = model_kind(request["kind"])
-    with h5py.File(request["labels"], "r") as f:
-        if f.attrs.get("kind") != spec.name:
-            raise ValueError(
-                f"labels file {request['labels']} is for {f.attrs.get('kind')!r}"
-                f", not {spec.name!r}"
-            )
-        inputs = f["inputs"][()]
-        if spec.name == "braggnn":
-            targets, loss = (f["center"][()],), centre_loss
-        else:
-            amp = f["amplitude"][()]
-            targets = (amp, f["phase"][()])
-            loss = ptycho_loss(f["weight"][()] if "weight" in f else None, amp.shape[-2:])
+    inputs, targets, loss = read_labels(request["labels"], request["labels_sha256"], spec.name)
     if request.get("init"):
-        model, info = _checkpoint(request["init"], request["init_sha256"], spec.name)
+        model, info = _checkpoint(request["init"], request["init_sha256"], spec.name, security)
         arch = info["arch"]
     else:
-        arch = request["arch"]
+        arch = reg.check_arch(spec.name, request["arch"], security)
         model = spec.build(**arch)
     cfg = TrainConfig(**dict(request["train"], keep_initial=bool(request.get("init"))))
     baseline_val_loss = None
     if request.get("baseline"):
-        baseline, _ = _checkpoint(request["baseline"], request["baseline_sha256"], spec.name)
+        baseline, _ = _checkpoint(
+            request["baseline"], request["baseline_sha256"], spec.name, security
+        )
         _, val_idx = split(len(inputs), cfg.val_fraction, cfg.seed)  # train()'s split
         baseline_val_loss = evaluate(baseline, inputs, targets, loss, val_idx)
     model, val_loss, history = train(model, inputs, targets, loss, cfg)
     blob = reg.model_to_bytes(spec.name, arch, model)
-    return {
+    result = {
         "model": blob,
         "sha256": reg.sha256_bytes(blob),
+        "kind": spec.name,
         "val_loss": float(val_loss),
         "baseline_val_loss": baseline_val_loss,
         "history": history,
@@ -182,13 +205,15 @@ def train_model(request: dict) -> dict:
         "arch": arch,
         "seconds": time.perf_counter() - t0,
     }
+    result["signature"] = signing.sign(key, blob, result)
+    return result
 
 
-def _checkpoint(path: str, sha256: str, kind: str):
+def _checkpoint(path: str, sha256: str, kind: str, security: SecurityConfig):
     data = Path(path).read_bytes()
     if reg.sha256_bytes(data) != sha256:
         raise ValueError(f"checkpoint {path} fails its checksum")
-    model, info = reg.model_from_bytes(data)
+    model, info = reg.model_from_bytes(data, security)
     if info["kind"] != kind:
         raise ValueError(f"checkpoint {path} is a {info['kind']}, not {kind}")
     return model, info

@@ -21,6 +21,7 @@ from p4p.client.thread import Context
 from edgeloop import ntnd
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
 from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV, Config
+from edgeloop.signing import create_key
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -176,6 +177,8 @@ def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
     cfg.edge.stats_publish_s = 0.2
     cfg.edge.map_publish_s = 0.2
     cfg.security.signing_key_file = str(tmp / "signing.key")
+    if not (tmp / "signing.key").exists():
+        create_key(tmp / "signing.key")
     path = tmp / "config.json"
     cfg.dump(path)
     return cfg, path

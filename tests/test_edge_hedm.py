@@ -41,7 +41,7 @@ def test_frame_peaks_match_the_simulators_truth(braggnn):
     errors, found, lit = [], 0, 0
     for omega in (10.0, 95.5, 200.25):
         frame, truth = sim.frame(omega)
-        peaks, patches = locate_peaks(frame, braggnn)
+        peaks, patches, _ = locate_peaks(frame, braggnn)
         assert patches.shape == (len(peaks["x"]), 11, 11)
         strong = truth[(truth["height"] > 300) & ~truth["saturated"]]
         lit += len(strong)
@@ -76,7 +76,7 @@ def test_peak_table_is_an_nttable_and_empty_frames_give_zero_rows(braggnn):
     assert list(received["labels"]) == [name for name, _ in PEAK_COLUMNS]
     assert len(received["value"]["x"]) == 0 and NTTable.unwrap(received) == []
     frame, _ = HedmSimulator(HedmConfig()).frame(45.0)
-    peaks, _ = locate_peaks(frame, braggnn)
+    peaks, _, _ = locate_peaks(frame, braggnn)
     table = NTTable.unwrap(_served(peak_table(8, peaks)))
     assert len(table) == len(peaks["x"]) > 0
     assert set(table[0].keys()) == {name for name, _ in PEAK_COLUMNS}

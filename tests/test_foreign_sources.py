@@ -156,7 +156,7 @@ def test_repeats_a_pipelined_monitor_gets_from_pvdatabase_are_recognised():
         if not isinstance(value, Exception) and value["uniqueId"]:
             ts = value["timeStamp"]
             updates.append(value["uniqueId"])
-            ids.is_new(value["uniqueId"], (ts["secondsPastEpoch"], ts["nanoseconds"]))
+            ids.arrival(value["uniqueId"], (ts["secondsPastEpoch"], ts["nanoseconds"]))
 
     ctx = Context("pva", nt=False)
     try:

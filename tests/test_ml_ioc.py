@@ -4,6 +4,7 @@ import pytest
 from conftest import random_prefix
 from p4p.client.thread import Context
 
+from edgeloop.config import SecurityConfig
 from edgeloop.ioc import softioc
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
@@ -13,7 +14,8 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 def locked_ioc():
     """ML IOC whose operators and service are another user: this user may only read."""
     prefix = random_prefix("m")
-    proc = softioc.start(prefix, operators="edgeloop_nobody", service="edgeloop_nobody")
+    nobody = SecurityConfig(operators=("edgeloop_nobody",), service_user="edgeloop_nobody")
+    proc = softioc.start(prefix, security=nobody)
     try:
         yield prefix
     finally:

@@ -18,6 +18,7 @@ from p4p.client.thread import Context
 from edgeloop.config import Config
 from edgeloop.registry import Registry, sha256_bytes
 from edgeloop.remote import tasks
+from edgeloop.signing import create_key
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -66,6 +67,8 @@ class Loop:
             data_dir=str(tmp / "data"),
             registry_dir=str(tmp / "models"),
         )
+        self.cfg.security.signing_key_file = str(tmp / "signing.key")  # never ~/.edgeloop
+        create_key(tmp / "signing.key")
         self.cfg.hedm.frame_size = 256
         self.cfg.train_hedm.epochs = 4
         for key, value in remote.items():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
+from edgeloop.app import signals
 from edgeloop.codecs import CODECS
 from edgeloop.config import MODES, Config
 from edgeloop.log import config_logging, verbosity_level
@@ -20,14 +20,42 @@ def _config(args) -> Config:
         value = getattr(args, name, None)
         if value is not None:
             setattr(cfg, name, value)
+    for name in ("operators", "service_user", "hosts"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg.security, name, value)
     return cfg
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _access_flags(p) -> None:
+    p.add_argument(
+        "--operators",
+        type=_names,
+        help="users who may write the control PVs, comma-separated (default: the config's "
+        "security.operators, else the user running edgeloop)",
+    )
+    p.add_argument(
+        "--service-user",
+        help="the retraining service's user, the only one that writes the status records "
+        "(default: the config's, else the user running edgeloop)",
+    )
+    p.add_argument(
+        "--hosts",
+        type=_names,
+        help="hosts control writes may come from, comma-separated (default: the config's, "
+        "else any host)",
+    )
 
 
 def cmd_ioc(args) -> None:
     from edgeloop.ioc import beamline, softioc
 
     cfg = _config(args)
-    ml_ioc = None if args.no_ml_ioc else softioc.start(cfg.prefix)
+    ml_ioc = None if args.no_ml_ioc else softioc.start(cfg.prefix, security=cfg.security)
     try:
         beamline.serve(cfg)
     except KeyboardInterrupt:
@@ -123,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
 
     p = add("ioc", cmd_ioc, "simulated beamline (CA + PVA) and the real ML IOC (db/)")
     p.add_argument("--no-ml-ioc", action="store_true", help="only the simulated beamline")
+    _access_flags(p)
     p = add("edge", cmd_edge, "edge inference server")
     p.add_argument("--input-pv", help="NTNDArray to monitor (default $(P)det:Pva1:Image)")
+    _access_flags(p)
     p = add(
         "retrain-service",
         cmd_retrain_service,
@@ -203,8 +233,13 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     config_logging(verbosity_level(args.verbose, args.quiet), libraries=args.verbose >= 2)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    args.func(args)
+    with signals.stop_on_signals():  # SIGTERM stops a command as Ctrl-C does
+        try:
+            args.func(args)
+        except KeyboardInterrupt:  # the command's own finally blocks stopped what it started
+            sys.exit(signals.exit_code() or 130)
+    if signals.exit_code():  # a server that returned after its stop
+        sys.exit(signals.exit_code())
 
 
 if __name__ == "__main__":

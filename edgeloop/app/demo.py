@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgeloop.app import hedm_demo, ptycho_demo, screens
 from edgeloop.app.loop import Servers, prepare, set_codec
+from edgeloop.app.signals import AbortOnSignal
 from edgeloop.config import Config, check_mode
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def run_demo(
                 set_codec(cfg.prefix, codec)
             det, stage = make_devices(cfg.prefix)
             devices += [det, stage]
-            RE = RunEngine({})
+            RE = RunEngine({}, context_managers=[AbortOnSignal])  # not pause on Ctrl-C
             writer = ScanWriter(cfg.data_path)
             RE.subscribe(writer)
             if cfg.mode == "hedm":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from p4p.client.thread import Context
 
-from edgeloop import ntnd
+from edgeloop import ntnd, signing
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
 from edgeloop.config import MODE_KIND, Config, pin_loopback
 
@@ -130,13 +130,32 @@ class Servers:
             proc.stop()
 
 
+# written first into a demo's output folder: only a folder holding it is emptied by a demo
+DEMO_MARKER = ".edgeloop-demo"
+
+
 def prepare(cfg: Config, out: str | Path, epochs: int | None) -> Path:
+    """Make ``out`` the demo's folder: a new or empty one, or one an earlier demo made (its
+    marker file), whose ``data`` and ``models`` (the earlier demo's) are removed; any other
+    folder is refused, so a demo never deletes what it did not write."""
     pin_loopback(force=True)  # the demo starts every server: all its traffic stays here
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    marker = out / DEMO_MARKER
+    if not marker.is_file():
+        if any(out.iterdir()):
+            raise FileExistsError(
+                f"{out} is not empty and no edgeloop demo made it (no {DEMO_MARKER}): "
+                "give --out a new or empty folder"
+            )
+        marker.write_text("written by edgeloop demo: data/ and models/ are replaced each run\n")
     for sub in ("data", "models"):
         shutil.rmtree(out / sub, ignore_errors=True)
     cfg.data_dir, cfg.registry_dir = str(out / "data"), str(out / "models")
+    # the demo's own signing key, shared by its service and its (local) training endpoint
+    cfg.security.signing_key_file = str(out / "signing.key")
+    if not (out / "signing.key").exists():
+        signing.create_key(out / "signing.key")
     if epochs is not None:
         cfg.training(MODE_KIND[cfg.mode]).epochs = epochs
     cfg.dump(out / "config.json")

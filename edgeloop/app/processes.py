@@ -15,7 +15,8 @@ from edgeloop.config import LOOPBACK_ENV, search_hint
 
 
 class ManagedProcess:
-    """``python -m edgeloop.app.cli <args>``; output to a log file; stopped by PID."""
+    """``python -m edgeloop.app.cli <args>`` in its own process group; output to a log file;
+    stopped by PID (SIGINT, then SIGTERM, then SIGKILL), then what is left of its group."""
 
     def __init__(self, name: str, args: list[str], log_path: Path, env: dict | None = None):
         self.name = name
@@ -31,6 +32,7 @@ class ManagedProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
+            start_new_session=True,  # its own process group: stopped with whatever it starts
         )
 
     def alive(self) -> bool:
@@ -54,6 +56,10 @@ class ManagedProcess:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
+        try:  # what it started and left behind (e.g. a worker in the middle of a task)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if self.proc.stdin:
             self.proc.stdin.close()
         self._log.close()

@@ -135,7 +135,9 @@ class ScanWriter(CallbackBase):
     the frame timestamps, seconds since the epoch) and the motor readbacks: ``positions_um``
     (N, 2; x, y) for ptychography, ``omega_deg`` (N,) for HEDM.  Attributes: ``technique``,
     ``start_json``, ``plan_name``, ``uid``, ``scan_id``, ``exit_status``, ``num_events``,
-    ``complete`` (and ``reason`` from the stop document, ``error`` after a write error).
+    ``complete`` (and ``reason`` from the stop document).  A ``.part`` whose writer died is
+    marked "open for writing" in HDF5: open it with ``h5py.File(path, "r", swmr=True)`` (as
+    ``read_scan`` does) or clear the mark with ``h5clear -s``.
     """
 
     reserve_bytes = 256 * 1024  # free space kept beyond the next frame; less is a full disk
@@ -147,7 +149,6 @@ class ScanWriter(CallbackBase):
         self.last_path: Path | None = None
         self.paths: list[Path] = []
         self.errors: list[str] = []
-        self._abandoned: list = []
         self._runs: dict[str, _Run] = {}
         self._descriptors: dict[str, str] = {}  # descriptor uid -> run start uid
 
@@ -203,7 +204,7 @@ class ScanWriter(CallbackBase):
             if free < frame.nbytes + self.reserve_bytes:
                 self._failed(run, f"disk full: {free} bytes free in {run.path.parent}")
                 return doc
-            # each dataset grows by one, then num_events says the row is whole
+            # each dataset grows by one; once that is on disk, num_events says the row is whole
             for name, value in (
                 ("frames", frame),
                 ("positions", position if n_axes > 1 else position[0]),
@@ -212,6 +213,7 @@ class ScanWriter(CallbackBase):
             ):
                 run.datasets[name].resize(run.n + 1, axis=0)
                 run.datasets[name][run.n] = value
+            run.file.flush()
             run.file.attrs["num_events"] = run.n + 1
             run.file.flush()
             run.n += 1
@@ -302,9 +304,7 @@ class ScanWriter(CallbackBase):
 
     def _failed(self, run: _Run, error: str, broken: bool = False) -> None:
         """Stop writing this run (the scan goes on): the ``.part`` file keeps what was
-        flushed, marked incomplete.  An HDF5 file whose write failed is never touched again
-        (closing it can crash the library): its handles are kept open until the process ends.
-        """
+        flushed, marked incomplete."""
         if run.error is None:
             run.error = error
             self.errors.append(f"{run.start['uid']}: {error}")
@@ -314,6 +314,14 @@ class ScanWriter(CallbackBase):
                 run.n,
                 error,
             )
+        if broken:
+            # closing an HDF5 file whose write failed retries the write (and can crash the
+            # library): from now on its writes go to /dev/null, the file keeps what it has
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, run.file.id.get_vfd_handle())
+            finally:
+                os.close(null)
         try:
             self._close(run)
         except Exception:
@@ -323,10 +331,7 @@ class ScanWriter(CallbackBase):
     def _close(run: _Run) -> None:
         datasets, run.datasets = run.datasets, {}
         for dataset in datasets.values():
-            try:
-                dataset.id.close()
-            except Exception as e:
-                print("ds close", type(e))
+            dataset.id.close()
         if run.file is not None:
             file, run.file = run.file, None
             file.close()

@@ -36,6 +36,7 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import MODE_KIND, MODES, Config, search_hint
+from edgeloop.edge_pva.access import WriteAccess
 from edgeloop.edge_pva.frame_ids import Arrival, FrameIds
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.hedm import NO_PEAKS, locate_peaks, peak_table
@@ -62,8 +63,6 @@ MONITOR_REQUEST = "field()record[queueSize=32]"
 
 class _LoadModelHandler:
     def __init__(self, requests: queue.Queue, security):
-        from edgeloop.edge_pva.access import WriteAccess
-
         self.requests = requests
         self.access = WriteAccess(security)  # the rule db/ml.acf gives the IOC
 

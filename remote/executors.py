@@ -16,8 +16,11 @@ import logging
 import multiprocessing
 import os
 import runpy
+import signal
 import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait
 
 from edgeloop.config import RemoteConfig
 from edgeloop.optional import require
@@ -35,6 +38,28 @@ class LocalExecutor(ProcessPoolExecutor):
 
     def __init__(self):
         super().__init__(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self._workers: dict = {}  # pid -> Process, kept after the pool forgets a dead one
+
+    @property
+    def broken(self) -> bool:
+        """A worker died (killed, crashed): the pool takes no more tasks.  Its own flag is
+        set by its manager thread a moment after the death; the worker's sentinel at once."""
+        sentinels = [proc.sentinel for proc in (self._processes or {}).values()]
+        return bool(self._broken) or bool(sentinels and wait(sentinels, timeout=0))
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = super().submit(fn, *args, **kwargs)
+        self._workers.update(self._processes or {})  # the worker is spawned on demand
+        return future
+
+    def dead_worker(self) -> str | None:
+        """How a worker of this pool ended, e.g. "the worker (pid 42) died: killed by signal
+        9 (SIGKILL)"; None if none has."""
+        for pid, proc in self._workers.items():
+            proc.join(1.0)  # dead already: this only collects its exit status
+            if proc.exitcode is not None:
+                return f"the worker (pid {pid}) died: {exit_status(proc.exitcode)}"
+        return None
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop; with ``wait=False`` a running task's worker is terminated, not left to
@@ -65,6 +90,7 @@ def parsl_config(cfg: RemoteConfig, run_dir: str | None = None):
         loopback_address="127.0.0.1",
         max_workers_per_node=cfg.parsl_workers,
         cores_per_worker=1,
+        heartbeat_period=5,  # also how soon a dead worker is noticed (default 30 s)
         provider=LocalProvider(init_blocks=1, max_blocks=1, worker_init=cfg.parsl_worker_init),
     )
     return ParslConfig(executors=[htex], run_dir=run_dir or "runinfo", strategy="none")
@@ -92,7 +118,31 @@ class ParslExecutor(Executor):
         return app(*args, **kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self.dfk.cleanup()  # stops the interchange and the worker pool
+        if not self.dfk.cleanup_called:
+            self.dfk.cleanup()  # stops the interchange and the worker pool
+
+
+def exit_status(code: int) -> str:
+    if code < 0:
+        return f"killed by signal {-code} ({signal.Signals(-code).name})"
+    return f"exited with status {code}"
+
+
+def lost_worker(executor, exc: BaseException) -> str | None:
+    """Words for a task that failed because the process running it died, else None."""
+    if isinstance(exc, BrokenProcessPool):
+        lost = executor.dead_worker() if isinstance(executor, LocalExecutor) else None
+        return lost or "its worker process died"
+    if type(exc).__name__ == "WorkerLost":  # parsl.executors.high_throughput.errors
+        return f"its Parsl worker died ({exc})"
+    return None
+
+
+def stoppable(executor) -> bool:
+    """Whether shutting the executor down stops a task already running on it (the local
+    worker is terminated; Parsl cancels its blocks, killing their workers); a Globus
+    Compute task cannot be stopped from here."""
+    return isinstance(executor, (LocalExecutor, ParslExecutor))
 
 
 def globus_compute_executor(cfg: RemoteConfig) -> Executor:

@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from p4p.client.thread import Context
+from p4p.client.thread import Context, Disconnected
 
 from edgeloop import signing
 from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config, search_hint
@@ -25,7 +25,8 @@ from edgeloop.registry import (
     sha256_bytes,
 )
 from edgeloop.remote import tasks
-from edgeloop.remote.executors import LocalExecutor, make_executor
+from edgeloop.remote.executors import lost_worker, make_executor, stoppable
+from edgeloop.remote.heartbeat import Heartbeat
 from edgeloop.remote.quality import held_out_losses
 from edgeloop.remote.staging import code_version, stage
 from edgeloop.scanfile import list_scans, scan_summary
@@ -82,6 +83,9 @@ class Aborted(RetrainError):
     pass
 
 
+# reset by the service, not state it keeps
+BUTTONS = ("ml:Retrain", "ml:Abort", "ml:Rollback")
+
 TIMING_PVS = {
     "staging_s": "ml:StagingTime",
     "analysis_s": "ml:AnalysisTime",
@@ -123,6 +127,12 @@ class RetrainService:
         self._subs: list = []
         self.last_result: dict | None = None
         self.runs_finished = 0
+        self._state: dict = {}  # what the service last wrote to each of its PVs
+        self._state_lock = threading.Lock()
+        self._ioc_lost = False  # ml:Endpoint disconnected: the next value is the IOC's own
+        self._ioc_seen = False
+        self._stale = False  # the executor was shut down: a fresh one before the next task
+        self._step = "Idle"
 
     def _make_executor(self, name: str):
         return make_executor(
@@ -131,12 +141,29 @@ class RetrainService:
 
     # ---- PV helpers ----------------------------------------------------------------------
     def _put(self, name: str, value) -> None:
+        """Write one of the service's PVs, and keep the value to write again when the IOC
+        comes back from a restart."""
+        with self._state_lock:
+            if name not in BUTTONS:
+                self._state[name] = value
+            self._write(name, value)
+
+    def _write(self, name: str, value) -> None:
         try:
             self.ctx.put(f"{self.p}{name}", value, timeout=5)
         except Exception as exc:
             log.error("cannot write %s%s: %s (%s)", self.p, name, exc, search_hint())
 
+    def _restore(self) -> None:
+        with self._state_lock:
+            for name, value in self._state.items():
+                self._write(name, value)
+        if self._ioc_seen:
+            log.warning("the ML IOC is back: its state written again (%s)", ", ".join(self._state))
+        self._ioc_seen = True
+
     def _status(self, state: str, message: str | None = None) -> None:
+        self._step = state
         self._put("ml:Status", {"value.index": STATES.index(state)})
         if state in PROGRESS:
             self._put("ml:Progress", PROGRESS[state])
@@ -170,15 +197,15 @@ class RetrainService:
         threading.Thread(target=self._rollback, name="rollback", daemon=True).start()
 
     def _rollback(self) -> None:
-        kind = MODE_KIND[self._active_mode()]
-        target = self.registry.previous(kind)
-        if target is None:
-            self._put("ml:Message", f"rollback: no earlier accepted {kind} model")
-            return
         try:
+            kind = MODE_KIND[self._active_mode()]
+            target = self.registry.previous(kind)
+            if target is None:
+                self._put("ml:Message", f"rollback: no earlier accepted {kind} model")
+                return
             self.ctx.put(f"{self.p}edge:LoadModel", target, timeout=120, wait=True)
         except Exception as exc:
-            self._status("Error", f"rollback to {kind} v{target} failed: {exc}")
+            self._status("Error", f"rollback failed: {type(exc).__name__}: {exc}")
             return
         self._put("ml:ModelVersion", target)
         self._status("Idle", f"rolled back: {kind} model v{target} serving")
@@ -190,7 +217,16 @@ class RetrainService:
             return self.cfg.mode
 
     def _on_endpoint(self, value) -> None:
+        if isinstance(value, Disconnected):
+            self._ioc_lost = True
+            return
         if isinstance(value, Exception):
+            return
+        if self._ioc_lost:
+            # the first value after a (re)connection is what the IOC started with (after a
+            # restart its db default), not an operator's choice: write our state back
+            self._ioc_lost = False
+            threading.Thread(target=self._restore, name="restore", daemon=True).start()
             return
         name = str(value["value"]).strip()
         if name == self.endpoint:
@@ -207,7 +243,9 @@ class RetrainService:
                 self._put("ml:Endpoint", self.endpoint)
                 return
             old, self.executor, self.endpoint = self.executor, executor, name
-        old.shutdown(wait=False, cancel_futures=True)
+            self._stale = False
+        self._shut(old)
+        self._put("ml:Endpoint", name)  # the state to write back after an IOC restart
         self._put("ml:Message", f"executor now {name}")
         log.info("executor now %s", name)
 
@@ -237,6 +275,15 @@ class RetrainService:
     def step_timeout(self) -> float:
         return self._step_timeout or self.cfg.remote.task_timeout_s
 
+    def _check_abort(self) -> None:
+        if self._abort.is_set():
+            raise Aborted(f"{self._step.lower()} aborted by ml:Abort")
+
+    def _enter(self, state: str, message: str) -> None:
+        """The next step, unless an abort came during the last one."""
+        self._check_abort()
+        self._status(state, message)
+
     def _wait(self, future, what: str):
         deadline = time.monotonic() + self.step_timeout
         while True:
@@ -254,16 +301,47 @@ class RetrainService:
             except FutureTimeout:
                 continue
             except Exception as exc:
+                lost = lost_worker(self.executor, exc)
+                if getattr(self.executor, "broken", False):
+                    self._retire_executor()
+                if lost is not None:
+                    raise RetrainError(f"{what} failed: {lost}") from exc
                 raise RetrainError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
     def _cancel(self, future) -> None:
-        """Stop a running task: the local worker is terminated and replaced; a remote task
-        that cannot be stopped is abandoned (its result is never used)."""
-        if future.cancel():
-            return
-        if isinstance(self.executor, LocalExecutor):
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            self.executor = self._make_executor(self.endpoint)
+        """Stop a running task by shutting its executor down (the local worker is
+        terminated, Parsl's blocks are cancelled); a fresh one runs the next task.  A remote
+        task that cannot be stopped is abandoned (its result is never used)."""
+        try:
+            if future.cancel():
+                return
+        except NotImplementedError:  # Parsl's AppFuture
+            pass
+        if stoppable(self.executor):
+            self._retire_executor()
+
+    def _shut(self, executor) -> None:
+        try:
+            executor.shutdown(wait=False, cancel_futures=True)
+        except Exception:
+            log.exception("stopping the executor failed")
+
+    def _retire_executor(self) -> None:
+        self._stale = True
+        self._shut(self.executor)
+
+    def _ready_executor(self) -> None:
+        """A fresh executor if the last one was shut down or its worker died while idle."""
+        if not self._stale and getattr(self.executor, "broken", False):
+            lost = self.executor.dead_worker() or "its worker died"
+            log.warning("executor %s: %s; starting a new one", self.endpoint, lost)
+            self._retire_executor()
+        if self._stale:
+            try:
+                self.executor = self._make_executor(self.endpoint)
+            except Exception as exc:
+                raise RetrainError(f"cannot start the {self.endpoint} executor: {exc}") from exc
+            self._stale = False
 
     def _analysis_request(self, kind: str, scans: list[str]) -> tuple[str, dict]:
         """(what the analysis is, in words; its request)."""
@@ -293,7 +371,8 @@ class RetrainService:
         t_start = time.perf_counter()
         try:
             key = self._signing_key()  # a missing key fails now, not after the training
-            self._status("Staging", f"staging scans from {cfg.data_path}")
+            self._ready_executor()
+            self._enter("Staging", f"staging scans from {cfg.data_path}")
             t0 = time.perf_counter()
             available = usable_scans(cfg.data_path)
             if not available:
@@ -307,13 +386,13 @@ class RetrainService:
             timings["staging_s"] = time.perf_counter() - t0
 
             what, request = self._analysis_request(kind, scans)
-            self._status("Analyzing", f"{what} on {len(scans)} {technique} scan(s)")
+            self._enter("Analyzing", f"{what} on {len(scans)} {technique} scan(s)")
             labels = self._wait(self.executor.submit(tasks.analyze, request), what)
             timings["analysis_s"] = labels["seconds"]
 
             best, skipped = self.usable_best(kind)
             serving, baseline = self._serving(kind)
-            self._status(
+            self._enter(
                 "Training",
                 f"training {kind} on {labels['n_frames']} samples from "
                 f"{f'v{best}' if best else 'scratch'} "
@@ -345,8 +424,9 @@ class RetrainService:
             timings["training_s"] = result["seconds"]
             t_returned = time.perf_counter()
 
-            self._status("Validating", "checking the returned model")
+            self._enter("Validating", "checking the returned model")
             figures = self._validate(result, kind, key, labels, baseline, train_cfg)
+            self._check_abort()
             meta = {
                 "kind": kind,
                 "arch": result["arch"],
@@ -367,11 +447,13 @@ class RetrainService:
             self._put("ml:ValLoss", figures["val_loss"])
             self._quality_gate(version, figures)
 
-            self._status("Deploying", f"deploying model v{version}")
+            self._enter("Deploying", f"deploying model v{version}")
             try:
                 self.ctx.put(f"{self.p}edge:LoadModel", version, timeout=120, wait=True)
             except Exception as exc:
                 raise RetrainError(f"edge refused model v{version}: {exc}") from exc
+            if self._abort.is_set():  # came while the edge was loading it
+                raise Aborted(f"deploying aborted by ml:Abort: {self._withdraw(version, serving)}")
             # return: from the end of training (remote) to serving here; the task's own
             # clock does not see queueing and result transfer, so that is included
             timings["return_s"] = (
@@ -399,6 +481,21 @@ class RetrainService:
             log.exception("retraining failed")
             self._status("Error", f"retraining failed: {type(exc).__name__}: {exc}")
         return None
+
+    def _withdraw(self, version: int, serving: int | None) -> str:
+        """Take a model the edge loaded before an abort out of service again: the one
+        serving before goes back, the new one is marked rejected (never served again)."""
+        if serving is None:
+            self._put("ml:ModelVersion", version)
+            return f"v{version} was loaded already and stays: no earlier model to go back to"
+        try:
+            self.ctx.put(f"{self.p}edge:LoadModel", serving, timeout=120, wait=True)
+        except Exception as exc:
+            self._put("ml:ModelVersion", version)
+            return f"v{version} was loaded already and stays: v{serving} failed to load: {exc}"
+        self.registry.mark_rejected(version, "withdrawn: ml:Abort came while it was deploying")
+        self._put("ml:ModelVersion", serving)
+        return f"v{version} withdrawn, v{serving} serving again"
 
     def _ref(self, name: str, version: int | None) -> dict:
         """A registry model by reference: path + checksum, verified where it is read."""
@@ -510,6 +607,7 @@ class RetrainService:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> RetrainService:
+        self._heartbeat = Heartbeat(self.ctx, f"{self.p}ml:Heartbeat").start()
         self._put("ml:Endpoint", self.endpoint)
         self._put("ml:ModelVersion", self.registry.accepted(MODE_KIND[self.cfg.mode]) or 0)
         self._status("Idle", f"retraining service ready (executor {self.endpoint})")
@@ -519,10 +617,14 @@ class RetrainService:
             ("ml:Rollback", self._button("ml:Rollback", self.rollback)),
             ("ml:Endpoint", self._on_endpoint),
         ):
-            self._subs.append(self.ctx.monitor(f"{self.p}{name}", callback))
+            # disconnects too: ml:Endpoint's tell the IOC restarted (buttons ignore them)
+            self._subs.append(
+                self.ctx.monitor(f"{self.p}{name}", callback, notify_disconnect=True)
+            )
         return self
 
     def stop(self) -> None:
+        self._heartbeat.stop()
         self._stop.set()
         self._abort.set()
         for sub in self._subs:

@@ -358,3 +358,93 @@ def test_a_worker_thread_that_dies_is_reported_and_restarted_one_that_keeps_dyin
         thread.join(10)
         ctx.close()
         source.stop()
+
+
+SOURCE_SCRIPT = """
+import sys, time
+import numpy as np
+from p4p.server import Server
+from p4p.server.thread import SharedPV
+from edgeloop import ntnd
+name, uid = sys.argv[1], int(sys.argv[2])
+pv = SharedPV(initial=ntnd.build(np.ones((64, 64), np.uint16), uid))
+with Server(providers=[{name: pv}]):
+    print("serving", flush=True)
+    while True:
+        time.sleep(0.05)
+        uid += 1
+        pv.post(ntnd.build(np.ones((64, 64), np.uint16), uid))
+"""
+
+
+def test_a_frame_source_killed_and_restarted_mid_scan_is_followed_and_the_gap_reported(edge):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import TEST_ENV, wait_process_gone
+
+    system, _ = edge
+    name = f"{system.prefix}killable:Image"
+    before = counts(system)
+
+    def start(first_uid):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SOURCE_SCRIPT, name, str(first_uid)],
+            env=dict(os.environ, **TEST_ENV),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "serving"
+        return proc
+
+    # a second edge on this source, so the module's edge keeps its own input
+    from edgeloop.app.processes import ManagedProcess, wait_for_pv
+
+    first = start(1)
+    watcher = ManagedProcess(
+        "edge",
+        [
+            "edge",
+            "--prefix",
+            f"{system.prefix}k",
+            "--config",
+            str(system.config_path),
+            "--input-pv",
+            name,
+        ],
+        system.logs / "edge-k.log",
+        env=system.env,
+    )
+    p = f"{system.prefix}kedge:"
+    try:
+        wait_for_pv(system.ctx, f"{p}ModelVersion", 90, watcher)
+        system.wait_value("kedge:FramesOut", lambda v: v >= 5, 60)
+        os.kill(first.pid, signal.SIGKILL)
+        assert wait_process_gone(first.pid)
+        first.wait(5)
+        system.wait_value("kedge:Message", lambda v: "disconnected" in v, 20)
+        assert system.ctx.get(f"{p}Message")["alarm.severity"] == 1
+        out = system.value("kedge:FramesOut")
+        last = system.pv("kedge:Phase")["uniqueId"]
+        missed = system.value("kedge:MissedFrames")
+        phase = Collector(system.ctx, f"{p}Phase")
+        second = start(1000)  # the restarted source goes on numbering, 1000 onwards
+        try:
+            system.wait_value("kedge:FramesOut", lambda v: v >= out + 5, 60)
+            message = system.ctx.get(f"{p}Message")
+            assert "back after" in message["value"] and message["alarm.severity"] == 0
+            time.sleep(0.5)  # MissedFrames is published every stats_publish_s
+            resumed = min(f.unique_id for f in phase.wait(5) if f.unique_id >= 1000)
+            # the last answered before the kill was `last`, the first after it `resumed`
+            assert system.value("kedge:MissedFrames") - missed == resumed - last - 1
+        finally:
+            phase.close()
+            second.kill()
+            second.wait(5)
+    finally:
+        first.kill()
+        first.wait(5)
+        watcher.stop()
+    assert counts(system)["FramesIn"] == before["FramesIn"]  # the other edge saw none

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import h5py
 import numpy as np
@@ -114,29 +113,34 @@ def small_disk(path, size="200k"):
 
 
 def test_a_full_disk_keeps_the_frames_written_and_the_scan_goes_on(RE, tmp_path, caplog):
-    det, stage = sim_devices((64, 64))  # 8 kB a frame: 200 kB fill up after about 20
-    with small_disk(tmp_path / "disk") as disk:
+    det, stage = sim_devices((64, 64))  # 8 kB a frame: 1 MB fill up after about 90
+    with small_disk(tmp_path / "disk", "1m") as disk:
         writer = ScanWriter(disk)
         RE.subscribe(writer)
         with caplog.at_level(logging.ERROR):
-            RE(ptycho_scan(det, stage, num=60, step=0.05))  # does not raise
-        assert len(writer.errors) == 1 and "No space" in caplog.text
-        files = list(disk.glob("scan_*"))
-        assert len(files) == 1  # .h5 when the end could be marked, else the .part
-        scan = read_scan(files[0])
-        assert not scan["complete"] and 0 < scan["num_events"] < 60
-        assert scan["frames"].shape == (scan["num_events"], 64, 64)
-        assert len(scan["positions_um"]) == scan["num_events"]
+            RE(ptycho_scan(det, stage, num=150, step=0.05))  # does not raise
+        assert len(writer.errors) == 1 and "disk full" in caplog.text
+        (part,) = disk.glob("scan_*")
+        assert part.name.endswith(PART)
+        _check_partial(part, lambda n: 20 < n < 150, (64, 64))
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             assert usable_scans(disk) == []
-        assert files[0].name.endswith(PART) or "incomplete" in caplog.text
 
 
-KILLED_WRITER = (
+def _check_partial(path, frames_ok, shape) -> None:
+    scan = read_scan(path)
+    n = scan["num_events"]
+    assert not scan["complete"] and frames_ok(n), n
+    assert scan["frames"].shape == (n, *shape) and scan["positions_um"].shape == (n, 2)
+    assert len(scan["unique_id"]) == len(scan["timestamps"]) == n
+    np.testing.assert_array_equal(scan["unique_id"], np.arange(1, n + 1))
+
+
+WRITER = (
     SIM_DEVICES
     + """
-import sys, time
+import resource, signal, sys, time
 from bluesky import RunEngine
 from edgeloop.bluesky_plans import ScanWriter, ptycho_scan
 
@@ -145,33 +149,50 @@ RE = RunEngine({})
 RE.subscribe(writer)
 
 def hang_after_ten(name, doc):
-    if name == "event" and doc["seq_num"] == 10:
+    if name == "event" and doc["seq_num"] == 10 and sys.argv[2] == "hang":
         print("ten events", flush=True)
         time.sleep(120)
 
 RE.subscribe(hang_after_ten)
-RE(ptycho_scan(det, stage, num=50, step=0.1))
+if sys.argv[2] == "limit":  # any write error, not only a full disk: files of 300 kB at most
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+RE(ptycho_scan(det, stage, num=50, step=0.05))
+print("errors:", len(writer.errors), flush=True)
 """
 )
 
 
-def test_a_killed_writer_leaves_a_readable_partial_file(tmp_path):
+def _writer(tmp_path, how: str, shape) -> subprocess.Popen:
     script = tmp_path / "writer.py"
-    script.write_text(textwrap.dedent(KILLED_WRITER).replace("SHAPE", "(8, 6)"))
-    data = tmp_path / "data"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(data)], stdout=subprocess.PIPE, text=True
+    script.write_text(WRITER.replace("SHAPE", repr(shape)))
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "data"), how],
+        stdout=subprocess.PIPE,
+        text=True,
     )
+
+
+def test_a_write_error_keeps_the_frames_written_and_the_process_lives(tmp_path):
+    proc = _writer(tmp_path, "limit", (64, 64))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "errors: 1" in out
+    (part,) = (tmp_path / "data").glob("scan_*")
+    assert part.name.endswith(PART)
+    _check_partial(part, lambda n: 10 < n < 50, (64, 64))
+
+
+def test_a_killed_writer_leaves_a_readable_partial_file(tmp_path):
+    proc = _writer(tmp_path, "hang", (8, 6))
     try:
         assert proc.stdout.readline().strip() == "ten events"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
+    data = tmp_path / "data"
     (part,) = data.glob(f"scan_*.h5{PART}")
-    scan = read_scan(part)
-    assert not scan["complete"] and scan["num_events"] == 10
-    assert scan["frames"].shape == (10, 8, 6) and scan["positions_um"].shape == (10, 2)
+    _check_partial(part, lambda n: n == 10, (8, 6))
     assert list_scans(data) == [] and usable_scans(data) == []
 
 

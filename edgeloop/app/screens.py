@@ -147,11 +147,12 @@ def overview() -> screen.Screen:
             ("Status", f"{ml}Status"),
             ("Model version", f"{ml}ModelVersion"),
             ("Validation loss", f"{ml}ValLoss"),
+            ("Service", f"{ml}Service"),  # MAJOR "No heartbeat" when the service is gone
         ],
         width=130,
     )
-    lay.label("Progress", x2 - 10, 110 + 3 * ROW)
-    bar = widget.ProgressBar("progress", f"{ml}Progress", x2 + 145, 110 + 3 * ROW, 130, 20)
+    lay.label("Progress", x2 - 10, 110 + 4 * ROW)
+    bar = widget.ProgressBar("progress", f"{ml}Progress", x2 + 145, 110 + 4 * ROW, 130, 20)
     lay.add(bar)
 
     y = 420

@@ -3,8 +3,8 @@
 Both raise in the main thread (``KeyboardInterrupt``, or its subclass :class:`Terminated` for
 SIGTERM), so every ``except KeyboardInterrupt`` / ``finally`` that stops servers and child
 processes runs for both; the command then exits with 128 + the signal number (130, 143).
-Signals that arrive while the command is already stopping are ignored, so a second Ctrl-C
-cannot cut the clean-up short and leave children behind.
+A second signal while the command is stopping is ignored, so an impatient Ctrl-C cannot cut
+the clean-up short and leave children behind; a third ends the process at once.
 
 A RunEngine pauses on Ctrl-C by default and waits for the user; :class:`AbortOnSignal`,
 given as ``RunEngine(context_managers=[AbortOnSignal])``, aborts the run instead (its
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 received: int | None = None  # the first signal that asked this process to stop
+_repeats = 0
 
 
 class Terminated(KeyboardInterrupt):
@@ -33,19 +35,22 @@ def _interrupt(signum: int) -> KeyboardInterrupt:
 
 
 def _on_signal(signum, frame) -> None:
-    global received
-    if received is not None:
-        log.warning("%s: already stopping", signal.Signals(signum).name)
-        return
-    received = signum
-    raise _interrupt(signum)
+    global received, _repeats
+    if received is None:
+        received = signum
+        raise _interrupt(signum)
+    _repeats += 1
+    if _repeats >= 2:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    log.warning("%s: already stopping (once more to end at once)", signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGINT and SIGTERM raise in the main thread (enter from the main thread)."""
-    global received
-    received = None
+    global received, _repeats
+    received, _repeats = None, 0
     old = {sig: signal.signal(sig, _on_signal) for sig in SIGNALS}
     try:
         yield

@@ -78,6 +78,19 @@ def cmd_retrain_service(args) -> None:
     RetrainService(_config(args)).serve_forever()
 
 
+def cmd_soak(args) -> None:
+    from edgeloop.app.soak import run_soak
+
+    run_soak(
+        _config(args),
+        args.out,
+        args.minutes,
+        fraction=args.fraction,
+        retrain_every_s=args.retrain_every,
+        bad_every=args.bad_every,
+    )
+
+
 def cmd_demo(args) -> None:
     from edgeloop.app.demo import run_demo
 
@@ -184,6 +197,27 @@ def main(argv: list[str] | None = None) -> None:
         "--executor",
         choices=list(EXECUTORS),
         help="where retraining runs (default: the config's, local)",
+    )
+
+    p = add(
+        "soak",
+        cmd_soak,
+        "run the loop unattended: stream at a fraction of the edge's ceiling with malformed "
+        "frames mixed in, retrain and hot-swap every few minutes; writes DIR/soak.json",
+    )
+    p.add_argument("--minutes", type=float, default=30.0, help="how long (default 30)")
+    p.add_argument("--out", default="edgeloop-soak", help="output directory")
+    p.add_argument(
+        "--fraction", type=float, default=0.8, help="of the measured ceiling (default 0.8)"
+    )
+    p.add_argument(
+        "--retrain-every",
+        type=float,
+        default=240.0,
+        help="seconds between retraining cycles (default 240)",
+    )
+    p.add_argument(
+        "--bad-every", type=int, default=50, help="one malformed frame in N (default 50)"
     )
 
     p = add(

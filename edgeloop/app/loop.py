@@ -64,17 +64,18 @@ class OutputCollector:
 
 
 def wait_drained(ctx: Context, prefix: str, settle_s: float = 1.0, timeout: float = 60.0) -> int:
-    """Wait until the edge has answered every frame it received and no more arrive."""
+    """Wait until the edge has settled every frame it received (answered, dropped or
+    refused: nothing in flight) and no more arrive; returns FramesIn."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
         frames_in = ctx.get(f"{prefix}edge:FramesIn")["value"]
-        frames_out = ctx.get(f"{prefix}edge:FramesOut")["value"]
-        if frames_in == frames_out == last:
+        in_flight = ctx.get(f"{prefix}edge:InFlight")["value"]
+        if in_flight == 0 and frames_in == last:
             return frames_in
         if time.monotonic() > deadline:
-            raise TimeoutError(f"edge not drained: {frames_in} in, {frames_out} out")
-        last = frames_in if frames_in == frames_out else None
+            raise TimeoutError(f"edge not drained: {frames_in} in, {in_flight} in flight")
+        last = frames_in if in_flight == 0 else None
         time.sleep(settle_s)
 
 
@@ -100,8 +101,8 @@ def _wait_retrained(ctx: Context, p: str, old_version: int, timeout: float) -> l
 class Servers:
     """The three servers as subprocesses (ioc, edge, retrain-service), stopped by PID."""
 
-    def __init__(self, cfg: Config, out: Path):
-        self.cfg, self.out = cfg, out
+    def __init__(self, cfg: Config, out: Path, edge_args: tuple[str, ...] = ()):
+        self.cfg, self.out, self.edge_args = cfg, out, edge_args
         self.procs: list[ManagedProcess] = []
         self.ctx = Context("pva", nt=False)
 
@@ -114,7 +115,8 @@ class Servers:
                 ("edge", "edge:ModelVersion"),
                 ("retrain-service", None),
             ):
-                proc = ManagedProcess(name, [name, *common], out / "logs" / f"{name}.log")
+                extra = self.edge_args if name == "edge" else ()
+                proc = ManagedProcess(name, [name, *common, *extra], out / "logs" / f"{name}.log")
                 self.procs.append(proc)
                 if ready:
                     wait_for_pv(self.ctx, f"{p}{ready}", 60, proc)

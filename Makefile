@@ -31,6 +31,7 @@ test: lint
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/edge_throughput.py
+	$(PY) benchmarks/monitor_load.py
 
 clean:
 	rm -rf $(VENV) out

@@ -125,3 +125,23 @@ def test_live_plot_shows_the_edge_answers_and_the_bar_counts_points(loop, RE):
         live.close()
         det.destroy()
         stage.destroy()
+
+
+def test_two_systems_with_different_prefixes_run_side_by_side_without_interfering(
+    loop, system, RE
+):
+    """The session's loop and this module's, on one host: frames, counts and messages of
+    one never reach the other."""
+    before = {s.prefix: s.value("edge:FramesIn") for s in (loop, system)}
+    det, stage = make_devices(loop.prefix)
+    try:
+        RE(ptycho_scan(det, stage, num=20, step=0.05))
+    finally:
+        det.destroy()
+        stage.destroy()
+    loop.wait_value("edge:FramesIn", lambda v: v >= before[loop.prefix] + 20, 30)
+    time.sleep(4 * system.cfg.edge.stats_publish_s)
+    assert system.value("edge:FramesIn") == before[system.prefix]
+    loop.ctx.put(f"{loop.prefix}ml:Message", "only this loop's message", timeout=5)
+    assert loop.value("ml:Message") == "only this loop's message"
+    assert system.value("ml:Message") != "only this loop's message"

@@ -108,8 +108,12 @@ class RetrainService:
 
     Triggers: ``$(P)ml:Retrain`` writes and :meth:`request` (e.g. from a Bluesky callback);
     one retraining at a time, and triggers meanwhile coalesce into one follow-up.
-    ``$(P)ml:Abort`` cancels the running one; ``$(P)ml:Rollback`` serves the previously
-    accepted model again; a write to ``$(P)ml:Endpoint`` picks the executor for the next run.
+    ``$(P)ml:Abort`` cancels the running one in any state (it ends in Error, "... aborted by
+    ml:Abort", and nothing is deployed); ``$(P)ml:Rollback`` serves the previously accepted
+    model again; a write to ``$(P)ml:Endpoint`` picks the executor for the next run.  When
+    the ML IOC restarts, the service writes its state back into it (the IOC's initial
+    ml:Endpoint is not a request); a dead or stopped worker pool is replaced before the next
+    task.
     """
 
     def __init__(self, cfg: Config, executor=None, step_timeout: float | None = None):
@@ -245,7 +249,8 @@ class RetrainService:
             old, self.executor, self.endpoint = self.executor, executor, name
             self._stale = False
         self._shut(old)
-        self._put("ml:Endpoint", name)  # the state to write back after an IOC restart
+        with self._state_lock:  # the PV holds it already; written back after an IOC restart
+            self._state["ml:Endpoint"] = name
         self._put("ml:Message", f"executor now {name}")
         log.info("executor now %s", name)
 
@@ -277,7 +282,8 @@ class RetrainService:
 
     def _check_abort(self) -> None:
         if self._abort.is_set():
-            raise Aborted(f"{self._step.lower()} aborted by ml:Abort")
+            step = "retraining" if self._step in ("Idle", "Error") else self._step.lower()
+            raise Aborted(f"{step} aborted by ml:Abort")
 
     def _enter(self, state: str, message: str) -> None:
         """The next step, unless an abort came during the last one."""

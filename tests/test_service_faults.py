@@ -218,3 +218,20 @@ def test_abort_in_each_step_deploys_nothing_and_the_next_trigger_works(
 
     assert lp.retrain() == "Idle", lp.value("ml:Message")
     assert lp.value("edge:ModelVersion") > serving
+
+
+def test_a_run_that_raises_anywhere_ends_in_error_saying_why(loop, monkeypatch):  # noqa: F811
+    import edgeloop.remote.service as service_module
+
+    lp = loop()
+    lp.start_service("local")
+
+    def unreadable(data_dir):
+        raise OSError(f"{data_dir}: input/output error")
+
+    monkeypatch.setattr(service_module, "usable_scans", unreadable)
+    assert lp.retrain(timeout=30) == "Error"
+    assert lp.value("ml:Message") == (
+        f"retraining failed: OSError: {lp.cfg.data_path}: input/output error"
+    )
+    assert lp.value("ml:Progress") == 0.0  # where it stopped (Staging); the message says why

@@ -194,11 +194,18 @@ def edge_stats(ctx: Context, cfg: Config) -> dict:
     }
 
 
-def retrain_via_pv(ctx: Context, p: str, old_version: int) -> tuple[float, list[str]]:
-    from caproto.sync.client import write as ca_put  # caput, as an operator would
-
-    log.info("operator: caput %sml:Retrain 1", p)
+def retrain_via_pv(
+    ctx: Context, p: str, old_version: int, protocol: str = "ca"
+) -> tuple[float, list[str]]:
+    """Write 1 to ml:Retrain, over CA as an operator's caput would (or PVA), and wait for
+    the new model to serve: (seconds, the ml:Status states seen)."""
+    log.info("operator: put %sml:Retrain 1 (%s)", p, protocol)
     t0 = time.perf_counter()
-    ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5, repeater=False)
+    if protocol == "ca":
+        from caproto.sync.client import write as ca_put
+
+        ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5, repeater=False)
+    else:
+        ctx.put(f"{p}ml:Retrain", 1, timeout=5)
     states = _wait_retrained(ctx, p, old_version, timeout=900)
     return time.perf_counter() - t0, states

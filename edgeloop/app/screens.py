@@ -133,10 +133,12 @@ def overview() -> screen.Screen:
             ("Bad frames", f"{edge}BadFrames"),
             ("Missed frames", f"{edge}MissedFrames"),
             ("Repeats", f"{edge}Repeats"),
+            ("In flight", f"{edge}InFlight"),
+            ("Thread restarts", f"{edge}Restarts"),  # MAJOR from the first
         ],
     )
-    lay.label("Message", x, 80 + 11 * ROW)
-    lay.readback(f"{edge}Message", x + 155, 80 + 11 * ROW, 450)
+    lay.label("Message", x, 80 + 13 * ROW)
+    lay.readback(f"{edge}Message", x + 155, 80 + 13 * ROW, 450)
 
     x2 = 1200
     lay.section("Retraining", x2, 80, 280)
@@ -155,7 +157,7 @@ def overview() -> screen.Screen:
     bar = widget.ProgressBar("progress", f"{ml}Progress", x2 + 145, 110 + 4 * ROW, 130, 20)
     lay.add(bar)
 
-    y = 420
+    y = 460
     lay.section("Training", x, y, 600)
     lay.label("Message", x, y + 30)
     # an lsi record: over CA a plain name gives 40 characters, pva:// gives it whole

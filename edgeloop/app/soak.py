@@ -175,7 +175,7 @@ def run_soak(
                 lost += _scan(cfg, RE, det, stage, writer, scan_points, center)
                 version = int(ctx.get(f"{p}edge:ModelVersion")["value"])
                 try:
-                    seconds, _ = retrain_via_pv(ctx, p, version)
+                    seconds, _ = retrain_via_pv(ctx, p, version, protocol="pva")
                     swaps += 1
                     version = int(ctx.get(f"{p}edge:ModelVersion")["value"])
                     cycles.append({"retrain_s": round(seconds, 1), "version": version})

@@ -288,8 +288,9 @@ class EdgeServer:
                 raise ntnd.FrameError(f"{data.size - np.isfinite(data).sum()} NaN/Inf pixels")
             if mode == "ptycho":
                 self._check_ptycho_size(data.shape)
-        except ntnd.FrameError as exc:
-            self.queue.settle_bad(uid, str(exc))
+        except Exception as exc:  # FrameError, or anything a damaged value raises
+            reason = str(exc) if isinstance(exc, ntnd.FrameError) else f"{exc!r}"
+            self.queue.settle_bad(uid, reason)
             return None
         frame.attributes["Mode"] = mode
         frame.new_acquisition = restart
@@ -316,20 +317,29 @@ class EdgeServer:
         while not self._stop.is_set():
             items = self.queue.get_batch(self.cfg.edge.max_batch, timeout=0.1)
             frames = [f for f in map(self._decode, items) if f is not None]
-            # consecutive frames of one mode form a batch
-            while frames:
-                mode = frames[0].attributes["Mode"]
-                n = next(
-                    (i for i, f in enumerate(frames) if f.attributes["Mode"] != mode), len(frames)
-                )
-                batch, frames = frames[:n], frames[n:]
-                self._set_mode(mode)
-                served = self.slot.get()  # one model for the whole batch
-                if mode == "hedm":
-                    for frame in batch:
-                        self._guarded(frame, self._hedm, served)
-                else:
-                    self._ptycho(batch, served)
+            try:
+                self._handle(list(frames))
+            except Exception:
+                for frame in frames:  # a bug: count what it left unanswered, then die
+                    if not frame.settled:
+                        self.queue.settle_bad(frame.unique_id, "edge thread failed", 2)
+                raise
+
+    def _handle(self, frames: list) -> None:
+        """Answer decoded frames; consecutive frames of one mode form a batch."""
+        while frames:
+            mode = frames[0].attributes["Mode"]
+            n = next(
+                (i for i, f in enumerate(frames) if f.attributes["Mode"] != mode), len(frames)
+            )
+            batch, frames = frames[:n], frames[n:]
+            self._set_mode(mode)
+            served = self.slot.get()  # one model for the whole batch
+            if mode == "hedm":
+                for frame in batch:
+                    self._guarded(frame, self._hedm, served)
+            else:
+                self._ptycho(batch, served)
 
     def _guarded(self, frame, handle, *args) -> None:
         """Handle one frame; whatever fails, it is counted once, as bad, and reported."""
@@ -337,17 +347,16 @@ class EdgeServer:
             handle(frame, *args)
         except Exception as exc:
             log.debug("frame uniqueId=%s failed", frame.unique_id, exc_info=True)
-            self.queue.settle_bad(
-                frame.unique_id, f"inference failed: {type(exc).__name__}: {exc}", severity=2
-            )
+            if not frame.settled:
+                frame.settled = True
+                reason = f"inference failed: {type(exc).__name__}: {exc}"
+                self.queue.settle_bad(frame.unique_id, reason, severity=2)
 
     def _ptycho(self, frames, served: ServedModel) -> None:
         """The batch at once; if that fails, frame by frame, so only the culprit is lost."""
         try:
             amplitude, phase = served.infer([f.data for f in frames])
         except Exception:
-            if len(frames) == 1:
-                return self._guarded(frames[0], self._ptycho_one, served)
             for frame in frames:
                 self._guarded(frame, self._ptycho_one, served)
             return
@@ -383,6 +392,7 @@ class EdgeServer:
 
     def _count_out(self, frame, now: float) -> None:
         """Count a frame answered at ``now`` and its latency since it arrived."""
+        frame.settled = True
         self.queue.settle_answered()
         self.latencies.append((now - frame.received) * 1e3)
         self._out_times.append(now)

@@ -27,6 +27,7 @@ class Frame:
     attributes: dict = field(default_factory=dict)
     received: float = 0.0
     new_acquisition: bool = False  # the source's uniqueId counter restarted with this frame
+    settled: bool = False  # counted by the edge: answered or refused
 
 
 def _stamp(t: float) -> dict:

@@ -348,6 +348,20 @@ def test_a_worker_thread_that_dies_is_reported_and_restarted_one_that_keeps_dyin
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert ctx.get(f"{p}edge:Phase")["uniqueId"] == uid
+        # a fault while a frame is in hand: the frame is counted, as bad, before the thread dies
+        real_set_mode = edge._set_mode
+
+        def failing_set_mode(mode):
+            edge._set_mode = real_set_mode
+            raise RuntimeError("injected fault in the middle of a batch")
+
+        edge._set_mode = failing_set_mode
+        source.frame()
+        while ctx.get(f"{p}edge:Restarts")["value"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        counts = edge.queue.counts()
+        assert counts["bad"] == 1 and counts["in_flight"] == 0, counts
         faults["left"] = 10**6  # now it dies on every try
         thread.join(30)
         assert not thread.is_alive()

@@ -135,7 +135,7 @@ class RetrainService:
         self._state_lock = threading.Lock()
         self._ioc_lost = False  # ml:Endpoint disconnected: the next value is the IOC's own
         self._ioc_seen = False
-        self._stale = False  # the executor was shut down: a fresh one before the next task
+        self._stale = False  # shut down, and no fresh one could be started yet
         self._step = "Idle"
 
     def _make_executor(self, name: str):
@@ -309,22 +309,22 @@ class RetrainService:
             except Exception as exc:
                 lost = lost_worker(self.executor, exc)
                 if getattr(self.executor, "broken", False):
-                    self._retire_executor()
+                    self._renew_executor()
                 if lost is not None:
                     raise RetrainError(f"{what} failed: {lost}") from exc
                 raise RetrainError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
     def _cancel(self, future) -> None:
         """Stop a running task by shutting its executor down (the local worker is
-        terminated, Parsl's blocks are cancelled); a fresh one runs the next task.  A remote
-        task that cannot be stopped is abandoned (its result is never used)."""
+        terminated, Parsl's blocks are cancelled) and starting a fresh one.  A remote task
+        that cannot be stopped is abandoned (its result is never used)."""
         try:
             if future.cancel():
                 return
         except NotImplementedError:  # Parsl's AppFuture
             pass
         if stoppable(self.executor):
-            self._retire_executor()
+            self._renew_executor()
 
     def _shut(self, executor) -> None:
         try:
@@ -332,22 +332,27 @@ class RetrainService:
         except Exception:
             log.exception("stopping the executor failed")
 
-    def _retire_executor(self) -> None:
-        self._stale = True
+    def _renew_executor(self, must: bool = False) -> None:
+        """Shut the executor down and start a fresh one; if that fails, the next run tries
+        again (``must``: raise instead)."""
         self._shut(self.executor)
+        self._stale = True
+        try:
+            self.executor = self._make_executor(self.endpoint)
+        except Exception as exc:
+            if must:
+                raise RetrainError(f"cannot start the {self.endpoint} executor: {exc}") from exc
+            log.exception("cannot start the %s executor", self.endpoint)
+            return
+        self._stale = False
 
     def _ready_executor(self) -> None:
-        """A fresh executor if the last one was shut down or its worker died while idle."""
-        if not self._stale and getattr(self.executor, "broken", False):
+        """A fresh executor if starting one failed before or its worker died while idle."""
+        if getattr(self.executor, "broken", False):
             lost = self.executor.dead_worker() or "its worker died"
             log.warning("executor %s: %s; starting a new one", self.endpoint, lost)
-            self._retire_executor()
-        if self._stale:
-            try:
-                self.executor = self._make_executor(self.endpoint)
-            except Exception as exc:
-                raise RetrainError(f"cannot start the {self.endpoint} executor: {exc}") from exc
-            self._stale = False
+        if self._stale or getattr(self.executor, "broken", False):
+            self._renew_executor(must=True)
 
     def _analysis_request(self, kind: str, scans: list[str]) -> tuple[str, dict]:
         """(what the analysis is, in words; its request)."""

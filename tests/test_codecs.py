@@ -155,6 +155,8 @@ def test_a_corrupt_compressed_frame_is_counted_named_and_the_next_is_answered(fe
     answered = {f.unique_id for f in outputs.wait(2, timeout=10)}  # and the last answer before
     assert 902 in answered and 901 not in answered
     outputs.close()
+    # refusals are summarised once per edge.bad_frame_report_s, with an example uniqueId
+    system.wait_value("edge:Message", lambda v: "uniqueId 901" in v, 5)
     message = system.pv("edge:Message")
-    assert "uniqueId=901" in message["value"] and "bslz4" in message["value"]
+    assert "bslz4" in message["value"]
     assert message["alarm.severity"] == 1

@@ -114,14 +114,14 @@ def edge_rate(
     )
     time.sleep(0.5)
     edge.latencies.clear()
-    in0, drop0, missed0 = edge.queue.received, edge.queue.dropped, edge.frame_ids.missed
+    out0, drop0, missed0 = edge.frames_out, edge.queue.dropped, edge.frame_ids.missed
     t0 = time.perf_counter()
     post_s = _post_all(source, frames, n, pace_s, attributes, codec)
     deadline = time.monotonic() + 120
 
     def answered_all() -> bool:  # frames the transport lost never arrive
         lost = edge.queue.dropped - drop0 + edge.frame_ids.missed - missed0
-        return edge.frames_out >= in0 + n - lost
+        return edge.frames_out - out0 >= n - lost
 
     while not answered_all() and time.monotonic() < deadline:
         time.sleep(0.02)

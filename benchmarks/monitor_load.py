@@ -85,9 +85,9 @@ def main() -> None:
                 edge_rate(edge, source, frames, 100, attributes=where)  # warm-up
                 for _ in range(args.rounds):
                     for case in ("alone", "watched"):
-                        watchers = (
-                            Watchers(cfg.prefix, args.clients, args.pvs) if case == "watched" else None
-                        )
+                        watchers = None
+                        if case == "watched":
+                            watchers = Watchers(cfg.prefix, args.clients, args.pvs)
                         try:
                             rate, *_ = edge_rate(
                                 edge, source, frames, args.frames, attributes=where

@@ -12,10 +12,20 @@ from edgeloop.bluesky_plans.callbacks import SCAN_DATASETS, RetrainTrigger, Scan
 from edgeloop.bluesky_plans.live import EdgeLivePlot, ScanProgress
 from edgeloop.bluesky_plans.plans import hedm_rotation_scan, ptycho_scan, spiral_positions
 
-_DEVICE_NAMES = ("PtychoDetector", "PvaImageSignal", "SampleStage", "make_devices")
+_DEVICE_NAMES = (
+    "AreaDetector",
+    "HDF5PluginWithFileStore",
+    "PtychoDetector",
+    "PvaImageSignal",
+    "SampleStage",
+    "make_ad_devices",
+    "make_devices",
+)
 
 __all__ = [
     "SCAN_DATASETS",
+    "AreaDetector",
+    "HDF5PluginWithFileStore",
     "EdgeLivePlot",
     "ScanProgress",
     "PtychoDetector",
@@ -24,6 +34,7 @@ __all__ = [
     "SampleStage",
     "ScanWriter",
     "hedm_rotation_scan",
+    "make_ad_devices",
     "make_devices",
     "ptycho_scan",
     "read_scan",

@@ -1,9 +1,14 @@
 """Ophyd devices for the (simulated or real) beamline.
 
 The sample stage is three motor records (``$(P)SampleX``, ``$(P)SampleY`` in micrometres,
-``$(P)SampleRot`` in degrees).  The detector is an areaDetector-like camera: its controls
-(``$(P)det:cam1:*``) are read over Channel Access, its frames over pvAccess as NTNDArray
-(``$(P)det:Pva1:Image``).
+``$(P)SampleRot`` in degrees).  The detector comes in two forms:
+
+- :class:`PtychoDetector`: its controls (``$(P)det:cam1:*``) are read over Channel Access,
+  its frames over pvAccess as NTNDArray (``$(P)det:Pva1:Image``) and copied into the events.
+- :class:`AreaDetector`: ophyd's stock areaDetector classes (``$(P)det:cam1:`` and the HDF5
+  file plugin ``$(P)det:HDF1:``); the IOC writes the frames to HDF5 and the events carry
+  datum ids that point into the file (``resource``/``datum`` documents).  It works the same
+  with any areaDetector IOC.
 
 Call :func:`edgeloop.config.pin_loopback` before importing this module when the simulated
 beamline serves Channel Access on its own port.
@@ -14,17 +19,44 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from ophyd import Component as Cpt
-from ophyd import Device, DeviceStatus, EpicsMotor, EpicsSignal, EpicsSignalRO, Signal
+from ophyd import (
+    Device,
+    DeviceStatus,
+    EpicsMotor,
+    EpicsSignal,
+    EpicsSignalRO,
+    EpicsSignalWithRBV,
+    Signal,
+)
 from ophyd import FormattedComponent as FCpt
+from ophyd.areadetector import ADComponent as ADCpt
+from ophyd.areadetector.cam import AreaDetectorCam
+from ophyd.areadetector.detectors import DetectorBase
+from ophyd.areadetector.filestore_mixins import FileStoreHDF5IterativeWrite
+from ophyd.areadetector.plugins import HDF5Plugin
+from ophyd.areadetector.trigger_mixins import ADTriggerStatus, SingleTrigger
+from ophyd.device import Staged
 
 from edgeloop import ntnd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PtychoDetector", "PvaImageSignal", "SampleStage", "make_devices"]
+__all__ = [
+    "AreaDetector",
+    "HDF5PluginWithFileStore",
+    "PtychoDetector",
+    "PvaImageSignal",
+    "SampleStage",
+    "make_ad_devices",
+    "make_devices",
+]
+
+# Seconds the IOC gets to open its file once Capture is set; ophyd would wait without limit.
+CAPTURE_TIMEOUT_S = 10.0
 
 
 class SampleStage(Device):
@@ -272,4 +304,114 @@ def make_devices(
     # The image PV is not probed here: an NDPluginPva-like server may keep it closed until
     # the first frame, so it is first read by the first trigger().
     log.info("devices on %s connected", prefix)
+    return det, stage
+
+
+class HDF5PluginWithFileStore(HDF5Plugin, FileStoreHDF5IterativeWrite):
+    """ophyd's HDF5 file plugin writing one file per run (FileWriteMode Stream) and emitting
+    a ``resource`` document (spec ``AD_HDF5``, ``frame_per_point``) and one ``datum``
+    (``point_number``) per trigger.
+
+    Added to the stock classes: ophyd checks ``FilePathExists_RBV`` only after setting
+    ``Capture`` = 1 and waiting, without limit, for ``Capture_RBV``, which never comes when
+    the IOC cannot open the file.  Here the path is set and checked first
+    (:meth:`make_filename`), and Capture gets :data:`CAPTURE_TIMEOUT_S`; either failure stops
+    staging with an ``OSError`` that quotes the plugin's ``WriteMessage``.
+    """
+
+    capture = ADCpt(EpicsSignalWithRBV, "Capture", write_timeout=CAPTURE_TIMEOUT_S)
+
+    def make_filename(self):
+        filename, read_path, write_path = super().make_filename()
+        self.file_path.set(write_path).wait()
+        if not self.file_path_exists.get(use_monitor=False):
+            raise OSError(
+                f"{self.name}: the IOC has no directory {write_path} (FilePathExists_RBV is 0) "
+                "and did not create it; check the path and that the IOC can write there"
+            )
+        return filename, read_path, write_path
+
+    def stage(self):
+        try:
+            return super().stage()
+        except TimeoutError as exc:
+            message = self.write_message.get(use_monitor=False)
+            raise OSError(f"{self.name}: Capture did not start: {message}") from exc
+
+
+class AreaDetector(SingleTrigger, DetectorBase):
+    """An areaDetector from ophyd's stock classes: camera ``cam1:`` and HDF5 plugin ``HDF1:``.
+
+    Each trigger acquires ``NumImages`` frames (ImageMode Multiple) and completes when
+    ``Acquire_RBV`` returns to 0; the plugin appends them to the run's file.  The event field
+    ``<name>_image`` holds a datum id, not the frames (shape ``(NumImages, ny, nx)``, external
+    ``FILESTORE:``).
+
+    Parameters
+    ----------
+    prefix : str
+        The detector's prefix, e.g. ``"SIM:det:"``.
+    write_path_template : str
+        Directory (a ``strftime`` template) the IOC writes files to.
+    read_path_template : str, optional
+        The same directory as mounted here, when it differs.
+    **kwargs
+        Passed to ophyd's ``DetectorBase`` (``name``, ...).
+    """
+
+    _default_read_attrs = ("hdf1",)
+
+    cam = ADCpt(AreaDetectorCam, "cam1:")
+    hdf1 = ADCpt(HDF5PluginWithFileStore, "HDF1:", write_path_template="/")
+
+    def __init__(
+        self, prefix: str, *, write_path_template: str, read_path_template=None, **kwargs
+    ):
+        super().__init__(prefix, **kwargs)
+        self.hdf1.write_path_template = write_path_template
+        self.hdf1.read_path_template = read_path_template
+
+    def trigger(self) -> ADTriggerStatus:
+        """SingleTrigger's trigger, returning its status even when the acquisition is over
+        before this method is: SingleTrigger returns ``self._status``, which its Acquire
+        callback resets to None at the end of the acquisition, so a detector faster than the
+        call (a few milliseconds) would hand the RunEngine None."""
+        if self._staged != Staged.yes:
+            raise RuntimeError(f"{self.name} is not staged; stage it before triggering")
+        self._status = status = self._status_type(self)
+        self._acquisition_signal.put(1, wait=False)
+        self.generate_datum(self._image_name, time.time(), {})
+        return status
+
+
+def make_ad_devices(
+    prefix: str = "SIM:", data_dir: str | Path = ".", timeout: float = 10.0, warmup: bool = True
+) -> tuple[AreaDetector, SampleStage]:
+    """Build the areaDetector (``det`` on ``{prefix}det:``) and the stage; wait for them.
+
+    Parameters
+    ----------
+    prefix : str
+        Beamline PV prefix.
+    data_dir : str or Path
+        Directory the IOC writes the HDF5 files to (the same path here and on the IOC).
+    timeout : float
+        Seconds to wait for the Channel Access connections.
+    warmup : bool
+        Take one frame (ophyd's ``HDF5Plugin.warmup``, about 3 s) when the file plugin has
+        seen none since its IOC started: it refuses to stage before.
+
+    Returns
+    -------
+    det : AreaDetector
+    stage : SampleStage
+    """
+    directory = f"{Path(data_dir).resolve()}/"
+    det = AreaDetector(f"{prefix}det:", name="det", write_path_template=directory)
+    stage = SampleStage(prefix, name="stage")
+    det.wait_for_connection(timeout=timeout)
+    stage.wait_for_connection(timeout=timeout)
+    if warmup and not any(det.hdf1.array_size.get()):
+        det.hdf1.warmup()
+    log.info("areaDetector devices on %s connected, files to %s", prefix, directory)
     return det, stage

@@ -2,7 +2,8 @@
 modes, ptychography and HEDM.
 
 Channel Access (caproto) serves the controls; the frames go out over pvAccess (p4p) as
-NTNDArray on ``$(P)det:Pva1:Image``, the way areaDetector's NDPluginPva publishes them.
+NTNDArray on ``$(P)det:Pva1:Image``, the way areaDetector's NDPluginPva publishes them, and
+into HDF5 files through the NDFileHDF5-like plugin ``$(P)det:HDF1:`` (``hdf_plugin``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 
 import numpy as np
 from caproto import ChannelType
-from caproto.server import PVGroup, SubGroup, pvproperty, run
+from caproto.asyncio.server import start_server
+from caproto.server import PVGroup, SubGroup, pvproperty
 from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import BEAMLINE_CA_PORT, MODES, Config, check_mode
+from edgeloop.ioc.areadetector import DISABLE_ENABLE, IMAGE_MODES, CamRecords, NDArray, enum_index
+from edgeloop.ioc.hdf_plugin import NDFileHDF5
 from edgeloop.ioc.hedm import HedmSimulator
 from edgeloop.ioc.physics import PtychoSimulator
 
@@ -138,15 +143,18 @@ class Codec(PVGroup):
         return {v: k for k, v in self.COMPRESSORS.items()}[choice]
 
 
-class Detector(PVGroup):
-    """areaDetector-like camera: Acquire takes NumImages frames at the stage position.
+class Detector(CamRecords):
+    """areaDetector-like camera: Acquire takes one frame (ImageMode Single), NumImages
+    (Multiple, the default) or frames until Acquire is set to 0 (Continuous), one every
+    max(AcquireTime, AcquirePeriod) seconds, at the stage position.
 
     Mode ``ptycho``: each frame is the far-field diffraction pattern of the simulated sample
     (probe x object patch, FFT, intensity, Poisson noise) at (SampleX, SampleY).  Mode
     ``hedm``: each frame is a detector image of Bragg peaks at the rotation angle SampleRot.
-    Frames go out over PVA with uniqueId = ArrayCounter and NDAttributes Mode plus SampleX/
-    SampleY (um) or SampleRot (deg).  The put to Acquire completes when the frames are out.
-    Mode cannot change while acquiring.
+    With ArrayCallbacks enabled, frames go out over PVA and to the file plugin (``hdf``)
+    with uniqueId = ArrayCounter and NDAttributes Mode plus SampleX/SampleY (um) or SampleRot
+    (deg).  The put to Acquire completes when the frames are out (and written).  Mode cannot
+    change while acquiring.
     """
 
     acquire = pvproperty(
@@ -192,10 +200,19 @@ class Detector(PVGroup):
     )
 
     def __init__(
-        self, *args, sims: dict, initial_mode: str, image_pv: SharedPV, stage, codec, **kwargs
+        self,
+        *args,
+        sims: dict,
+        initial_mode: str,
+        image_pv: SharedPV,
+        stage,
+        codec,
+        hdf: NDFileHDF5 | None = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.codec = codec
+        self.hdf = hdf
         self.sims = sims
         self.active_mode = initial_mode
         self.image_pv = image_pv
@@ -210,16 +227,24 @@ class Detector(PVGroup):
         if self.acquire_rbv.value in (1, "Acquiring"):
             raise RuntimeError("acquisition already running")
         self._stop = False
+        image_mode = IMAGE_MODES[enum_index(self.image_mode.setpoint.value, IMAGE_MODES)]
+        frames = {"Single": 1, "Multiple": max(int(self.num_images.value), 1)}.get(image_mode)
+        await self.num_images_counter.write(0)
         await self.acquire_rbv.write(1)
+        await self.detector_state.write("Acquire")
+        state = "Idle"
         try:
-            for _ in range(max(int(self.num_images.value), 1)):
-                if self._stop:
-                    break
+            taken = 0
+            while (frames is None or taken < frames) and not self._stop:  # None: Continuous
                 await self._one_frame()
+                taken += 1
+                await self.num_images_counter.write(taken)
         except Exception as exc:
+            state = "Error"
             await self.status_message.write(f"acquisition failed: {exc}")
             raise
         finally:
+            await self.detector_state.write(state)
             await self.acquire_rbv.write(0)
         return 0
 
@@ -236,13 +261,19 @@ class Detector(PVGroup):
             frame = await asyncio.to_thread(self.sims["ptycho"].frame, x, y)
             attrs = {"Mode": "ptycho", "SampleX": x, "SampleY": y}
             where = f"({x:.4f}, {y:.4f}) um"
-        value = ntnd.build(frame, uid, attrs, codec=self.codec.codec)
-        self.image_pv.post(value)
-        await self.codec.comp_factor.write(value["uncompressedSize"] / value["compressedSize"])
+        array = NDArray(frame, uid, time.time(), {"ColorMode": 0, **attrs})
+        await self.array_info(array)
+        if enum_index(self.array_callbacks.setpoint.value, DISABLE_ENABLE):
+            value = ntnd.build(frame, uid, array.attributes, array.timestamp, self.codec.codec)
+            self.image_pv.post(value)
+            await self.codec.comp_factor.write(value["uncompressedSize"] / value["compressedSize"])
+            if self.hdf is not None:
+                await self.hdf.process(array)
         await self.array_counter.write(uid)
         await self.array_counter_rbv.write(uid)
         await self.status_message.write(f"frame {uid} at {where}")
-        rest = float(self.acquire_time.value) - (time.monotonic() - t0)
+        period = max(float(self.acquire_time.value), float(self.acquire_period.setpoint.value))
+        rest = period - (time.monotonic() - t0)
         if rest > 0:
             await asyncio.sleep(rest)
 
@@ -257,12 +288,14 @@ class Detector(PVGroup):
     async def num_images(self, instance, value):
         if value < 1:
             raise ValueError("NumImages must be >= 1")
+        await self.num_images_rbv.write(value)
         return value
 
     @acquire_time.putter
     async def acquire_time(self, instance, value):
         if not 0 <= value <= 60:
             raise ValueError("AcquireTime must be within 0..60 s")
+        await self.acquire_time_rbv.write(value)
         return value
 
     @mode.putter
@@ -288,9 +321,10 @@ class Detector(PVGroup):
 
 class Beamline(PVGroup):
     """Simulated beamline: $(P)SampleX, $(P)SampleY (micrometres) and $(P)SampleRot (degrees,
-    +-360), all EpicsMotor-compatible; $(P)det:cam1:* (Acquire, AcquireTime, NumImages,
-    ArrayCounter_RBV, Mode ptycho/hedm), $(P)det:Codec1:* (EnableCallbacks, Compressor,
-    CompFactor_RBV), and frames as NTNDArray on $(P)det:Pva1:Image."""
+    +-360), all EpicsMotor-compatible; $(P)det:cam1:* (areaDetector camera records: Acquire,
+    ImageMode, AcquireTime, NumImages, ArrayCounter_RBV, ..., plus Mode ptycho/hedm),
+    $(P)det:HDF1:* (NDFileHDF5-like file plugin), $(P)det:Codec1:* (EnableCallbacks,
+    Compressor, CompFactor_RBV), and frames as NTNDArray on $(P)det:Pva1:Image."""
 
     x = SubGroup(SimMotor, prefix="SampleX")
     y = SubGroup(SimMotor, prefix="SampleY")
@@ -304,6 +338,7 @@ class Beamline(PVGroup):
             axis.limit = limit
         self.rot.limit, self.rot.velocity, self.rot.units = 360.0, 180.0, "deg"
         self.codec = Codec(f"{prefix}det:Codec1:", parent=self)
+        self.hdf = NDFileHDF5(f"{prefix}det:HDF1:", parent=self)
         self.cam = Detector(
             f"{prefix}det:cam1:",
             sims=sims,
@@ -311,16 +346,18 @@ class Beamline(PVGroup):
             image_pv=image_pv,
             stage=self,
             codec=self.codec,
+            hdf=self.hdf,
             parent=self,
         )
-        self.pvdb.update(self.cam.pvdb)
-        self.pvdb.update(self.codec.pvdb)
+        for group in (self.cam, self.codec, self.hdf):
+            self.pvdb.update(group.pvdb)
 
 
 def serve(
     cfg: Config, interfaces: list[str] | None = None, ca_port: int = BEAMLINE_CA_PORT
-) -> None:
-    """Run the simulated beamline until interrupted (CA via caproto, PVA via p4p)."""
+) -> int | None:
+    """Run the simulated beamline (CA via caproto, PVA via p4p) until SIGINT or SIGTERM;
+    returns that signal's number."""
     os.environ["EPICS_CA_SERVER_PORT"] = str(ca_port)
     image_name = f"{cfg.prefix}det:Pva1:Image"
     # a blank uniqueId-0 placeholder until the first frame, as NDPluginPva has a value
@@ -337,4 +374,21 @@ def serve(
         )
         # like every CA server: the interfaces EPICS_CAS_INTF_ADDR_LIST names, else all
         interfaces = interfaces or os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "0.0.0.0").split()
-        run(beamline.pvdb, interfaces=interfaces, log_pv_names=False)
+        return asyncio.run(_serve_until_signal(beamline.pvdb, interfaces))
+
+
+async def _serve_until_signal(pvdb: dict, interfaces: list[str]) -> int | None:
+    """Serve until SIGINT or SIGTERM; returns the signal.  The signal only sets an event:
+    raised as KeyboardInterrupt inside caproto's tasks, it can be swallowed by one of them."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
+    server = asyncio.ensure_future(start_server(pvdb, interfaces=interfaces))
+    await asyncio.wait([server, stop], return_when=asyncio.FIRST_COMPLETED)
+    server.cancel()
+    await asyncio.gather(server, return_exceptions=True)
+    if not stop.done():  # the server ended by itself: raise why
+        server.result()
+        return None
+    return stop.result()

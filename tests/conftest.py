@@ -38,9 +38,16 @@ LONG_LIVED = (
 # Two simulated beamlines on one host cannot share a CA port for unicast searches: a whole
 # loop that runs beside the session's `system` serves its beamline on this one.
 SECOND_BEAMLINE_CA_PORT = BEAMLINE_CA_PORT + 1
+# test_area_detector.py's own IOCs (+2 is the soak test's)
+AREA_DETECTOR_CA_PORTS = (BEAMLINE_CA_PORT + 3, BEAMLINE_CA_PORT + 4)
 TEST_ENV = dict(
     LOOPBACK_ENV,
-    EPICS_CA_ADDR_LIST=f"{LOOPBACK_ENV['EPICS_CA_ADDR_LIST']} 127.0.0.1:{SECOND_BEAMLINE_CA_PORT}",
+    EPICS_CA_ADDR_LIST=" ".join(
+        [
+            LOOPBACK_ENV["EPICS_CA_ADDR_LIST"],
+            *(f"127.0.0.1:{p}" for p in (SECOND_BEAMLINE_CA_PORT, *AREA_DETECTOR_CA_PORTS)),
+        ]
+    ),
 )
 
 

@@ -57,7 +57,7 @@ def cmd_ioc(args) -> None:
     cfg = _config(args)
     ml_ioc = None if args.no_ml_ioc else softioc.start(cfg.prefix, security=cfg.security)
     try:
-        beamline.serve(cfg)
+        signals.note(beamline.serve(cfg))
     except KeyboardInterrupt:
         pass
     finally:

@@ -59,6 +59,13 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
+def note(signum: int | None) -> None:
+    """A server that handled a stop signal itself (its own event loop) reports it here."""
+    global received
+    if received is None and signum is not None:
+        received = signum
+
+
 def exit_code() -> int | None:
     """128 + the signal that stopped this process, or None."""
     return None if received is None else 128 + received

@@ -1,6 +1,7 @@
 """Ctrl-C (SIGINT) and SIGTERM stop every edgeloop command promptly, with every process it
 started: the whole demo in the middle of a scan, and the servers it is made of."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -53,6 +54,7 @@ def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path
             env=env,
             start_new_session=True,
         )
+    children = []
     try:
         _wait_for_line(log, "ptycho_scan: 400 points", demo, timeout=120)
         time.sleep(2.0)  # well inside the scan (400 points take about 20 s)
@@ -66,6 +68,9 @@ def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait()
+        for child in children:  # servers run in sessions of their own: never leave one
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
     text = log.read_text()
     assert rc == 130, text[-3000:]
     assert "Deferred pause" not in text

@@ -62,6 +62,17 @@ def enum_pair(choices: list[str], index: int = 0, **kwargs):
     return rbv_pair(value=choices[index], dtype=ChannelType.ENUM, enum_strings=choices, **kwargs)
 
 
+def enum_readback(choices: list[str], name: str, index: int = 0):
+    """A read-only enum (mbbi-like) readback, starting at ``choices[index]``."""
+    return pvproperty(
+        value=choices[index],
+        name=name,
+        dtype=ChannelType.ENUM,
+        enum_strings=choices,
+        read_only=True,
+    )
+
+
 async def _refuse_data_type(group, instance, value):
     raise ValueError("the simulated detector's data type follows its Mode")
 
@@ -125,13 +136,7 @@ class CamRecords(PVGroup):
         DATA_TYPES, 4, name="DataType", put=_refuse_data_type, readback_kw={"record": "mbbi"}
     )
     color_mode = enum_pair(COLOR_MODES, name="ColorMode")
-    detector_state = pvproperty(
-        value=DETECTOR_STATES[0],
-        name="DetectorState_RBV",
-        dtype=ChannelType.ENUM,
-        enum_strings=DETECTOR_STATES,
-        read_only=True,
-    )
+    detector_state = enum_readback(DETECTOR_STATES, "DetectorState_RBV")
     num_images_counter = pvproperty(value=0, name="NumImagesCounter_RBV", read_only=True)
     manufacturer = pvproperty(
         value="edgeloop", name="Manufacturer_RBV", dtype=ChannelType.STRING, read_only=True

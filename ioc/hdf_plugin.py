@@ -56,6 +56,7 @@ from edgeloop.ioc.areadetector import (
     data_type,
     enum_index,
     enum_pair,
+    enum_readback,
     rbv_pair,
 )
 
@@ -264,20 +265,8 @@ class NDFileHDF5(PVGroup):
     height = pvproperty(value=0, name="ArraySize1_RBV", read_only=True)
     depth = pvproperty(value=0, name="ArraySize2_RBV", read_only=True)
     ndimensions = pvproperty(value=0, name="NDimensions_RBV", read_only=True)
-    data_type = pvproperty(
-        value=DATA_TYPES[4],
-        name="DataType_RBV",
-        dtype=ChannelType.ENUM,
-        enum_strings=DATA_TYPES,
-        read_only=True,
-    )
-    color_mode = pvproperty(
-        value=COLOR_MODES[0],
-        name="ColorMode_RBV",
-        dtype=ChannelType.ENUM,
-        enum_strings=COLOR_MODES,
-        read_only=True,
-    )
+    data_type = enum_readback(DATA_TYPES, "DataType_RBV", 4)
+    color_mode = enum_readback(COLOR_MODES, "ColorMode_RBV")
     unique_id = pvproperty(value=0, name="UniqueId_RBV", read_only=True)
     time_stamp = pvproperty(value=0.0, name="TimeStamp_RBV", precision=3, read_only=True)
 

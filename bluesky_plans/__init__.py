@@ -9,15 +9,19 @@ simulated beamline (its Channel Access server listens on a non-standard port).
 """
 
 from edgeloop.bluesky_plans.callbacks import SCAN_DATASETS, RetrainTrigger, ScanWriter, read_scan
+from edgeloop.bluesky_plans.fly import TrajectoryFlyer, hedm_fly_scan, ptycho_fly_scan
 from edgeloop.bluesky_plans.live import EdgeLivePlot, ScanProgress
 from edgeloop.bluesky_plans.plans import hedm_rotation_scan, ptycho_scan, spiral_positions
+from edgeloop.bluesky_plans.run_index import RunIndex
 
 _DEVICE_NAMES = (
     "AreaDetector",
     "HDF5PluginWithFileStore",
+    "ProfileMove",
     "PtychoDetector",
     "PvaImageSignal",
     "SampleStage",
+    "SimDetector",
     "make_ad_devices",
     "make_devices",
 )
@@ -28,12 +32,18 @@ __all__ = [
     "HDF5PluginWithFileStore",
     "EdgeLivePlot",
     "ScanProgress",
+    "ProfileMove",
     "PtychoDetector",
     "PvaImageSignal",
     "RetrainTrigger",
+    "RunIndex",
     "SampleStage",
+    "SimDetector",
     "ScanWriter",
+    "TrajectoryFlyer",
+    "hedm_fly_scan",
     "hedm_rotation_scan",
+    "ptycho_fly_scan",
     "make_ad_devices",
     "make_devices",
     "ptycho_scan",

@@ -42,6 +42,7 @@ from ophyd.areadetector.trigger_mixins import ADTriggerStatus, SingleTrigger
 from ophyd.device import Staged
 
 from edgeloop import ntnd
+from edgeloop.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ __all__ = [
     "HDF5PluginWithFileStore",
     "PtychoDetector",
     "PvaImageSignal",
+    "ProfileMove",
     "SampleStage",
+    "SimDetector",
     "make_ad_devices",
     "make_devices",
 ]
@@ -59,13 +62,46 @@ __all__ = [
 CAPTURE_TIMEOUT_S = 10.0
 
 
+class ProfileMove(Device):
+    """A profile-move (trajectory) controller as the EPICS motor module's profileMove
+    records: positions per axis, a fixed time per point, Build and Execute.  M1..M3 drive
+    SampleX, SampleY and SampleRot."""
+
+    num_points = Cpt(EpicsSignal, "NumPoints", kind="config")
+    fixed_time = Cpt(EpicsSignal, "FixedTime", kind="config")
+    m1_positions = Cpt(EpicsSignal, "M1Positions", kind="omitted")
+    m2_positions = Cpt(EpicsSignal, "M2Positions", kind="omitted")
+    m3_positions = Cpt(EpicsSignal, "M3Positions", kind="omitted")
+    m1_use = Cpt(EpicsSignal, "M1UseAxis", string=True, kind="omitted")
+    m2_use = Cpt(EpicsSignal, "M2UseAxis", string=True, kind="omitted")
+    m3_use = Cpt(EpicsSignal, "M3UseAxis", string=True, kind="omitted")
+    build = Cpt(EpicsSignal, "Build", put_complete=True, kind="omitted")
+    build_status = Cpt(EpicsSignalRO, "BuildStatus", string=True, kind="omitted")
+    build_message = Cpt(EpicsSignalRO, "BuildMessage", string=True, kind="omitted")
+    execute = Cpt(EpicsSignal, "Execute", put_complete=True, kind="omitted")
+    execute_state = Cpt(EpicsSignalRO, "ExecuteState", string=True, kind="omitted")
+    execute_status = Cpt(EpicsSignalRO, "ExecuteStatus", string=True, kind="omitted")
+    execute_message = Cpt(EpicsSignalRO, "ExecuteMessage", string=True, kind="omitted")
+    abort = Cpt(EpicsSignal, "Abort", kind="omitted")
+    current_point = Cpt(EpicsSignalRO, "CurrentPoint_RBV", kind="omitted")
+
+    # stage axis -> (positions, use-axis) components
+    AXES = {
+        "x": ("m1_positions", "m1_use"),
+        "y": ("m2_positions", "m2_use"),
+        "rot": ("m3_positions", "m3_use"),
+    }
+
+
 class SampleStage(Device):
-    """Sample stage: ``x`` on ``$(P)SampleX``, ``y`` on ``$(P)SampleY`` (micrometres) and the
-    rotation ``rot`` on ``$(P)SampleRot`` (degrees)."""
+    """Sample stage: ``x`` on ``$(P)SampleX``, ``y`` on ``$(P)SampleY`` (micrometres), the
+    rotation ``rot`` on ``$(P)SampleRot`` (degrees) and their trajectory controller
+    ``profile`` on ``$(P)Prof1:`` (fly scans)."""
 
     x = Cpt(EpicsMotor, "SampleX")
     y = Cpt(EpicsMotor, "SampleY")
     rot = Cpt(EpicsMotor, "SampleRot")
+    profile = Cpt(ProfileMove, "Prof1:", kind="omitted")
 
 
 class PvaImageSignal(Signal):
@@ -280,33 +316,6 @@ class PtychoDetector(Device):
             status.set_finished()
 
 
-def make_devices(
-    prefix: str = "SIM:", timeout: float = 10.0
-) -> tuple[PtychoDetector, SampleStage]:
-    """Build the detector (``det``) and stage (``stage``) and wait for their connections.
-
-    Parameters
-    ----------
-    prefix : str
-        Beamline PV prefix.
-    timeout : float
-        Seconds to wait for the Channel Access connections.
-
-    Returns
-    -------
-    det : PtychoDetector
-    stage : SampleStage
-    """
-    det = PtychoDetector(prefix, name="det")
-    stage = SampleStage(prefix, name="stage")
-    det.wait_for_connection(timeout=timeout)
-    stage.wait_for_connection(timeout=timeout)
-    # The image PV is not probed here: an NDPluginPva-like server may keep it closed until
-    # the first frame, so it is first read by the first trigger().
-    log.info("devices on %s connected", prefix)
-    return det, stage
-
-
 class HDF5PluginWithFileStore(HDF5Plugin, FileStoreHDF5IterativeWrite):
     """ophyd's HDF5 file plugin writing one file per run (FileWriteMode Stream) and emitting
     a ``resource`` document (spec ``AD_HDF5``, ``frame_per_point``) and one ``datum``
@@ -363,6 +372,9 @@ class AreaDetector(SingleTrigger, DetectorBase):
 
     cam = ADCpt(AreaDetectorCam, "cam1:")
     hdf1 = ADCpt(HDF5PluginWithFileStore, "HDF1:", write_path_template="/")
+    # Acquire with put completion (areaDetector's busy record): done when the frames are;
+    # cam.acquire compares its readback, which a fast frame has already reset
+    acquire_busy = ADCpt(EpicsSignal, "cam1:Acquire", put_complete=True, kind="omitted")
 
     def __init__(
         self, prefix: str, *, write_path_template: str, read_path_template=None, **kwargs
@@ -370,6 +382,15 @@ class AreaDetector(SingleTrigger, DetectorBase):
         super().__init__(prefix, **kwargs)
         self.hdf1.write_path_template = write_path_template
         self.hdf1.read_path_template = read_path_template
+        # uniqueIds restart at 1 in every run: the edge starts a new map on a lower uniqueId
+        self.stage_sigs["cam.array_counter"] = 0
+
+    def stage(self) -> list:
+        """ophyd's staging; ArrayCounter is not put back at unstage, so the uniqueIds of
+        later frames continue from the run's last frame."""
+        staged = super().stage()
+        self._original_vals.pop(self.cam.array_counter, None)
+        return staged
 
     def trigger(self) -> ADTriggerStatus:
         """SingleTrigger's trigger, returning its status even when the acquisition is over
@@ -384,10 +405,21 @@ class AreaDetector(SingleTrigger, DetectorBase):
         return status
 
 
+class SimDetector(AreaDetector):
+    """The simulated beamline's areaDetector: :class:`AreaDetector` plus its technique
+    ``mode`` (``cam1:Mode``, ``"ptycho"`` or ``"hedm"``), which the plans set."""
+
+    mode = ADCpt(EpicsSignal, "cam1:Mode", string=True, kind="config")
+
+
 def make_ad_devices(
-    prefix: str = "SIM:", data_dir: str | Path = ".", timeout: float = 10.0, warmup: bool = True
+    prefix: str = "SIM:",
+    data_dir: str | Path = ".",
+    timeout: float = 10.0,
+    warmup: bool = True,
+    detector_class: type[AreaDetector] = AreaDetector,
 ) -> tuple[AreaDetector, SampleStage]:
-    """Build the areaDetector (``det`` on ``{prefix}det:``) and the stage; wait for them.
+    """Build an areaDetector (``det`` on ``{prefix}det:``) and the stage; wait for them.
 
     Parameters
     ----------
@@ -400,14 +432,16 @@ def make_ad_devices(
     warmup : bool
         Take one frame (ophyd's ``HDF5Plugin.warmup``, about 3 s) when the file plugin has
         seen none since its IOC started: it refuses to stage before.
+    detector_class : type
+        :class:`AreaDetector` or a subclass (:class:`SimDetector`).
 
     Returns
     -------
     det : AreaDetector
     stage : SampleStage
     """
-    directory = f"{Path(data_dir).resolve()}/"
-    det = AreaDetector(f"{prefix}det:", name="det", write_path_template=directory)
+    directory = f"{Path(data_dir).expanduser().resolve()}/"
+    det = detector_class(f"{prefix}det:", name="det", write_path_template=directory)
     stage = SampleStage(prefix, name="stage")
     det.wait_for_connection(timeout=timeout)
     stage.wait_for_connection(timeout=timeout)
@@ -415,3 +449,24 @@ def make_ad_devices(
         det.hdf1.warmup()
     log.info("areaDetector devices on %s connected, files to %s", prefix, directory)
     return det, stage
+
+
+def make_devices(
+    prefix: str = "SIM:", data_dir: str | Path | None = None, timeout: float = 10.0
+) -> tuple[SimDetector, SampleStage]:
+    """The simulated beamline's detector (:class:`SimDetector`) and stage, connected.
+
+    Parameters
+    ----------
+    prefix : str
+        Beamline PV prefix.
+    data_dir : str or Path, optional
+        Where the IOC writes the frames; default ``detector/`` under the configured data
+        directory (``~/.edgeloop/data``).
+    timeout : float
+        Seconds to wait for the Channel Access connections.
+    """
+    if data_dir is None:
+        data_dir = Config().data_path / "detector"
+    Path(data_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    return make_ad_devices(prefix, data_dir, timeout, detector_class=SimDetector)

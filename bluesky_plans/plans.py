@@ -109,10 +109,49 @@ def _check_limits(
         )
 
 
+def _check_angles(rot, start, stop, num) -> np.ndarray:
+    """``num`` evenly spaced angles from ``start`` to ``stop`` degrees, checked against
+    ``rot``'s limits."""
+    num = _check_num(num)
+    try:
+        start, stop = float(start), float(stop)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"start/stop must be numbers (degrees), got {start!r}, {stop!r}"
+        ) from None
+    if not (math.isfinite(start) and math.isfinite(stop)):
+        raise ValueError(f"start/stop must be finite, got {start!r}, {stop!r}")
+    angles = np.linspace(start, stop, num)
+    _check_limits(rot, angles, "rotation", "deg", "reduce the angular range")
+    return angles
+
+
 def _set_mode(det, mode: str) -> MsgGenerator:
     """Put a detector that has a ``mode`` signal into the plan's technique."""
     if hasattr(det, "mode"):
         yield from bps.mv(det.mode, mode)
+        yield from _prime_file_plugin(det)
+
+
+def _prime_file_plugin(det) -> MsgGenerator:
+    """Pass one frame to an areaDetector's file plugin when the frame size changed: the
+    plugin opens its file at the size of the last frame it saw, and refuses others (the
+    reason for ophyd's ``HDF5Plugin.warmup``)."""
+    hdf, cam = getattr(det, "hdf1", None), getattr(det, "cam", None)
+    if hdf is None or cam is None or not hasattr(det, "acquire_busy"):
+        return
+    height = yield from bps.rd(hdf.array_size.height)
+    width = yield from bps.rd(hdf.array_size.width)
+    ny = yield from bps.rd(cam.array_size.array_size_y)
+    nx = yield from bps.rd(cam.array_size.array_size_x)
+    if (height, width) == (ny, nx):
+        return
+    log.info("%s: frames are now %d x %d; one frame primes the file plugin", det.name, ny, nx)
+    image_mode = yield from bps.rd(cam.image_mode)
+    trigger_mode = yield from bps.rd(cam.trigger_mode)
+    yield from bps.mv(cam.image_mode, "Single", cam.trigger_mode, "Internal")
+    yield from bps.mv(det.acquire_busy, 1)  # completes when the frame is out
+    yield from bps.mv(cam.image_mode, image_mode, cam.trigger_mode, trigger_mode)
 
 
 def _fields(obj) -> list[str]:
@@ -249,17 +288,8 @@ def hedm_rotation_scan(
     ``hints['dimensions']`` on the rotation readback;
     :class:`~edgeloop.bluesky_plans.callbacks.ScanWriter` stores the run with ``omega_deg``.
     """
-    num = _check_num(num)
-    try:
-        start, stop = float(start), float(stop)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"start/stop must be numbers (degrees), got {start!r}, {stop!r}"
-        ) from None
-    if not (math.isfinite(start) and math.isfinite(stop)):
-        raise ValueError(f"start/stop must be finite, got {start!r}, {stop!r}")
-    angles = np.linspace(start, stop, num)
-    _check_limits(rot, angles, "rotation", "deg", "reduce the angular range")
+    angles = _check_angles(rot, start, stop, num)
+    start, stop, num = float(angles[0]), float(angles[-1]), len(angles)
     _md = {
         "plan_name": "hedm_rotation_scan",
         "plan_args": {

@@ -1,14 +1,31 @@
-"""The on-disk scan format (HDF5) written by the Bluesky ScanWriter and read by remote/.
+"""The on-disk scan formats read by remote/: ScanWriter's scan files and RunIndex's run
+entries.
 
-Datasets: ``frames`` (N, ny, nx), ``unique_id`` (N,), ``timestamps`` (N,) and the positions
-of the technique: ``positions_um`` (N, 2) as (x, y) for ptychography, ``omega_deg`` (N,) for
-HEDM; attributes ``technique``, ``start_json``, ``plan_name``, ``uid``, ``scan_id``,
-``exit_status``, ``num_events``, ``complete``.
+**Scan files** (``scan_*.h5``, HDF5), written by the Bluesky ``ScanWriter`` from the event
+documents.  Datasets: ``frames`` (N, ny, nx), ``unique_id`` (N,), ``timestamps`` (N,) and
+the positions of the technique: ``positions_um`` (N, 2) as (x, y) for ptychography,
+``omega_deg`` (N,) for HEDM; attributes ``technique``, ``start_json``, ``plan_name``,
+``uid``, ``scan_id``, ``exit_status``, ``num_events``, ``complete``.  A scan is written as
+``scan_*.h5.part`` while it runs (HDF5 in SWMR mode, flushed per event) and renamed to
+``scan_*.h5`` when its stop document is written; a ``.part`` left by a process that died is
+readable, with ``complete`` false and the ``num_events`` written.  Files written before
+``complete`` existed count as complete.
 
-A scan is written as ``scan_*.h5.part`` while it runs (HDF5 in SWMR mode, flushed per event)
-and renamed to ``scan_*.h5`` when its stop document is written; a ``.part`` left by a
-process that died is readable, with ``complete`` false and the ``num_events`` written.
-Files written before ``complete`` existed count as complete.
+**Run entries** (``run_<scan_id:05d>_<uid8>.json``), written by the Bluesky ``RunIndex`` at
+a run's stop document: references, never frames, to what the detector wrote::
+
+    {"technique": "ptychography" | "hedm", "start": {...}, "stop": {...},
+     "resources": [{"uid", "spec", "root", "resource_path", "resource_kwargs",
+                    "frames": the number of frames the run's datums refer to}, ...]}
+
+Each resource is an areaDetector HDF5 file (spec ``AD_HDF5``, or a stream resource of
+mimetype ``application/x-hdf5``) at ``root/resource_path`` (a relative path is taken from
+the entry's directory); its first ``frames`` rows are the run's frames, with positions,
+uniqueIds and timestamps from its NDAttributes (:mod:`edgeloop.adfile`).  The file may
+still be written (SWMR) when the entry appears: a reader takes only the rows every dataset
+holds, and a run whose files hold fewer than ``frames`` rows is incomplete.
+
+:func:`read_scan` reads either into the same dict.
 """
 
 from __future__ import annotations
@@ -18,43 +35,68 @@ import os
 from pathlib import Path
 
 import h5py
+import numpy as np
+
+from edgeloop import adfile
 
 SCAN_DATASETS = ("frames", "unique_id", "timestamps")
 SCAN_ATTRS = ("start_json", "plan_name", "uid", "scan_id", "exit_status", "num_events")
 # technique -> (positions dataset, number of motor axes)
 POSITIONS = {"ptychography": ("positions_um", 2), "hedm": ("omega_deg", 1)}
 PART = ".part"  # suffix of a scan file while it is written
+SCAN_GLOB, RUN_GLOB = "scan_*.h5", "run_*.json"
+RUN_SUFFIX = ".json"
+RUN_KEYS = ("technique", "start", "stop", "resources")
+# resource specs (stream resources: mimetypes) whose files have areaDetector's HDF5 layout
+AD_HDF5_SPECS = ("AD_HDF5", "AD_HDF5_SWMR", "application/x-hdf5")
 
 
 def _open(path: Path) -> h5py.File:
-    # swmr: also a file whose SWMR writer died (its "open for writing" flag still set)
-    return h5py.File(path, "r", swmr=True)
+    # swmr when a writer holds it: also a file whose SWMR writer died (its flag still set)
+    return adfile.open_hdf5(path)
+
+
+def run_entry_name(start: dict) -> str:
+    """The file name of a run's entry: ``run_<scan_id:05d>_<uid[:8]>.json``."""
+    return f"run_{int(start.get('scan_id') or 0):05d}_{start['uid'][:8]}{RUN_SUFFIX}"
 
 
 def read_scan(path: str | os.PathLike) -> dict:
-    """Load a scan file written by :class:`ScanWriter`.
+    """Load a scan file written by :class:`ScanWriter`, or a run entry written by
+    :class:`RunIndex` with its frames from the detector's files.
 
     Parameters
     ----------
     path : str or os.PathLike
-        The ``scan_*.h5`` file.
+        The ``scan_*.h5`` file or the ``run_*.json`` entry.
 
     Returns
     -------
     dict
-        ``frames`` (N, ny, nx), ``unique_id`` (N,), ``timestamps`` (N,) and
+        ``frames`` (N, ny, nx), ``unique_id`` (N,), ``timestamps`` (N,; unix seconds) and
         ``positions_um`` (N, 2) or ``omega_deg`` (N,) as numpy arrays; ``technique``,
         ``start`` (the start document, dict), ``plan_name``, ``uid``, ``scan_id``,
         ``exit_status``, ``num_events``, ``complete``, ``reason`` and ``path``.  Of an
-        incomplete file, the first ``num_events`` rows (those written whole).
+        incomplete scan file, the first ``num_events`` rows (those written whole).  Of a run
+        entry, ``num_events`` is the run's number of events (the stop document's) and the
+        frames are each file's first rows that every dataset holds, at most the frames the
+        run refers to; ``complete`` says whether the files held all of those.
 
     Raises
     ------
     FileNotFoundError
-        If the file does not exist.
+        If the file, or a file a run entry refers to, does not exist.
     ValueError
-        If the file is not HDF5 or lacks the scan datasets or attributes.
+        If the file is not HDF5 (or not a run entry) or lacks the scan datasets or
+        attributes; if a file a run entry refers to is not readable or lacks a dataset of
+        areaDetector's layout.
     """
+    if Path(path).suffix == RUN_SUFFIX:
+        return _read_run(Path(path))
+    return _read_scan_file(Path(path))
+
+
+def _read_scan_file(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no scan file {path}")
@@ -98,13 +140,110 @@ def read_scan(path: str | os.PathLike) -> dict:
     return out
 
 
+def read_run_entry(path: str | os.PathLike) -> dict:
+    """The JSON of a run entry, checked for what a reader needs.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such file.
+    ValueError
+        If it is not a run entry, or refers to files of a layout not readable here."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no run entry {path}")
+    try:
+        entry = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a run entry (JSON): {exc}") from exc
+    missing = [k for k in RUN_KEYS if not isinstance(entry, dict) or k not in entry]
+    if missing:
+        raise ValueError(f"{path} is not a RunIndex run entry; missing {missing}")
+    if entry["technique"] not in POSITIONS:
+        raise ValueError(
+            f"{path}: unknown technique {entry['technique']!r}; known: {sorted(POSITIONS)}"
+        )
+    if not entry["resources"]:
+        raise ValueError(f"{path}: the run refers to no detector files")
+    for resource in entry["resources"]:
+        spec = resource.get("spec")
+        if spec not in AD_HDF5_SPECS:
+            raise ValueError(
+                f"{path}: resource {resource.get('uid')} has spec {spec!r}; "
+                f"readable: {list(AD_HDF5_SPECS)}"
+            )
+        frames = resource.get("frames")
+        if not resource.get("resource_path") or not isinstance(frames, int) or frames < 0:
+            raise ValueError(
+                f"{path}: resource {resource.get('uid')} lacks its resource_path or "
+                f"number of frames: {resource}"
+            )
+    return entry
+
+
+def resource_file(path: Path, resource: dict) -> Path:
+    """Where a run entry's resource is: ``root/resource_path``, a relative one from the
+    entry's directory."""
+    return Path(path).parent / resource.get("root", "") / resource["resource_path"]
+
+
+def _open_resource(path: Path, resource: dict) -> h5py.File:
+    """The file of a run entry's resource (``root/resource_path``, a relative one from the
+    entry's directory)."""
+    file = resource_file(path, resource)
+    return adfile.open_file(file, f"resource {resource.get('uid')} of {path}")
+
+
+def _resource_dataset(resource: dict) -> str:
+    return (resource.get("resource_kwargs") or {}).get("dataset", adfile.DATA)
+
+
+def _read_run(path: Path) -> dict:
+    entry = read_run_entry(path)
+    technique = entry["technique"]
+    parts, short = [], []
+    for resource in entry["resources"]:
+        expected = int(resource["frames"])
+        with _open_resource(path, resource) as f:
+            rows = adfile.read_rows(f, technique, expected, _resource_dataset(resource))
+            if len(rows["frames"]) < expected:
+                short.append(f"{f.filename} holds {len(rows['frames'])} of {expected} frames")
+        parts.append(rows)
+    shapes = {part["frames"].shape[1:] for part in parts}
+    if len(shapes) > 1:
+        raise ValueError(f"{path}: the run's files hold frames of different shapes {shapes}")
+    out = {
+        name: np.concatenate([part[key] for part in parts])
+        for name, key in (
+            ("frames", "frames"),
+            ("unique_id", "unique_id"),
+            ("timestamps", "timestamps"),
+            (POSITIONS[technique][0], "positions"),
+        )
+    }
+    start, stop = entry["start"], entry["stop"]
+    out.update(
+        technique=technique,
+        start=start,
+        plan_name=str(start.get("plan_name", "")),
+        uid=str(start.get("uid", "")),
+        scan_id=int(start.get("scan_id") or 0),
+        exit_status=str(stop.get("exit_status", "unknown")),
+        num_events=int(sum((stop.get("num_events") or {}).values())),
+        complete=not short,
+        reason="; ".join(r for r in (str(stop.get("reason") or ""), *short) if r),
+        path=path,
+    )
+    return out
+
+
 def list_scans(data_dir: str | Path) -> list[Path]:
-    """Scan files in a directory, oldest first."""
+    """Scan files and run entries in a directory, oldest first."""
     root = Path(data_dir)
     if not root.is_dir():
         return []
     found = []
-    for path in root.glob("scan_*.h5"):
+    for path in (*root.glob(SCAN_GLOB), *root.glob(RUN_GLOB)):
         try:
             found.append((path.stat().st_mtime, path))
         except FileNotFoundError:  # removed meanwhile
@@ -113,15 +252,21 @@ def list_scans(data_dir: str | Path) -> list[Path]:
 
 
 def scan_summary(path: str | Path) -> tuple[str, int]:
-    """(technique, number of frames) of a scan file without reading the frames.
+    """(technique, number of frames) of a scan file or run entry without reading the frames.
 
     Raises
     ------
     OSError
-        If the file is not readable HDF5 (e.g. truncated).
+        If the file, or a file a run entry refers to, is missing or not readable HDF5 (e.g.
+        truncated).
     ValueError
-        If it is incomplete or its datasets disagree in length (one scan, one answer)."""
-    with _open(Path(path)) as f:
+        If it is incomplete or its datasets disagree in length (one scan, one answer); if a
+        run entry is not one, or a file it refers to lacks a dataset of areaDetector's
+        layout or holds fewer frames than the run refers to."""
+    path = Path(path)
+    if path.suffix == RUN_SUFFIX:
+        return _run_summary(path)
+    with _open(path) as f:
         technique = str(f.attrs.get("technique", "ptychography"))
         if technique not in POSITIONS:
             raise ValueError(f"unknown technique {technique!r}")
@@ -137,12 +282,37 @@ def scan_summary(path: str | Path) -> tuple[str, int]:
         return technique, lengths["frames"]
 
 
+def _run_summary(path: Path) -> tuple[str, int]:
+    entry = read_run_entry(path)
+    technique, total, shapes = entry["technique"], 0, set()
+    for resource in entry["resources"]:
+        expected = int(resource["frames"])
+        with _open_resource(path, resource) as f:
+            n, shape = adfile.whole_rows(f, technique, _resource_dataset(resource))
+            if n < expected:
+                raise ValueError(
+                    f"incomplete: {f.filename} holds {n} of the {expected} frames of the run "
+                    "(still being written, or its writer stopped)"
+                )
+        total += expected
+        shapes.add(shape)
+    if len(shapes) > 1:
+        raise ValueError(f"the run's files hold frames of different shapes {shapes}")
+    return technique, total
+
+
 __all__ = [
+    "AD_HDF5_SPECS",
     "PART",
+    "RUN_GLOB",
+    "SCAN_GLOB",
     "POSITIONS",
     "SCAN_ATTRS",
     "SCAN_DATASETS",
+    "read_run_entry",
     "read_scan",
+    "resource_file",
+    "run_entry_name",
     "list_scans",
     "scan_summary",
 ]

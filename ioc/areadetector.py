@@ -13,9 +13,9 @@ from caproto.server import PVGroup, get_pv_pair_wrapper, pvproperty
 # a setpoint and its readback; writing the setpoint updates the readback
 rbv_pair = get_pv_pair_wrapper(setpoint_suffix="", readback_suffix="_RBV")
 
-EPICS_EPOCH = 631152000  # POSIX seconds at 1990-01-01, where EPICS time stamps start
 
 IMAGE_MODES = ["Single", "Multiple", "Continuous"]
+TRIGGER_MODES = ["Internal", "External"]
 DISABLE_ENABLE = ["Disable", "Enable"]
 NO_YES = ["No", "Yes"]
 DATA_TYPES = [
@@ -123,7 +123,9 @@ class CamRecords(PVGroup):
         IMAGE_MODES, 1, name="ImageMode", doc="Single: 1 frame, Multiple: NumImages, Continuous"
     )
     trigger_mode = enum_pair(
-        ["Internal"], name="TriggerMode", doc="frames are triggered by Acquire only"
+        TRIGGER_MODES,
+        name="TriggerMode",
+        doc="Internal: frames every AcquirePeriod; External: one per trajectory pulse",
     )
     num_exposures = rbv_pair(
         name="NumExposures", value=1, put=_one_exposure, doc="exposures per frame (always 1)"

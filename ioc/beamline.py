@@ -23,10 +23,18 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import BEAMLINE_CA_PORT, MODES, Config, check_mode
-from edgeloop.ioc.areadetector import DISABLE_ENABLE, IMAGE_MODES, CamRecords, NDArray, enum_index
+from edgeloop.ioc.areadetector import (
+    DISABLE_ENABLE,
+    IMAGE_MODES,
+    TRIGGER_MODES,
+    CamRecords,
+    NDArray,
+    enum_index,
+)
 from edgeloop.ioc.hdf_plugin import NDFileHDF5
 from edgeloop.ioc.hedm import HedmSimulator
 from edgeloop.ioc.physics import PtychoSimulator
+from edgeloop.ioc.trajectory import ProfileMove, Pulse
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +109,26 @@ class SimMotor(PVGroup):
         self._targets.put_nowait(float(value))
         return value
 
+    async def follow_start(self, position: float) -> None:
+        """Move to the first point of a profile (at VELO) and wait until there."""
+        fields = self.motor.field_inst
+        if abs(self.position - position) > 1e-9:
+            await self.motor.write(position)
+        while not (fields.done_moving_to_value.value and abs(self.position - position) < 1e-9):
+            await asyncio.sleep(0.005)
+        await fields.done_moving_to_value.write(0)
+        await fields.motor_is_moving.write(1)
+
+    async def follow(self, position: float) -> None:
+        """Be at ``position`` now: a profile move drives the axis, not the record's VAL."""
+        fields = self.motor.field_inst
+        await fields.user_readback_value.write(position)
+        await fields.dial_readback_value.write(position)
+
+    async def follow_end(self) -> None:
+        """A profile ended: VAL takes the position reached, DMOV returns to 1."""
+        await self.motor.write(self.position)
+
 
 class Codec(PVGroup):
     """NDPluginCodec-like compression of the frames on ``Pva1:Image``: with callbacks
@@ -145,8 +173,10 @@ class Codec(PVGroup):
 
 class Detector(CamRecords):
     """areaDetector-like camera: Acquire takes one frame (ImageMode Single), NumImages
-    (Multiple, the default) or frames until Acquire is set to 0 (Continuous), one every
-    max(AcquireTime, AcquirePeriod) seconds, at the stage position.
+    (Multiple, the default) or frames until Acquire is set to 0 (Continuous).  TriggerMode
+    Internal: one every max(AcquireTime, AcquirePeriod) seconds at the stage position;
+    External: one per trigger of the trajectory controller (``Prof1:``), at the positions
+    and time the trigger latched.
 
     Mode ``ptycho``: each frame is the far-field diffraction pattern of the simulated sample
     (probe x object patch, FFT, intensity, Poisson noise) at (SampleX, SampleY).  Mode
@@ -218,6 +248,7 @@ class Detector(CamRecords):
         self.image_pv = image_pv
         self.stage = stage
         self._stop = False
+        self._pulses: asyncio.Queue | None = None  # trigger inputs while acquiring External
 
     @acquire.putter
     async def acquire(self, instance, value):
@@ -229,14 +260,21 @@ class Detector(CamRecords):
         self._stop = False
         image_mode = IMAGE_MODES[enum_index(self.image_mode.setpoint.value, IMAGE_MODES)]
         frames = {"Single": 1, "Multiple": max(int(self.num_images.value), 1)}.get(image_mode)
+        external = enum_index(self.trigger_mode.setpoint.value, TRIGGER_MODES) == 1
+        self._pulses = asyncio.Queue() if external else None
         await self.num_images_counter.write(0)
         await self.acquire_rbv.write(1)
-        await self.detector_state.write("Acquire")
+        await self.detector_state.write("Waiting" if external else "Acquire")
         state = "Idle"
         try:
             taken = 0
             while (frames is None or taken < frames) and not self._stop:  # None: Continuous
-                await self._one_frame()
+                pulse = None
+                if external:
+                    pulse = await self._next_pulse()
+                    if pulse is None:
+                        break
+                await self._one_frame(pulse)
                 taken += 1
                 await self.num_images_counter.write(taken)
         except Exception as exc:
@@ -244,24 +282,46 @@ class Detector(CamRecords):
             await self.status_message.write(f"acquisition failed: {exc}")
             raise
         finally:
+            self._pulses = None
             await self.detector_state.write(state)
             await self.acquire_rbv.write(0)
         return 0
 
-    async def _one_frame(self):
+    def pulse(self, pulse: Pulse) -> None:
+        """A trigger from the trajectory controller; ignored unless acquiring in External
+        trigger mode, as a camera ignores trigger inputs then."""
+        if self._pulses is not None:
+            self._pulses.put_nowait(pulse)
+
+    async def _next_pulse(self) -> Pulse | None:
+        """The next trigger, or None once Acquire is set to 0."""
+        while not self._stop:
+            try:
+                return await asyncio.wait_for(self._pulses.get(), 0.1)
+            except asyncio.TimeoutError:
+                continue
+        return None
+
+    async def _one_frame(self, pulse: Pulse | None = None):
+        """One frame at the stage's position now, or at the position and time a trigger
+        pulse latched (TriggerMode External)."""
         t0 = time.monotonic()
         uid = int(self.array_counter.value) + 1
+        stamp = pulse.time if pulse else time.time()
         if self.active_mode == "hedm":
-            omega = self.stage.rot.position
+            omega = pulse.positions.get("rot") if pulse else None
+            omega = self.stage.rot.position if omega is None else omega
             frame, _ = await asyncio.to_thread(self.sims["hedm"].frame, omega)
             attrs = {"Mode": "hedm", "SampleRot": omega}
             where = f"omega {omega:.4f} deg"
         else:
-            x, y = self.stage.x.position, self.stage.y.position
+            at = pulse.positions if pulse else {}
+            x = at.get("x", self.stage.x.position)
+            y = at.get("y", self.stage.y.position)
             frame = await asyncio.to_thread(self.sims["ptycho"].frame, x, y)
             attrs = {"Mode": "ptycho", "SampleX": x, "SampleY": y}
             where = f"({x:.4f}, {y:.4f}) um"
-        array = NDArray(frame, uid, time.time(), {"ColorMode": 0, **attrs})
+        array = NDArray(frame, uid, stamp, {"ColorMode": 0, **attrs})
         await self.array_info(array)
         if enum_index(self.array_callbacks.setpoint.value, DISABLE_ENABLE):
             value = ntnd.build(frame, uid, array.attributes, array.timestamp, self.codec.codec)
@@ -272,6 +332,8 @@ class Detector(CamRecords):
         await self.array_counter.write(uid)
         await self.array_counter_rbv.write(uid)
         await self.status_message.write(f"frame {uid} at {where}")
+        if pulse is not None:  # the trigger sets the pace
+            return
         period = max(float(self.acquire_time.value), float(self.acquire_period.setpoint.value))
         rest = period - (time.monotonic() - t0)
         if rest > 0:
@@ -321,7 +383,8 @@ class Detector(CamRecords):
 
 class Beamline(PVGroup):
     """Simulated beamline: $(P)SampleX, $(P)SampleY (micrometres) and $(P)SampleRot (degrees,
-    +-360), all EpicsMotor-compatible; $(P)det:cam1:* (areaDetector camera records: Acquire,
+    +-360), all EpicsMotor-compatible, with their trajectory controller $(P)Prof1:*
+    (profile moves for fly scans); $(P)det:cam1:* (areaDetector camera records: Acquire,
     ImageMode, AcquireTime, NumImages, ArrayCounter_RBV, ..., plus Mode ptycho/hedm),
     $(P)det:HDF1:* (NDFileHDF5-like file plugin), $(P)det:Codec1:* (EnableCallbacks,
     Compressor, CompFactor_RBV), and frames as NTNDArray on $(P)det:Pva1:Image."""
@@ -349,7 +412,10 @@ class Beamline(PVGroup):
             hdf=self.hdf,
             parent=self,
         )
-        for group in (self.cam, self.codec, self.hdf):
+        self.profile = ProfileMove(
+            f"{prefix}Prof1:", stage=self, trigger=self.cam.pulse, parent=self
+        )
+        for group in (self.cam, self.codec, self.hdf, self.profile):
             self.pvdb.update(group.pvdb)
 
 

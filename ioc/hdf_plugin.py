@@ -46,11 +46,11 @@ import numpy as np
 from caproto import ChannelType
 from caproto.server import PVGroup, pvproperty
 
+from edgeloop.adfile import EPICS_EPOCH
 from edgeloop.ioc.areadetector import (
     COLOR_MODES,
     DATA_TYPES,
     DISABLE_ENABLE,
-    EPICS_EPOCH,
     NO_YES,
     NDArray,
     data_type,

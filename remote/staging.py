@@ -13,6 +13,7 @@ the scans get there:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -21,8 +22,12 @@ from pathlib import Path, PurePosixPath
 import edgeloop
 from edgeloop.config import Config
 from edgeloop.optional import require
+from edgeloop.scanfile import read_run_entry, resource_file
 
 log = logging.getLogger(__name__)
+
+
+STAGED = ".staged"  # under the data directory: the run entries as sent by Globus
 
 
 class StagingError(RuntimeError):
@@ -102,8 +107,32 @@ def stage(scans: list[str], cfg: Config, client=None) -> list[str]:
                 "globus staging needs a Transfer access token in GLOBUS_TRANSFER_TOKEN"
             )
         client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer(token))
+    sent, files = portable(scans, cfg.data_path / STAGED)
     tdata = transfer_data(
-        r.globus_source_collection, r.globus_dest_collection, scans, r.globus_dest_dir
+        r.globus_source_collection, r.globus_dest_collection, files, r.globus_dest_dir
     )
     globus_transfer(client, tdata, r.transfer_timeout_s)
-    return [str(PurePosixPath(r.globus_dest_dir) / Path(p).name) for p in scans]
+    return [str(PurePosixPath(r.globus_dest_dir) / Path(p).name) for p in sent]
+
+
+def portable(scans: list[str], folder: Path) -> tuple[list[str], list[str]]:
+    """What to send so that the scans read the same in one flat folder elsewhere: (the scan
+    paths to hand the task, every file to copy).  A run entry refers to the detector's files
+    by where they are here, so a copy of it in ``folder`` refers to them by name, and the
+    files go with it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sent, files = [], []
+    for scan in map(Path, scans):
+        if scan.suffix != ".json":
+            sent.append(str(scan))
+            files.append(str(scan))
+            continue
+        entry = read_run_entry(scan)
+        for resource in entry["resources"]:
+            files.append(str(resource_file(scan, resource)))
+            resource["root"], resource["resource_path"] = "", Path(resource["resource_path"]).name
+        copy = folder / scan.name
+        copy.write_text(json.dumps(entry))
+        sent.append(str(copy))
+        files.append(str(copy))
+    return sent, files

@@ -40,12 +40,16 @@ LONG_LIVED = (
 SECOND_BEAMLINE_CA_PORT = BEAMLINE_CA_PORT + 1
 # test_area_detector.py's own IOCs (+2 is the soak test's)
 AREA_DETECTOR_CA_PORTS = (BEAMLINE_CA_PORT + 3, BEAMLINE_CA_PORT + 4)
+RUN_INDEX_CA_PORT = BEAMLINE_CA_PORT + 5  # test_run_index.py's IOC
 TEST_ENV = dict(
     LOOPBACK_ENV,
     EPICS_CA_ADDR_LIST=" ".join(
         [
             LOOPBACK_ENV["EPICS_CA_ADDR_LIST"],
-            *(f"127.0.0.1:{p}" for p in (SECOND_BEAMLINE_CA_PORT, *AREA_DETECTOR_CA_PORTS)),
+            *(
+                f"127.0.0.1:{p}"
+                for p in (SECOND_BEAMLINE_CA_PORT, *AREA_DETECTOR_CA_PORTS, RUN_INDEX_CA_PORT)
+            ),
         ]
     ),
 )

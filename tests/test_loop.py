@@ -151,7 +151,7 @@ def test_records_carry_units_precision_limits_and_alarm_limits(system):
     assert "latency" in latency["display.description"].lower()
     assert latency["valueAlarm.highWarningLimit"] == system.cfg.edge.latency_warn_ms
     assert system.pv("edge:FramesIn")["display.units"] == "frames"
-    det, stage = make_devices(p)
+    det, stage = make_devices(p, system.cfg.data_path / "detector")
     try:
         readback = stage.x.user_readback
         assert readback.describe()[readback.name]["precision"] == 4
@@ -207,7 +207,7 @@ def test_out_of_range_puts_are_refused_and_nothing_moves(system):
     ):
         with pytest.raises(ErrorResponseReceived):
             ca_put(f"{p}{pv}", value, notify=True, timeout=5)
-    _, stage = make_devices(p)
+    _, stage = make_devices(p, system.cfg.data_path / "detector")
     with pytest.raises(LimitError):
         stage.x.move(100.0, wait=True)
     stage.x.move(0.1, wait=True, timeout=10)
@@ -223,14 +223,14 @@ def test_out_of_range_puts_are_refused_and_nothing_moves(system):
 def ptycho_retrained(system):
     """A spiral scan written for retraining, then ``ml:Retrain`` written as ``caput`` would
     while frames keep streaming through the hot swap: what the edge and the ML IOC showed."""
-    from edgeloop.bluesky_plans import ScanWriter, make_devices, ptycho_scan
+    from edgeloop.bluesky_plans import RunIndex, make_devices, ptycho_scan
 
     p = system.prefix
-    det, stage = make_devices(p)
+    det, stage = make_devices(p, system.cfg.data_path / "detector")
     outputs = None
     try:
         with run_engine() as RE:
-            RE.subscribe(ScanWriter(system.cfg.data_path))
+            RE.subscribe(RunIndex(system.cfg.data_path))
             RE(ptycho_scan(det, stage, num=40, step=0.05))
         old = system.value("edge:ModelVersion")
         dropped = system.value("edge:Dropped")
@@ -316,20 +316,20 @@ def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system, RE):
     import pvaccess
 
     from edgeloop.app.hedm_demo import PeakCollector, scan_errors
-    from edgeloop.bluesky_plans import ScanWriter, hedm_rotation_scan, make_devices, read_scan
+    from edgeloop.bluesky_plans import RunIndex, hedm_rotation_scan, make_devices, read_scan
     from edgeloop.ioc.hedm import HedmSimulator
 
     p, cfg = system.prefix, system.cfg
     reg = Registry(cfg.registry_path)
     ptycho_accepted = reg.accepted("ptychonn")
-    det, stage = make_devices(p)
-    writer = ScanWriter(cfg.data_path)
-    RE.subscribe(writer)
+    det, stage = make_devices(p, cfg.data_path / "detector")
+    index = RunIndex(cfg.data_path)
+    RE.subscribe(index)
     sim = HedmSimulator(cfg.hedm)
     tables = PeakCollector(system.ctx, f"{p}edge:Peaks")
     try:
         RE(hedm_rotation_scan(det, stage.rot, 10.0, 18.0, 40))
-        scan = read_scan(writer.last_path)
+        scan = read_scan(index.last_path)
         assert scan["technique"] == "hedm" and scan["frames"].shape == (40, 512, 512)
         assert scan["frames"].dtype == np.uint16
         np.testing.assert_allclose(scan["omega_deg"], np.linspace(10, 18, 40), atol=1e-3)
@@ -357,7 +357,7 @@ def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system, RE):
         assert reg.accepted("ptychonn") == ptycho_accepted  # the other technique untouched
 
         RE(hedm_rotation_scan(det, stage.rot, 40.0, 46.0, 20))  # angles not trained on
-        scan2 = read_scan(writer.last_path)
+        scan2 = read_scan(index.last_path)
         after_tables = tables.take(range(1, 21), 60)
         err_after, found, scored = scan_errors(after_tables, scan2, sim)
         assert found >= 0.95 * scored

@@ -202,9 +202,14 @@ def beamline_prefix(system):
 
 @pytest.fixture(scope="module")
 def devices(beamline_prefix):
-    from edgeloop.bluesky_plans import make_devices
+    """The detector read over PVA (PtychoDetector: frames copied into the events, for an
+    IOC without a file plugin) and the stage."""
+    from edgeloop.bluesky_plans import PtychoDetector, SampleStage
 
-    det, stage = make_devices(beamline_prefix, timeout=15)
+    det = PtychoDetector(beamline_prefix, name="det")
+    stage = SampleStage(beamline_prefix, name="stage")
+    det.wait_for_connection(timeout=15)
+    stage.wait_for_connection(timeout=15)
     yield det, stage
     det.destroy()
     stage.destroy()

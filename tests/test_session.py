@@ -82,8 +82,9 @@ def test_readme_snippets_run_as_written(loop, tmp_path):
             code = code.replace('"SIM:"', repr(loop.prefix))
             code = code.replace("~/.edgeloop/data", str(tmp_path / "data"))
             exec(compile(code, str(README), "exec"), namespace)
-        scans = sorted((tmp_path / "data").glob("scan_*.h5"))
-        assert len(scans) == 2  # the ptychography and the HEDM scan
+        runs = sorted((tmp_path / "data").glob("run_*.json"))
+        assert len(runs) == 3  # the two fly scans and the step scan, each pointing at
+        assert len(list((tmp_path / "data" / "detector").glob("*.h5"))) == 3  # its file
         live = namespace["live"]
         live.redraw()
         assert live.technique == "hedm" and len(live.peak_counts) >= 100
@@ -101,7 +102,7 @@ def test_readme_snippets_run_as_written(loop, tmp_path):
 
 
 def test_live_plot_shows_the_edge_answers_and_the_bar_counts_points(loop, RE):
-    det, stage = make_devices(loop.prefix)
+    det, stage = make_devices(loop.prefix, loop.cfg.data_path / "detector")
     live = EdgeLivePlot(loop.prefix)
     bar_text = io.StringIO()
     RE.subscribe(live)
@@ -133,7 +134,7 @@ def test_two_systems_with_different_prefixes_run_side_by_side_without_interferin
     """The session's loop and this module's, on one host: frames, counts and messages of
     one never reach the other."""
     before = {s.prefix: s.value("edge:FramesIn") for s in (loop, system)}
-    det, stage = make_devices(loop.prefix)
+    det, stage = make_devices(loop.prefix, loop.cfg.data_path / "detector")
     try:
         RE(ptycho_scan(det, stage, num=20, step=0.05))
     finally:

@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeloop.app.hedm_accuracy import frame_errors
-from edgeloop.app.loop import OutputCollector, burst, edge_stats, retrain_via_pv
+from edgeloop.app.loop import (
+    OutputCollector,
+    burst,
+    edge_stats,
+    fly_figures,
+    fly_line,
+    retrain_via_pv,
+)
 from edgeloop.config import Config
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,11 @@ class PeakCollector(OutputCollector):
             k: np.asarray(value["value"][k] if value["value"][k] is not None else [])
             for k in value["labels"]
         }
+        # when the frame was taken (the edge keeps its time stamp) and when this arrived
+        columns["stamps"] = (
+            value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9,
+            time.time(),
+        )
         return int(value["timeStamp.userTag"]), columns
 
 
@@ -76,8 +88,8 @@ def _stats(errors: np.ndarray) -> dict:
     }
 
 
-def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
-    from edgeloop.bluesky_plans import hedm_rotation_scan, read_scan
+def hedm_demo(cfg, out, ctx, RE, index, det, stage, frames: int, rate_hz: float) -> dict:
+    from edgeloop.bluesky_plans import hedm_fly_scan, read_scan
     from edgeloop.ioc.hedm import HedmSimulator
 
     p = cfg.prefix
@@ -91,9 +103,9 @@ def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
                 retrain_s, states = retrain_via_pv(ctx, p, versions[0])
             log.info("rotation scan %d: %d frames %.0f..%.0f deg", i + 1, frames, start, stop)
             t0 = time.perf_counter()
-            RE(hedm_rotation_scan(det, stage.rot, start, stop, frames))
+            RE(hedm_fly_scan(det, stage, start, stop, frames, rate_hz))
             seconds.append(time.perf_counter() - t0)
-            scans.append(read_scan(writer.last_path))
+            scans.append(read_scan(index.last_path))  # what the detector wrote
             tables.append(collector.take(scans[-1]["unique_id"], 60))
             versions.append(int(ctx.get(f"{p}edge:ModelVersion")["value"]))
         seen, burst_s = burst(ctx, p, 100, collector.take)
@@ -114,6 +126,9 @@ def hedm_demo(cfg, out, ctx, RE, writer, det, stage, frames: int) -> dict:
         "fps": seen / burst_s,
         "frames_per_scan": frames,
         "scan_fps": 2 * frames / sum(seconds),
+        "fly": fly_figures(
+            2 * frames, [t["stamps"] for ts in tables for t in ts.values()], rate_hz
+        ),
         "peaks_per_frame": float(np.mean(peaks)) if peaks else 0.0,
         "model_versions": versions,
         "error_px_before": _stats(err1),
@@ -193,6 +208,7 @@ def print_report(r: dict, out: Path) -> None:
         f"  frames in / out / dropped   {r['frames_in']} / {r['frames_out']} / {r['dropped']}",
         f"  edge throughput (burst)     {r['fps']:.1f} frames/s   ({r['peaks_per_frame']:.1f} "
         "peaks per frame)",
+        fly_line(r["fly"]),
         f"  model versions              {r['model_versions']}",
         f"  centre error before         mean {b['mean']:.3f}  p95 {b['p95']:.3f} px "
         "(untrained BraggNN)",

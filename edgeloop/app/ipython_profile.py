@@ -17,25 +17,29 @@ from bluesky.callbacks.best_effort import BestEffortCallback
 from edgeloop.bluesky_plans import (
     EdgeLivePlot,
     RetrainTrigger,
+    RunIndex,
     ScanProgress,
-    ScanWriter,
+    hedm_fly_scan,
     hedm_rotation_scan,
     make_devices,
+    ptycho_fly_scan,
     ptycho_scan,
 )
 
 PREFIX = "{prefix}"
-det, stage = make_devices(PREFIX)
+det, stage = make_devices(PREFIX, "{data_dir}/detector")  # the IOC writes frames there
 RE = RunEngine({{}})
 bec = BestEffortCallback()  # the live table
 RE.subscribe(bec)
 RE.subscribe(ScanProgress())  # a progress bar over the scan's points
 live = EdgeLivePlot(PREFIX)  # the stitched phase map (ptycho) / peaks per frame (HEDM)
 RE.subscribe(live)
-RE.subscribe(ScanWriter("{data_dir}"))  # frames + positions to HDF5 for retraining
+RE.subscribe(RunIndex("{data_dir}"))  # each run's detector files, for retraining
 RE.subscribe(RetrainTrigger(PREFIX, every_n_runs=1))  # retrain after each good run
-print(f"edgeloop session on {{PREFIX}}: RE(ptycho_scan(det, stage, num=963, step=0.05)), "
-      "RE(hedm_rotation_scan(det, stage.rot, 0, 30, 120))")
+print(f"edgeloop session on {{PREFIX}}: "
+      "RE(ptycho_fly_scan(det, stage, num=963, step=0.05, rate_hz=200)), "
+      "RE(ptycho_scan(det, stage, num=963, step=0.05)), "
+      "RE(hedm_fly_scan(det, stage, 0, 30, 120, rate_hz=40))")
 '''
 
 PIN = """from edgeloop.config import pin_loopback

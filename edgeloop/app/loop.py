@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from p4p.client.thread import Context
 
 from edgeloop import ntnd, signing
@@ -184,6 +185,41 @@ def burst(ctx: Context, p: str, frames: int, take) -> tuple[int, float]:
     ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=120, repeater=False)
     seen = len(take(frames, 120))
     return seen, time.perf_counter() - t0
+
+
+def fly_figures(offered: int, stamps: list[tuple[float, float]], rate_hz: float) -> dict:
+    """What the edge made of the frames of fly scans at ``rate_hz``: ``stamps`` holds, per
+    answered frame, its exposure time (latched by its trigger) and the time its answer
+    reached a client.  Offered, answered, not answered, the latency p50/p99 in ms, and the
+    rate the answers came at (frames/s)."""
+    t = np.asarray(stamps, float).reshape(-1, 2)
+    lat = (t[:, 1] - t[:, 0]) * 1e3
+    span = np.ptp(t[:, 1]) if len(t) > 1 else 0.0
+    return {
+        "rate_hz": rate_hz,
+        "frames_offered": offered,
+        "frames_answered": len(t),
+        "frames_unanswered": offered - len(t),
+        "exposure_to_answer_ms_p50": float(np.percentile(lat, 50)) if len(t) else None,
+        "exposure_to_answer_ms_p99": float(np.percentile(lat, 99)) if len(t) else None,
+        "answers_per_s": (len(t) - 1) / span if span > 0 else None,
+    }
+
+
+def fly_line(fly: dict) -> str:
+    """The report line of :func:`fly_figures`."""
+    line = (
+        f"  fly scans at {fly['rate_hz']:g} Hz        {fly['frames_offered']} frames offered, "
+        f"{fly['frames_answered']} answered, {fly['frames_unanswered']} not"
+    )
+    if fly["frames_answered"]:
+        line += (
+            f"; exposure -> answer p50 {fly['exposure_to_answer_ms_p50']:.1f} / "
+            f"p99 {fly['exposure_to_answer_ms_p99']:.1f} ms"
+        )
+    if fly["answers_per_s"]:
+        line += f"; answers at {fly['answers_per_s']:.0f}/s"
+    return line
 
 
 def edge_stats(ctx: Context, cfg: Config) -> dict:

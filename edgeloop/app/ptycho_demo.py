@@ -12,7 +12,14 @@ import numpy as np
 from p4p.client.thread import Context
 
 from edgeloop import ntnd
-from edgeloop.app.loop import OutputCollector, burst, edge_stats, retrain_via_pv
+from edgeloop.app.loop import (
+    OutputCollector,
+    burst,
+    edge_stats,
+    fly_figures,
+    fly_line,
+    retrain_via_pv,
+)
 from edgeloop.config import Config
 from edgeloop.optics import illuminated_mask
 
@@ -43,13 +50,15 @@ def _scan(
     num: int,
     step: float,
     center: tuple[float, float],
+    rate_hz: float,
 ) -> tuple[float, dict, np.ndarray, int]:
-    """One spiral scan: (seconds, edge outputs by uniqueId, stitched map, model version)."""
-    from edgeloop.bluesky_plans import ptycho_scan
+    """One spiral fly scan: (seconds, edge outputs by uniqueId, stitched map, model
+    version)."""
+    from edgeloop.bluesky_plans import ptycho_fly_scan
 
     p = cfg.prefix
     t0 = time.perf_counter()
-    RE(ptycho_scan(det, stage, num=num, step=step, center=center))
+    RE(ptycho_fly_scan(det, stage, num=num, step=step, center=center, rate_hz=rate_hz))
     seconds = time.perf_counter() - t0
     outputs = collector.take(num, 60)
     time.sleep(cfg.edge.map_publish_s * 3)  # the map is published at most this often
@@ -89,7 +98,7 @@ def _save_png(
     plt.close(fig)
 
 
-def ptycho_demo(cfg, out, ctx, RE, writer, det, stage, scan_points, step) -> dict:
+def ptycho_demo(cfg, out, ctx, RE, det, stage, scan_points, step, rate_hz) -> dict:
     from edgeloop.ioc.physics import PtychoSimulator
 
     p = cfg.prefix
@@ -98,10 +107,11 @@ def ptycho_demo(cfg, out, ctx, RE, writer, det, stage, scan_points, step) -> dic
     centers = [(0.0, 0.0), (0.2, -0.15)]  # the second scan overlaps the first in part
 
     log.info("scan 1: %d points with the untrained model", scan_points)
-    dt1, out1, map1, v0 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step, centers[0])
+    args = (RE, det, stage, ctx, collector, cfg, scan_points, step)
+    dt1, out1, map1, v0 = _scan(*args, centers[0], rate_hz)
     retrain_s, states = retrain_via_pv(ctx, p, v0)
     log.info("scan 2: %d points with the retrained model", scan_points)
-    dt2, out2, map2, v1 = _scan(RE, det, stage, ctx, collector, cfg, scan_points, step, centers[1])
+    dt2, out2, map2, v1 = _scan(*args, centers[1], rate_hz)
     seen, burst_s = burst(ctx, p, 300, collector.take)
     stats = edge_stats(ctx, cfg)
     err1, err2 = phase_errors(out1, sim), phase_errors(out2, sim)
@@ -122,6 +132,11 @@ def ptycho_demo(cfg, out, ctx, RE, writer, det, stage, scan_points, step) -> dic
         "bad_frames": stats["BadFrames"],
         "fps": seen / burst_s,
         "scan_fps": (len(out1) + len(out2)) / (dt1 + dt2),
+        "fly": fly_figures(
+            2 * scan_points,
+            [(f.timestamp, f.received) for o in (out1, out2) for f in o.values()],
+            rate_hz,
+        ),
         "latency_ms_p50": float(np.percentile(lat, 50)),
         "latency_ms_p99": float(np.percentile(lat, 99)),
         "model_versions": [v0, v1],
@@ -142,7 +157,9 @@ def print_report(r: dict, out: Path) -> None:
         f"  frames in / out / dropped   {r['frames_in']} / {r['frames_out']} / {r['dropped']}",
         f"  edge throughput (burst)     {r['fps']:.1f} frames/s   (during scans "
         f"{r['scan_fps']:.1f} frames/s, set by the scan)",
-        f"  latency p50 / p99           {r['latency_ms_p50']:.1f} / {r['latency_ms_p99']:.1f} ms",
+        f"  latency p50 / p99           {r['latency_ms_p50']:.1f} / {r['latency_ms_p99']:.1f} ms"
+        " (in the edge)",
+        fly_line(r["fly"]),
         f"  model versions              {r['model_versions']}",
         f"  phase error before / after  {r['phase_error_before']:.3f} / "
         f"{r['phase_error_after']:.3f} rad",

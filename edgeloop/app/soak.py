@@ -110,13 +110,13 @@ def _resources(proc: psutil.Process) -> tuple[float, int]:
     return proc.memory_info().rss / 2**20, proc.num_fds()
 
 
-def _scan(cfg: Config, RE, det, stage, writer, points: int, center) -> int:
-    """One spiral scan; the frames its file lacks (training frames lost)."""
+def _scan(cfg: Config, RE, det, stage, index, points: int, center) -> int:
+    """One spiral scan; the frames the detector's file lacks (training frames lost)."""
     from edgeloop.bluesky_plans import ptycho_scan
     from edgeloop.scanfile import read_scan
 
     RE(ptycho_scan(det, stage, num=points, step=0.05, center=center))
-    written = len(read_scan(writer.last_path)["frames"])
+    written = len(read_scan(index.last_path)["frames"])
     return points - written
 
 
@@ -132,7 +132,7 @@ def run_soak(
     from bluesky import RunEngine
 
     from edgeloop.app.signals import AbortOnSignal
-    from edgeloop.bluesky_plans import ScanWriter, make_devices, spiral_positions
+    from edgeloop.bluesky_plans import RunIndex, make_devices, spiral_positions
     from edgeloop.ioc.physics import PtychoSimulator
 
     cfg.train.epochs = min(cfg.train.epochs, 8)  # a retraining every few minutes on 2 cores
@@ -161,10 +161,10 @@ def run_soak(
         log.info("edge ceiling %.0f frames/s; streaming at %.0f", ceiling, fraction * ceiling)
         start, sent0, malformed0 = _edge_counts(ctx, p), stream.sent, stream.malformed
         rss0, fds0 = _resources(edge)
-        det, stage = make_devices(p)
+        det, stage = make_devices(p, cfg.data_path / "detector")
         RE = RunEngine({}, context_managers=[AbortOnSignal])
-        writer = ScanWriter(cfg.data_path)
-        RE.subscribe(writer)
+        index = RunIndex(cfg.data_path)
+        RE.subscribe(index)
         swaps, lost, cycles, errors = 0, 0, [], []
         stream.start(fraction * ceiling)
         deadline = time.monotonic() + minutes * 60
@@ -172,7 +172,7 @@ def run_soak(
             while time.monotonic() < deadline:
                 t_cycle = time.monotonic()
                 center = (0.1 * (len(cycles) % 5), -0.1 * (len(cycles) % 3))
-                lost += _scan(cfg, RE, det, stage, writer, scan_points, center)
+                lost += _scan(cfg, RE, det, stage, index, scan_points, center)
                 version = int(ctx.get(f"{p}edge:ModelVersion")["value"])
                 try:
                     seconds, _ = retrain_via_pv(ctx, p, version, protocol="pva")

@@ -38,7 +38,7 @@ def fly(RE, ctx, cfg: Config, plan, collector, offered: int, rate: float, stamps
     answers = collector.take(expected, 30)
     wait_drained(ctx, p, settle_s=0.5)
     after = _counts(ctx, p)
-    row = fly_figures(offered, [stamps(a) for u, a in answers.items() if u in expected], rate)
+    row = fly_figures(offered, [[stamps(a) for u, a in answers.items() if u in expected]], rate)
     row.update({k: after[k] - before[k] for k in after}, plan_s=round(seconds, 2))
     return row
 

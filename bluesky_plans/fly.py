@@ -105,9 +105,11 @@ class TrajectoryFlyer:
         self._saved_sigs: dict | None = None
         self._file: str | None = None
         self._frames: dict | None = None
+        self._ended = threading.Event()  # unstaged or stopped: waiting threads give up
 
     # -- staging -------------------------------------------------------------------------
     def stage(self) -> list:
+        self._ended.clear()
         cam = self.det.cam
         self._saved_sigs = dict(self.det.stage_sigs)
         self.det.stage_sigs.update(
@@ -127,7 +129,10 @@ class TrajectoryFlyer:
         return [self]
 
     def unstage(self) -> list:
+        self._ended.set()
         try:
+            if self.sample_stage.profile.execute_state.get(use_monitor=False) != "Done":
+                self.sample_stage.profile.abort.put(1)  # an interrupted fly: stop the stage
             self.det.unstage()
         finally:
             if self._saved_sigs is not None:
@@ -137,6 +142,7 @@ class TrajectoryFlyer:
 
     def stop(self, *, success: bool = False) -> None:
         """Stop the profile and the acquisition (a RunEngine stop or abort calls this)."""
+        self._ended.set()
         self.sample_stage.profile.abort.put(1)
         self.det.cam.acquire.put(0)
 
@@ -155,6 +161,10 @@ class TrajectoryFlyer:
         try:
             step()
         except Exception as exc:
+            if self._ended.is_set():  # the run is over already: nothing to stop
+                log.info("%s: %s", self.name, exc)
+                status.set_exception(exc)
+                return
             log.error("%s: %s", self.name, exc)
             try:
                 self.stop()
@@ -169,7 +179,12 @@ class TrajectoryFlyer:
         hdf.num_capture.put(self.num, wait=True)
         cam.num_images.put(self.num, wait=True)
         cam.acquire.put(1)
-        _wait_for(lambda: cam.acquire.get(use_monitor=False) == 1, 5.0, "detector to arm")
+        _wait_for(
+            lambda: cam.acquire.get(use_monitor=False) == 1,
+            5.0,
+            "the detector to arm",
+            self._ended,
+        )
         for axis, (positions, use) in profile.AXES.items():
             flies = axis in self.path
             getattr(profile, use).put("Yes" if flies else "No", wait=True)
@@ -191,6 +206,7 @@ class TrajectoryFlyer:
             lambda: profile.execute_state.get(use_monitor=False) == "Done",
             duration * 2 + self.timeout,
             "the profile to end",
+            self._ended,
         )
         outcome = profile.execute_status.get(use_monitor=False)
         if outcome != "Success":
@@ -200,6 +216,7 @@ class TrajectoryFlyer:
                 lambda: int(hdf.num_captured.get(use_monitor=False)) >= self.num,
                 self.timeout + duration,
                 "the file plugin to write every frame",
+                self._ended,
             )
         except TimeoutError:
             taken = cam.num_images_counter.get(use_monitor=False)
@@ -270,8 +287,10 @@ class TrajectoryFlyer:
             return self._frames
         if self._file is None:
             raise RuntimeError(f"{self.name}: collect before kickoff")
+        technique = "hedm" if "rot" in self.path else "ptychography"
         with adfile.open_file(self._file, f"{self.det.name}'s file") as f:
-            n = min(self.num, len(f[adfile.UNIQUE_ID]))
+            # a partial collect (an aborted fly) may find the IOC writing: whole rows only
+            n = min(self.num, adfile.whole_rows(f, technique)[0])
             frames = {
                 "uid": f[adfile.UNIQUE_ID][:n],
                 "time": f[adfile.TIMESTAMP][:n] + adfile.EPICS_EPOCH,
@@ -288,9 +307,13 @@ class TrajectoryFlyer:
         return frames
 
 
-def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05) -> None:
+def _wait_for(predicate, timeout: float, what: str, ended=None, poll: float = 0.05) -> None:
+    """Poll ``predicate`` until true; TimeoutError after ``timeout`` s, RuntimeError once the
+    ``ended`` event is set (the fly was unstaged meanwhile)."""
     deadline = time.monotonic() + timeout
     while not predicate():
+        if ended is not None and ended.is_set():
+            raise RuntimeError(f"the fly ended while waiting for {what}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
         time.sleep(poll)
@@ -301,8 +324,9 @@ def _fly(flyer: TrajectoryFlyer, det, md: dict, mode: str) -> MsgGenerator:
     @bpp.run_decorator(md=md)
     def inner():
         yield from bps.kickoff(flyer, wait=True)
-        yield from bps.complete(flyer, wait=True)
-        yield from bps.collect(flyer)
+        # collected also when the fly fails or is aborted: the frames taken so far go into
+        # the run (the resource and datums are emitted at collect)
+        yield from bpp.finalize_wrapper(bps.complete(flyer, wait=True), bps.collect(flyer))
 
     yield from _set_mode(det, mode)
     return (yield from inner())

@@ -34,8 +34,8 @@ def devices(system, tmp_path_factory):
     stage.destroy()
 
 
-def run_plan(plan) -> list[tuple[str, dict]]:
-    docs = []
+def run_plan(plan, docs: list | None = None) -> list[tuple[str, dict]]:
+    docs = [] if docs is None else docs
     with run_engine() as RE:
         RE.subscribe(lambda name, doc: docs.append((name, doc)))
         RE(plan)
@@ -149,9 +149,20 @@ def test_an_aborted_profile_fails_the_plan_and_stops_the_detector(system, device
         stage.profile.abort.put(1)
 
     threading.Thread(target=abort_soon, daemon=True).start()
+    docs = []
     with pytest.raises(FailedStatus) as failed:
-        run_plan(ptycho_fly_scan(det, stage, num=num, step=0.05, rate_hz=100))
+        run_plan(ptycho_fly_scan(det, stage, num=num, step=0.05, rate_hz=100), docs)
     assert "profile Abort: aborted at point" in str(failed.value.args[0].exception())
+    # the frames flown before the abort are collected into the failed run
+    stop = of(docs, "stop")[0]
+    assert stop["exit_status"] == "fail"
+    taken = stop["num_events"]["primary"]
+    assert 0 < taken < num
+    assert len(of(docs, "datum")) == taken
+    np.testing.assert_allclose(
+        [[e["data"]["stage_x"], e["data"]["stage_y"]] for e in events(docs)],
+        spiral_positions(num, 0.05)[:taken],
+    )
     deadline = time.monotonic() + 5
     while det.cam.acquire.get(use_monitor=False) != 0:
         assert time.monotonic() < deadline, "detector still acquiring"

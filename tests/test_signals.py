@@ -45,6 +45,7 @@ def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path
     out, log = tmp_path / "demo", tmp_path / "demo.log"
     env = dict(os.environ, **TEST_ENV, EDGELOOP_BEAMLINE_CA_PORT=str(_free_port()))
     args = ["demo", "--out", str(out), "--prefix", random_prefix("c"), "--points", "400"]
+    args += ["--rate-hz", "20"]  # a fly scan of 20 s
     with open(log, "w") as sink:
         demo = subprocess.Popen(
             [sys.executable, "-m", "edgeloop.app.cli", *args, "--epochs", "1"],
@@ -56,8 +57,8 @@ def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path
         )
     children = []
     try:
-        _wait_for_line(log, "ptycho_scan: 400 points", demo, timeout=120)
-        time.sleep(2.0)  # well inside the scan (400 points take about 20 s)
+        _wait_for_line(log, "ptycho_fly_scan: 400 points", demo, timeout=120)
+        time.sleep(4.0)  # well inside the scan
         children = _descendants(demo.pid)
         assert len(children) >= 4  # ioc (+ its ML IOC), edge, retrain-service
         t0 = time.monotonic()
@@ -75,10 +76,12 @@ def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path
     assert rc == 130, text[-3000:]
     assert "Deferred pause" not in text
     _assert_all_gone(children)
-    # the interrupted run was aborted cleanly: its scan file is there, marked as such
+    # the interrupted run was aborted cleanly: bluesky collected the frames flown so far,
+    # and the run entry points at them in the detector's file, marked as aborted
     (scan,) = list_scans(out / "data")
     data = read_scan(scan)
     assert data["exit_status"] == "abort" and 0 < data["num_events"] < 400
+    assert len(data["frames"]) == data["num_events"]
 
 
 def test_sigterm_stops_each_server_and_what_it_started(tmp_path):

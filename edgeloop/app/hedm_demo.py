@@ -127,7 +127,7 @@ def hedm_demo(cfg, out, ctx, RE, index, det, stage, frames: int, rate_hz: float)
         "frames_per_scan": frames,
         "scan_fps": 2 * frames / sum(seconds),
         "fly": fly_figures(
-            2 * frames, [t["stamps"] for ts in tables for t in ts.values()], rate_hz
+            2 * frames, [[t["stamps"] for t in ts.values()] for ts in tables], rate_hz
         ),
         "peaks_per_frame": float(np.mean(peaks)) if peaks else 0.0,
         "model_versions": versions,

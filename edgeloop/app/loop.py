@@ -187,14 +187,16 @@ def burst(ctx: Context, p: str, frames: int, take) -> tuple[int, float]:
     return seen, time.perf_counter() - t0
 
 
-def fly_figures(offered: int, stamps: list[tuple[float, float]], rate_hz: float) -> dict:
-    """What the edge made of the frames of fly scans at ``rate_hz``: ``stamps`` holds, per
+def fly_figures(offered: int, scans: list[list[tuple[float, float]]], rate_hz: float) -> dict:
+    """What the edge made of fly scans at ``rate_hz``: ``scans`` holds, per scan and per
     answered frame, its exposure time (latched by its trigger) and the time its answer
     reached a client.  Offered, answered, not answered, the latency p50/p99 in ms, and the
-    rate the answers came at (frames/s)."""
-    t = np.asarray(stamps, float).reshape(-1, 2)
+    rate the answers came at within the scans (frames/s)."""
+    groups = [np.asarray(s, float).reshape(-1, 2) for s in scans]
+    t = np.concatenate(groups) if groups else np.zeros((0, 2))
     lat = (t[:, 1] - t[:, 0]) * 1e3
-    span = np.ptp(t[:, 1]) if len(t) > 1 else 0.0
+    spans = [(len(g) - 1, np.ptp(g[:, 1])) for g in groups if len(g) > 1]
+    span = sum(s for _, s in spans)
     return {
         "rate_hz": rate_hz,
         "frames_offered": offered,
@@ -202,7 +204,7 @@ def fly_figures(offered: int, stamps: list[tuple[float, float]], rate_hz: float)
         "frames_unanswered": offered - len(t),
         "exposure_to_answer_ms_p50": float(np.percentile(lat, 50)) if len(t) else None,
         "exposure_to_answer_ms_p99": float(np.percentile(lat, 99)) if len(t) else None,
-        "answers_per_s": (len(t) - 1) / span if span > 0 else None,
+        "answers_per_s": sum(n for n, _ in spans) / span if span > 0 else None,
     }
 
 

@@ -134,7 +134,7 @@ def ptycho_demo(cfg, out, ctx, RE, det, stage, scan_points, step, rate_hz) -> di
         "scan_fps": (len(out1) + len(out2)) / (dt1 + dt2),
         "fly": fly_figures(
             2 * scan_points,
-            [(f.timestamp, f.received) for o in (out1, out2) for f in o.values()],
+            [[(f.timestamp, f.received) for f in o.values()] for o in (out1, out2)],
             rate_hz,
         ),
         "latency_ms_p50": float(np.percentile(lat, 50)),

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         type=_positive_float,
         default=None,
         help="fly-scan rate, frames/s (default: one the edge keeps up with on 2 cores: "
-        "ptycho 200, hedm 40)",
+        "ptycho 200, hedm 60)",
     )
     p.add_argument(
         "--codec",

@@ -116,6 +116,10 @@ def hedm_demo(cfg, out, ctx, RE, index, det, stage, frames: int, rate_hz: float)
     err2, found, scored = scan_errors(tables[1], scans[1], sim)
     fit = fit_scan(scans[1], cfg, sim)
     peaks = [len(t["x"]) for t in tables[1].values()]
+    stamps = []  # of the scans' own frames (not the one that primed the file plugin)
+    for ts, scan in zip(tables, scans):
+        uids = set(scan["unique_id"].tolist())
+        stamps.append([t["stamps"] for u, t in ts.items() if u in uids])
     _save_png(out / "hedm_peaks.png", scans[1], tables[1], sim, cfg, versions[1])
     return {
         "mode": "hedm",
@@ -126,9 +130,7 @@ def hedm_demo(cfg, out, ctx, RE, index, det, stage, frames: int, rate_hz: float)
         "fps": seen / burst_s,
         "frames_per_scan": frames,
         "scan_fps": 2 * frames / sum(seconds),
-        "fly": fly_figures(
-            2 * frames, [[t["stamps"] for t in ts.values()] for ts in tables], rate_hz
-        ),
+        "fly": fly_figures(2 * frames, stamps, rate_hz),
         "peaks_per_frame": float(np.mean(peaks)) if peaks else 0.0,
         "model_versions": versions,
         "error_px_before": _stats(err1),

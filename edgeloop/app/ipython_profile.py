@@ -39,7 +39,7 @@ RE.subscribe(RetrainTrigger(PREFIX, every_n_runs=1))  # retrain after each good 
 print(f"edgeloop session on {{PREFIX}}: "
       "RE(ptycho_fly_scan(det, stage, num=963, step=0.05, rate_hz=200)), "
       "RE(ptycho_scan(det, stage, num=963, step=0.05)), "
-      "RE(hedm_fly_scan(det, stage, 0, 30, 120, rate_hz=40))")
+      "RE(hedm_fly_scan(det, stage, 0, 30, 120, rate_hz=60))")
 '''
 
 PIN = """from edgeloop.config import pin_loopback

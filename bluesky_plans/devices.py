@@ -351,7 +351,8 @@ class HDF5PluginWithFileStore(HDF5Plugin, FileStoreHDF5IterativeWrite):
 class AreaDetector(SingleTrigger, DetectorBase):
     """An areaDetector from ophyd's stock classes: camera ``cam1:`` and HDF5 plugin ``HDF1:``.
 
-    Each trigger acquires ``NumImages`` frames (ImageMode Multiple) and completes when
+    Each trigger acquires one frame (staging sets ImageMode Multiple and NumImages 1; change
+    ``stage_sigs["cam.num_images"]`` for more per point) and completes when
     ``Acquire_RBV`` returns to 0; the plugin appends them to the run's file.  The event field
     ``<name>_image`` holds a datum id, not the frames (shape ``(NumImages, ny, nx)``, external
     ``FILESTORE:``).
@@ -382,6 +383,8 @@ class AreaDetector(SingleTrigger, DetectorBase):
         super().__init__(prefix, **kwargs)
         self.hdf1.write_path_template = write_path_template
         self.hdf1.read_path_template = read_path_template
+        # one frame per trigger (a step scan's point), whatever NumImages was left at
+        self.stage_sigs["cam.num_images"] = 1
         # uniqueIds restart at 1 in every run: the edge starts a new map on a lower uniqueId
         self.stage_sigs["cam.array_counter"] = 0
 

@@ -129,6 +129,7 @@ def test_count_files_the_frames_in_hdf5_and_the_events_carry_datum_ids(beamline,
     from bluesky.plans import count
 
     det, _, data = devices
+    det.cam.num_images.put(10, wait=True)  # left by someone else: staging makes it 1 per point
     stream = Collector(beamline.ctx, f"{beamline.prefix}det:Pva1:Image")
     try:
         docs = run_plan(count([det], num=5))

@@ -339,3 +339,20 @@ def test_config_logging_owns_the_edgeloop_logger_and_leaves_root_alone():
         for name, (handlers, level, propagate) in saved.items():
             lg = logging.getLogger(name)
             lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+
+
+def test_fly_figures_count_answers_and_time_them_within_each_scan():
+    from edgeloop.app.loop import fly_figures, fly_line
+
+    # two scans of 3 frames at 100 Hz, 60 s apart; one frame of the second never answered
+    first = [(t, t + 0.010) for t in (0.0, 0.01, 0.02)]
+    second = [(t, t + 0.030) for t in (60.0, 60.01)]
+    fly = fly_figures(6, [first, second], 100.0)
+    assert (fly["frames_answered"], fly["frames_unanswered"]) == (5, 1)
+    assert fly["exposure_to_answer_ms_p50"] == pytest.approx(10.0)
+    assert fly["exposure_to_answer_ms_p99"] == pytest.approx(30.0, rel=0.05)
+    assert fly["answers_per_s"] == pytest.approx(100.0)  # the 60 s between scans left out
+    assert "6 frames offered, 5 answered, 1 not" in fly_line(fly)
+    none = fly_figures(4, [[]], 50.0)
+    assert none["frames_answered"] == 0 and none["answers_per_s"] is None
+    assert "0 answered, 4 not" in fly_line(none)

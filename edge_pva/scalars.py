@@ -70,6 +70,22 @@ def scalars(cfg: EdgeConfig) -> dict[str, Scalar]:
             hihi=cfg.latency_alarm_ms,
             limit_high=cfg.latency_alarm_ms,
         ),
+        "Consistency": Scalar(
+            "d",
+            "rad",
+            3,
+            "Last frame's disagreement with the map (ptycho)",
+            limit_high=cfg.consistency_alarm_rad,
+        ),
+        "ScanConsistency": Scalar(
+            "d",
+            "rad",
+            3,
+            "Mean disagreement with the map over the scan",
+            high=cfg.consistency_warn_rad,
+            hihi=cfg.consistency_alarm_rad,
+            limit_high=cfg.consistency_alarm_rad,
+        ),
         "DroppedRate": Scalar(
             "d",
             "frames/s",

@@ -49,7 +49,7 @@ from edgeloop.edge_pva.inference import (
     validate,
 )
 from edgeloop.edge_pva.scalars import ScalarPVs
-from edgeloop.edge_pva.stitch import PhaseMap
+from edgeloop.edge_pva.stitch import PhaseMap, ScanConsistency
 from edgeloop.edge_pva.supervise import Supervisor
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import ModelFileError, ModelUnavailable, Registry
@@ -100,6 +100,7 @@ class EdgeServer:
         )
         self._map_lock = threading.Lock()
         self._map_dirty = False
+        self.consistency = ScanConsistency()  # of the current acquisition; under _map_lock
         self.latencies: collections.deque = collections.deque(maxlen=2000)  # ms, newest last
         self._out_times: collections.deque = collections.deque(maxlen=2000)
         # frames answered with a caveat (not stitched, peaks left out): reason -> count
@@ -414,16 +415,23 @@ class EdgeServer:
             raise ModelRejected("the model gave NaN/Inf for this frame")
         uid = frame.unique_id
         xy = self._position(frame)
+        consistency = None
         with self._map_lock:
             if frame.new_acquisition:
                 self.phase_map.reset()
+                self.consistency.reset()
             if xy is not None:
+                consistency = self.phase_map.disagreement(ph, *xy)
                 self.phase_map.add(ph, *xy)
                 self._map_dirty = True
+            if consistency is not None:
+                self.consistency.add(consistency)
         now = time.time()
         attrs = {"ModelVersion": version, "LatencyMs": (now - frame.received) * 1e3}
         if xy is not None:
             attrs.update(SampleX=xy[0], SampleY=xy[1])
+        if consistency is not None:
+            attrs["Consistency"] = consistency
         self._pvs["Phase"].post(ntnd.build(ph, uid, attrs, frame.timestamp))
         self._pvs["Amplitude"].post(ntnd.build(amp, uid, attrs, frame.timestamp))
         self._count_out(frame, now)  # after the posts: FramesOut never runs ahead
@@ -453,6 +461,10 @@ class EdgeServer:
                 "LatencyMs": float(np.median(lat)) if lat else 0.0,
                 "DroppedRate": (dropped[-1][1] - dropped[0][1]) / 2.0,
             }
+            with self._map_lock:
+                last, scan = self.consistency.last, self.consistency.mean
+            if scan is not None:  # posted once a scan has overlapping frames
+                values.update(Consistency=last, ScanConsistency=scan)
             for name, value in values.items():
                 self._scalars.post(name, value)
             self._report_refusals()

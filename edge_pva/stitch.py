@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+OVERLAP_WEIGHT = 0.5  # pixels whose weight (map, and patch window) is above: in the overlap
+
 
 def patch_origin(
     x_um: float, y_um: float, map_size: int, patch: int, pixel_um: float
@@ -31,6 +33,29 @@ class PhaseMap:
         self.count = 0
         self.outside = 0
 
+    def disagreement(
+        self, phase: np.ndarray, x_um: float, y_um: float, min_pixels: int = 32
+    ) -> float | None:
+        """How far ``phase``, the patch about to be added at (x, y), disagrees with what the
+        map already holds where both are well lit: the RMS difference (rad) after removing
+        the mean (the phase offset of a patch is not measurable), weighted by the lesser of
+        the two weights; None when they share fewer than ``min_pixels`` such pixels (the
+        first frames of a scan, or a patch off the map).  Label-free: neighbouring scan
+        points overlap, so two predictions of one region must agree."""
+        r, c = patch_origin(x_um, y_um, self.map_size, self.patch, self.pixel_um)
+        if r < 0 or c < 0 or r + self.patch > self.map_size or c + self.patch > self.map_size:
+            return None
+        sl = np.s_[r : r + self.patch, c : c + self.patch]
+        held = self.weight[sl]
+        w = np.minimum(held, self.window)
+        both = (held > OVERLAP_WEIGHT) & (self.window > OVERLAP_WEIGHT)
+        if both.sum() < min_pixels:
+            return None
+        w = w[both]
+        d = phase[both] - self.total[sl][both] / held[both]
+        d = d - np.average(d, weights=w)
+        return float(np.sqrt(np.average(d * d, weights=w)))
+
     def add(self, phase: np.ndarray, x_um: float, y_um: float) -> bool:
         """Add one patch; False (and counted in ``outside``) if it does not fit the map."""
         if phase.shape != (self.patch, self.patch):
@@ -49,3 +74,23 @@ class PhaseMap:
         seen = self.weight > 0.05
         out[seen] = self.total[seen] / self.weight[seen]
         return out
+
+
+class ScanConsistency:
+    """The per-frame disagreements of one acquisition: the last and the running mean."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.last: float | None = None
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.last = value
+        self.total += value
+        self.count += 1
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None

@@ -157,6 +157,10 @@ class EdgeConfig:
     latency_warn_ms: Positive = 100.0  # edge:LatencyMs above: MINOR
     latency_alarm_ms: Positive = 1000.0  # above: MAJOR
     dropped_rate_alarm: Positive = 10.0  # edge:DroppedRate (frames/s) above: MAJOR; any: MINOR
+    # edge:ScanConsistency (rad, label-free disagreement of overlapping predictions) above:
+    # MINOR / MAJOR
+    consistency_warn_rad: Positive = 0.05
+    consistency_alarm_rad: Positive = 0.1
     # a frame holding more bytes (compressed or not) is refused before it is decoded
     max_frame_bytes: Count = 64 * 1024 * 1024
     # HEDM: at most this many peaks are refined per frame; a frame with more is flagged

@@ -105,6 +105,14 @@ def test_ptycho_fly_scan_stamps_every_frame_with_its_spiral_point(system, device
     assert sorted(answered) == list(range(1, num + 1))
     for uid, frame in answered.items():
         assert float(frame.attributes["SampleX"]) == pytest.approx(expected[uid - 1, 0])
+    # label-free quality: all but the first frames overlap the map and carry their disagreement
+    consistent = [
+        f.attributes["Consistency"] for f in answered.values() if "Consistency" in f.attributes
+    ]
+    assert len(consistent) > 0.9 * num and min(consistent) >= 0
+    scan = system.wait_value("edge:ScanConsistency", lambda v: v > 0, 10)
+    assert scan == pytest.approx(np.mean(consistent), rel=0.05)
+    assert system.pv("edge:ScanConsistency")["display.units"] == "rad"
     print(f"fly scan: {num} frames at {rate:g} Hz in {seconds:.1f} s of plan")
 
 

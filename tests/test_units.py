@@ -356,3 +356,45 @@ def test_fly_figures_count_answers_and_time_them_within_each_scan():
     none = fly_figures(4, [[]], 50.0)
     assert none["frames_answered"] == 0 and none["answers_per_s"] is None
     assert "0 answered, 4 not" in fly_line(none)
+
+
+def _noisy_scan(noise_rad: float, seed: int = 0) -> list[float]:
+    """Patches of one smooth object along a spiral, offset by one constant (the phase's
+    offset is not measurable) and with pixel noise of ``noise_rad``: the disagreement of
+    each with the map so far."""
+    from edgeloop.bluesky_plans.plans import spiral_positions
+
+    rng = np.random.default_rng(seed)
+    n, patch, pixel = 256, 32, 0.01
+    yy, xx = np.mgrid[:n, :n] / n
+    obj = 0.5 * np.sin(12 * xx) * np.cos(9 * yy)
+    pm, out = PhaseMap(n, patch, pixel), []
+    for x, y in spiral_positions(60, 0.05):
+        r, c = int(round(n / 2 - patch / 2 + y / pixel)), int(round(n / 2 - patch / 2 + x / pixel))
+        truth = obj[r : r + patch, c : c + patch]
+        guess = truth + 0.7 + rng.normal(0, noise_rad, truth.shape)
+        d = pm.disagreement(guess, x, y)
+        pm.add(guess, x, y)
+        if d is not None:
+            out.append(d)
+    return out
+
+
+def test_consistency_is_zero_for_exact_patches_and_grows_with_their_error():
+    exact = _noisy_scan(0.0)
+    assert len(exact) >= 50 and max(exact) < 1e-5  # offsets removed: exact patches agree
+    means = [np.mean(_noisy_scan(s)) for s in (0.02, 0.05, 0.1, 0.2)]
+    assert all(a < b for a, b in zip(means, means[1:]))
+    # each patch's noise against a map that averages several: a little above the noise
+    for s, m in zip((0.02, 0.05, 0.1, 0.2), means):
+        assert s < m < 1.6 * s
+
+
+def test_consistency_needs_an_overlap():
+    pm = PhaseMap(128, 32, 0.01)
+    patch = np.zeros((32, 32), np.float32)
+    assert pm.disagreement(patch, 0.0, 0.0) is None  # an empty map
+    pm.add(patch, 0.0, 0.0)
+    assert pm.disagreement(patch, 0.3, 0.3) is None  # far from what the map holds
+    assert pm.disagreement(patch, 5.0, 5.0) is None  # off the map
+    assert pm.disagreement(patch + 1.0, 0.01, 0.0) == pytest.approx(0.0, abs=1e-6)

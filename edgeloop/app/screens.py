@@ -135,10 +135,12 @@ def overview() -> screen.Screen:
             ("Repeats", f"{edge}Repeats"),
             ("In flight", f"{edge}InFlight"),
             ("Thread restarts", f"{edge}Restarts"),  # MAJOR from the first
+            ("Consistency (frame)", f"{edge}Consistency"),  # label-free quality, rad
+            ("Consistency (scan)", f"{edge}ScanConsistency"),
         ],
     )
-    lay.label("Message", x, 80 + 13 * ROW)
-    lay.readback(f"{edge}Message", x + 155, 80 + 13 * ROW, 450)
+    lay.label("Message", x, 80 + 15 * ROW)
+    lay.readback(f"{edge}Message", x + 155, 80 + 15 * ROW, 450)
 
     x2 = 1200
     lay.section("Retraining", x2, 80, 280)

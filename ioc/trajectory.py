@@ -106,6 +106,7 @@ class ProfileMove(PVGroup):
         self.trigger = trigger
         self._path: dict[str, np.ndarray] | None = None  # the built profile
         self._run: asyncio.Task | None = None
+        self._aborted = False
 
     def _used(self) -> dict[str, np.ndarray]:
         uses = (self.m1_use, self.m2_use, self.m3_use)

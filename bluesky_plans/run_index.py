@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlparse
 
 from bluesky.callbacks.core import CallbackBase
 
+from edgeloop.bluesky_plans.callbacks import _fsync
 from edgeloop.scanfile import POSITIONS, run_entry_name
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,6 @@ class _Run:
     start: dict
     resources: dict[str, _Resource] = field(default_factory=dict)  # by uid, in order
     datums: dict[str, str] = field(default_factory=dict)  # datum id -> resource uid
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RunIndex(CallbackBase):

@@ -170,6 +170,25 @@ def run_engine():
                 loop.close()
 
 
+def run_plan(plan, docs: list | None = None) -> list[tuple[str, dict]]:
+    """Run ``plan`` on a real RunEngine; its documents (into ``docs`` when given, so they
+    are kept when the plan raises), each checked against its schema."""
+    from event_model import DocumentNames, schema_validators
+
+    docs = [] if docs is None else docs
+    with run_engine() as RE:
+        RE.subscribe(lambda name, doc: docs.append((name, doc)))
+        RE(plan)
+    for name, doc in docs:
+        schema_validators[DocumentNames[name]].validate(doc)
+    return docs
+
+
+def of(docs, kind: str) -> list[dict]:
+    """The documents of one kind."""
+    return [doc for name, doc in docs if name == kind]
+
+
 @pytest.fixture
 def RE():
     with run_engine() as engine:

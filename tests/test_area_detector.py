@@ -23,11 +23,11 @@ from conftest import (
     TEST_ENV,
     Collector,
     System,
+    of,
     random_prefix,
-    run_engine,
+    run_plan,
     small_config,
 )
-from event_model import DocumentNames, schema_validators
 
 from edgeloop.bluesky_plans import ptycho_scan, spiral_positions
 
@@ -71,21 +71,6 @@ def devices(beamline, tmp_path_factory):
     yield det, stage, data
     det.destroy()
     stage.destroy()
-
-
-def run_plan(plan) -> list[tuple[str, dict]]:
-    """Run ``plan`` on a real RunEngine; its documents, each checked against its schema."""
-    docs = []
-    with run_engine() as RE:
-        RE.subscribe(lambda name, doc: docs.append((name, doc)))
-        RE(plan)
-    for name, doc in docs:
-        schema_validators[DocumentNames[name]].validate(doc)
-    return docs
-
-
-def of(docs, kind: str) -> list[dict]:
-    return [doc for name, doc in docs if name == kind]
 
 
 def read_back(docs, key: str = "det_image") -> tuple[Path, np.ndarray]:

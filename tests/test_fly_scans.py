@@ -11,8 +11,7 @@ import h5py
 import numpy as np
 import pytest
 from bluesky.utils import FailedStatus
-from conftest import Collector, run_engine
-from event_model import DocumentNames, schema_validators
+from conftest import Collector, of, run_plan
 
 from edgeloop.bluesky_plans import (
     hedm_fly_scan,
@@ -32,20 +31,6 @@ def devices(system, tmp_path_factory):
     yield det, stage
     det.destroy()
     stage.destroy()
-
-
-def run_plan(plan, docs: list | None = None) -> list[tuple[str, dict]]:
-    docs = [] if docs is None else docs
-    with run_engine() as RE:
-        RE.subscribe(lambda name, doc: docs.append((name, doc)))
-        RE(plan)
-    for name, doc in docs:
-        schema_validators[DocumentNames[name]].validate(doc)
-    return docs
-
-
-def of(docs, kind: str) -> list[dict]:
-    return [doc for name, doc in docs if name == kind]
 
 
 def events(docs) -> list[dict]:

@@ -404,17 +404,12 @@ def beamline(tmp_path_factory, request):
 
 @pytest.fixture(scope="module")
 def devices(beamline, tmp_path_factory):
-    from ophyd import EpicsSignal
-
-    from edgeloop.bluesky_plans import make_ad_devices
+    from edgeloop.bluesky_plans import SimDetector, make_ad_devices
 
     data = tmp_path_factory.mktemp("frames").resolve()
-    det, stage = make_ad_devices(beamline.prefix, data, timeout=15)
-    det.stage_sigs["cam.array_counter"] = 0  # uniqueIds 1..N in every run
-    mode = EpicsSignal(f"{beamline.prefix}det:cam1:Mode", string=True, name="mode")
-    mode.wait_for_connection(timeout=15)
-    yield det, stage, mode
-    for device in (det, stage, mode):
+    det, stage = make_ad_devices(beamline.prefix, data, timeout=15, detector_class=SimDetector)
+    yield det, stage
+    for device in (det, stage):
         device.destroy()
 
 
@@ -447,8 +442,7 @@ def test_a_ptycho_scan_is_read_from_the_detectors_file(devices, tmp_path):
 
     from edgeloop.bluesky_plans import ptycho_scan
 
-    det, stage, mode = devices
-    mode.set("ptycho").wait(10)
+    det, stage = devices
     docs, entry, at_stop = run_indexed(ptycho_scan(det, stage, num=12, step=0.05), det, tmp_path)
     scan = read_scan(entry)
     _, frames = read_back(docs)  # through the AD_HDF5 handler, as databroker reads them
@@ -477,17 +471,10 @@ def test_an_hedm_rotation_scan_gives_omega_from_the_file(devices, tmp_path):
 
     from edgeloop.bluesky_plans import hedm_rotation_scan
 
-    det, stage, mode = devices
-    # the file plugin opens its file with the size of the last frame it saw (as NDFileHDF5
-    # does without LazyOpen): show it an HEDM frame first, and a ptycho frame after
-    mode.set("hedm").wait(10)
-    try:
-        det.hdf1.warmup()
-        plan = hedm_rotation_scan(det, stage.rot, 0.0, 2.0, 5)
-        docs, entry, _ = run_indexed(plan, det, tmp_path)
-    finally:
-        mode.set("ptycho").wait(10)
-        det.hdf1.warmup()
+    det, stage = devices
+    # the plan sets the mode and shows the file plugin an HEDM frame before staging (it
+    # opens its file with the size of the last frame it saw, as NDFileHDF5 does)
+    docs, entry, _ = run_indexed(hedm_rotation_scan(det, stage.rot, 0.0, 2.0, 5), det, tmp_path)
     scan = read_scan(entry)
     _, frames = read_back(docs)
     assert scan["technique"] == "hedm" and "positions_um" not in scan

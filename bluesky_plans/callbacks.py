@@ -343,8 +343,8 @@ class RetrainTrigger(CallbackBase):
     Counts runs of a known technique (ptychography, hedm) and their events (frames); when a
     run stops successfully it requests retraining if ``every_n_runs`` runs have finished, or
     — with ``every_n_frames`` set — once that many new frames have been collected.  The
-    request writes 1 to ``$(P)ml:Retrain`` over pvAccess; the retraining service coalesces
-    requests that arrive while it trains into one follow-up.
+    request writes its reason to ``$(P)ml:Request`` over pvAccess, which the service records
+    as the trigger; it coalesces requests that arrive while it trains into one follow-up.
 
     Parameters
     ----------
@@ -356,7 +356,7 @@ class RetrainTrigger(CallbackBase):
     every_n_frames : int, optional
         Request once at least this many frames were collected since the last request.
     request : callable, optional
-        Called instead of the PV write (e.g. ``RetrainService.request``).
+        Called with the reason instead of the PV write (e.g. ``RetrainService.request``).
     """
 
     def __init__(
@@ -403,20 +403,21 @@ class RetrainTrigger(CallbackBase):
             due = self.finished_runs % self.every_n_runs == 0
         if due:
             self.frames = 0
-            self.fire()
+            self.fire(doc["run_start"])
         return doc
 
-    def fire(self) -> None:
+    def fire(self, run_uid: str = "") -> None:
         self.requests += 1
+        reason = f"bluesky RetrainTrigger after run {run_uid[:8]} (request {self.requests})"
         if self._request is not None:
-            self._request()
+            self._request(reason)
             return
         from p4p.client.thread import Context
 
         if self._ctx is None:
             self._ctx = Context("pva", nt=False)
-        try:
-            self._ctx.put(f"{self.prefix}ml:Retrain", {"value.index": 1}, timeout=5)
-            log.info("RetrainTrigger: requested retraining (%sml:Retrain)", self.prefix)
+        try:  # the reason is recorded as the trigger (ml:Trigger, the model's metadata)
+            self._ctx.put(f"{self.prefix}ml:Request", reason, timeout=5)
+            log.info("RetrainTrigger: requested retraining (%sml:Request)", self.prefix)
         except Exception as exc:  # never break the scan over this
-            log.error("RetrainTrigger: cannot write %sml:Retrain: %s", self.prefix, exc)
+            log.error("RetrainTrigger: cannot write %sml:Request: %s", self.prefix, exc)

@@ -157,10 +157,18 @@ class EdgeConfig:
     latency_warn_ms: Positive = 100.0  # edge:LatencyMs above: MINOR
     latency_alarm_ms: Positive = 1000.0  # above: MAJOR
     dropped_rate_alarm: Positive = 10.0  # edge:DroppedRate (frames/s) above: MAJOR; any: MINOR
-    # edge:ScanConsistency (rad, label-free disagreement of overlapping predictions) above:
-    # MINOR / MAJOR
+    # edge:Consistency / edge:ScanConsistency, the label-free quality of each frame's answer
+    # and its mean over the scan (edge_pva/quality.py), above: MINOR / MAJOR.  Ptychography
+    # (rad): the overlap disagreement and the forward-model residual, combined.
     consistency_warn_rad: Positive = 0.05
     consistency_alarm_rad: Positive = 0.1
+    # the illumination the residual puts predictions through: a .npy file of a complex
+    # (frame_size, frame_size) probe (e.g. from a reconstruction); "": sim's nominal optics
+    # (probe_radius_px, probe_defocus)
+    probe_file: str = ""
+    # HEDM (px): distance of BraggNN's centres from the patches' intensity centroids
+    consistency_warn_px: Positive = 0.5
+    consistency_alarm_px: Positive = 1.0
     # a frame holding more bytes (compressed or not) is refused before it is decoded
     max_frame_bytes: Count = 64 * 1024 * 1024
     # HEDM: at most this many peaks are refined per frame; a frame with more is flagged
@@ -213,6 +221,23 @@ class RemoteConfig:
 
 
 @dataclass(config=SECTION)
+class PolicyConfig:
+    """When the retraining service retrains by itself (remote/policy.py).  The IOC holds
+    the live values (ml:AutoRetrain, ml:AutoThreshold, ml:AutoMinInterval, ml:AutoMinFrames);
+    these are what it starts with."""
+
+    enabled: bool = False
+    # edge:ScanConsistency of a new scan above: retrain (its units: rad for ptychography)
+    threshold: NonNegative = 0.08
+    min_interval_s: NonNegative = 60.0
+    min_new_frames: Count = 200  # new frames unlike the training set that trigger by themselves
+    # a new frame is unlike the training set when no trained frame lies this close
+    novelty_um: Positive = 0.1  # ptychography: stage distance
+    novelty_deg: Positive = 1.0  # HEDM: rotation angle
+    poll_s: Seconds = 2.0  # how often the service looks for new scans
+
+
+@dataclass(config=SECTION)
 class SecurityConfig:
     """Who may change what is served, and what a model file may hold."""
 
@@ -247,6 +272,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     # BraggNN trains on thousands of small patches: bigger batches, a higher rate, and only
     # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit).  One
     # thread: its tensors are too small for a second to help, and a busy second core makes

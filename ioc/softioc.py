@@ -23,7 +23,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from edgeloop.config import SecurityConfig
+from edgeloop.config import PolicyConfig, SecurityConfig
 
 READY = "iocRun: All initialization complete"
 
@@ -102,14 +102,25 @@ def acf_substitutions(security: SecurityConfig | None = None) -> str:
     return ",".join(subs)
 
 
-def command(prefix: str, security: SecurityConfig | None = None) -> list[str]:
+def policy_macros(policy: PolicyConfig | None = None) -> str:
+    """Macros of db/ml.db's policy records: what the IOC starts with."""
+    policy = policy or PolicyConfig()
+    return (
+        f"AUTO={int(policy.enabled)},AUTO_THRESHOLD={policy.threshold:g},"
+        f"AUTO_INTERVAL={policy.min_interval_s:g},AUTO_FRAMES={policy.min_new_frames}"
+    )
+
+
+def command(
+    prefix: str, security: SecurityConfig | None = None, policy: PolicyConfig | None = None
+) -> list[str]:
     return [
         sys.executable,
         "-u",
         "-m",
         "edgeloop.ioc.softioc",
         "-m",
-        f"P={prefix}",
+        f"P={prefix},{policy_macros(policy)}",
         "-d",
         str(db_dir() / "ml.db"),
         "-a",
@@ -124,12 +135,13 @@ def start(
     env: dict | None = None,
     timeout: float = 30.0,
     security: SecurityConfig | None = None,
+    policy: PolicyConfig | None = None,
 ) -> subprocess.Popen:
     """Start the real IOC and return once it reports initialization complete; only the
     users and hosts of ``security`` may write (db/ml.acf)."""
     # stdin is a pipe we hold: if this process dies, the IOC sees end of input and exits
     proc = subprocess.Popen(
-        command(prefix, security),
+        command(prefix, security, policy),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

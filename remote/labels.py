@@ -127,8 +127,10 @@ def make_labels(
     epochs: int,
     algorithm: str,
     threads: int = 2,
+    recon: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Labels for one scan: positions (x, y) in um -> (row, col) px, reconstruct, cut."""
+    """Labels for one scan: positions (x, y) in um -> (row, col) px, reconstruct, cut.
+    A ``recon`` dict receives the reconstruction: object, probe, origin, positions_px."""
     if len(frames) < 4:
         raise ValueError(f"phase retrieval needs several overlapping frames, got {len(frames)}")
     m = frames.shape[-1]
@@ -136,6 +138,8 @@ def make_labels(
         raise ValueError(f"probe {probe.shape} does not match frames {frames.shape[1:]}")
     pos_px = np.stack([positions_um[:, 1], positions_um[:, 0]], axis=1) / pixel_um
     obj, prb, origin = reconstruct(frames, pos_px, probe, epochs, algorithm, threads)
+    if recon is not None:
+        recon.update(object=obj, probe=prb, origin=origin, positions_px=pos_px)
     return label_patches(obj, origin, pos_px, m, prb)
 
 

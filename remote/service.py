@@ -27,9 +27,10 @@ from edgeloop.registry import (
 from edgeloop.remote import tasks
 from edgeloop.remote.executors import lost_worker, make_executor, stoppable
 from edgeloop.remote.heartbeat import Heartbeat
+from edgeloop.remote.policy import RetrainPolicy, Settings
 from edgeloop.remote.quality import held_out_losses
 from edgeloop.remote.staging import code_version, stage
-from edgeloop.scanfile import list_scans, scan_summary
+from edgeloop.scanfile import POSITIONS, list_scans, read_scan, scan_summary
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class Aborted(RetrainError):
     pass
 
 
+OPERATOR = "operator (ml:Retrain)"  # the trigger recorded for a write to ml:Retrain
+
 # reset by the service, not state it keeps
 BUTTONS = ("ml:Retrain", "ml:Abort", "ml:Rollback")
 
@@ -106,8 +109,11 @@ def _fmt(x) -> str:
 class RetrainService:
     """Runs retraining on trigger; PVs in, PVs out.
 
-    Triggers: ``$(P)ml:Retrain`` writes and :meth:`request` (e.g. from a Bluesky callback);
-    one retraining at a time, and triggers meanwhile coalesce into one follow-up.
+    Triggers, each recorded with its source (``ml:Trigger``, ``ml:Message``, the model's
+    metadata): ``$(P)ml:Retrain`` writes (the operator), a reason written to
+    ``$(P)ml:Request`` or passed to :meth:`request` (e.g. the Bluesky ``RetrainTrigger``),
+    and the retraining policy (remote/policy.py) while ``$(P)ml:AutoRetrain`` is On.  One
+    retraining at a time; triggers meanwhile coalesce into one follow-up.
     ``$(P)ml:Abort`` cancels the running one in any state (it ends in Error, "... aborted by
     ml:Abort", and nothing is deployed); ``$(P)ml:Rollback`` serves the previously accepted
     model again; a write to ``$(P)ml:Endpoint`` picks the executor for the next run.  When
@@ -137,6 +143,14 @@ class RetrainService:
         self._ioc_seen = False
         self._stale = False  # shut down, and no fresh one could be started yet
         self._step = "Idle"
+        self.trigger = ""  # of the running (or last) retraining
+        self._pending_trigger = ""
+        self.policy = RetrainPolicy(cfg.policy)
+        self._policy_lock = threading.Lock()
+        self._settings = Settings.of(cfg.policy)  # the IOC's values once connected
+        self._edge_quality: float | None = None  # edge:ScanConsistency, latest
+        self._known_scans: set[str] = set()
+        self._request_fresh = True  # the first ml:Request value after connecting is old
 
     def _make_executor(self, name: str):
         return make_executor(
@@ -254,20 +268,38 @@ class RetrainService:
         self._put("ml:Message", f"executor now {name}")
         log.info("executor now %s", name)
 
-    def request(self) -> bool:
-        """Start retraining now, or queue one follow-up if a retraining is running."""
+    def request(self, source: str = "request") -> bool:
+        """Start retraining now, or queue one follow-up if a retraining is running;
+        ``source`` says who asked (recorded as the trigger)."""
         if not self._busy.acquire(blocking=False):
             self._pending = True
-            self._put("ml:Message", "retraining already running; one follow-up queued")
+            self._pending_trigger = source
+            self._put("ml:Message", f"retraining already running; one follow-up queued ({source})")
             return False
+        self._pending_trigger = source
         threading.Thread(target=self._run_locked, name="retrain", daemon=True).start()
         return True
+
+    def _on_request(self, value) -> None:
+        """``ml:Request``: any write of a non-empty reason is a trigger with that source."""
+        if isinstance(value, Disconnected):
+            self._request_fresh = True
+            return
+        if isinstance(value, Exception):
+            return
+        if self._request_fresh:  # what the record held before we connected: not a request
+            self._request_fresh = False
+            return
+        reason = str(value["value"]).strip()
+        if reason:
+            self.request(f"{reason} (ml:Request)")
 
     def _run_locked(self) -> None:
         try:
             while True:
                 self._pending = False
                 self._abort.clear()
+                self.trigger = self._pending_trigger
                 self.run_once()
                 self.runs_finished += 1
                 if not self._pending or self._stop.is_set():
@@ -373,6 +405,11 @@ class RetrainService:
             algorithm=cfg.train.recon_algorithm,
             threads=cfg.train.threads,
             input_size=cfg.model.input_size,
+            # labels of scans seen before are reused; with Globus staging the endpoint's
+            # filesystem is not ours, so it labels everything
+            cache_dir=str(cfg.registry_path / "work" / "labels_cache")
+            if cfg.remote.staging == "shared"
+            else None,
         )
         return f"phase retrieval ({cfg.train.recon_algorithm})", request
 
@@ -383,7 +420,7 @@ class RetrainService:
         try:
             key = self._signing_key()  # a missing key fails now, not after the training
             self._ready_executor()
-            self._enter("Staging", f"staging scans from {cfg.data_path}")
+            self._enter("Staging", f"staging scans from {cfg.data_path}; trigger: {self.trigger}")
             t0 = time.perf_counter()
             available = usable_scans(cfg.data_path)
             if not available:
@@ -393,6 +430,9 @@ class RetrainService:
             kind = MODE_KIND[mode]
             train_cfg = cfg.training(kind)
             scans = stage_scans(available, technique, train_cfg.max_frames)
+            self._note_trained(technique, scans)
+            self._put("ml:Trigger", self.trigger[:250])
+            log.info("retraining %s on %d scan(s) (%s)", kind, len(scans), self.trigger)
             scans = stage(scans, cfg)
             timings["staging_s"] = time.perf_counter() - t0
 
@@ -452,6 +492,7 @@ class RetrainService:
                 "history": result["history"],
                 "timings": timings,
                 "executor": self.endpoint,
+                "trigger": self.trigger,
                 "code_version": code_version(),
             }
             version = self.registry.add(result["model"], meta)
@@ -477,13 +518,15 @@ class RetrainService:
                 "Idle",
                 f"{kind} model v{version} serving; val loss "
                 f"{figures['val_loss']:.4g}; "
-                + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+                + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+                + f"; triggered by {self.trigger}",
             )
             self.last_result = {
                 "version": version,
                 "kind": kind,
                 "val_loss": figures["val_loss"],
                 "timings": timings,
+                "trigger": self.trigger,
             }
             return self.last_result
         except RetrainError as exc:
@@ -616,6 +659,103 @@ class RetrainService:
             "retraining timings: %s", json.dumps({k: round(v, 2) for k, v in timings.items()})
         )
 
+    # ---- the retraining policy ------------------------------------------------------------
+    def _setting(self, name: str, convert):
+        """Monitor callback keeping one of the policy's live settings (the IOC holds them)."""
+
+        def on_value(value) -> None:
+            if isinstance(value, Exception):
+                return
+            try:
+                setattr(self._settings, name, convert(value))
+            except (TypeError, ValueError, KeyError) as exc:
+                log.warning("policy setting %s: %s", name, exc)
+
+        return on_value
+
+    def _on_quality(self, value) -> None:
+        if isinstance(value, Exception):
+            self._edge_quality = None
+            return
+        q = float(value["value"])
+        self._edge_quality = q if math.isfinite(q) else None
+
+    def _positions(self, path: str) -> tuple[str, object]:
+        scan = read_scan(path)
+        return scan["technique"], scan[POSITIONS[scan["technique"]][0]]
+
+    def _note_trained(self, technique: str, scans: list[str]) -> None:
+        """The policy's training set is what this retraining staged."""
+        positions = []
+        for path in scans:
+            try:
+                positions.append(self._positions(path)[1])
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("policy: positions of %s unreadable: %s", path, exc)
+        with self._policy_lock:
+            self._known_scans.update(scans)
+            self.policy.trained(technique, positions, time.monotonic())
+
+    def _trained_at_start(self) -> None:
+        """What the serving models were trained on is the policy's training set at start."""
+        for kind in ("ptychonn", "braggnn"):
+            version = self.registry.accepted(kind)
+            if version is None:
+                continue
+            scans = [str(p) for p in self.registry.meta(version).get("trained_on") or []]
+            positions = []
+            for path in scans:
+                try:
+                    technique, pos = self._positions(path)
+                    positions.append(pos)
+                except (OSError, KeyError, ValueError):
+                    continue  # moved or deleted since: its frames are not here to compare
+            if positions:
+                with self._policy_lock:
+                    self._known_scans.update(scans)
+                    self.policy.trained(technique, positions, now=None)
+
+    def _policy_loop(self) -> None:
+        """Every ``policy.poll_s``: new complete scans go to the policy with the edge's
+        latest label-free quality (that of the scan just ended), and the policy decides."""
+        while not self._stop.wait(self.cfg.policy.poll_s):
+            try:
+                self._policy_step()
+            except Exception:  # the policy must never stop the service
+                log.exception("retraining policy failed")
+
+    def _policy_step(self) -> None:
+        new = [
+            (path, technique)
+            for path, technique, _ in reversed(usable_scans(self.cfg.data_path))
+            if path not in self._known_scans
+        ]
+        for path, technique in new:
+            self._known_scans.add(path)
+            try:
+                _, positions = self._positions(path)
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("policy: skipping scan %s: %s", path, exc)
+                continue
+            quality = self._edge_quality if path == new[-1][0] else None
+            with self._policy_lock:
+                scan = self.policy.observe(path, technique, positions, quality)
+            log.info(
+                "policy: new %s scan %s, %d frames (%d unlike the training set), "
+                "edge:ScanConsistency %s",
+                technique,
+                path,
+                len(scan.positions),
+                scan.unlike,
+                _fmt(quality),
+            )
+        if self._busy.locked():
+            return
+        with self._policy_lock:
+            reason = self.policy.decide(self._settings, time.monotonic())
+        if reason:
+            self.request(reason)
+
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> RetrainService:
         self._heartbeat = Heartbeat(self.ctx, f"{self.p}ml:Heartbeat").start()
@@ -623,7 +763,13 @@ class RetrainService:
         self._put("ml:ModelVersion", self.registry.accepted(MODE_KIND[self.cfg.mode]) or 0)
         self._status("Idle", f"retraining service ready (executor {self.endpoint})")
         for name, callback in (
-            ("ml:Retrain", self._button("ml:Retrain", self.request)),
+            ("ml:Retrain", self._button("ml:Retrain", lambda: self.request(OPERATOR))),
+            ("ml:Request", self._on_request),
+            ("ml:AutoRetrain", self._setting("enabled", lambda v: bool(v["value.index"]))),
+            ("ml:AutoThreshold", self._setting("threshold", lambda v: float(v["value"]))),
+            ("ml:AutoMinInterval", self._setting("min_interval_s", lambda v: float(v["value"]))),
+            ("ml:AutoMinFrames", self._setting("min_new_frames", lambda v: int(v["value"]))),
+            ("edge:ScanConsistency", self._on_quality),
             ("ml:Abort", self._button("ml:Abort", self.abort)),
             ("ml:Rollback", self._button("ml:Rollback", self.rollback)),
             ("ml:Endpoint", self._on_endpoint),
@@ -632,6 +778,8 @@ class RetrainService:
             self._subs.append(
                 self.ctx.monitor(f"{self.p}{name}", callback, notify_disconnect=True)
             )
+        self._trained_at_start()
+        threading.Thread(target=self._policy_loop, name="policy", daemon=True).start()
         return self
 
     def stop(self) -> None:

@@ -118,18 +118,69 @@ def _analyze_ptycho(request: dict, f: h5py.File) -> tuple[int, int]:
     """Phase retrieval (ptychi) on each scan; the object's patches label PtychoNN.
 
     request: scans, pixel_um, probe {radius_px, defocus}, epochs, algorithm, threads,
-    input_size.  Writes inputs, amplitude, phase, weight (where a frame informs).
+    input_size, and optionally cache_dir: each scan's labels (and reconstruction) are kept
+    there, so a growing training set re-labels only its new scans.  Writes inputs,
+    amplitude, phase, weight (where a frame informs).
     """
-    spec = model_kind("ptychonn")
-    pr = request["probe"]
-    frames_all, amp_all, phase_all, skipped = [], [], [], 0
+    inputs, amp_all, phase_all, skipped = [], [], [], 0
     for path in request["scans"]:
-        scan = read_scan(path)
-        ok = _finite(path, scan["frames"], scan["positions_um"])
-        skipped += int((~ok).sum())
-        if not ok.any():
+        labels = _scan_labels(path, request)
+        skipped += labels["skipped"]
+        if labels["inputs"] is None:
             continue
+        inputs.append(labels["inputs"])
+        amp_all.append(labels["amplitude"])
+        phase_all.append(labels["phase"])
+    if not inputs:
+        raise ValueError(f"no finite frames in {len(request['scans'])} scan(s) to train on")
+    f["inputs"] = np.concatenate(inputs)
+    f["amplitude"] = np.concatenate(amp_all)
+    f["phase"] = np.concatenate(phase_all)
+    pr = request["probe"]
+    probe = make_probe(request["input_size"], pr["radius_px"], pr["defocus"])
+    f["weight"] = illuminated_mask(probe).astype(np.float32)
+    return int(sum(len(a) for a in amp_all)), skipped
+
+
+LABEL_KEYS = ("pixel_um", "probe", "epochs", "algorithm", "input_size")
+
+
+def labels_cache_file(path, request: dict) -> Path | None:
+    """Where the labels of one scan are cached: named by the scan file (its path, size and
+    modification time) and every analysis setting that changes them; None: no cache."""
+    if not request.get("cache_dir"):
+        return None
+    st = Path(path).stat()
+    key = json.dumps(
+        [str(Path(path).resolve()), st.st_size, st.st_mtime_ns] + [request[k] for k in LABEL_KEYS],
+        sort_keys=True,
+    )
+    return Path(request["cache_dir"]) / f"labels_{reg.sha256_bytes(key.encode())[:24]}.h5"
+
+
+def _scan_labels(path, request: dict) -> dict:
+    """inputs, amplitude, phase (None if no finite frame), skipped, of one scan; from the
+    cache when it holds them, which then also keeps the reconstructed object."""
+    cached = labels_cache_file(path, request)
+    if cached is not None and cached.exists():
+        try:
+            with h5py.File(cached, "r") as c:
+                if c.attrs["n"] == 0:
+                    return {"inputs": None, "skipped": int(c.attrs["skipped"])}
+                log.info("labels for %s: %d frames (cached)", path, c.attrs["n"])
+                return {
+                    **{k: c[k][()] for k in ("inputs", "amplitude", "phase")},
+                    "skipped": int(c.attrs["skipped"]),
+                }
+        except (OSError, KeyError) as exc:  # a torn or foreign file: label again
+            log.warning("labels cache %s unreadable (%s): labelling again", cached, exc)
+    scan = read_scan(path)
+    ok = _finite(path, scan["frames"], scan["positions_um"])
+    out = {"inputs": None, "skipped": int((~ok).sum())}
+    recon = {}
+    if ok.any():
         frames = scan["frames"][ok].astype(np.float32)
+        pr = request["probe"]
         probe = make_probe(frames.shape[-1], pr["radius_px"], pr["defocus"])
         amp, phase = make_labels(
             frames,
@@ -139,24 +190,38 @@ def _analyze_ptycho(request: dict, f: h5py.File) -> tuple[int, int]:
             request["epochs"],
             request["algorithm"],
             request["threads"],
+            recon,
         )
         if amp.shape[-1] != request["input_size"]:
             raise ValueError(
                 f"{path}: frames {frames.shape[-1]} px but the network takes "
                 f"{request['input_size']} px labels"
             )
-        frames_all.append(spec.preprocess(list(frames), request["input_size"]))
-        amp_all.append(amp)
-        phase_all.append(phase)
+        spec = model_kind("ptychonn")
+        out.update(
+            inputs=spec.preprocess(list(frames), request["input_size"]),
+            amplitude=amp,
+            phase=phase,
+        )
         log.info("labels for %s: %d frames", path, len(frames))
-    if not frames_all:
-        raise ValueError(f"no finite frames in {len(request['scans'])} scan(s) to train on")
-    f["inputs"] = np.concatenate(frames_all)
-    f["amplitude"] = np.concatenate(amp_all)
-    f["phase"] = np.concatenate(phase_all)
-    probe = make_probe(request["input_size"], pr["radius_px"], pr["defocus"])
-    f["weight"] = illuminated_mask(probe).astype(np.float32)
-    return int(sum(len(a) for a in amp_all)), skipped
+    if cached is not None:
+        _write_cache(cached, path, out, recon)
+    return out
+
+
+def _write_cache(cached: Path, path, labels: dict, recon: dict) -> None:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.tmp")
+    with h5py.File(tmp, "w") as c:
+        c.attrs["scan"] = str(path)
+        c.attrs["skipped"] = labels["skipped"]
+        c.attrs["n"] = 0 if labels["inputs"] is None else len(labels["inputs"])
+        if labels["inputs"] is not None:
+            for k in ("inputs", "amplitude", "phase"):
+                c[k] = labels[k]
+        for k, v in recon.items():  # the reconstruction, for pictures and comparisons
+            c[f"recon/{k}"] = v
+    tmp.replace(cached)
 
 
 def train_model(request: dict) -> dict:

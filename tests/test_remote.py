@@ -444,13 +444,13 @@ def test_bluesky_trigger_every_n_runs_and_frames_and_coalescing(loop, RE):
     from edgeloop.bluesky_plans import RetrainTrigger
 
     calls = []
-    trigger = RetrainTrigger(every_n_runs=2, request=lambda: calls.append("run"))
+    trigger = RetrainTrigger(every_n_runs=2, request=lambda reason: calls.append("run"))
     RE.subscribe(trigger)
     RE.md["technique"] = "hedm"
     for _ in range(5):
         RE(count([det], num=3))
     assert calls == ["run", "run"]
-    by_frames = RetrainTrigger(every_n_frames=7, request=lambda: calls.append("frames"))
+    by_frames = RetrainTrigger(every_n_frames=7, request=lambda reason: calls.append("frames"))
     RE.subscribe(by_frames)
     for _ in range(3):
         RE(count([det], num=3))  # 3, 6, 9 frames: due after the third run

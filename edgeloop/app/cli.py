@@ -65,7 +65,11 @@ def cmd_ioc(args) -> None:
     from edgeloop.ioc import beamline, softioc
 
     cfg = _config(args)
-    ml_ioc = None if args.no_ml_ioc else softioc.start(cfg.prefix, security=cfg.security)
+    ml_ioc = (
+        None
+        if args.no_ml_ioc
+        else softioc.start(cfg.prefix, security=cfg.security, policy=cfg.policy)
+    )
     try:
         signals.note(beamline.serve(cfg))
     except KeyboardInterrupt:

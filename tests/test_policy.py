@@ -1,0 +1,73 @@
+"""The retraining policy's decisions (remote/policy.py), on positions with known overlap."""
+
+import numpy as np
+
+from edgeloop.config import PolicyConfig
+from edgeloop.remote.policy import RetrainPolicy, Settings
+
+
+def grid(x0: float, n: int = 10, step: float = 0.05) -> np.ndarray:
+    """n x n stage positions (um) starting at (x0, 0)."""
+    xs, ys = np.meshgrid(x0 + step * np.arange(n), step * np.arange(n))
+    return np.stack([xs.ravel(), ys.ravel()], axis=1)
+
+
+def on(**kw) -> Settings:
+    return Settings(**{**vars(Settings.of(PolicyConfig(enabled=True))), **kw})
+
+
+def test_disabled_policy_never_triggers():
+    policy = RetrainPolicy(PolicyConfig())
+    policy.observe("a.h5", "ptychography", grid(0), quality=5.0)
+    assert policy.decide(on(enabled=False), now=100) is None
+    assert "ScanConsistency 5" in policy.decide(on(), now=100)
+
+
+def test_quality_above_threshold_triggers_once_per_scan():
+    policy = RetrainPolicy(PolicyConfig(novelty_um=0.1))
+    policy.trained("ptychography", [grid(0)], now=None)
+    policy.observe("same.h5", "ptychography", grid(0), quality=0.05)
+    assert policy.decide(on(threshold=0.08, min_new_frames=1), now=0) is None  # good, seen
+    policy.observe("bad.h5", "ptychography", grid(0), quality=0.2)
+    reason = policy.decide(on(threshold=0.08), now=0)
+    assert reason.startswith("policy: edge:ScanConsistency 0.2 > ml:AutoThreshold 0.08")
+    assert "bad.h5" in reason
+    policy.trained("ptychography", [grid(0)], now=0)
+    assert policy.pending == [] and policy.decide(on(threshold=0.08), now=1000) is None
+
+
+def test_unlike_frames_count_by_distance_from_the_training_set():
+    policy = RetrainPolicy(PolicyConfig(novelty_um=0.1))
+    assert policy.unlike("ptychography", grid(0)) == 100  # nothing trained: all new
+    policy.trained("ptychography", [grid(0)], now=None)
+    assert policy.unlike("ptychography", grid(0)) == 0
+    # shifted by 0.25 um: the first 3 columns (x 0.25 .. 0.35, 0.45 within 0.1 of 0.45) ...
+    shifted = grid(0.25)
+    far = np.min(np.linalg.norm(shifted[:, None] - grid(0)[None], axis=2), axis=1) > 0.1
+    assert policy.unlike("ptychography", shifted) == far.sum() > 0
+    policy.observe("new.h5", "ptychography", shifted, quality=None)
+    settings = on(min_new_frames=int(far.sum()))
+    assert f"{far.sum()} new ptychography frames unlike" in policy.decide(settings, now=0)
+    assert policy.decide(on(min_new_frames=int(far.sum()) + 1), now=0) is None
+
+
+def test_minimum_interval_and_techniques_apart():
+    policy = RetrainPolicy(PolicyConfig())
+    policy.trained("hedm", [np.arange(0, 90.0)], now=10.0)
+    policy.observe("h.h5", "hedm", np.arange(0, 180.0), quality=None)  # 90 unlike
+    assert policy.decide(on(min_new_frames=50, min_interval_s=60), now=30) is None
+    assert "90 new hedm frames" in policy.decide(on(min_new_frames=50, min_interval_s=60), 71)
+    # a ptychography scan is newer: HEDM's pending data wait; the newest technique decides
+    policy.observe("p.h5", "ptychography", grid(0, n=3), quality=None)
+    assert policy.decide(on(min_new_frames=50, min_interval_s=0), now=100) is None
+    policy.trained("ptychography", [grid(0, n=3)], now=100)
+    assert [s.path for s in policy.pending] == ["h.h5"]
+
+
+def test_non_finite_positions_are_left_out():
+    policy = RetrainPolicy(PolicyConfig())
+    pos = grid(0, n=2)
+    pos[0] = np.nan
+    scan = policy.observe("n.h5", "ptychography", pos, quality=float("nan"))
+    assert scan.unlike == 3
+    assert policy.decide(on(threshold=0.0, min_new_frames=99), now=0) is None

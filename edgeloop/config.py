@@ -189,7 +189,10 @@ class TrainConfig:
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     recon_epochs: Count = 30  # iterative phase retrieval epochs (labels)
     recon_algorithm: str = "LSQML"
-    max_frames: Count = 4000  # newest frames kept for training
+    max_frames: Count = 4000  # newest frames kept for training (the continual buffer's cap)
+    # continuing from a checkpoint: at most this many samples seen per retraining (epochs
+    # shrink as the buffer grows, never below 3); 0: always ``epochs``
+    sample_budget: Annotated[int, Field(ge=0)] = 0
     seed: Seed = 0
     threads: Count = 2
     keep_initial: bool = False  # set when training from a checkpoint (remote/tasks.py)
@@ -218,6 +221,14 @@ class RemoteConfig:
     globus_dest_collection: str = ""  # collection UUID the executor reads
     globus_dest_dir: str = ""  # path on the destination collection
     transfer_timeout_s: Seconds = 600.0
+    # ml:ReferenceError: the service phase-retrieves a window of this many consecutive
+    # frames at the start of each acquisition and every ``reference_every`` frames after
+    # (30 of a 500-point scan: 6 %; of 1000 frames: 3 %), HEDM a few frames' peaks
+    reference: bool = True
+    reference_window: Annotated[int, Field(ge=4)] = 30
+    reference_every: Count = 1000
+    reference_hedm_frames: Count = 2
+    reference_hedm_every: Count = 60
 
 
 @dataclass(config=SECTION)

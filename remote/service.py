@@ -29,6 +29,7 @@ from edgeloop.remote.executors import lost_worker, make_executor, stoppable
 from edgeloop.remote.heartbeat import Heartbeat
 from edgeloop.remote.policy import RetrainPolicy, Settings
 from edgeloop.remote.quality import held_out_losses
+from edgeloop.remote.reference_monitor import ReferenceMonitor
 from edgeloop.remote.staging import code_version, stage
 from edgeloop.scanfile import POSITIONS, list_scans, read_scan, scan_summary
 
@@ -151,6 +152,7 @@ class RetrainService:
         self._edge_quality: float | None = None  # edge:ScanConsistency, latest
         self._known_scans: set[str] = set()
         self._request_fresh = True  # the first ml:Request value after connecting is old
+        self.reference: ReferenceMonitor | None = None
 
     def _make_executor(self, name: str):
         return make_executor(
@@ -780,10 +782,16 @@ class RetrainService:
             )
         self._trained_at_start()
         threading.Thread(target=self._policy_loop, name="policy", daemon=True).start()
+        self.reference = None
+        if self.cfg.remote.reference:
+            self.reference = ReferenceMonitor(self.cfg, self.ctx, self.registry, self._put)
+            self.reference.start()
         return self
 
     def stop(self) -> None:
         self._heartbeat.stop()
+        if self.reference is not None:
+            self.reference.stop()
         self._stop.set()
         self._abort.set()
         for sub in self._subs:

@@ -47,11 +47,19 @@ def centre_loss(outputs, targets) -> torch.Tensor:
     return nn.functional.mse_loss(outputs[0], targets[0])
 
 
-def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
+def epochs_for(cfg: TrainConfig, n_train: int) -> int:
+    """The epochs of one run: ``cfg.epochs``, or, continuing from a checkpoint with a sample
+    budget, as many as the budget allows over ``n_train`` samples (at least 3)."""
+    if not (cfg.keep_initial and cfg.sample_budget):
+        return cfg.epochs
+    return max(3, min(cfg.epochs, -(-cfg.sample_budget // max(n_train, 1))))
+
+
+def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int, epochs: int):
     """Stepped once per batch."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(1, cfg.epochs * steps_per_epoch), eta_min=cfg.lr_min
+            opt, T_max=max(1, epochs * steps_per_epoch), eta_min=cfg.lr_min
         )
     if cfg.schedule == "cyclic":
         return torch.optim.lr_scheduler.CyclicLR(
@@ -97,14 +105,15 @@ def train(
     ys = [torch.from_numpy(np.ascontiguousarray(t, np.float32)) for t in targets]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = max(1, int(np.ceil(len(train_idx) / cfg.batch_size)))
-    sched = _scheduler(opt, cfg, steps)
+    epochs = epochs_for(cfg, len(train_idx))
+    sched = _scheduler(opt, cfg, steps, epochs)
     # continuing from a checkpoint: never hand back a model worse than the one we started from
     best_loss, best_state, history = float("inf"), None, []
     if cfg.keep_initial:
         best_loss = evaluate(model, inputs, targets, loss_fn, val_idx)
         best_state = copy.deepcopy(model.state_dict())
     vi = torch.from_numpy(val_idx)
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         t0 = time.perf_counter()
         model.train()
         order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(train_idx))
@@ -135,12 +144,12 @@ def train(
         log.info(
             "epoch %d/%d train %.5f val %.5f",
             epoch + 1,
-            cfg.epochs,
+            epochs,
             history[-1]["train_loss"],
             val,
         )
         if progress is not None:
-            progress(epoch + 1, cfg.epochs, val)
+            progress(epoch + 1, epochs, val)
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval(), best_loss, history

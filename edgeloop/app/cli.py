@@ -119,6 +119,7 @@ def cmd_demo(args) -> None:
         mode=mode,
         codec=args.codec,
         rate_hz=args.rate_hz,
+        scans=args.scans,
     )
 
 
@@ -208,6 +209,14 @@ def main(argv: list[str] | None = None) -> None:
         help="points (ptycho) or angles (hedm) per scan; default 500 / 120",
     )
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument(
+        "--scans",
+        type=int,
+        default=None,
+        help="continual learning: this many scans of new, partly overlapping regions, "
+        "retrained by the policy (ml:AutoRetrain) when it judges it needed; without it, "
+        "the short demo (two scans, one retraining by an operator's PV write)",
+    )
     p.add_argument(
         "--rate-hz",
         type=_positive_float,

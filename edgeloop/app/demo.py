@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from edgeloop.app import hedm_demo, ptycho_demo, screens
+from edgeloop.app import continual_demo, hedm_demo, ptycho_demo, screens
 from edgeloop.app.loop import Servers, prepare, set_codec
 from edgeloop.app.signals import AbortOnSignal
 from edgeloop.config import Config, check_mode
@@ -31,11 +31,17 @@ def run_demo(
     mode: str | None = None,
     codec: str | None = None,
     rate_hz: float | None = None,
+    scans: int | None = None,
 ) -> dict:
     """The whole loop once, for ``mode`` (default ``cfg.mode``): ptycho or hedm, flying the
     scans at ``rate_hz`` frames/s (default :data:`FLY_RATE_HZ` of the mode); with ``codec``,
-    the detector sends its frames compressed (det:Codec1)."""
+    the detector sends its frames compressed (det:Codec1).  With ``scans``, continual
+    learning instead: that many scans, retrained by the policy (:mod:`continual_demo`)."""
     cfg.mode = check_mode(mode or cfg.mode)
+    if scans:
+        if cfg.mode != "ptycho":
+            raise ValueError("demo --scans runs ptychography (--mode ptycho)")
+        continual_settings(cfg, scan_points)
     t_demo = time.perf_counter()
     out = prepare(cfg, out, epochs)
     devices: list = []
@@ -54,7 +60,11 @@ def run_demo(
             index = RunIndex(cfg.data_path)
             RE.subscribe(index)
             rate = rate_hz or FLY_RATE_HZ[cfg.mode]
-            if cfg.mode == "hedm":
+            if scans:
+                report = continual_demo.continual_demo(
+                    cfg, out, system.ctx, RE, index, det, stage, scans, scan_points, step, rate
+                )
+            elif cfg.mode == "hedm":
                 report = hedm_demo.hedm_demo(
                     cfg, out, system.ctx, RE, index, det, stage, scan_points, rate
                 )
@@ -74,5 +84,17 @@ def run_demo(
     report["demo_s"] = time.perf_counter() - t_demo
     report["codec"] = codec or "none"
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    (hedm_demo if cfg.mode == "hedm" else ptycho_demo).print_report(report, out)
+    printer = continual_demo if scans else hedm_demo if cfg.mode == "hedm" else ptycho_demo
+    printer.print_report(report, out)
     return report
+
+
+def continual_settings(cfg: Config, scan_points: int) -> None:
+    """The policy retrains by itself, as soon as a new scan calls for it; warm-started
+    retrainings see a fixed number of samples (scratch: 40 epochs of one scan), so they
+    do not grow with the buffer."""
+    cfg.policy.enabled = True
+    cfg.policy.min_interval_s = 0.0
+    cfg.policy.min_new_frames = max(1, scan_points // 4)
+    train = cfg.train
+    train.sample_budget = train.sample_budget or train.epochs * scan_points

@@ -158,6 +158,20 @@ def overview() -> screen.Screen:
     lay.label("Progress", x2 - 10, 110 + 4 * ROW)
     bar = widget.ProgressBar("progress", f"{ml}Progress", x2 + 145, 110 + 4 * ROW, 130, 20)
     lay.add(bar)
+    # the retraining policy (remote/policy.py): its settings, and the live reference error
+    lay.section("Retraining policy", x2, 110 + 5 * ROW + 10, 280)
+    y = 110 + 6 * ROW + 16
+    for i, (text, pv) in enumerate(
+        (
+            ("Auto retrain", "AutoRetrain"),  # Off / On
+            ("Threshold", "AutoThreshold"),  # edge:ScanConsistency above: retrain
+            ("Min interval", "AutoMinInterval"),
+            ("Min new frames", "AutoMinFrames"),
+        )
+    ):
+        lay.label(text, x2 - 10, y + i * ROW, 130)
+        lay.entry(f"{ml}{pv}", x2 + 145, y + i * ROW, 130)
+    lay.rows(x2 - 10, y + 4 * ROW, [("Reference error", f"{ml}ReferenceError")], width=130)
 
     y = 460
     lay.section("Training", x, y, 600)
@@ -183,6 +197,8 @@ def overview() -> screen.Screen:
             ("End to end", f"{ml}EndToEndTime"),
         ],
     )
+    lay.label("Triggered by", x, y + 120 + 7 * ROW)
+    lay.readback(f"pva://{ml}Trigger", x + 155, y + 120 + 7 * ROW, 450)
     return lay.screen
 
 

@@ -1,5 +1,5 @@
-"""Continual learning's labels cache: a scan is phase-retrieved once; a growing training set
-re-labels only its new scans (remote/tasks.py)."""
+"""Continual learning: a scan is phase-retrieved once, so a growing training set re-labels
+only its new scans (remote/tasks.py); warm-started runs fit a sample budget."""
 
 import logging
 
@@ -88,3 +88,13 @@ def test_other_settings_or_a_changed_scan_label_again(tmp_path):
     assert tasks.analyze(request([a], tmp_path / "l.h5", cache))["n_frames"] == 12
     with h5py.File(torn) as c:
         assert c.attrs["n"] == 12
+
+
+def test_sample_budget_shrinks_epochs_as_the_buffer_grows_only_from_a_checkpoint():
+    from edgeloop.config import TrainConfig
+    from edgeloop.remote.training import epochs_for
+
+    budget = TrainConfig(epochs=40, sample_budget=9000, keep_initial=True)
+    assert [epochs_for(budget, n) for n in (100, 450, 900, 2700, 10_000)] == [40, 20, 10, 4, 3]
+    assert epochs_for(TrainConfig(epochs=40, sample_budget=9000), 2700) == 40  # from scratch
+    assert epochs_for(TrainConfig(epochs=40, keep_initial=True), 2700) == 40  # no budget

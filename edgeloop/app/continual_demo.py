@@ -1,0 +1,319 @@
+"""``edgeloop demo --scans N`` (app layer): continual learning, with nobody at the controls.
+
+Scan after scan over new, partly overlapping regions of the sample, the retraining policy
+(``ml:AutoRetrain`` On) decides by itself when to retrain, from the edge's label-free quality
+and from how much of the new data is unlike what the model was trained on; each retraining
+starts from the best accepted model on a training set that grows with the scans (up to
+``train.max_frames``).  Per scan the report holds the true phase error (the simulator's
+truth), the edge's label-free consistency, the service's live reference error, the model
+version and what triggered the retraining that followed; ``learning_curve.png`` plots them,
+``scan_maps.png`` shows each scan's stitched map beside the truth and the iterative
+reconstruction of the same region.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from p4p.client.thread import Context
+from scipy.stats import spearmanr
+
+from edgeloop import ntnd
+from edgeloop.app.loop import OutputCollector, edge_stats, fly_figures, fly_line
+from edgeloop.app.ptycho_demo import phase_errors
+from edgeloop.config import Config
+from edgeloop.optics import illuminated_mask
+from edgeloop.scanfile import read_scan
+
+log = logging.getLogger(__name__)
+
+# scan centres (um): each new region overlaps the one before in part (a 500-point scan
+# at 0.05 um spans ~1.2 um); the walk stays well inside the 6.4 um sample
+CENTRES = [
+    (0.0, 0.0),
+    (0.45, 0.0),
+    (0.22, 0.4),
+    (-0.22, 0.4),
+    (-0.45, 0.0),
+    (-0.22, -0.4),
+    (0.22, -0.4),
+    (0.9, -0.4),
+    (0.67, 0.4),
+    (0.0, 0.8),
+]
+
+
+def centres(n: int) -> list[tuple[float, float]]:
+    out = list(CENTRES)
+    while len(out) < n:  # farther rings, for long runs
+        k = len(out)
+        angle, radius = 0.7 * k, 0.3 * np.sqrt(k)
+        out.append((radius * np.cos(angle), radius * np.sin(angle)))
+    return out[:n]
+
+
+def _value(ctx: Context, pv: str):
+    v = ctx.get(pv, timeout=5)
+    return v["value"]
+
+
+def _state(ctx: Context, p: str) -> str:
+    status = ctx.get(f"{p}ml:Status", timeout=5)
+    return status["value.choices"][status["value.index"]]
+
+
+def wait_for_policy(ctx: Context, p: str, trigger_before: str, wait_s: float) -> dict:
+    """After a scan: did the policy start a retraining within ``wait_s``?  If so, wait for it
+    to end; returns trigger (None: none), state, seconds, version (edge:ModelVersion)."""
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + wait_s
+    started = False
+    while time.monotonic() < deadline:
+        if _value(ctx, f"{p}ml:Trigger") != trigger_before or _state(ctx, p) != "Idle":
+            started = True
+            break
+        time.sleep(0.25)
+    if not started:
+        return {"trigger": None, "state": "Idle", "seconds": 0.0}
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        state = _state(ctx, p)
+        if state in ("Idle", "Error") and _value(ctx, f"{p}ml:Trigger") != trigger_before:
+            break
+        time.sleep(0.5)
+    return {
+        "trigger": str(_value(ctx, f"{p}ml:Trigger")),
+        "state": state,
+        "message": str(_value(ctx, f"{p}ml:Message")),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def recon_labels(registry: Path, scan_path: str) -> np.ndarray | None:
+    """The iterative reconstruction's phase patches of a scan (its labels), from the
+    retraining service's labels cache; None if the scan was not labelled."""
+    for path in (registry / "work" / "labels_cache").glob("labels_*.h5"):
+        with h5py.File(path, "r") as c:
+            if c.attrs["scan"] == str(scan_path) and c.attrs["n"] > 0:
+                return c["phase"][()], c["recon/object"][()]
+    return None
+
+
+def patch_errors(patches, positions, sim) -> np.ndarray:
+    """Per-frame mean |phase - truth| in the illuminated region, offset removed."""
+    mask = illuminated_mask(sim.probe)
+    out = []
+    for ph, (x, y) in zip(patches, positions):
+        d = (ph - sim.true_phase(x, y))[mask]
+        out.append(np.abs(d - d.mean()).mean())
+    return np.array(out)
+
+
+def map_patches(phase_map: np.ndarray, positions, cfg: Config) -> np.ndarray:
+    """The stitched map cut at each scan position, as the edge stitched it."""
+    from edgeloop.edge_pva.stitch import patch_origin
+
+    m = cfg.model.input_size
+    out = []
+    for x, y in positions:
+        r, c = patch_origin(x, y, cfg.edge.map_size, m, cfg.sim.pixel_um)
+        out.append(phase_map[r : r + m, c : c + m])
+    return np.stack(out)
+
+
+def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, step, rate):
+    from edgeloop.bluesky_plans import ptycho_fly_scan
+    from edgeloop.ioc.physics import PtychoSimulator
+
+    p = cfg.prefix
+    sim = PtychoSimulator(cfg.sim)
+    collector = OutputCollector(ctx, f"{p}edge:Phase")
+    wait_s = 3 * cfg.policy.poll_s + 5
+    scans, pooled, maps = [], ([], []), []
+    offered = []
+    t_all = time.perf_counter()
+    for i, centre in enumerate(centres(n_scans)):
+        version = int(_value(ctx, f"{p}edge:ModelVersion"))
+        trigger_before = str(_value(ctx, f"{p}ml:Trigger"))
+        reference_before = str(_value(ctx, f"{p}ml:ReferenceInfo"))
+        log.info("scan %d/%d at %s with model v%d", i + 1, n_scans, centre, version)
+        RE(ptycho_fly_scan(det, stage, num=points, step=step, center=centre, rate_hz=rate))
+        outputs = collector.take(points, 60)
+        time.sleep(cfg.edge.map_publish_s * 3)
+        phase_map = ntnd.decode(ctx.get(f"{p}edge:PhaseMap")).data.copy()
+        consistency = float(_value(ctx, f"{p}edge:ScanConsistency"))
+        entry = index.last_path
+        errs = phase_errors(outputs, sim)
+        frame_cons = [
+            (f.attributes["Consistency"], e)
+            for f, e in zip(outputs.values(), errs)
+            if "Consistency" in f.attributes
+        ]
+        for c, e in frame_cons:
+            pooled[0].append(c)
+            pooled[1].append(e)
+        retrain = wait_for_policy(ctx, p, trigger_before, wait_s)
+        # the reference the service ran on this scan (it samples the detector's stream)
+        reference = _reference_after(ctx, p, reference_before, 60)
+        scan = read_scan(entry)
+        positions = scan["positions_um"]
+        map_err = patch_errors(map_patches(phase_map, positions, cfg), positions, sim)
+        labelled = recon_labels(cfg.registry_path, str(entry))
+        recon_err = float(patch_errors(labelled[0], positions, sim).mean()) if labelled else None
+        scans.append(
+            {
+                "scan": i + 1,
+                "centre_um": list(centre),
+                "frames": len(outputs),
+                "model_version": version,
+                "phase_error": float(errs.mean()),
+                "map_error": float(map_err.mean()),
+                "recon_error": recon_err,
+                "consistency": consistency,
+                "reference_error": reference,
+                "trigger": retrain["trigger"],
+                "retrain_state": retrain["state"],
+                "retrain_s": retrain["seconds"],
+                "model_after": int(_value(ctx, f"{p}edge:ModelVersion")),
+            }
+        )
+        offered.append([(f.timestamp, f.received) for f in outputs.values()])
+        maps.append((i + 1, version, phase_map, positions, labelled))
+        log.info("scan %d: %s", i + 1, {k: v for k, v in scans[-1].items() if k != "centre_um"})
+    stats = edge_stats(ctx, cfg)
+    collector.close()
+    report = {
+        "mode": "ptycho",
+        "scans": scans,
+        "consistency_error_spearman": _spearman(*pooled),
+        "consistency_error_spearman_scans": _spearman(
+            [s["consistency"] for s in scans], [s["phase_error"] for s in scans]
+        ),
+        "frames_in": stats["FramesIn"],
+        "frames_out": stats["FramesOut"],
+        "dropped": stats["Dropped"],
+        "bad_frames": stats["BadFrames"],
+        "fly": fly_figures(n_scans * points, offered, rate),
+        "scan_points": points,
+        "continual_s": time.perf_counter() - t_all,
+        "phase_error_unit": "rad, mean |error| in the illuminated region",
+    }
+    _learning_curve(out / "learning_curve.png", scans)
+    _scan_maps(out / "scan_maps.png", maps, sim, cfg)
+    return report
+
+
+def _reference_after(ctx: Context, p: str, before: str, timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if str(_value(ctx, f"{p}ml:ReferenceInfo")) != before:
+            value = float(_value(ctx, f"{p}ml:ReferenceError"))
+            return value if np.isfinite(value) else None
+        time.sleep(0.5)
+    return None
+
+
+def _spearman(a, b) -> float | None:
+    if len(a) < 3:
+        return None
+    rho = spearmanr(a, b).statistic
+    return float(rho) if np.isfinite(rho) else None
+
+
+def _learning_curve(path: Path, scans: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [s["scan"] for s in scans]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, label, style in (
+        ("phase_error", "true phase error (per frame)", "o-"),
+        ("map_error", "true error of the stitched map", "s-"),
+        ("consistency", "edge:ScanConsistency (label-free)", "^--"),
+        ("reference_error", "ml:ReferenceError (NN vs ptychi, live)", "d:"),
+        ("recon_error", "iterative reconstruction's error", "x-"),
+    ):
+        ys = [np.nan if s[key] is None else s[key] for s in scans]
+        ax.plot(n, ys, style, label=label)
+    for s in scans:
+        if s["trigger"]:
+            ax.axvline(s["scan"] + 0.5, color="0.85", lw=4, zorder=0)
+    ax.set_xlabel("scan (grey: the policy retrained after it)")
+    ax.set_ylabel("rad")
+    ax.set_yscale("log")
+    ax.set_title("edgeloop: continual learning, scan after scan")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _scan_maps(path: Path, maps, sim, cfg: Config) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgeloop.edge_pva.stitch import patch_origin
+
+    m = cfg.model.input_size
+    truth_all = np.angle(sim.obj)
+    fig, axes = plt.subplots(len(maps), 3, figsize=(9, 3 * len(maps)), squeeze=False)
+    for row, (n, version, phase_map, positions, labelled) in zip(axes, maps):
+        origins = np.array(
+            [patch_origin(x, y, cfg.edge.map_size, m, cfg.sim.pixel_um) for x, y in positions]
+        )
+        (r0, c0), (r1, c1) = origins.min(0) + m // 4, origins.max(0) + 3 * m // 4
+        sl = np.s_[r0:r1, c0:c1]
+        truth = truth_all[sl] - truth_all[sl].mean()
+        lo, hi = np.percentile(truth, [1, 99])
+        crop = phase_map[sl]
+        seen = crop != 0
+        offset = (crop[seen] - truth[seen]).mean() if seen.any() else 0.0
+        row[0].imshow(truth, cmap="gray", vmin=lo, vmax=hi)
+        row[0].set_title(f"scan {n}: truth")
+        row[1].imshow(np.where(seen, crop - offset, np.nan), cmap="gray", vmin=lo, vmax=hi)
+        row[1].set_title(f"edge:PhaseMap, model v{version}")
+        if labelled is not None:
+            recon = np.angle(labelled[1])
+            recon = recon - np.median(recon)
+            row[2].imshow(recon, cmap="gray", vmin=lo, vmax=hi)
+            row[2].set_title("iterative (ptychi), whole object")
+        for ax in row:
+            ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def print_report(r: dict, out: Path) -> None:
+    lines = ["edgeloop demo --scans report"]
+    lines.append(
+        f"  {'scan':>4} {'model':>5} {'phase err':>9} {'map err':>8} {'recon err':>9} "
+        f"{'consist.':>8} {'ref err':>8}  trigger after the scan"
+    )
+
+    def f(x):
+        return f"{x:.4f}" if x is not None else "   -  "
+
+    for s in r["scans"]:
+        lines.append(
+            f"  {s['scan']:>4} v{s['model_version']:<4} {f(s['phase_error']):>9} "
+            f"{f(s['map_error']):>8} {f(s['recon_error']):>9} {f(s['consistency']):>8} "
+            f"{f(s['reference_error']):>8}  {s['trigger'] or '-'}"
+        )
+    rho = r["consistency_error_spearman"]
+    lines += [
+        f"  frames in / out / dropped   {r['frames_in']} / {r['frames_out']} / {r['dropped']}",
+        fly_line(r["fly"]),
+        f"  Spearman(consistency, true error) over frames: {'-' if rho is None else f'{rho:.2f}'}",
+        f"  {len(r['scans'])} scans in {r['continual_s'] / 60:.1f} min; report "
+        f"{out / 'report.json'}, {out / 'learning_curve.png'}, {out / 'scan_maps.png'}",
+    ]
+    print("\n".join(lines), flush=True)

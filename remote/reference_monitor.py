@@ -1,0 +1,150 @@
+"""The service's live reference: it watches the detector's own stream, keeps a few percent of
+each acquisition (windows of consecutive frames), runs the conventional analysis on them in
+a background thread (remote/reference.py) and publishes the serving model's error against it
+as ``$(P)ml:ReferenceError``, what was measured in ``$(P)ml:ReferenceInfo``.
+
+A window that arrives while the last is still being analysed is skipped (counted in the
+info); frames are decoded only inside windows, so the stream costs little else."""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+
+from edgeloop import ntnd
+from edgeloop.config import MODE_KIND, Config
+from edgeloop.registry import Registry
+
+log = logging.getLogger(__name__)
+
+UNITS = {"ptycho": "rad", "hedm": "px"}
+
+
+class ReferenceMonitor:
+    def __init__(self, cfg: Config, ctx, registry: Registry, put, input_pv: str | None = None):
+        self.cfg, self.ctx, self.registry, self._put = cfg, ctx, registry, put
+        self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
+        self._last_uid: int | None = None
+        self._first_uid = 0
+        self._window: list = []
+        self._jobs: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._models: dict = {}  # kind -> (version, model)
+        self.done = self.skipped = self.failed = 0
+        self._sub = None
+
+    def start(self) -> ReferenceMonitor:
+        threading.Thread(target=self._work, name="reference", daemon=True).start()
+        self._sub = self.ctx.monitor(self.input_pv, self._on_frame, notify_disconnect=True)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sub is not None:
+            self._sub.close()
+
+    # ---- sampling (the monitor's thread: cheap unless the frame is in a window) ----------
+    def _plan(self, mode: str) -> tuple[int, int]:
+        r = self.cfg.remote
+        if mode == "hedm":
+            return r.reference_hedm_frames, r.reference_hedm_every
+        return r.reference_window, r.reference_every
+
+    def _on_frame(self, value) -> None:
+        if isinstance(value, Exception):
+            self._window = []
+            return
+        try:
+            uid = int(value["uniqueId"])
+        except Exception:
+            return
+        if self._last_uid is None or uid <= self._last_uid:  # a new acquisition
+            self._first_uid, self._window = uid, []
+        self._last_uid = uid
+        try:
+            frame = ntnd.decode(value)
+        except ntnd.FrameError:
+            return  # the edge counts and reports it; a reference needs good frames only
+        mode = str(frame.attributes.get("Mode", self.cfg.mode))
+        if mode not in UNITS:
+            return
+        size, every = self._plan(mode)
+        if (uid - self._first_uid) % every >= size:
+            return
+        if self._window:
+            last_mode, last = self._window[-1]
+            if last_mode != mode or last.unique_id != uid - 1:
+                self._window = []  # a gap: windows are consecutive frames
+        self._window.append((mode, frame))
+        if len(self._window) == size:
+            window, self._window = self._window, []
+            try:
+                self._jobs.put_nowait(window)
+            except queue.Full:
+                self.skipped += 1
+
+    # ---- analysis (its own thread) -------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                window = self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self._analyse(window)
+            except Exception as exc:  # never stop the service; say why in the info
+                self.failed += 1
+                log.exception("reference analysis failed")
+                why = f"reference failed: {type(exc).__name__}: {exc}"
+                self._put("ml:ReferenceInfo", why[:250])
+
+    def _model(self, kind: str):
+        version = self.registry.accepted(kind)
+        if version is None:
+            return None, None
+        cached = self._models.get(kind)
+        if cached is None or cached[0] != version:
+            model, _ = self.registry.load(version, self.cfg.security)
+            self._models[kind] = cached = (version, model.eval())
+        return cached
+
+    def _analyse(self, window: list) -> None:
+        import numpy as np
+
+        from edgeloop.remote.reference import hedm_reference, ptycho_reference
+
+        mode = window[0][0]
+        frames = [f for _, f in window]
+        version, model = self._model(MODE_KIND[mode])
+        if model is None:
+            return  # nothing trained yet: the untrained model's error is not worth a reference
+        t0 = time.perf_counter()
+        data = np.stack([f.data for f in frames]).astype(np.float32)
+        if mode == "hedm":
+            result = hedm_reference(data, model, self.cfg)
+        else:
+            pos = np.array(
+                [
+                    [f.attributes.get("SampleX", np.nan), f.attributes.get("SampleY", np.nan)]
+                    for f in frames
+                ],
+                np.float64,
+            )
+            if not np.isfinite(pos).all():
+                return  # frames without positions cannot be phase-retrieved together
+            result = ptycho_reference(data, pos, model, self.cfg)
+        error = result["reference_error"]
+        if error is None or not math.isfinite(error):
+            return
+        self.done += 1
+        info = (
+            f"{mode}: {error:.4g} {UNITS[mode]} on {len(frames)} frames (uniqueId "
+            f"{frames[0].unique_id}-{frames[-1].unique_id}), model v{version}, "
+            f"{time.perf_counter() - t0:.1f} s; {self.done} done, {self.skipped} skipped"
+        )
+        log.info("reference: %s", info)
+        self._put("ml:ReferenceError", float(error))
+        self._put("ml:ReferenceInfo", info[:250])

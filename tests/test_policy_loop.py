@@ -1,0 +1,104 @@
+"""The retraining policy through the real servers (issue 13): a deliberately bad model serves,
+a fly scan through the real RunEngine lets the edge's label-free consistency raise its
+alarm, and the policy (ml:AutoRetrain On) retrains by itself; the trigger is recorded in
+ml:Trigger, ml:Message and the new model's metadata.  With the policy Off, nothing starts."""
+
+import time
+
+import pytest
+import torch
+from conftest import SECOND_BEAMLINE_CA_PORT, run_engine, whole_system
+
+from edgeloop.bluesky_plans import RunIndex, make_devices, ptycho_fly_scan
+from edgeloop.models import kind as model_kind
+from edgeloop.registry import Registry, model_to_bytes
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, request):
+    with whole_system(
+        tmp_path_factory.mktemp("policy"), "a", request, SECOND_BEAMLINE_CA_PORT
+    ) as s:
+        yield s
+
+
+def value(loop, name):
+    return loop.ctx.get(f"{loop.prefix}{name}", timeout=5)
+
+
+def put(loop, name, v):
+    loop.ctx.put(f"{loop.prefix}{name}", v, timeout=5, wait=True)
+
+
+def bad_model(loop) -> int:
+    """A PtychoNN whose weights are noise: it answers every frame with structure that has
+    nothing to do with the sample, so neighbouring answers disagree."""
+    arch = loop.cfg.arch("ptychonn")
+    torch.manual_seed(3)
+    model = model_kind("ptychonn").build(**arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    data = model_to_bytes("ptychonn", arch, model)
+    return Registry(loop.cfg.registry_path).add(data, {"kind": "ptychonn", "val_loss": 1.0})
+
+
+def scan(loop, tmp_path, num=150):
+    det, stage = make_devices(loop.prefix, tmp_path / "detector", timeout=15)
+    try:
+        with run_engine() as RE:
+            RE.subscribe(RunIndex(loop.cfg.data_path))
+            RE(ptycho_fly_scan(det, stage, num=num, step=0.05, rate_hz=100))
+    finally:
+        det.destroy()
+        stage.destroy()
+
+
+def wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_bad_model_raises_the_consistency_alarm_and_the_policy_retrains(loop, tmp_path):
+    version = bad_model(loop)
+    put(loop, "edge:LoadModel", version)
+    assert value(loop, "edge:ModelVersion")["value"] == version
+    # the policy is Off (the IOC's default): a bad scan starts nothing
+    assert value(loop, "ml:AutoRetrain")["value.index"] == 0
+    put(loop, "ml:AutoMinFrames", 10**6)  # only the quality may trigger here
+    put(loop, "ml:AutoMinInterval", 0)
+    put(loop, "ml:AutoThreshold", loop.cfg.edge.consistency_warn_rad)
+    scan(loop, tmp_path / "off")
+    consistency = value(loop, "edge:ScanConsistency")
+    assert consistency["value"] > loop.cfg.edge.consistency_warn_rad
+    assert consistency["alarm.severity"] >= 1, consistency["alarm"]
+    time.sleep(3 * loop.cfg.policy.poll_s + 1)
+    assert value(loop, "ml:Status")["value.index"] == 0  # Idle: nothing started
+    assert value(loop, "ml:Trigger")["value"] == ""
+
+    put(loop, "ml:AutoRetrain", 1)
+    scan(loop, tmp_path / "on")
+    trigger = wait(lambda: value(loop, "ml:Trigger")["value"], 30, "a policy trigger")
+    assert trigger.startswith("policy: edge:ScanConsistency"), trigger
+    wait(
+        lambda: (
+            value(loop, "edge:ModelVersion")["value"] > version
+            or value(loop, "ml:Status")["value.index"] == 6
+        ),
+        600,
+        "the policy's retraining to end",
+    )
+    message = value(loop, "ml:Message")["value"]
+    assert value(loop, "ml:Status")["value.index"] == 0, message
+    assert f"triggered by {trigger}" in message
+    new = value(loop, "edge:ModelVersion")["value"]
+    meta = Registry(loop.cfg.registry_path).meta(new)
+    assert meta["trigger"] == trigger and meta["parent"] is not None
+    put(loop, "ml:AutoRetrain", 0)

@@ -10,6 +10,7 @@ import numpy as np
 from p4p import Value
 from p4p.nt import NTTable
 
+from edgeloop.edge_pva.quality import centroid_distance
 from edgeloop.peaks import peak_patches
 
 PEAK_COLUMNS = [
@@ -30,14 +31,18 @@ NO_PEAKS = {
     "max": np.zeros(0),
     "saturated": np.zeros(0, bool),
     "border": np.zeros(0, bool),
+    "offset": np.zeros(0),
 }
 
 
 def locate_peaks(
     frame: np.ndarray, infer: Callable, patch: int = 11, **finder
 ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
-    """Peaks of one frame: x (column), y (row) in detector pixels, intensity, max and flags;
-    the patches the network saw; and how many maxima were left out above ``max_peaks``.
+    """Peaks of one frame: x (column), y (row) in detector pixels, intensity, max and flags,
+    and ``offset``, each centre's distance (px) from its patch's intensity centroid (the
+    label-free quality, :func:`~edgeloop.edge_pva.quality.centroid_distance`; not a table
+    column); the patches the network saw; and how many maxima were left out above
+    ``max_peaks``.
 
     ``infer(patches)`` returns ``(centres,)``, (n, 2) as (x, y) in patch widths (a
     :class:`~edgeloop.edge_pva.inference.ServedModel` of kind braggnn).  ``finder`` goes to
@@ -57,6 +62,7 @@ def locate_peaks(
             "max": np.asarray(peaks.maxima, np.float64),
             "saturated": np.asarray(peaks.saturated, bool),
             "border": np.asarray(peaks.border, bool),
+            "offset": centroid_distance(patches, centre),
         },
         patches,
         peaks.truncated,

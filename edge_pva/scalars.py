@@ -47,9 +47,33 @@ class Scalar:
         return v
 
 
-def scalars(cfg: EdgeConfig) -> dict[str, Scalar]:
+def consistency_scalars(cfg: EdgeConfig, mode: str) -> dict[str, Scalar]:
+    """edge:Consistency and edge:ScanConsistency in a mode: the figure (edge_pva/quality.py)
+    and its units and alarm limits are the technique's."""
+    if mode == "hedm":
+        units, warn, alarm = "px", cfg.consistency_warn_px, cfg.consistency_alarm_px
+        what = "distance of BraggNN's centres from the patch centroids"
+    else:
+        units, warn, alarm = "rad", cfg.consistency_warn_rad, cfg.consistency_alarm_rad
+        what = "phase disagreement with the map and the frame"
+    return {
+        "Consistency": Scalar("d", units, 3, f"Last frame's {what}", limit_high=alarm),
+        "ScanConsistency": Scalar(
+            "d",
+            units,
+            3,
+            f"Scan mean of the {what}",
+            high=warn,
+            hihi=alarm,
+            limit_high=alarm,
+        ),
+    }
+
+
+def scalars(cfg: EdgeConfig, mode: str = "ptycho") -> dict[str, Scalar]:
     frames = "frames"
     return {
+        **consistency_scalars(cfg, mode),
         "FramesIn": Scalar("l", frames, 0, "New frames received"),
         "FramesOut": Scalar("l", frames, 0, "Frames answered"),
         "Dropped": Scalar("l", frames, 0, "Frames dropped (queue full)"),
@@ -70,22 +94,6 @@ def scalars(cfg: EdgeConfig) -> dict[str, Scalar]:
             hihi=cfg.latency_alarm_ms,
             limit_high=cfg.latency_alarm_ms,
         ),
-        "Consistency": Scalar(
-            "d",
-            "rad",
-            3,
-            "Last frame's disagreement with the map (ptycho)",
-            limit_high=cfg.consistency_alarm_rad,
-        ),
-        "ScanConsistency": Scalar(
-            "d",
-            "rad",
-            3,
-            "Mean disagreement with the map over the scan",
-            high=cfg.consistency_warn_rad,
-            hihi=cfg.consistency_alarm_rad,
-            limit_high=cfg.consistency_alarm_rad,
-        ),
         "DroppedRate": Scalar(
             "d",
             "frames/s",
@@ -101,13 +109,24 @@ def scalars(cfg: EdgeConfig) -> dict[str, Scalar]:
 class ScalarPVs:
     """One SharedPV per scalar; ``post`` sets the value with its severity."""
 
-    def __init__(self, cfg: EdgeConfig):
-        self.meta = scalars(cfg)
+    def __init__(self, cfg: EdgeConfig, mode: str = "ptycho"):
+        self.cfg = cfg
+        self.meta = scalars(cfg, mode)
         self.pvs = {}
+        self._nts = {}
         for name, scalar in self.meta.items():
-            nt = scalar.nt()
+            nt = self._nts[name] = scalar.nt()
             self.pvs[name] = SharedPV(nt=nt, initial=scalar.initial(nt))
 
     def post(self, name: str, value) -> None:
         severity = self.meta[name].severity(value)
         self.pvs[name].post(value, severity=severity, message="HIGH" if severity else "")
+
+    def set_mode(self, mode: str) -> None:
+        """Units, limits and description of the consistency PVs as ``mode`` has them; their
+        value NaN (not known) until a frame of that mode gives one."""
+        for name, scalar in consistency_scalars(self.cfg, mode).items():
+            if scalar != self.meta[name]:
+                self.meta[name] = scalar
+                value = scalar.initial(self._nts[name], float("nan"))
+                self.pvs[name].post(value, severity=0, message="")

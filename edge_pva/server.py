@@ -48,6 +48,7 @@ from edgeloop.edge_pva.inference import (
     probe_inputs,
     validate,
 )
+from edgeloop.edge_pva.quality import DataResidual, combine, edge_probe
 from edgeloop.edge_pva.scalars import ScalarPVs
 from edgeloop.edge_pva.stitch import PhaseMap, ScanConsistency
 from edgeloop.edge_pva.supervise import Supervisor
@@ -101,6 +102,17 @@ class EdgeServer:
         self._map_lock = threading.Lock()
         self._map_dirty = False
         self.consistency = ScanConsistency()  # of the current acquisition; under _map_lock
+        sim = cfg.sim  # the detector's optics: the probe predictions are checked with
+        self.residual = DataResidual(
+            edge_probe(cfg.edge.probe_file, sim.frame_size, sim.probe_radius_px, sim.probe_defocus)
+        )
+        if self.residual.size != sim.frame_size:
+            log.warning(
+                "edge.probe_file's probe is %d px, frames %d px: frames of another size than the "
+                "probe's get no data residual",
+                self.residual.size,
+                sim.frame_size,
+            )
         self.latencies: collections.deque = collections.deque(maxlen=2000)  # ms, newest last
         self._out_times: collections.deque = collections.deque(maxlen=2000)
         # frames answered with a caveat (not stitched, peaks left out): reason -> count
@@ -109,7 +121,7 @@ class EdgeServer:
         self._stop = threading.Event()
         self.supervisor = Supervisor(self._stop, self._thread_died, self._fatal)
         self._load_requests: queue.Queue = queue.Queue()
-        self._scalars = ScalarPVs(cfg.edge)
+        self._scalars = ScalarPVs(cfg.edge, self.mode)
         self._pvs = self._make_pvs()
         self._server = None
         self._ctx = None
@@ -311,6 +323,9 @@ class EdgeServer:
         if mode != self.mode:
             self.mode = mode
             log.info("frames now in mode %s", mode)
+            with self._map_lock:  # the figure and its units are the mode's
+                self.consistency.reset()
+                self._scalars.set_mode(mode)
             self._pvs["Mode"].post(mode)
             self._pvs["ModelVersion"].post(self.slot.get().version)
 
@@ -383,6 +398,12 @@ class EdgeServer:
         if not all(np.isfinite(peaks[k]).all() for k in ("x", "y")):
             raise ModelRejected("the model gave non-finite peak centres")
         warning = ""
+        offsets = peaks["offset"][np.isfinite(peaks["offset"])]
+        with self._map_lock:
+            if frame.new_acquisition:
+                self.consistency.reset()
+            if len(offsets):  # label-free quality: BraggNN's centres vs the patch centroids
+                self.consistency.add(float(offsets.mean()))
         if left_out:
             warning = f"{left_out} maxima above edge.max_peaks_per_frame left out"
             self._notes[f"peaks left out (max_peaks_per_frame {edge.max_peaks_per_frame})"] += 1
@@ -415,16 +436,22 @@ class EdgeServer:
             raise ModelRejected("the model gave NaN/Inf for this frame")
         uid = frame.unique_id
         xy = self._position(frame)
-        consistency = None
+        overlap = surround = None
         with self._map_lock:
             if frame.new_acquisition:
                 self.phase_map.reset()
                 self.consistency.reset()
             if xy is not None:
-                consistency = self.phase_map.disagreement(ph, *xy)
+                overlap = self.phase_map.disagreement(ph, *xy)
+                surround = self.phase_map.surroundings(*xy)
                 self.phase_map.add(ph, *xy)
                 self._map_dirty = True
-            if consistency is not None:
+        # label-free quality (edge_pva/quality.py): does the answer agree with the map where
+        # they overlap, and does it explain the frame it came from
+        data = self.residual(frame.data, amp, ph, surround)
+        consistency = combine(overlap, data)
+        if consistency is not None:
+            with self._map_lock:
                 self.consistency.add(consistency)
         now = time.time()
         attrs = {"ModelVersion": version, "LatencyMs": (now - frame.received) * 1e3}
@@ -432,6 +459,10 @@ class EdgeServer:
             attrs.update(SampleX=xy[0], SampleY=xy[1])
         if consistency is not None:
             attrs["Consistency"] = consistency
+        if overlap is not None:
+            attrs["ConsistencyOverlap"] = overlap
+        if data is not None:
+            attrs["ConsistencyData"] = data
         self._pvs["Phase"].post(ntnd.build(ph, uid, attrs, frame.timestamp))
         self._pvs["Amplitude"].post(ntnd.build(amp, uid, attrs, frame.timestamp))
         self._count_out(frame, now)  # after the posts: FramesOut never runs ahead
@@ -461,12 +492,13 @@ class EdgeServer:
                 "LatencyMs": float(np.median(lat)) if lat else 0.0,
                 "DroppedRate": (dropped[-1][1] - dropped[0][1]) / 2.0,
             }
-            with self._map_lock:
-                last, scan = self.consistency.last, self.consistency.mean
-            if scan is not None:  # posted once a scan has overlapping frames
-                values.update(Consistency=last, ScanConsistency=scan)
             for name, value in values.items():
                 self._scalars.post(name, value)
+            with self._map_lock:  # a mode switch changes their units: not in between
+                last, scan = self.consistency.last, self.consistency.mean
+                if scan is not None:  # posted once a scan has a figure
+                    self._scalars.post("Consistency", last)
+                    self._scalars.post("ScanConsistency", scan)
             self._report_refusals()
             self._watch_input()
             if self._map_dirty and now - last_map >= self.cfg.edge.map_publish_s:

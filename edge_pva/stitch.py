@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 OVERLAP_WEIGHT = 0.5  # pixels whose weight (map, and patch window) is above: in the overlap
+SURROUND_WEIGHT = 0.3  # map pixels whose weight is above: known, for the data residual
 
 
 def patch_origin(
@@ -55,6 +56,21 @@ class PhaseMap:
         d = phase[both] - self.total[sl][both] / held[both]
         d = d - np.average(d, weights=w)
         return float(np.sqrt(np.average(d * d, weights=w)))
+
+    def surroundings(
+        self, x_um: float, y_um: float, min_weight: float = SURROUND_WEIGHT
+    ) -> np.ndarray | None:
+        """What the map holds over the patch at (x, y): its phase where its weight is above
+        ``min_weight``, NaN elsewhere (a copy); None if the patch does not fit the map."""
+        r, c = patch_origin(x_um, y_um, self.map_size, self.patch, self.pixel_um)
+        if r < 0 or c < 0 or r + self.patch > self.map_size or c + self.patch > self.map_size:
+            return None
+        sl = np.s_[r : r + self.patch, c : c + self.patch]
+        held = self.weight[sl]
+        known = held > min_weight
+        out = np.full((self.patch, self.patch), np.nan, np.float32)
+        out[known] = self.total[sl][known] / held[known]
+        return out
 
     def add(self, phase: np.ndarray, x_um: float, y_um: float) -> bool:
         """Add one patch; False (and counted in ``outside``) if it does not fit the map."""

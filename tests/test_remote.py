@@ -479,6 +479,12 @@ def test_bluesky_trigger_every_n_runs_and_frames_and_coalescing(loop, RE):
         time.sleep(0.2)
     time.sleep(1.0)
     assert len(runs) == 2 and lp.state() == "Idle"
+    # recorded with its source: the PV, the message and the model's metadata
+    trigger = lp.value("ml:Trigger")
+    assert trigger.startswith("bluesky RetrainTrigger after run") and "(ml:Request)" in trigger
+    assert f"triggered by {trigger}" in lp.value("ml:Message")
+    newest = max(service.registry.versions())
+    assert service.registry.meta(newest)["trigger"] == trigger
 
 
 @pytest.mark.parametrize("example", ["slurm.py", "pbs.py"])

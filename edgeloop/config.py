@@ -158,16 +158,19 @@ class EdgeConfig:
     latency_alarm_ms: Positive = 1000.0  # above: MAJOR
     dropped_rate_alarm: Positive = 10.0  # edge:DroppedRate (frames/s) above: MAJOR; any: MINOR
     # edge:Consistency / edge:ScanConsistency, the label-free quality of each frame's answer
-    # and its mean over the scan (edge_pva/quality.py), above: MINOR / MAJOR.  Ptychography
-    # (rad): the overlap disagreement and the forward-model residual, combined.
-    consistency_warn_rad: Positive = 0.05
-    consistency_alarm_rad: Positive = 0.1
+    # and its mean over the scan (edge_pva/quality.py; benchmarks/consistency.py,
+    # hedm_consistency.py), above: MINOR / MAJOR.  Ptychography (rad): the overlap
+    # disagreement and the forward-model residual in quadrature; measured on the simulated
+    # scan: a well-trained PtychoNN ~0.065, an untrained (flat) one ~0.093
+    consistency_warn_rad: Positive = 0.07
+    consistency_alarm_rad: Positive = 0.09
     # the illumination the residual puts predictions through: a .npy file of a complex
     # (frame_size, frame_size) probe (e.g. from a reconstruction); "": sim's nominal optics
     # (probe_radius_px, probe_defocus)
     probe_file: str = ""
-    # HEDM (px): distance of BraggNN's centres from the patches' intensity centroids
-    consistency_warn_px: Positive = 0.5
+    # HEDM (px): distance of BraggNN's centres from the patches' centroids; measured: a
+    # BraggNN trained on fit labels ~0.24, after 1 epoch ~1.0, untrained ~7
+    consistency_warn_px: Positive = 0.4
     consistency_alarm_px: Positive = 1.0
     # a frame holding more bytes (compressed or not) is refused before it is decoded
     max_frame_bytes: Count = 64 * 1024 * 1024

@@ -107,6 +107,7 @@ def policy_macros(policy: PolicyConfig | None = None) -> str:
     policy = policy or PolicyConfig()
     return (
         f"AUTO={int(policy.enabled)},AUTO_THRESHOLD={policy.threshold:g},"
+        f"AUTO_THRESHOLD_PX={policy.threshold_px:g},"
         f"AUTO_INTERVAL={policy.min_interval_s:g},AUTO_FRAMES={policy.min_new_frames}"
     )
 

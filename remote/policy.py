@@ -8,8 +8,9 @@ the trigger the service records, or None.
 
 Two reasons, both only for scans not trained on yet, of the technique of the newest one:
 
-- quality: a new scan's ``edge:ScanConsistency`` is above the threshold (the serving model
-  disagrees with itself where neighbouring scan points overlap);
+- quality: a new scan's ``edge:ScanConsistency`` is above the technique's threshold (the
+  serving model's answers disagree with each other where scan points overlap, or do not
+  explain the frames; for HEDM its centres stray from the peaks' centroids);
 - data: enough new frames are unlike the training set (no trained frame lies within
   ``novelty_um`` of their stage position, or ``novelty_deg`` of their rotation angle).
 
@@ -31,13 +32,22 @@ class Settings:
     """The policy's live settings (the IOC's policy records)."""
 
     enabled: bool
-    threshold: float
+    threshold: float  # ptychography, rad
+    threshold_px: float  # HEDM
     min_interval_s: float
     min_new_frames: int
 
     @classmethod
     def of(cls, cfg: PolicyConfig) -> Settings:
-        return cls(cfg.enabled, cfg.threshold, cfg.min_interval_s, cfg.min_new_frames)
+        return cls(
+            cfg.enabled, cfg.threshold, cfg.threshold_px, cfg.min_interval_s, cfg.min_new_frames
+        )
+
+    def threshold_of(self, technique: str) -> tuple[float, str]:
+        """The quality threshold of a technique and its PV."""
+        if technique == "hedm":
+            return self.threshold_px, "ml:AutoThresholdPx"
+        return self.threshold, "ml:AutoThreshold"
 
 
 @dataclass
@@ -109,10 +119,11 @@ class RetrainPolicy:
             key=lambda s: s.quality,
             default=None,
         )
-        if worst is not None and worst.quality > settings.threshold:
+        threshold, pv = settings.threshold_of(technique)
+        if worst is not None and worst.quality > threshold:
             return (
-                f"policy: edge:ScanConsistency {worst.quality:.4g} > ml:AutoThreshold "
-                f"{settings.threshold:.4g} (scan {_name(worst.path)})"
+                f"policy: edge:ScanConsistency {worst.quality:.4g} > {pv} "
+                f"{threshold:.4g} (scan {_name(worst.path)})"
             )
         unlike = sum(s.unlike for s in scans)
         if unlike >= settings.min_new_frames:

@@ -769,6 +769,7 @@ class RetrainService:
             ("ml:Request", self._on_request),
             ("ml:AutoRetrain", self._setting("enabled", lambda v: bool(v["value.index"]))),
             ("ml:AutoThreshold", self._setting("threshold", lambda v: float(v["value"]))),
+            ("ml:AutoThresholdPx", self._setting("threshold_px", lambda v: float(v["value"]))),
             ("ml:AutoMinInterval", self._setting("min_interval_s", lambda v: float(v["value"]))),
             ("ml:AutoMinFrames", self._setting("min_new_frames", lambda v: int(v["value"]))),
             ("edge:ScanConsistency", self._on_quality),

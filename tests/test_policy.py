@@ -51,6 +51,16 @@ def test_unlike_frames_count_by_distance_from_the_training_set():
     assert policy.decide(on(min_new_frames=int(far.sum()) + 1), now=0) is None
 
 
+def test_each_technique_has_its_own_quality_threshold():
+    policy = RetrainPolicy(PolicyConfig())
+    policy.trained("hedm", [np.arange(0, 90.0)], now=None)
+    policy.observe("h.h5", "hedm", np.arange(0, 90.0), quality=0.3)  # px
+    settings = on(threshold=0.08, threshold_px=0.4, min_new_frames=1)
+    assert policy.decide(settings, now=0) is None  # 0.3 px is good for BraggNN
+    policy.observe("h2.h5", "hedm", np.arange(0, 90.0), quality=0.9)
+    assert "edge:ScanConsistency 0.9 > ml:AutoThresholdPx 0.4" in policy.decide(settings, 0)
+
+
 def test_minimum_interval_and_techniques_apart():
     policy = RetrainPolicy(PolicyConfig())
     policy.trained("hedm", [np.arange(0, 90.0)], now=10.0)

@@ -244,6 +244,7 @@ def _learning_curve(path: Path, scans: list[dict]) -> None:
     for s in scans:
         if s["trigger"]:
             ax.axvline(s["scan"] + 0.5, color="0.85", lw=4, zorder=0)
+    ax.set_xticks(n)
     ax.set_xlabel("scan (grey: the policy retrained after it)")
     ax.set_ylabel("rad")
     ax.set_yscale("log")

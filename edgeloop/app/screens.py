@@ -164,14 +164,15 @@ def overview() -> screen.Screen:
     for i, (text, pv) in enumerate(
         (
             ("Auto retrain", "AutoRetrain"),  # Off / On
-            ("Threshold", "AutoThreshold"),  # edge:ScanConsistency above: retrain
+            ("Threshold (ptycho)", "AutoThreshold"),  # edge:ScanConsistency above: retrain
+            ("Threshold (HEDM)", "AutoThresholdPx"),
             ("Min interval", "AutoMinInterval"),
             ("Min new frames", "AutoMinFrames"),
         )
     ):
         lay.label(text, x2 - 10, y + i * ROW, 130)
         lay.entry(f"{ml}{pv}", x2 + 145, y + i * ROW, 130)
-    lay.rows(x2 - 10, y + 4 * ROW, [("Reference error", f"{ml}ReferenceError")], width=130)
+    lay.rows(x2 - 10, y + 5 * ROW, [("Reference error", f"{ml}ReferenceError")], width=130)
 
     y = 460
     lay.section("Training", x, y, 600)

@@ -17,8 +17,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# e.g. make demo DEMO_ARGS="--scans 6" (continual learning under the retraining policy)
 demo: $(VENV)/.installed
-	$(VENV)/bin/edgeloop demo --out $(OUT)
+	$(VENV)/bin/edgeloop demo --out $(OUT) $(DEMO_ARGS)
 
 # the layers' import contract and ruff first: a violation fails the test command
 lint: $(VENV)/.installed

@@ -1,7 +1,8 @@
 """The retraining policy through the real servers (issue 13): a deliberately bad model serves,
 a fly scan through the real RunEngine lets the edge's label-free consistency raise its
 alarm, and the policy (ml:AutoRetrain On) retrains by itself; the trigger is recorded in
-ml:Trigger, ml:Message and the new model's metadata.  With the policy Off, nothing starts."""
+ml:Trigger, ml:Message and the new model's metadata.  With the policy Off, nothing starts.
+The service's live reference then measures the new model on the next scan."""
 
 import time
 
@@ -102,3 +103,15 @@ def test_bad_model_raises_the_consistency_alarm_and_the_policy_retrains(loop, tm
     meta = Registry(loop.cfg.registry_path).meta(new)
     assert meta["trigger"] == trigger and meta["parent"] is not None
     put(loop, "ml:AutoRetrain", 0)
+
+    # the service's live reference measures the new model on the next scan's first frames
+    scan(loop, tmp_path / "after")
+
+    def reference():
+        info = value(loop, "ml:ReferenceInfo")["value"]
+        return info if f"model v{new}" in info else None
+
+    info = wait(reference, 180, "a reference of the new model")
+    assert info.startswith("ptycho:") and "on 30 frames (uniqueId 1-30)" in info, info
+    error = value(loop, "ml:ReferenceError")["value"]
+    assert 0 < error < 0.5 and f"{error:.4g} rad" in info

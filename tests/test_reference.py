@@ -162,3 +162,38 @@ def test_hedm_reference_leaves_out_border_saturated_and_bad_frames(cfg, hedm_fra
     assert res["peaks"] + res["fit_failed"] == base["peaks"] + base["fit_failed"]
     none = hedm_reference([], FitPredictor(cfg.model.patch), cfg)
     assert none["peaks"] == 0 and np.isnan(none["reference_error"])
+
+
+def test_the_service_samples_windows_of_consecutive_frames_from_the_stream():
+    """ReferenceMonitor (remote/reference_monitor.py) on NTNDArrays as the detector sends
+    them: a window at the start of each acquisition and every ``reference_every`` frames,
+    consecutive frames only, the next window skipped (counted) while one waits."""
+    from edgeloop import ntnd
+    from edgeloop.remote.reference_monitor import ReferenceMonitor
+
+    cfg = Config()
+    cfg.remote.reference_window, cfg.remote.reference_every = 4, 10
+    monitor = ReferenceMonitor(cfg, ctx=None, registry=None, put=None)
+
+    def send(uid, mode="ptycho"):
+        attrs = {"Mode": mode, "SampleX": 0.01 * uid, "SampleY": 0.0}
+        monitor._on_frame(ntnd.build(np.zeros((8, 8), np.float32), uid, attrs))
+
+    for uid in range(1, 13):  # frames 1-4 make a window; 11, 12 start the next
+        send(uid)
+    window = monitor._jobs.get_nowait()
+    assert [f.unique_id for _, f in window] == [1, 2, 3, 4]
+    assert [f.unique_id for _, f in monitor._window] == [11, 12]
+    send(14)  # 13 is missing: the window restarts at 14, and 15 lies outside windows
+    send(15)
+    assert [f.unique_id for _, f in monitor._window] == [14]
+    for uid in range(1, 5):  # a new acquisition (uniqueId restarts): a new window
+        send(uid)
+    assert [f.unique_id for _, f in monitor._jobs.get_nowait()] == [1, 2, 3, 4]
+    for uid in range(1, 5):
+        send(uid)  # queued, then the next full window finds the queue full: skipped
+    for uid in range(1, 5):
+        send(uid)
+    assert monitor.skipped == 1
+    send(5, mode="other")  # not a technique: ignored
+    assert monitor.skipped == 1

@@ -93,14 +93,31 @@ def wait_for_policy(ctx: Context, p: str, trigger_before: str, wait_s: float) ->
     }
 
 
-def recon_labels(registry: Path, scan_path: str) -> np.ndarray | None:
-    """The iterative reconstruction's phase patches of a scan (its labels), from the
-    retraining service's labels cache; None if the scan was not labelled."""
-    for path in (registry / "work" / "labels_cache").glob("labels_*.h5"):
+def recon_labels(cfg: Config, scan: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The iterative reconstruction of a scan: its phase patches (the labels) and object,
+    from the retraining service's labels cache, or made here with the service's settings
+    when no retraining labelled the scan (the last ones, or those the policy let pass)."""
+    for path in (cfg.registry_path / "work" / "labels_cache").glob("labels_*.h5"):
         with h5py.File(path, "r") as c:
-            if c.attrs["scan"] == str(scan_path) and c.attrs["n"] > 0:
+            if c.attrs["scan"] == str(scan["path"]) and c.attrs["n"] > 0:
                 return c["phase"][()], c["recon/object"][()]
-    return None
+    from edgeloop.optics import make_probe
+    from edgeloop.remote.labels import make_labels
+
+    frames = scan["frames"].astype(np.float32)
+    probe = make_probe(frames.shape[-1], cfg.sim.probe_radius_px, cfg.sim.probe_defocus)
+    recon: dict = {}
+    _, phase = make_labels(
+        frames,
+        scan["positions_um"],
+        cfg.sim.pixel_um,
+        probe,
+        cfg.train.recon_epochs,
+        cfg.train.recon_algorithm,
+        cfg.train.threads,
+        recon,
+    )
+    return phase, recon["object"]
 
 
 def patch_errors(patches, positions, sim) -> np.ndarray:
@@ -159,11 +176,8 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
         retrain = wait_for_policy(ctx, p, trigger_before, wait_s)
         # the reference the service ran on this scan (it samples the detector's stream)
         reference = _reference_after(ctx, p, reference_before, 60)
-        scan = read_scan(entry)
-        positions = scan["positions_um"]
+        positions = read_scan(entry)["positions_um"]
         map_err = patch_errors(map_patches(phase_map, positions, cfg), positions, sim)
-        labelled = recon_labels(cfg.registry_path, str(entry))
-        recon_err = float(patch_errors(labelled[0], positions, sim).mean()) if labelled else None
         scans.append(
             {
                 "scan": i + 1,
@@ -172,7 +186,7 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
                 "model_version": version,
                 "phase_error": float(errs.mean()),
                 "map_error": float(map_err.mean()),
-                "recon_error": recon_err,
+                "recon_error": None,  # below, once every retraining has labelled
                 "consistency": consistency,
                 "reference_error": reference,
                 "trigger": retrain["trigger"],
@@ -182,10 +196,15 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
             }
         )
         offered.append([(f.timestamp, f.received) for f in outputs.values()])
-        maps.append((i + 1, version, phase_map, positions, labelled))
+        maps.append([i + 1, version, phase_map, entry, None])
         log.info("scan %d: %s", i + 1, {k: v for k, v in scans[-1].items() if k != "centre_um"})
     stats = edge_stats(ctx, cfg)
     collector.close()
+    for s, m in zip(scans, maps):  # the iterative reconstruction of each scan: the bar
+        scan = read_scan(m[3])
+        phase, obj = recon_labels(cfg, scan)
+        s["recon_error"] = float(patch_errors(phase, scan["positions_um"], sim).mean())
+        m[3], m[4] = scan["positions_um"], obj
     report = {
         "mode": "ptycho",
         "scans": scans,
@@ -266,7 +285,7 @@ def _scan_maps(path: Path, maps, sim, cfg: Config) -> None:
     m = cfg.model.input_size
     truth_all = np.angle(sim.obj)
     fig, axes = plt.subplots(len(maps), 3, figsize=(9, 3 * len(maps)), squeeze=False)
-    for row, (n, version, phase_map, positions, labelled) in zip(axes, maps):
+    for row, (n, version, phase_map, positions, obj) in zip(axes, maps):
         origins = np.array(
             [patch_origin(x, y, cfg.edge.map_size, m, cfg.sim.pixel_um) for x, y in positions]
         )
@@ -281,8 +300,8 @@ def _scan_maps(path: Path, maps, sim, cfg: Config) -> None:
         row[0].set_title(f"scan {n}: truth")
         row[1].imshow(np.where(seen, crop - offset, np.nan), cmap="gray", vmin=lo, vmax=hi)
         row[1].set_title(f"edge:PhaseMap, model v{version}")
-        if labelled is not None:
-            recon = np.angle(labelled[1])
+        if obj is not None:
+            recon = np.angle(obj)
             recon = recon - np.median(recon)
             row[2].imshow(recon, cmap="gray", vmin=lo, vmax=hi)
             row[2].set_title("iterative (ptychi), whole object")

@@ -1,10 +1,13 @@
 """The real EPICS IOC alone: its access-security file decides who may write."""
 
+import threading
+import time
+
 import pytest
 from conftest import random_prefix
 from p4p.client.thread import Context
 
-from edgeloop.config import SecurityConfig
+from edgeloop.config import PolicyConfig, SecurityConfig
 from edgeloop.ioc import softioc
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
@@ -41,3 +44,45 @@ def test_ioc_start_failure_reports_its_output(tmp_path, monkeypatch):
     monkeypatch.setattr(softioc, "db_dir", lambda: tmp_path)  # no ml.db there
     with pytest.raises(RuntimeError, match="did not start"):
         softioc.start(random_prefix("f"), timeout=20)
+
+
+def test_policy_records_start_from_the_configuration_and_refuse_out_of_range_puts():
+
+    prefix = random_prefix("q")
+    policy = PolicyConfig(enabled=True, threshold=0.07, threshold_px=0.3, min_new_frames=99)
+    proc = softioc.start(prefix, policy=policy)
+    ctx = Context("pva", nt=False)
+    try:
+        get = lambda name: ctx.get(f"{prefix}{name}", timeout=10)  # noqa: E731
+        assert get("ml:AutoRetrain")["value.index"] == 1
+        assert get("ml:AutoThreshold")["value"] == pytest.approx(0.07)
+        assert get("ml:AutoThresholdPx")["value"] == pytest.approx(0.3)
+        assert get("ml:AutoMinFrames")["value"] == 99
+        assert get("ml:AutoMinInterval")["value"] == 60
+        # drive limits clip an out-of-range put, as an ao/longout record does
+        ctx.put(f"{prefix}ml:AutoMinFrames", 0, timeout=5)
+        assert get("ml:AutoMinFrames")["value"] == 1
+        ctx.put(f"{prefix}ml:AutoThreshold", -1.0, timeout=5)
+        assert get("ml:AutoThreshold")["value"] == 0
+        # ml:Request posts every write, the same reason twice too: two requests
+        seen, lock = [], threading.Lock()
+
+        def on(value):
+            with lock:
+                seen.append(value["value"])
+
+        sub = ctx.monitor(f"{prefix}ml:Request", on)
+        try:
+            for _ in range(2):
+                ctx.put(f"{prefix}ml:Request", "again", timeout=5, wait=True)
+            deadline = time.monotonic() + 5
+            while seen.count("again") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert seen.count("again") == 2, seen
+        finally:
+            sub.close()
+    finally:
+        ctx.close()
+        proc.terminate()
+        proc.wait(10)
+        proc.stdin.close()

@@ -68,7 +68,7 @@ def _state(ctx: Context, p: str) -> str:
 
 def wait_for_policy(ctx: Context, p: str, trigger_before: str, wait_s: float) -> dict:
     """After a scan: did the policy start a retraining within ``wait_s``?  If so, wait for it
-    to end; returns trigger (None: none), state, seconds, version (edge:ModelVersion)."""
+    to end; returns trigger (None: none), state (Idle or Error), message and seconds."""
     t0 = time.perf_counter()
     deadline = time.monotonic() + wait_s
     started = False
@@ -78,7 +78,7 @@ def wait_for_policy(ctx: Context, p: str, trigger_before: str, wait_s: float) ->
             break
         time.sleep(0.25)
     if not started:
-        return {"trigger": None, "state": "Idle", "seconds": 0.0}
+        return {"trigger": None, "state": "Idle", "message": "", "seconds": 0.0}
     deadline = time.monotonic() + 1800
     while time.monotonic() < deadline:
         state = _state(ctx, p)

@@ -3,6 +3,7 @@ description) and alarm limits a client shows, and the severity each value gets."
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from p4p import Value
@@ -107,7 +108,7 @@ def scalars(cfg: EdgeConfig, mode: str = "ptycho") -> dict[str, Scalar]:
 
 
 class ScalarPVs:
-    """One SharedPV per scalar; ``post`` sets the value with its severity."""
+    """One SharedPV per scalar; ``post`` sets the value with its severity and time stamp."""
 
     def __init__(self, cfg: EdgeConfig, mode: str = "ptycho"):
         self.cfg = cfg
@@ -119,8 +120,11 @@ class ScalarPVs:
             self.pvs[name] = SharedPV(nt=nt, initial=scalar.initial(nt))
 
     def post(self, name: str, value) -> None:
+        """Post with its severity and the time now (p4p leaves the time stamp 0 unless
+        given; clients, archivers and the retraining policy read it)."""
         severity = self.meta[name].severity(value)
-        self.pvs[name].post(value, severity=severity, message="HIGH" if severity else "")
+        message = "HIGH" if severity else ""
+        self.pvs[name].post(value, severity=severity, message=message, timestamp=time.time())
 
     def set_mode(self, mode: str) -> None:
         """Units, limits and description of the consistency PVs as ``mode`` has them; their
@@ -129,4 +133,4 @@ class ScalarPVs:
             if scalar != self.meta[name]:
                 self.meta[name] = scalar
                 value = scalar.initial(self._nts[name], float("nan"))
-                self.pvs[name].post(value, severity=0, message="")
+                self.pvs[name].post(value, severity=0, message="", timestamp=time.time())

@@ -134,6 +134,18 @@ class RetrainPolicy:
         return None
 
 
+def quality_during(history, t_first: float, t_last: float, settle_s: float = 1.0) -> float | None:
+    """The edge's ``ScanConsistency`` of a scan: of ``history``, (time stamp, value) pairs
+    in posting order, the last finite value posted while the scan's frames came
+    (``t_first`` .. ``t_last``, the frames' time stamps) or up to ``settle_s`` after, when
+    the running mean holds the last frames; None if none was.  A value posted later may
+    already be the next scan's (the edge restarts the figure with each acquisition)."""
+    for stamp, value in reversed(history):
+        if t_first <= stamp <= t_last + settle_s and np.isfinite(value):
+            return float(value)
+    return None
+
+
 def _rows(positions: np.ndarray) -> np.ndarray:
     """(N, D) positions, the rows holding NaN/Inf left out."""
     p = np.asarray(positions, np.float64)
@@ -145,4 +157,4 @@ def _name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
-__all__ = ["NewScan", "RetrainPolicy", "Settings"]
+__all__ = ["NewScan", "RetrainPolicy", "Settings", "quality_during"]

@@ -6,6 +6,7 @@ labels for ptychography, BraggNN on pseudo-Voigt-fit labels for HEDM."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from edgeloop.registry import (
 from edgeloop.remote import tasks
 from edgeloop.remote.executors import lost_worker, make_executor, stoppable
 from edgeloop.remote.heartbeat import Heartbeat
-from edgeloop.remote.policy import RetrainPolicy, Settings
+from edgeloop.remote.policy import RetrainPolicy, Settings, quality_during
 from edgeloop.remote.quality import held_out_losses
 from edgeloop.remote.reference_monitor import ReferenceMonitor
 from edgeloop.remote.staging import code_version, stage
@@ -149,7 +150,8 @@ class RetrainService:
         self.policy = RetrainPolicy(cfg.policy)
         self._policy_lock = threading.Lock()
         self._settings = Settings.of(cfg.policy)  # the IOC's values once connected
-        self._edge_quality: float | None = None  # edge:ScanConsistency, latest
+        # edge:ScanConsistency as posted: (time stamp, value), newest last
+        self._edge_quality: collections.deque = collections.deque(maxlen=4000)
         self._known_scans: set[str] = set()
         self._request_fresh = True  # the first ml:Request value after connecting is old
         self.reference: ReferenceMonitor | None = None
@@ -677,14 +679,40 @@ class RetrainService:
 
     def _on_quality(self, value) -> None:
         if isinstance(value, Exception):
-            self._edge_quality = None
             return
-        q = float(value["value"])
-        self._edge_quality = q if math.isfinite(q) else None
+        stamp = value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9
+        self._edge_quality.append((stamp, float(value["value"])))
 
     def _positions(self, path: str) -> tuple[str, object]:
+        technique, positions, _ = self._scan_facts(path)
+        return technique, positions
+
+    def _scan_facts(self, path: str):
+        """(technique, positions, the frames' time stamps) of a scan."""
         scan = read_scan(path)
-        return scan["technique"], scan[POSITIONS[scan["technique"]][0]]
+        return scan["technique"], scan[POSITIONS[scan["technique"]][0]], scan["timestamps"]
+
+    def _scan_quality(self, path: str, stamps, newest: bool) -> float | None:
+        """The edge's figure for this scan, by the frames' time stamps; when none falls in
+        the scan (e.g. the detector's clock is not the edge's), the latest for the newest
+        scan, with a warning, and None for older ones."""
+        history = list(self._edge_quality)
+        if len(stamps):
+            settle = 2 * self.cfg.edge.stats_publish_s
+            quality = quality_during(history, float(stamps[0]), float(stamps[-1]), settle)
+            if quality is not None:
+                return quality
+        if not newest:
+            return None
+        latest = next((v for _, v in reversed(history) if math.isfinite(v)), None)
+        if latest is not None:
+            log.warning(
+                "policy: no edge:ScanConsistency posted during %s (clocks apart?): "
+                "taking the latest, %.4g",
+                path,
+                latest,
+            )
+        return latest
 
     def _note_trained(self, technique: str, scans: list[str]) -> None:
         """The policy's training set is what this retraining staged."""
@@ -735,11 +763,11 @@ class RetrainService:
         for path, technique in new:
             self._known_scans.add(path)
             try:
-                _, positions = self._positions(path)
+                _, positions, stamps = self._scan_facts(path)
             except (OSError, KeyError, ValueError) as exc:
                 log.warning("policy: skipping scan %s: %s", path, exc)
                 continue
-            quality = self._edge_quality if path == new[-1][0] else None
+            quality = self._scan_quality(path, stamps, newest=path == new[-1][0])
             with self._policy_lock:
                 scan = self.policy.observe(path, technique, positions, quality)
             log.info(

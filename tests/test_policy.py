@@ -81,3 +81,14 @@ def test_non_finite_positions_are_left_out():
     scan = policy.observe("n.h5", "ptychography", pos, quality=float("nan"))
     assert scan.unlike == 3
     assert policy.decide(on(threshold=0.0, min_new_frames=99), now=0) is None
+
+
+def test_the_scan_figure_is_the_one_posted_while_its_frames_came():
+    from edgeloop.remote.policy import quality_during
+
+    # posted every 0.5 s: scan A's frames 100-110 s, scan B's from 110.3 s (back to back)
+    history = [(99.5, 0.02), (100.5, 0.09), (105.0, 0.08), (110.2, 0.07), (110.7, 0.03)]
+    assert quality_during(history, 100.0, 110.0, settle_s=0.25) == 0.07  # not B's 0.03
+    assert quality_during(history, 110.3, 111.0, settle_s=1.0) == 0.03
+    assert quality_during(history, 200.0, 210.0) is None  # nothing posted then
+    assert quality_during([(100.5, float("nan"))], 100.0, 101.0) is None

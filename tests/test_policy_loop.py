@@ -80,6 +80,8 @@ def test_bad_model_raises_the_consistency_alarm_and_the_policy_retrains(loop, tm
     consistency = value(loop, "edge:ScanConsistency")
     assert consistency["value"] > loop.cfg.edge.consistency_warn_rad
     assert consistency["alarm.severity"] >= 1, consistency["alarm"]
+    # stamped when posted: the policy matches the figure to the scan by its frames' times
+    assert abs(consistency["timeStamp.secondsPastEpoch"] - time.time()) < 60
     time.sleep(3 * loop.cfg.policy.poll_s + 1)
     assert value(loop, "ml:Status")["value.index"] == 0  # Idle: nothing started
     assert value(loop, "ml:Trigger")["value"] == ""

@@ -1,8 +1,16 @@
-"""Inference backends and the model being served; validation before a model may serve."""
+"""Inference backends and the model being served; validation before a model may serve.
+
+Backends by name (edge.backend): ``torch`` (eager, CPU), ``onnxruntime`` (CPU), ``torch-cuda``
+(eager on an NVIDIA GPU, fp16 where tolerance.AUTO_PRECISION says), ``tensorrt``
+(tensorrt_backend.py).  Each takes any batch size and gives the same outputs as torch on the
+CPU within tolerance.TOLERANCES.  One that cannot run here raises BackendUnavailable when it
+is built, naming what is missing, so a model load fails with that reason and the model being
+served keeps serving.
+"""
 
 from __future__ import annotations
 
-import io
+import copy
 import logging
 import threading
 from dataclasses import dataclass
@@ -11,28 +19,60 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeloop.config import Config
+from edgeloop.edge_pva.backend_base import (
+    BRAGGNN_MAX_BATCH,
+    BackendOptions,
+    BackendUnavailable,
+    cuda_device,
+    gpu_missing,
+    kind_of,
+)
+from edgeloop.edge_pva.onnx_export import INPUT, export_onnx
+from edgeloop.edge_pva.tensorrt_backend import TensorRTBackend
+from edgeloop.edge_pva.tolerance import resolve_precision
 from edgeloop.models import ModelKind
 from edgeloop.optional import require
 
 log = logging.getLogger(__name__)
 
+__all__ = [  # what the edge, the apps and the benchmarks take from here
+    "BACKENDS",
+    "BackendOptions",
+    "BackendUnavailable",
+    "ModelRejected",
+    "ModelSlot",
+    "ServedModel",
+    "backend_options",
+    "check_backend",
+    "make_backend",
+    "probe_inputs",
+    "unavailable_reason",
+    "validate",
+]
+
 
 class TorchBackend:
-    """Eager torch on CPU (or the first CUDA device when present).  Takes any batch size;
-    its CPU threads are process-wide (``torch.set_num_threads``, set from edge.threads)."""
+    """Eager torch on the CPU, always (a GPU is the torch-cuda backend's).  Takes any batch
+    size; its CPU threads are process-wide (``torch.set_num_threads``, set from
+    edge.threads)."""
 
     name = "torch"
 
     def __init__(
-        self, model: nn.Module, input_size: int | None = None, threads: int | None = None
+        self,
+        model: nn.Module,
+        input_size: int | None = None,
+        threads: int | None = None,
+        options: BackendOptions | None = None,
     ):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cpu")
         self.model = model.to(self.device).eval()
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(batch).to(self.device))
-        return tuple(o.float().cpu().numpy() for o in out)
+            out = self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
+        return tuple(o.float().numpy() for o in out)
 
 
 class OnnxBackend:
@@ -41,47 +81,115 @@ class OnnxBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model: nn.Module, input_size: int, threads: int = 1):
-        require("onnx", "onnx")  # torch.onnx.export needs it
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size: int,
+        threads: int = 1,
+        options: BackendOptions | None = None,
+    ):
+        check_backend(self.name)
         ort = require("onnxruntime", "onnx")
-
-        buf = io.BytesIO()
-        example = torch.zeros(2, 1, input_size, input_size)
-        with torch.no_grad():
-            n_out = len(model.eval()(example))
-        torch.onnx.export(
-            model,
-            (example,),
-            buf,
-            input_names=["x"],
-            output_names=[f"y{i}" for i in range(n_out)],
-            dynamic_axes={"x": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = threads
+        session_options.inter_op_num_threads = 1
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
-            buf.getvalue(), options, providers=["CPUExecutionProvider"]
+            export_onnx(model, input_size), session_options, providers=["CPUExecutionProvider"]
         )
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(self.session.run(None, {"x": np.ascontiguousarray(batch, np.float32)}))
+        return tuple(self.session.run(None, {INPUT: np.ascontiguousarray(batch, np.float32)}))
 
 
-BACKENDS = {"torch": TorchBackend, "onnxruntime": OnnxBackend}
+class TorchCudaBackend:
+    """Eager torch on the first CUDA device, in fp16 or fp32 (edge.precision; "auto": the
+    model kind's, tolerance.AUTO_PRECISION).  fp32 is IEEE fp32: TF32 convolutions are
+    turned off for the process.  Inputs and outputs stay float32 on the host."""
+
+    name = "torch-cuda"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size: int,
+        threads: int = 1,
+        options: BackendOptions | None = None,
+    ):
+        options = options or BackendOptions()
+        self.device = cuda_device(self.name)
+        self.precision = resolve_precision(options.precision, kind_of(model, options.kind))
+        self.dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        if self.precision == "fp32":
+            torch.backends.cudnn.allow_tf32 = False
+        # a copy: the caller's network stays on the CPU in fp32
+        self.model = copy.deepcopy(model).to(self.device, self.dtype).eval()
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        with torch.inference_mode(), torch.cuda.device(self.device):
+            x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
+            out = self.model(x.to(self.dtype))
+            return tuple(o.float().cpu().numpy() for o in out)
 
 
-def make_backend(name: str, model: nn.Module, input_size: int, threads: int = 1):
+BACKENDS = {
+    "torch": TorchBackend,
+    "onnxruntime": OnnxBackend,
+    "torch-cuda": TorchCudaBackend,
+    "tensorrt": TensorRTBackend,
+}
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this host (every missing thing), or None."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown inference backend {name!r}; known: {sorted(BACKENDS)}")
+    if name == "onnxruntime":
+        for module in ("onnx", "onnxruntime"):
+            try:
+                require(module, "onnx")
+            except ImportError as exc:
+                return f"edge.backend 'onnxruntime' cannot run here: {exc}"
+    if name in ("torch-cuda", "tensorrt"):
+        return gpu_missing(name, tensorrt=name == "tensorrt")
+    return None
+
+
+def check_backend(name: str) -> None:
+    """Raise BackendUnavailable (with the reason) if backend ``name`` cannot run here: what
+    an edge checks before it loads any model."""
+    reason = unavailable_reason(name)
+    if reason:
+        raise BackendUnavailable(reason)
+
+
+def backend_options(cfg: Config, kind: str, version: int) -> BackendOptions:
+    """The options a backend for ``kind``'s registry ``version`` is built with on an edge
+    configured by ``cfg``."""
+    return BackendOptions(
+        kind=kind,
+        version=version,
+        precision=cfg.edge.precision,
+        max_batch=cfg.edge.max_batch if kind == "ptychonn" else BRAGGNN_MAX_BATCH,
+        engine_cache=cfg.engine_cache_path,
+    )
+
+
+def make_backend(
+    name: str,
+    model: nn.Module,
+    input_size: int,
+    threads: int = 1,
+    options: BackendOptions | None = None,
+):
+    """Backend ``name`` for ``model``; BackendUnavailable where it cannot run here."""
     try:
         backend = BACKENDS[name]
     except KeyError:
         raise ValueError(
             f"unknown inference backend {name!r}; known: {sorted(BACKENDS)}"
         ) from None
-    return backend(model, input_size, threads)
+    return backend(model, input_size, threads, options)
 
 
 class ModelRejected(RuntimeError):

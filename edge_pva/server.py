@@ -44,6 +44,8 @@ from edgeloop.edge_pva.inference import (
     ModelRejected,
     ModelSlot,
     ServedModel,
+    backend_options,
+    check_backend,
     make_backend,
     probe_inputs,
     validate,
@@ -84,16 +86,31 @@ class _LoadModelHandler:
 
 
 class EdgeServer:
-    def __init__(self, cfg: Config, input_pv: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        input_pv: str | None = None,
+        *,
+        pv_prefix: str | None = None,
+        monitor_request=None,
+        extra_pvs: dict | None = None,
+    ):
+        """``pv_prefix``: of the served PVs (default ``{prefix}edge:``); ``monitor_request``:
+        of the input (str or p4p Value; default MONITOR_REQUEST); ``extra_pvs``: more
+        SharedPVs served under ``pv_prefix`` (an edge worker's, edge_pva/workers.py)."""
         self.cfg = cfg
         self.prefix = cfg.prefix
         self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
+        self.pv_prefix = pv_prefix or f"{cfg.prefix}edge:"
+        self.monitor_request = MONITOR_REQUEST if monitor_request is None else monitor_request
+        self.extra_pvs = dict(extra_pvs or {})
         self.registry = Registry(cfg.registry_path)
         torch.set_num_threads(cfg.edge.threads)
         self.queue = FrameQueue(cfg.edge.queue_size)
         self.frame_ids = FrameIds()
         # recent inputs of each kind: the probe batch a candidate model must pass
         self._recent = {k: collections.deque(maxlen=4) for k in MODE_KIND.values()}
+        check_backend(cfg.edge.backend)  # one clear error before any model loads
         self.slots = {k: ModelSlot(self._initial_model(k)) for k in MODE_KIND.values()}
         self.mode = cfg.mode  # of the last frame handled
         self.phase_map = PhaseMap(
@@ -140,7 +157,16 @@ class EdgeServer:
     def _serve(self, version: int, kind: str, model) -> ServedModel:
         size, edge = self.cfg.input_size(kind), self.cfg.edge
         return ServedModel(
-            version, model_kind(kind), size, make_backend(edge.backend, model, size, edge.threads)
+            version,
+            model_kind(kind),
+            size,
+            make_backend(
+                edge.backend,
+                model,
+                size,
+                edge.threads,
+                backend_options(self.cfg, kind, version),
+            ),
         )
 
     def _validate(self, served: ServedModel) -> None:
@@ -567,20 +593,21 @@ class EdgeServer:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> EdgeServer:
-        names = {f"{self.prefix}edge:{k}": pv for k, pv in self._pvs.items()}
+        pvs = {**self._pvs, **self.extra_pvs}
+        names = {f"{self.pv_prefix}{k}": pv for k, pv in pvs.items()}
         self._server = Server(providers=[names])
         for target in (self._infer_loop, self._stats_loop, self._loader_loop):
             self.supervisor.start(target)
         self._ctx = Context("pva", nt=False)
         self._sub = self._ctx.monitor(
-            self.input_pv, self._on_frame, request=MONITOR_REQUEST, notify_disconnect=True
+            self.input_pv, self._on_frame, request=self.monitor_request, notify_disconnect=True
         )
         self._pvs["Message"].post(
             f"serving model v{self.slot.get().version}; input {self.input_pv}"
         )
         log.info(
-            "edge server %sedge:* up; input %s; model v%d",
-            self.prefix,
+            "edge server %s* up; input %s; model v%d",
+            self.pv_prefix,
             self.input_pv,
             self.slot.get().version,
         )

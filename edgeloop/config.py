@@ -129,6 +129,10 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+Backend = Literal["torch", "onnxruntime", "torch-cuda", "tensorrt"]
+Precision = Literal["auto", "fp16", "fp32"]
+
+
 @dataclass(config=SECTION)
 class ModelConfig:
     """The networks served at the edge and trained by remote/."""
@@ -145,7 +149,15 @@ class ModelConfig:
 class EdgeConfig:
     queue_size: Count = 256
     max_batch: Count = 16
-    backend: str = "torch"  # a name in edge_pva.inference.BACKENDS
+    # inference backend (edge_pva/inference.py BACKENDS; README "Inference backends"): torch
+    # and onnxruntime run on the CPU; torch-cuda and tensorrt need an NVIDIA GPU
+    backend: Backend = "torch"
+    # torch-cuda / tensorrt arithmetic; "auto": each model kind's (PtychoNN fp16, BraggNN
+    # fp32); the CPU backends always compute in fp32
+    precision: Precision = "auto"
+    # tensorrt: built engines (and their ONNX graphs), one per model version and GPU;
+    # "": <registry_dir>/engines
+    engine_cache: str = ""
     threads: Count = 1
     # phase-map canvas, object pixels; same geometry as SimConfig
     map_size: Annotated[int, Field(ge=16)] = 640
@@ -324,6 +336,13 @@ class Config:
     @property
     def registry_path(self) -> Path:
         return Path(self.registry_dir).expanduser()
+
+    @property
+    def engine_cache_path(self) -> Path:
+        """Where the tensorrt backend keeps its engines (edge.engine_cache)."""
+        if self.edge.engine_cache:
+            return Path(self.edge.engine_cache).expanduser()
+        return self.registry_path / "engines"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,10 +4,6 @@ frames of every pixel type, and compressed chunks straight out of HDF5 files wri
 hdf5plugin (``-hcm``: the chunks keep the HDF5 filter header).  Each frame is answered once,
 and the answer to a compressed frame equals the answer to the same frame uncompressed."""
 
-import contextlib
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import Collector, random_prefix
 from p4p.client.thread import Context
+from pvapy_sources import Witness, ad_sim_server
 
 from edgeloop.config import Config
 from edgeloop.edge_pva.frame_ids import FrameIds
@@ -24,61 +21,7 @@ from edgeloop.edge_pva.server import EdgeServer
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
 
-AD_SIM = str(Path(sys.executable).with_name("pvapy-ad-sim-server"))
 PIXEL_TYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "float32", "float64")
-
-
-@contextlib.contextmanager
-def ad_sim_server(channel: str, *args: str, fps: int = 50, runtime: float = 2.0):
-    """pvapy-ad-sim-server on loopback, stopped by PID; yields once its channel answers,
-    while the 5 s start delay still holds the frames back, so clients made then see all."""
-    cmd = [AD_SIM, "-cn", channel, "-fps", str(fps), "-rt", str(runtime), "-std", "5"]
-    proc = subprocess.Popen(
-        [*cmd, "-shd", "0.5", "-dc", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        with Context("pva", nt=False) as ctx:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    first = ctx.get(channel, request="field(uniqueId)", timeout=0.5)
-                    break
-                except TimeoutError:
-                    assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        assert first["uniqueId"] == 0, "frames started before the test's clients connected"
-        yield proc
-        out, _ = proc.communicate(timeout=runtime + 30)
-        assert proc.returncode == 0, out
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-
-
-class Witness:
-    """A plain p4p monitor on the source: the frames it sent, each (uniqueId, timeStamp)."""
-
-    def __init__(self, ctx: Context, pv: str):
-        self.frames: list[tuple[int, tuple]] = []
-        self.sub = ctx.monitor(pv, self._on, request="field(uniqueId,timeStamp)")
-
-    def _on(self, value):
-        if not isinstance(value, Exception) and value["uniqueId"]:
-            ts = value["timeStamp"]
-            self.frames.append((value["uniqueId"], (ts["secondsPastEpoch"], ts["nanoseconds"])))
-
-    def close(self):
-        self.sub.close()
 
 
 @pytest.fixture

@@ -2,7 +2,14 @@
 
 BraggNN is trained here as the loop would train it: on patches labelled by the pseudo-Voigt
 fit (the conventional analysis), never on the simulator's truth. Both are then scored against
-the truth on a fresh set, and timed per peak on this machine.
+the truth on a fresh set, and timed per peak on this machine, one CPU thread each.
+
+The target (issue 14): BraggNN at least ``SPEEDUP_TARGET`` times faster per peak than the
+fit, with a mean error at most ``ERROR_RATIO_TARGET`` times the fit's.  The published width
+(64) is too slow for it on one CPU core; a narrow BraggNN trained for longer meets both
+(README, "edgeloop hedm-accuracy": ``--width 16 --epochs 60``).  The trained network is
+passed through the registry's model file and the edge's validation, as a served one would
+be, so the figures are those of a model the edge accepts.
 """
 
 from __future__ import annotations
@@ -17,14 +24,20 @@ import numpy as np
 import torch
 
 from edgeloop.config import Config
-from edgeloop.edge_pva.inference import BACKENDS, ServedModel, make_backend
+from edgeloop.edge_pva.inference import BACKENDS, ServedModel, make_backend, probe_inputs, validate
 from edgeloop.ioc.hedm import make_patch_dataset
-from edgeloop.models import BraggNN, braggnn_preprocess
+from edgeloop.models import BraggNN, braggnn_preprocess, count_parameters
 from edgeloop.models import kind as model_kind
+from edgeloop.registry import model_from_bytes, model_to_bytes
 from edgeloop.remote.peakfit import fit_patches
 from edgeloop.remote.training import centre_loss, train
 
 log = logging.getLogger(__name__)
+
+SPEEDUP_TARGET = 100.0  # BraggNN at least this many times faster per peak than the fit
+ERROR_RATIO_TARGET = 1.5  # with a mean error at most this many times the fit's
+CPU_BACKENDS = ("torch", "onnxruntime")  # the target is per CPU thread
+BATCH = 64  # peaks per inference call (the peaks of a few frames); 16-256 measured, 64 best
 
 
 def _errors(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -69,7 +82,7 @@ def frame_errors(
     return nearest, int((nearest < found_px).sum()), int(scored.sum())
 
 
-def braggnn_predict(infer, patches: np.ndarray, batch: int = 64) -> tuple[np.ndarray, float]:
+def braggnn_predict(infer, patches: np.ndarray, batch: int = BATCH) -> tuple[np.ndarray, float]:
     """Centres (x, y) in patch pixels and the seconds it took (preprocessing included);
     ``infer`` is a served model's ``infer`` (preprocessing + backend)."""
     size = patches.shape[-1]
@@ -81,6 +94,27 @@ def braggnn_predict(infer, patches: np.ndarray, batch: int = 64) -> tuple[np.nda
     return np.concatenate(out), time.perf_counter() - t0
 
 
+def as_served(model: BraggNN, patch: int, width: int, cfg: Config) -> BraggNN:
+    """The network as an edge would load it: through the registry's model file (architecture
+    checked against ``cfg.security``) and the edge's probe validation; ModelFileError or
+    ModelRejected if the edge would refuse it."""
+    arch = {"patch": patch, "width": width}
+    served, _ = model_from_bytes(model_to_bytes("braggnn", arch, model), cfg.security)
+    probe = ServedModel(0, model_kind("braggnn"), patch, make_backend("torch", served, patch))
+    validate(probe, probe_inputs("braggnn", patch, []))
+    return served.eval()
+
+
+def targets(speedup: float, error_ratio: float) -> dict:
+    return {
+        "speedup_min": SPEEDUP_TARGET,
+        "error_ratio_max": ERROR_RATIO_TARGET,
+        "speedup_met": bool(speedup >= SPEEDUP_TARGET),
+        "error_ratio_met": bool(error_ratio <= ERROR_RATIO_TARGET),
+        "met": bool(speedup >= SPEEDUP_TARGET and error_ratio <= ERROR_RATIO_TARGET),
+    }
+
+
 def run(
     out: str | Path,
     n_train: int = 20000,
@@ -89,12 +123,18 @@ def run(
     patch: int = 11,
     threads: int = 1,
     width: int | None = None,
+    cfg: Config | None = None,
 ) -> dict:
     """Train on fit labels, score and time on fresh peaks.  Both sides get ``threads`` CPU
-    threads (the fit is single-threaded; 1 keeps the per-peak comparison per core)."""
+    threads (the fit is single-threaded; its BLAS calls are too small to thread, measured
+    the same with OpenBLAS held to one thread; 1 keeps the per-peak comparison per core).
+    ``width``: BraggNN's channels (default ``cfg.model.braggnn_width``); narrow networks need
+    more ``epochs`` (width 16: 60)."""
+    cfg = cfg or Config()
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
     train_patches, _ = make_patch_dataset(n_train, patch, seed=101)
     t0 = time.perf_counter()
     labels, ok = fit_patches(train_patches)
@@ -104,32 +144,35 @@ def run(
     )
     inputs = braggnn_preprocess(train_patches[ok], patch)
     torch.manual_seed(0)
-    cfg = dataclasses.replace(Config().train_hedm, epochs=epochs, threads=threads)
+    train_cfg = dataclasses.replace(cfg.train_hedm, epochs=epochs, threads=threads)
     t0 = time.perf_counter()
-    width = width or Config().model.braggnn_width
+    width = width or cfg.model.braggnn_width
     model, val_loss, _ = train(
-        BraggNN(patch, width), inputs, (labels[ok] / patch,), centre_loss, cfg
+        BraggNN(patch, width), inputs, (labels[ok] / patch,), centre_loss, train_cfg
     )
     train_s = time.perf_counter() - t0
+    model = as_served(model, patch, width, cfg)
 
     test_patches, truth = make_patch_dataset(n_test, patch, seed=202)
     timings, preds = {}, {}
-    for name in BACKENDS:  # same weights, each installed backend timed in this run
+    for name in BACKENDS:  # same weights, each backend that runs here timed in this run
         try:
             backend = make_backend(name, model, patch, threads)
-        except ImportError as exc:
-            log.warning("backend %s left out: %s", name, exc)
+        except ImportError as exc:  # BackendUnavailable too (no GPU, a package missing)
+            log.info("backend %s left out: %s", name, exc)
             continue
         served = ServedModel(0, model_kind("braggnn"), patch, backend)
-        braggnn_predict(served.infer, test_patches[:64])  # warm-up
+        braggnn_predict(served.infer, test_patches)  # warm-up: every batch shape once
         preds[name], timings[name] = braggnn_predict(served.infer, test_patches)
-    fastest = min(timings, key=timings.get)
+    fastest = min((k for k in timings if k in CPU_BACKENDS), key=timings.get)
     pred, nn_s = preds[fastest], timings[fastest]
     t0 = time.perf_counter()
     fitted, fit_ok = fit_patches(test_patches)
     fit_s = time.perf_counter() - t0
     nn_err = _errors(pred[fit_ok], truth[fit_ok])  # both scored on the same peaks
     fit_err = _errors(fitted[fit_ok], truth[fit_ok])
+    speedup = fit_s / nn_s
+    error_ratio = float(nn_err.mean() / fit_err.mean())
     report = {
         "n_peaks": int(n_test),
         "n_fit_ok": int(fit_ok.sum()),
@@ -144,31 +187,40 @@ def run(
         "braggnn_backend": fastest,
         "braggnn_us_per_peak_by_backend": {k: v / n_test * 1e6 for k, v in timings.items()},
         "fit_us_per_peak": fit_s / n_test * 1e6,
-        "speedup": fit_s / nn_s,
-        "error_ratio": float(nn_err.mean() / fit_err.mean()),
+        "speedup": speedup,
+        "speedup_by_backend": {k: fit_s / v for k, v in timings.items()},
+        "error_ratio": error_ratio,
+        "targets": targets(speedup, error_ratio),
+        "edge_accepts": True,  # as_served raised otherwise
         "val_loss": val_loss,
         "threads": threads,
-        "batch": 64,
+        "batch": BATCH,
+        "patch": patch,
         "width": width,
+        "parameters": count_parameters(model),
         "label_s": label_s,
         "train_s": train_s,
         "epochs": epochs,
+        "wall_s": time.perf_counter() - t_start,
     }
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
     backends = ", ".join(
         f"{k} {v:.0f} us" for k, v in report["braggnn_us_per_peak_by_backend"].items()
     )
+    met = report["targets"]
     print(
         f"BraggNN vs pseudo-Voigt fit on {n_test} fresh simulated peaks "
-        f"({threads} CPU thread(s) each; BraggNN width {width} trained on "
-        f"{report['n_train']} fit labels)\n"
+        f"({threads} CPU thread(s) each; BraggNN width {width}, {report['parameters']:,} "
+        f"parameters, trained on {report['n_train']} fit labels for {epochs} epochs)\n"
         f"  centre error mean/p50/p95 px  BraggNN {report['braggnn_error_px_mean']:.3f} / "
         f"{report['braggnn_error_px_p50']:.3f} / {report['braggnn_error_px_p95']:.3f}   "
         f"fit {report['fit_error_px_mean']:.3f} / {report['fit_error_px_p50']:.3f} / "
-        f"{report['fit_error_px_p95']:.3f}   (ratio {report['error_ratio']:.2f})\n"
+        f"{report['fit_error_px_p95']:.3f}   (ratio {error_ratio:.2f})\n"
         f"  time per peak                 BraggNN {report['braggnn_us_per_peak']:.1f} us "
-        f"({backends})   fit {report['fit_us_per_peak']:.0f} us   "
-        f"({report['speedup']:.0f}x)\n"
+        f"({backends})   fit {report['fit_us_per_peak']:.0f} us   ({speedup:.0f}x)\n"
+        f"  target >= {SPEEDUP_TARGET:.0f}x at <= {ERROR_RATIO_TARGET}x the fit's error: "
+        f"speed {'met' if met['speedup_met'] else 'NOT met'}, "
+        f"error {'met' if met['error_ratio_met'] else 'NOT met'}\n"
         f"  written {out / 'accuracy.json'}",
         flush=True,
     )

@@ -13,12 +13,22 @@ from p4p.client.thread import Context
 
 from edgeloop.config import LOOPBACK_ENV, search_hint
 
+CLI = [sys.executable, "-u", "-m", "edgeloop.app.cli"]
+
 
 class ManagedProcess:
-    """``python -m edgeloop.app.cli <args>`` in its own process group; output to a log file;
-    stopped by PID (SIGINT, then SIGTERM, then SIGKILL), then what is left of its group."""
+    """``python -m edgeloop.app.cli <args>`` (or ``program <args>``) in its own process
+    group; output to a log file; stopped by PID (SIGINT, then SIGTERM, then SIGKILL), then
+    what is left of its group."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path, env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_path: Path,
+        env: dict | None = None,
+        program: list[str] | None = None,
+    ):
         self.name = name
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +37,7 @@ class ManagedProcess:
         full_env.update(env or {})
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "edgeloop.app.cli", *args],
+            [*(program or CLI), *args],
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=subprocess.STDOUT,

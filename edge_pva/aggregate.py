@@ -1,0 +1,459 @@
+"""The one set of ``{prefix}edge:*`` PVs of an edge that runs as N workers.
+
+The workers (edge_pva/workers.py) share the detector stream through the source's data
+distributor and each serves ``{prefix}edge:wK:*``.  The aggregate republishes their answers:
+
+- edge:Phase, :Amplitude, :Peaks: each answer as the worker posted it, each (uniqueId,
+  timeStamp) once, from the first worker that answered it; a later answer to the same frame
+  by another worker (a source without the distributor sends every frame to every worker) is
+  counted in Repeats, and said once in Message.
+- edge:PhaseMap: one map stitched from the Phase frames at their SampleX/SampleY
+  attributes; edge:Consistency/ScanConsistency (ptychography) from that map's overlap
+  disagreement and each frame's ConsistencyData attribute, as one edge computes them; HEDM:
+  the workers' figures, weighted by the frames each answered.
+- FramesIn, FramesOut, Dropped, BadFrames, InFlight, Repeats, Restarts: the workers' sums
+  (read from one poll of each worker, across worker restarts), less the copies, so
+  FramesIn = FramesOut + Dropped + BadFrames + InFlight still holds; MissedFrames from a
+  witness monitor of the source (uniqueId and timeStamp only); FrameRate counted here;
+  LatencyMs the slowest worker's; DroppedRate the sum; ModelVersion the oldest serving.
+- Message: the aggregate's own, and each worker's prefixed with its name.
+- edge:LoadModel: written to every worker; the put completes when all swapped, or fails
+  naming the workers that refused and why.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import numbers
+import queue
+import threading
+import time
+from functools import partial
+
+import numpy as np
+from p4p import Value
+from p4p.client.thread import Context, Disconnected
+from p4p.nt import NTScalar
+from p4p.server import Server
+from p4p.server.thread import SharedPV
+
+from edgeloop import ntnd
+from edgeloop.config import MODES, Config
+from edgeloop.edge_pva.access import WriteAccess
+from edgeloop.edge_pva.frame_ids import FrameIds
+from edgeloop.edge_pva.hedm import NO_PEAKS, peak_table
+from edgeloop.edge_pva.quality import combine
+from edgeloop.edge_pva.scalars import ScalarPVs
+from edgeloop.edge_pva.stitch import PhaseMap, ScanConsistency
+from edgeloop.edge_pva.workers import POLLED, WorkerCounts, group_name, worker_pv_prefix
+
+log = logging.getLogger(__name__)
+
+ANSWERS = {"Phase": "ptycho", "Amplitude": "ptycho", "Peaks": "hedm"}
+PRIMARY = ("Phase", "Peaks")  # one per answered frame
+# the workers' answers: pipelined, so a burst is not squashed
+ANSWER_REQUEST = "field()record[pipeline=true,queueSize=256]"
+WITNESS_REQUEST = "field(uniqueId,timeStamp)record[queueSize=256]"
+OWNERS_KEPT = 16384  # frames remembered (which worker answered them)
+
+
+class _LoadModelFanOut:
+    """edge:LoadModel: the same checks as a single edge's, then queued for the loader."""
+
+    def __init__(self, requests: queue.Queue, access: WriteAccess):
+        self.requests, self.access = requests, access
+
+    def put(self, pv, op):
+        refusal = self.access.refusal(op)
+        if refusal is not None:
+            op.done(error=refusal)
+            return
+        try:
+            version = int(op.value())
+        except (TypeError, ValueError):
+            op.done(error="write a model version number (integer >= 1)")
+            return
+        if version < 1:
+            op.done(error=f"model version must be >= 1, got {version}")
+            return
+        self.requests.put((version, op))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _stamp(value) -> tuple[int, int]:
+    ts = value["timeStamp"]
+    return int(ts["secondsPastEpoch"]), int(ts["nanoseconds"])
+
+
+class EdgeAggregate:
+    def __init__(
+        self,
+        cfg: Config,
+        workers: int,
+        input_pv: str | None = None,
+        plugin: str = "distributor",
+        load_timeout_s: float = 120.0,
+    ):
+        self.cfg, self.n = cfg, workers
+        self.prefix = cfg.prefix
+        self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
+        self.plugin = plugin
+        self.load_timeout_s = load_timeout_s
+        self.workers = {k: worker_pv_prefix(cfg.prefix, k) for k in range(1, workers + 1)}
+        self._lock = threading.Lock()
+        self._owners: collections.OrderedDict = collections.OrderedDict()  # frame -> worker
+        self.source = FrameIds()  # the witness's: what the source skipped
+        # of the frames answered: the highest uniqueId and time stamp of this acquisition,
+        # and the last time stamp of the previous ones
+        self._newest: tuple[int, tuple[int, int]] | None = None
+        self._boundary: tuple[int, int] | None = None
+        self.duplicates = 0
+        self._said_copies = False
+        self.counts = WorkerCounts()
+        self._polled: dict[int, dict] = {}
+        self._poll_lock = threading.Lock()
+        self._away: dict[int, float] = {}  # worker -> since when it has not answered
+        self._started = time.monotonic()
+        self.startup_grace_s = 120.0  # a worker starting (torch, model) is not missing yet
+        self.answered_by: collections.Counter = collections.Counter()  # worker -> frames
+        self.mode = cfg.mode
+        self.phase_map = PhaseMap(
+            cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um, cfg.edge.stitch_sigma_px
+        )
+        self.consistency = ScanConsistency()  # ptychography, from the stitched map
+        self._map_dirty = False
+        self._out_times: collections.deque = collections.deque(maxlen=20000)
+        self._fresh: set = set()  # subscriptions whose next update is the value on connect
+        self._load_requests: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._scalars = ScalarPVs(cfg.edge, self.mode)
+        self._pvs = self._make_pvs(cfg)
+        self._types = {kind: self._pvs[kind].current().type() for kind in ANSWERS}
+        self._server = None
+        self._ctx = None
+        self._subs: list = []
+        self._threads: list[threading.Thread] = []
+
+    def _make_pvs(self, cfg: Config) -> dict[str, SharedPV]:
+        def image(size):
+            return SharedPV(initial=ntnd.build(np.zeros((size, size), np.float32), 0))
+
+        pvs = {
+            "Phase": image(cfg.model.input_size),
+            "Amplitude": image(cfg.model.input_size),
+            "PhaseMap": image(cfg.edge.map_size),
+            "Peaks": SharedPV(initial=peak_table(0, NO_PEAKS)),
+            "Mode": SharedPV(nt=NTScalar("s"), initial=self.mode),
+            "Message": SharedPV(nt=NTScalar("s"), initial="starting"),
+            "LoadModel": SharedPV(
+                nt=NTScalar("l"),
+                initial=0,
+                handler=_LoadModelFanOut(self._load_requests, WriteAccess(cfg.security)),
+            ),
+        }
+        pvs.update(self._scalars.pvs)
+        return pvs
+
+    def message(self, text: str, severity: int = 0) -> None:
+        {0: log.info, 1: log.warning}.get(severity, log.error)(text)
+        self._pvs["Message"].post(text[:500], severity=severity)
+
+    # ---- answers -------------------------------------------------------------------------
+    def _subscribe(self, name: str, callback, request: str) -> None:
+        key = len(self._subs)
+        self._fresh.add(key)
+        self._subs.append(
+            self._ctx.monitor(
+                name,
+                lambda value: self._on_update(key, callback, value),
+                request=request,
+                notify_disconnect=True,
+            )
+        )
+
+    def _on_update(self, key: int, callback, value) -> None:
+        """The update a monitor gets on (re)connecting is the PV's value then, not news."""
+        if isinstance(value, Exception):
+            if isinstance(value, Disconnected):
+                self._fresh.add(key)
+            return
+        if key in self._fresh:
+            self._fresh.discard(key)
+            return
+        try:
+            callback(value)
+        except Exception:
+            log.exception("aggregate: update not handled")
+
+    def _on_answer(self, k: int, kind: str, value) -> None:
+        uid = int(value["timeStamp.userTag"] if kind == "Peaks" else value["uniqueId"])
+        if uid == 0:
+            return
+        stamp = _stamp(value)
+        frame = (uid, stamp)
+        with self._lock:
+            owner = self._owners.get(frame)
+            if owner is None:
+                self._owners[frame] = owner = k
+                while len(self._owners) > OWNERS_KEPT:
+                    self._owners.popitem(last=False)
+                current = self._new_frame(uid, stamp)
+            else:
+                current = self._boundary is None or stamp > self._boundary
+            if owner != k:
+                if kind in PRIMARY:
+                    self.duplicates += 1
+                    self._copies_seen()
+                return
+            if kind in PRIMARY:
+                self.answered_by[k] += 1
+        if kind == "Phase":
+            self._stitch(value, current)
+        elif kind == "Peaks":
+            self._scalars.post("PeakCount", len(value["value.x"]))
+        # a copy in the served PV's own type (a server posts only the type it opened with)
+        self._pvs[kind].post(Value(self._types[kind], value))
+        if kind in PRIMARY:
+            self._out_times.append(time.time())
+            self._set_mode(ANSWERS[kind])
+
+    def _new_frame(self, uid: int, stamp: tuple[int, int]) -> bool:
+        """A frame answered for the first time (under the lock): whether it belongs to the
+        current acquisition.  The workers answer out of order, but within an acquisition a
+        lower uniqueId has an earlier time stamp: one that is not higher than the highest yet
+        with a later time stamp starts a new acquisition (the map starts again), and an
+        answer stamped before that one's start is a late one of the previous acquisition
+        (served, not stitched)."""
+        if self._boundary is not None and stamp <= self._boundary:
+            return False
+        if self._newest is None:
+            self._newest = (uid, stamp)
+            return True
+        newest_uid, newest_stamp = self._newest
+        if uid <= newest_uid and stamp > newest_stamp:
+            self._boundary = newest_stamp
+            self._newest = (uid, stamp)
+            self.phase_map.reset()
+            self.consistency.reset()
+            self._map_dirty = True
+            return True
+        self._newest = (max(uid, newest_uid), max(stamp, newest_stamp))
+        return True
+
+    def _copies_seen(self) -> None:
+        if self._said_copies or self.duplicates <= 2 * self.n:  # a worker that (re)connects
+            return  # mid-stream answers the frame the source holds again: expected
+        self._said_copies = True
+        self.message(
+            f"{self.input_pv} does not distribute frames between the {self.n} workers "
+            f"(no '{self.plugin}' plugin: not a pvDatabase server, or too old): every worker "
+            "gets every frame; each is answered once here and the copies counted in Repeats, "
+            "so the workers add no throughput (run the edge with --workers 1)",
+            severity=1,
+        )
+
+    def _stitch(self, value, current: bool) -> None:
+        try:
+            frame = ntnd.decode(value)
+        except ntnd.FrameError as exc:
+            log.warning("aggregate: Phase uniqueId %s not decoded: %s", value["uniqueId"], exc)
+            return
+        attrs = frame.attributes
+        xy = attrs.get("SampleX"), attrs.get("SampleY")
+        placed = current and all(_finite(v) for v in xy)
+        with self._lock:
+            overlap = None
+            if placed and frame.data.shape == (self.phase_map.patch,) * 2:
+                overlap = self.phase_map.disagreement(frame.data, *xy)
+                self._map_dirty |= self.phase_map.add(frame.data, *xy)
+            figure = combine(overlap, attrs.get("ConsistencyData")) if placed else None
+            if figure is None:
+                figure = attrs.get("Consistency")
+            if current and _finite(figure):
+                self.consistency.add(figure)
+
+    def _set_mode(self, mode: str) -> None:
+        if mode == self.mode or mode not in MODES:
+            return
+        self.mode = mode
+        with self._lock:
+            self.consistency.reset()
+            self._scalars.set_mode(mode)
+        self._pvs["Mode"].post(mode)
+
+    def _on_message(self, k: int, value) -> None:
+        self._pvs["Message"].post(
+            f"w{k}: {value['value']}"[:500], severity=int(value["alarm.severity"])
+        )
+
+    def _on_source(self, value) -> None:
+        uid = int(value["uniqueId"])
+        if uid:
+            self.source.arrival(uid, _stamp(value))
+
+    # ---- statistics ----------------------------------------------------------------------
+    def _poll(self) -> None:
+        """Each worker's counters and state, from one read of each."""
+        with self._poll_lock:
+            self._poll_workers()
+
+    def _poll_workers(self) -> None:
+        names = [p + n for p in self.workers.values() for n in POLLED]
+        values = self._ctx.get(names, timeout=2.0, throw=False)
+        now = time.monotonic()
+        for i, (k, prefix) in enumerate(self.workers.items()):
+            got = values[i * len(POLLED) : (i + 1) * len(POLLED)]
+            if any(isinstance(v, Exception) for v in got):
+                self._polled.pop(k, None)
+                since = self._away.setdefault(k, now)
+                known = k in self.counts.current or now - self._started > self.startup_grace_s
+                if known and since > 0 and now - since > 5.0:
+                    self._away[k] = -1.0  # said
+                    self.message(f"worker {k} ({prefix}*) not answering", severity=2)
+                continue
+            if self._away.pop(k, 0.0) < 0:
+                self.message(f"worker {k} ({prefix}*) answering again")
+            polled = {n: v["value"] for n, v in zip(POLLED, got)}
+            self._polled[k] = polled
+            with self._lock:
+                lost = self.counts.update(k, polled)
+            if lost is not None:
+                self.message(
+                    f"worker {k} was restarted; the {lost} frame(s) its previous process held "
+                    "are counted in Dropped",
+                    severity=1,
+                )
+
+    def _stats_loop(self) -> None:
+        last_map = 0.0
+        while not self._stop.wait(self.cfg.edge.stats_publish_s):
+            try:
+                self._publish_stats()
+                now = time.time()
+                if self._map_dirty and now - last_map >= self.cfg.edge.map_publish_s:
+                    with self._lock:
+                        self._map_dirty = False
+                        image, count = self.phase_map.image(), self.phase_map.count
+                    last_map = now
+                    self._pvs["PhaseMap"].post(ntnd.build(image, count))
+            except Exception:  # a statistics tick never stops the aggregate
+                log.exception("aggregate: statistics not published")
+
+    def _publish_stats(self) -> None:
+        self._poll()
+        now = time.time()
+        polled = list(self._polled.values())
+        with self._lock:
+            totals = self.counts.totals(self.duplicates)
+            scan = self.consistency.mean
+            last = self.consistency.last
+        values = dict(totals)
+        values["MissedFrames"] = self.source.missed
+        values["FrameRate"] = sum(1 for t in list(self._out_times) if now - t <= 2.0) / 2.0
+        values["LatencyMs"] = max((float(p["LatencyMs"]) for p in polled), default=0.0)
+        values["DroppedRate"] = sum(float(p["DroppedRate"]) for p in polled)
+        versions = [int(p["ModelVersion"]) for p in polled if p["Mode"] == self.mode]
+        if versions:
+            values["ModelVersion"] = min(versions)
+        if self.mode == "hedm":  # per-frame figures: the workers' means, by frames answered
+            last, scan = self._hedm_consistency(polled)
+        for name, value in values.items():
+            self._scalars.post(name, value)
+        if scan is not None:
+            self._scalars.post("Consistency", last)
+            self._scalars.post("ScanConsistency", scan)
+
+    @staticmethod
+    def _hedm_consistency(polled: list[dict]) -> tuple[float | None, float | None]:
+        rows = [
+            (float(p["Consistency"]), float(p["ScanConsistency"]), int(p["FramesOut"]))
+            for p in polled
+            if p["Mode"] == "hedm" and math.isfinite(float(p["ScanConsistency"]))
+        ]
+        weight = sum(n for *_, n in rows)
+        if not rows or weight == 0:
+            return None, None
+        return rows[-1][0], sum(s * n for _, s, n in rows) / weight
+
+    # ---- model loads ---------------------------------------------------------------------
+    def _loader_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                version, op = self._load_requests.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                error = self.load_version(version)
+                op.done(error=error)
+            except Exception as exc:  # never let the loader thread die
+                log.exception("aggregate: model load failed")
+                op.done(error=f"model v{version} load failed: {exc}")
+
+    def load_version(self, version: int) -> str | None:
+        """Write ``version`` to every worker's LoadModel; None once all serve it, else the
+        reasons of those that did not."""
+        names = [f"{p}LoadModel" for p in self.workers.values()]
+        results = self._ctx.put(
+            names, [version] * len(names), timeout=self.load_timeout_s, throw=False
+        )
+        refused = [
+            f"w{k}: {result}"
+            for k, result in zip(self.workers, results)
+            if isinstance(result, Exception)
+        ]
+        self._poll()
+        if refused:
+            msg = f"model v{version} not loaded by every worker: " + "; ".join(refused)
+            self.message(msg, severity=2)
+            return msg[:500]
+        self.message(f"model v{version} serving on all {self.n} workers")
+        return None
+
+    def worker_exited(self, k: int, status: int | None) -> None:
+        """The supervisor's report: worker ``k``'s process ended (it restarts it)."""
+        self.message(
+            f"worker {k} ({self.workers[k]}*) exited with status {status}; restarting it",
+            severity=2,
+        )
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> EdgeAggregate:
+        names = {f"{self.prefix}edge:{k}": pv for k, pv in self._pvs.items()}
+        self._server = Server(providers=[names])
+        self._ctx = Context("pva", nt=False)
+        for k, prefix in self.workers.items():
+            for kind in ANSWERS:
+                self._subscribe(prefix + kind, partial(self._on_answer, k, kind), ANSWER_REQUEST)
+            self._subscribe(prefix + "Message", partial(self._on_message, k), "field()")
+        self._subscribe(self.input_pv, self._on_source, WITNESS_REQUEST)
+        for target in (self._stats_loop, self._loader_loop):
+            thread = threading.Thread(target=target, name=f"aggregate{target.__name__}")
+            thread.start()
+            self._threads.append(thread)
+        self.message(
+            f"{self.n} workers ({self.prefix}edge:w1..w{self.n}); input {self.input_pv}, "
+            f"shared by its '{self.plugin}' plugin (group {group_name(self.prefix)})"
+        )
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for sub in self._subs:
+            sub.close()
+        for thread in self._threads:
+            thread.join(10)
+        if self._ctx is not None:
+            self._ctx.close()
+        if self._server is not None:
+            self._server.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -31,6 +31,7 @@ test: lint
 	$(PY) -m pytest
 
 benchmark: $(VENV)/.installed
+	$(VENV)/bin/edgeloop bench --out out/bench
 	$(PY) benchmarks/edge_throughput.py
 	$(PY) benchmarks/monitor_load.py
 

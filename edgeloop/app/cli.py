@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         "--steady-minutes",
         type=float,
         default=0.0,
-        help="then stream ptycho512 at 80%% of its e2e ceiling this long (drops, memory)",
+        help="then stream ptycho512 (else the first case run) at 80%% of its e2e rate this long",
     )
     p = add(
         "hedm-accuracy",

@@ -47,7 +47,7 @@ from p4p.client.thread import Context
 
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
 from edgeloop.app.pvapy_processor import served_model
-from edgeloop.config import MODE_KIND, Config, pin_loopback
+from edgeloop.config import LOOPBACK_ENV, MODE_KIND, Config, pin_loopback
 from edgeloop.edge_pva.hedm import locate_peaks
 from edgeloop.edge_pva.server import MONITOR_REQUEST
 
@@ -290,17 +290,11 @@ def pvapy_client_fps(channel: str, warmup: float, seconds: float) -> float:
         capture_output=True,
         text=True,
         timeout=warmup + seconds + 60,
-        env={**os.environ, **_loopback()},
+        env={**os.environ, **LOOPBACK_ENV},
     )
     if out.returncode:
         raise RuntimeError(f"pvapy client failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["fps"]
-
-
-def _loopback() -> dict:
-    from edgeloop.config import LOOPBACK_ENV
-
-    return dict(LOOPBACK_ENV)
 
 
 # ---- ceilings ------------------------------------------------------------------------------

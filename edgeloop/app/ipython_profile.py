@@ -13,6 +13,10 @@ STARTUP = '''\
 """edgeloop's Bluesky session (written by `edgeloop ipython-profile`)."""
 {pin}from bluesky import RunEngine
 from bluesky.callbacks.best_effort import BestEffortCallback
+from ophyd.signal import EpicsSignalBase
+
+# as beamline profiles do: ophyd's 1 s to connect a lazy signal is short on a busy host
+EpicsSignalBase.set_defaults(connection_timeout=5.0)
 
 from edgeloop.bluesky_plans import (
     EdgeLivePlot,

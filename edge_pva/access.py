@@ -75,3 +75,27 @@ class WriteAccess:
         message = f"write to {op.name()} not permitted: {reason}"
         log.warning("access: %s (from %s)", message, op.peer())
         return message
+
+
+class LoadModelPut:
+    """edge:LoadModel's put handler: the access rule, then a version number >= 1, queued
+    with its operation for the loader thread (which completes it)."""
+
+    def __init__(self, requests, security: SecurityConfig):
+        self.requests = requests
+        self.access = WriteAccess(security)  # the rule db/ml.acf gives the IOC
+
+    def put(self, pv, op):
+        refusal = self.access.refusal(op)
+        if refusal is not None:
+            op.done(error=refusal)
+            return
+        try:
+            version = int(op.value())
+        except (TypeError, ValueError):
+            op.done(error="write a model version number (integer >= 1)")
+            return
+        if version < 1:
+            op.done(error=f"model version must be >= 1, got {version}")
+            return
+        self.requests.put((version, op))

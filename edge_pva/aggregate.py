@@ -41,7 +41,7 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import MODES, Config
-from edgeloop.edge_pva.access import WriteAccess
+from edgeloop.edge_pva.access import LoadModelPut
 from edgeloop.edge_pva.frame_ids import FrameIds
 from edgeloop.edge_pva.hedm import NO_PEAKS, peak_table
 from edgeloop.edge_pva.quality import combine
@@ -57,28 +57,6 @@ PRIMARY = ("Phase", "Peaks")  # one per answered frame
 ANSWER_REQUEST = "field()record[pipeline=true,queueSize=256]"
 WITNESS_REQUEST = "field(uniqueId,timeStamp)record[queueSize=256]"
 OWNERS_KEPT = 16384  # frames remembered (which worker answered them)
-
-
-class _LoadModelFanOut:
-    """edge:LoadModel: the same checks as a single edge's, then queued for the loader."""
-
-    def __init__(self, requests: queue.Queue, access: WriteAccess):
-        self.requests, self.access = requests, access
-
-    def put(self, pv, op):
-        refusal = self.access.refusal(op)
-        if refusal is not None:
-            op.done(error=refusal)
-            return
-        try:
-            version = int(op.value())
-        except (TypeError, ValueError):
-            op.done(error="write a model version number (integer >= 1)")
-            return
-        if version < 1:
-            op.done(error=f"model version must be >= 1, got {version}")
-            return
-        self.requests.put((version, op))
 
 
 def _finite(v) -> bool:
@@ -153,7 +131,7 @@ class EdgeAggregate:
             "LoadModel": SharedPV(
                 nt=NTScalar("l"),
                 initial=0,
-                handler=_LoadModelFanOut(self._load_requests, WriteAccess(cfg.security)),
+                handler=LoadModelPut(self._load_requests, cfg.security),
             ),
         }
         pvs.update(self._scalars.pvs)

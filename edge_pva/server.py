@@ -36,7 +36,7 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import MODE_KIND, MODES, Config, search_hint
-from edgeloop.edge_pva.access import WriteAccess
+from edgeloop.edge_pva.access import LoadModelPut
 from edgeloop.edge_pva.frame_ids import Arrival, FrameIds
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.hedm import NO_PEAKS, locate_peaks, peak_table
@@ -62,27 +62,6 @@ log = logging.getLogger(__name__)
 # Every server kind delivers each frame once to this request; pipeline=true does not: a
 # pvDatabase server (pvapy, areaDetector's NDPluginPva) then resends frames many times.
 MONITOR_REQUEST = "field()record[queueSize=32]"
-
-
-class _LoadModelHandler:
-    def __init__(self, requests: queue.Queue, security):
-        self.requests = requests
-        self.access = WriteAccess(security)  # the rule db/ml.acf gives the IOC
-
-    def put(self, pv, op):
-        refusal = self.access.refusal(op)
-        if refusal is not None:
-            op.done(error=refusal)
-            return
-        try:
-            version = int(op.value())
-        except (TypeError, ValueError):
-            op.done(error="write a model version number (integer >= 1)")
-            return
-        if version < 1:
-            op.done(error=f"model version must be >= 1, got {version}")
-            return
-        self.requests.put((version, op))
 
 
 class EdgeServer:
@@ -268,7 +247,7 @@ class EdgeServer:
             "LoadModel": SharedPV(
                 nt=NTScalar("l"),
                 initial=0,
-                handler=_LoadModelHandler(self._load_requests, self.cfg.security),
+                handler=LoadModelPut(self._load_requests, self.cfg.security),
             ),
         }
         pvs.update(self._scalars.pvs)

@@ -9,10 +9,12 @@ into HDF5 files through the NDFileHDF5-like plugin ``$(P)det:HDF1:`` (``hdf_plug
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import numpy as np
 from caproto import ChannelType
@@ -420,10 +422,14 @@ class Beamline(PVGroup):
 
 
 def serve(
-    cfg: Config, interfaces: list[str] | None = None, ca_port: int = BEAMLINE_CA_PORT
+    cfg: Config,
+    interfaces: list[str] | None = None,
+    ca_port: int = BEAMLINE_CA_PORT,
+    on_ready: Callable[[], None] | None = None,
 ) -> int | None:
     """Run the simulated beamline (CA via caproto, PVA via p4p) until SIGINT or SIGTERM;
-    returns that signal's number."""
+    returns that signal's number.  The PVA image and then ``on_ready`` (in a thread) start
+    once the CA server listens, so whatever answers last means the whole beamline does."""
     os.environ["EPICS_CA_SERVER_PORT"] = str(ca_port)
     image_name = f"{cfg.prefix}det:Pva1:Image"
     # a blank uniqueId-0 placeholder until the first frame, as NDPluginPva has a value
@@ -431,26 +437,40 @@ def serve(
     n = cfg.sim.frame_size
     image_pv = SharedPV(initial=ntnd.build(np.zeros((n, n), np.int32), 0))
     beamline = Beamline(cfg.prefix, cfg, image_pv)
-    with Server(providers=[{image_name: image_pv}]):
-        log.info(
-            "simulated beamline %s up: %d CA PVs, PVA %s",
-            cfg.prefix,
-            len(beamline.pvdb),
-            image_name,
-        )
-        # like every CA server: the interfaces EPICS_CAS_INTF_ADDR_LIST names, else all
-        interfaces = interfaces or os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "0.0.0.0").split()
-        return asyncio.run(_serve_until_signal(beamline.pvdb, interfaces))
+    # like every CA server: the interfaces EPICS_CAS_INTF_ADDR_LIST names, else all
+    interfaces = interfaces or os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "0.0.0.0").split()
+    with contextlib.ExitStack() as stack:
+
+        def ca_up() -> None:
+            stack.enter_context(Server(providers=[{image_name: image_pv}]))
+            log.info(
+                "simulated beamline %s up: %d CA PVs, PVA %s",
+                cfg.prefix,
+                len(beamline.pvdb),
+                image_name,
+            )
+            if on_ready is not None:
+                on_ready()
+
+        return asyncio.run(_serve_until_signal(beamline.pvdb, interfaces, ca_up))
 
 
-async def _serve_until_signal(pvdb: dict, interfaces: list[str]) -> int | None:
+async def _serve_until_signal(
+    pvdb: dict, interfaces: list[str], on_ready: Callable[[], None]
+) -> int | None:
     """Serve until SIGINT or SIGTERM; returns the signal.  The signal only sets an event:
     raised as KeyboardInterrupt inside caproto's tasks, it can be swallowed by one of them."""
     loop = asyncio.get_running_loop()
     stop: asyncio.Future = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
-    server = asyncio.ensure_future(start_server(pvdb, interfaces=interfaces))
+
+    async def listening(async_lib) -> None:  # caproto's startup hook: its sockets are bound
+        await asyncio.to_thread(on_ready)
+
+    server = asyncio.ensure_future(
+        start_server(pvdb, interfaces=interfaces, startup_hook=listening)
+    )
     await asyncio.wait([server, stop], return_when=asyncio.FIRST_COMPLETED)
     server.cancel()
     await asyncio.gather(server, return_exceptions=True)

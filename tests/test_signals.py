@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -86,10 +87,22 @@ def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path
 
 def test_sigterm_stops_each_server_and_what_it_started(tmp_path):
     cfg, path = small_config(tmp_path, random_prefix("t"))
-    port = {"EDGELOOP_BEAMLINE_CA_PORT": str(_free_port())}
-    servers = System(cfg, path, tmp_path / "logs", env=port)
+    ca_port = _free_port()
+    servers = System(cfg, path, tmp_path / "logs", env={"EDGELOOP_BEAMLINE_CA_PORT": str(ca_port)})
     try:
         servers.start("ioc", ready_pv="ml:Status")
+        # the ML IOC starts once the beamline's CA server listens: its ml:Status answering
+        # means a CA client (caproto's caget here) finds the detector at once
+        caget = [
+            str(Path(sys.executable).with_name("caproto-get")),
+            "--no-repeater",
+            "--timeout",
+            "2",
+        ]
+        env = dict(os.environ, EPICS_CA_ADDR_LIST=f"127.0.0.1:{ca_port}")
+        pv = f"{cfg.prefix}det:cam1:Acquire_RBV"
+        got = subprocess.run([*caget, pv], capture_output=True, text=True, env=env, timeout=30)
+        assert got.returncode == 0 and pv in got.stdout, got.stdout + got.stderr
         servers.start("edge", ready_pv="edge:ModelVersion")
         servers.start("retrain-service", ready_pv="ml:Status")
         time.sleep(1.0)  # the service is up and subscribed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -65,19 +66,20 @@ def cmd_ioc(args) -> None:
     from edgeloop.ioc import beamline, softioc
 
     cfg = _config(args)
-    ml_ioc = (
-        None
-        if args.no_ml_ioc
-        else softioc.start(cfg.prefix, security=cfg.security, policy=cfg.policy)
-    )
+    ml_ioc: list = []
+    env = dict(os.environ)  # before serve() sets the beamline's own EPICS_CA_SERVER_PORT
+
+    def start_ml_ioc() -> None:  # once the beamline answers: ml:Status up means all is up
+        ml_ioc.append(softioc.start(cfg.prefix, env=env, security=cfg.security, policy=cfg.policy))
+
     try:
-        signals.note(beamline.serve(cfg))
+        signals.note(beamline.serve(cfg, on_ready=None if args.no_ml_ioc else start_ml_ioc))
     except KeyboardInterrupt:
         pass
     finally:
-        if ml_ioc is not None:
-            ml_ioc.terminate()
-            ml_ioc.wait(10)
+        for proc in ml_ioc:
+            proc.terminate()
+            proc.wait(10)
 
 
 def cmd_edge(args) -> None:

@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +31,8 @@ from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
-from edgeloop.config import LOOPBACK_ENV, Config, pin_loopback
+from edgeloop.app.processes import ManagedProcess, wait_for_pv
+from edgeloop.config import Config, pin_loopback
 
 AD_SIM = str(Path(sys.executable).with_name("pvapy-ad-sim-server"))
 ANSWERS_REQUEST = "field(uniqueId)record[pipeline=true,queueSize=256]"
@@ -59,26 +58,6 @@ class _Answers:
         return last is not None and time.perf_counter() - last > seconds
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_pv(ctx: Context, name: str, proc: subprocess.Popen, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return ctx.get(name, timeout=1.0)
-        except TimeoutError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} never answered") from None
-
-
 def measure_workers(
     n: int, size: int = 512, frames: int = 600, fps: float = 400.0, start_delay: float = 25.0
 ) -> dict:
@@ -88,36 +67,32 @@ def measure_workers(
     pin_loopback()
     prefix = f"BW{secrets.token_hex(3)}:"
     channel = f"{prefix}sim:Image"
-    env = dict(os.environ, **LOOPBACK_ENV)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Config(prefix=prefix, data_dir=f"{tmp}/data", registry_dir=f"{tmp}/models")
         cfg.dump(Path(tmp) / "config.json")
-        sim = [AD_SIM, "-cn", channel, "-nx", str(size), "-ny", str(size), "-dt", "uint8"]
+        logs = Path(tmp) / "logs"
+        sim = ["-cn", channel, "-nx", str(size), "-ny", str(size), "-dt", "uint8"]
         sim += ["-nf", "10", "-fps", str(fps), "-rt", str(frames / fps)]
         sim += ["-std", str(start_delay), "-shd", "1", "-dc"]
-        source = subprocess.Popen(
-            sim, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        edge_cmd = [sys.executable, "-m", "edgeloop.app.cli", "edge", "-q", "--prefix", prefix]
-        edge_cmd += ["--config", f"{tmp}/config.json", "--input-pv", channel]
-        edge_cmd += ["--workers", str(n)] if n > 1 else []
-        edge = subprocess.Popen(edge_cmd, env=env, start_new_session=True)
+        source = ManagedProcess("source", sim, logs / "source.log", program=[AD_SIM])
+        edge_args = ["edge", "-q", "--prefix", prefix, "--config", f"{tmp}/config.json"]
+        edge_args += ["--input-pv", channel] + (["--workers", str(n)] if n > 1 else [])
+        edge = ManagedProcess("edge", edge_args, logs / "edge.log")
         ctx = Context("pva", nt=False)
         try:
             t0 = time.monotonic()
             for name in [f"edge:w{k}:Started" for k in range(1, n + 1)] if n > 1 else []:
-                _wait_pv(ctx, prefix + name, edge)
+                wait_for_pv(ctx, prefix + name, 120, edge)
             answers = _Answers(ctx, f"{prefix}edge:Phase")
             sent = _Answers(ctx, channel, "field(uniqueId)record[queueSize=256]")
-            _wait_pv(ctx, f"{prefix}edge:FramesIn", edge)
+            wait_for_pv(ctx, f"{prefix}edge:FramesIn", 120, edge)
             started_s = time.monotonic() - t0
             if ctx.get(channel, request="field(uniqueId)")["uniqueId"] != 0:
                 raise RuntimeError(
                     f"the edge took {started_s:.0f} s to start, longer than the source's "
                     f"start delay ({start_delay} s): run again with a longer one"
                 )
-            source.wait(start_delay + frames / fps + 60)
+            source.proc.wait(start_delay + frames / fps + 60)
             while not answers.quiet_for(3.0):
                 time.sleep(0.5)
             answers.sub.close()
@@ -128,8 +103,8 @@ def measure_workers(
             ] if n > 1 else []  # fmt: skip
         finally:
             ctx.close()
-            _stop(edge)
-            _stop(source)
+            edge.stop(timeout=30)
+            source.stop(timeout=30)
     times = sorted(answers.times.values())
     span = times[-1] - times[0] if len(times) > 1 else float("nan")
     return {
@@ -166,16 +141,15 @@ def measure_aggregate(frames: int = 6000, rate: float = 3000.0, size: int = 64) 
         attrs.update(SampleX=radius * np.cos(angle), SampleY=radius * np.sin(angle))
         phase = rng.normal(0, 0.1, (size, size)).astype(np.float32)
         values.append(ntnd.build(phase, uid, attrs))
-    env = dict(os.environ, **LOOPBACK_ENV)
     with tempfile.TemporaryDirectory() as tmp, Server(providers=[pvs]):
         cfg = Config(prefix=prefix, data_dir=f"{tmp}/data", registry_dir=f"{tmp}/models")
         cfg.dump(Path(tmp) / "config.json")
-        cmd = [sys.executable, "-m", "edgeloop.app.cli", "edge", "-q", "--prefix", prefix]
-        cmd += ["--config", f"{tmp}/config.json", "--workers", "2", "--remote-workers"]
-        aggregate = subprocess.Popen(cmd, env=env, start_new_session=True)
+        args = ["edge", "-q", "--prefix", prefix, "--config", f"{tmp}/config.json"]
+        args += ["--workers", "2", "--remote-workers"]
+        aggregate = ManagedProcess("aggregate", args, Path(tmp) / "logs" / "aggregate.log")
         ctx = Context("pva", nt=False)
         try:
-            _wait_pv(ctx, f"{prefix}edge:FramesIn", aggregate)
+            wait_for_pv(ctx, f"{prefix}edge:FramesIn", 120, aggregate)
             answers = _Answers(ctx, f"{prefix}edge:Phase")
             time.sleep(3.0)  # the aggregate's monitors of the stand-ins connect
             t0 = time.perf_counter()
@@ -191,7 +165,7 @@ def measure_aggregate(frames: int = 6000, rate: float = 3000.0, size: int = 64) 
             answers.sub.close()
         finally:
             ctx.close()
-            _stop(aggregate)
+            aggregate.stop(timeout=30)
     times = sorted(answers.times.values())
     return {
         "offered_fps": frames / posted_s,

@@ -32,6 +32,7 @@ from edgeloop.edge_pva.onnx_export import INPUT, export_onnx
 from edgeloop.edge_pva.tensorrt_backend import TensorRTBackend
 from edgeloop.edge_pva.tolerance import resolve_precision
 from edgeloop.models import ModelKind
+from edgeloop.models import kind as model_kind
 from edgeloop.optional import require
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ __all__ = [  # what the edge, the apps and the benchmarks take from here
     "check_backend",
     "make_backend",
     "probe_inputs",
+    "served_model",
     "unavailable_reason",
+    "untrained_model",
     "validate",
 ]
 
@@ -205,6 +208,22 @@ class ServedModel:
 
     def infer(self, frames: list[np.ndarray]) -> tuple[np.ndarray, ...]:
         return self.backend(self.spec.preprocess(frames, self.input_size))
+
+
+def served_model(cfg: Config, kind: str, version: int, model: nn.Module) -> ServedModel:
+    """``model``, registry ``version`` of ``kind``, on the backend ``cfg`` names."""
+    size = cfg.input_size(kind)
+    backend = make_backend(
+        cfg.edge.backend, model, size, cfg.edge.threads, backend_options(cfg, kind, version)
+    )
+    return ServedModel(version, model_kind(kind), size, backend)
+
+
+def untrained_model(cfg: Config, kind: str) -> ServedModel:
+    """v0, what an edge serves while its registry holds no accepted model of ``kind``:
+    untrained, seed 0, so the same weights in the edge, pvapy's baseline and the bench."""
+    torch.manual_seed(0)
+    return served_model(cfg, kind, 0, model_kind(kind).build(**cfg.arch(kind)))
 
 
 def _check_ptychonn(outs, n: int, size: int) -> None:

@@ -44,17 +44,16 @@ from edgeloop.edge_pva.inference import (
     ModelRejected,
     ModelSlot,
     ServedModel,
-    backend_options,
     check_backend,
-    make_backend,
     probe_inputs,
+    served_model,
+    untrained_model,
     validate,
 )
 from edgeloop.edge_pva.quality import DataResidual, combine, edge_probe
 from edgeloop.edge_pva.scalars import ScalarPVs
 from edgeloop.edge_pva.stitch import PhaseMap, ScanConsistency
 from edgeloop.edge_pva.supervise import Supervisor
-from edgeloop.models import kind as model_kind
 from edgeloop.registry import ModelFileError, ModelUnavailable, Registry
 
 log = logging.getLogger(__name__)
@@ -117,6 +116,9 @@ class EdgeServer:
         self._stop = threading.Event()
         self.supervisor = Supervisor(self._stop, self._thread_died, self._fatal)
         self._load_requests: queue.Queue = queue.Queue()
+        # ptycho answers on their way to the publishing thread, a batch each: the model's
+        # thread goes on with the next batch while the last one is stitched and published
+        self._answers: queue.Queue = queue.Queue(maxsize=4)
         self._scalars = ScalarPVs(cfg.edge, self.mode)
         self._pvs = self._make_pvs()
         self._server = None
@@ -133,21 +135,6 @@ class EdgeServer:
         """The model slot of the current mode."""
         return self.slots[MODE_KIND[self.mode]]
 
-    def _serve(self, version: int, kind: str, model) -> ServedModel:
-        size, edge = self.cfg.input_size(kind), self.cfg.edge
-        return ServedModel(
-            version,
-            model_kind(kind),
-            size,
-            make_backend(
-                edge.backend,
-                model,
-                size,
-                edge.threads,
-                backend_options(self.cfg, kind, version),
-            ),
-        )
-
     def _validate(self, served: ServedModel) -> None:
         kind = served.spec.name
         validate(served, probe_inputs(kind, served.input_size, list(self._recent[kind])))
@@ -157,7 +144,7 @@ class EdgeServer:
         if version is not None:
             try:
                 model, _ = self.registry.load(version, self.cfg.security)
-                served = self._serve(version, kind, model)
+                served = served_model(self.cfg, kind, version, model)
                 self._validate(served)
                 log.info("serving %s model v%d from %s", kind, version, self.registry.root)
                 return served
@@ -168,14 +155,12 @@ class EdgeServer:
                     version,
                     exc,
                 )
-        torch.manual_seed(0)
-        model = model_kind(kind).build(**self.cfg.arch(kind))
         log.info(
             "no accepted %s model in %s: serving an untrained (random) model v0",
             kind,
             self.registry.root,
         )
-        return self._serve(0, kind, model)
+        return untrained_model(self.cfg, kind)
 
     def load_version(self, version: int) -> None:
         """Load, validate and swap in a registry version; raises with the reason if rejected."""
@@ -193,7 +178,7 @@ class EdgeServer:
                 raise ModelRejected(
                     f"model kind {kind!r} is not served here ({sorted(self.slots)})"
                 )
-            served = self._serve(version, kind, model)
+            served = served_model(self.cfg, kind, version, model)
             self._validate(served)
         except (ModelFileError, ModelRejected) as exc:
             serving = ", ".join(f"{k} v{s.get().version}" for k, s in self.slots.items())
@@ -326,6 +311,7 @@ class EdgeServer:
 
     def _set_mode(self, mode: str) -> None:
         if mode != self.mode:
+            self._drain_answers()  # the last mode's answers count in its own figures
             self.mode = mode
             log.info("frames now in mode %s", mode)
             with self._map_lock:  # the figure and its units are the mode's
@@ -342,7 +328,7 @@ class EdgeServer:
                 self._handle(list(frames))
             except Exception:
                 for frame in frames:  # a bug: count what it left unanswered, then die
-                    if not frame.settled:
+                    if not (frame.settled or frame.handed_over):
                         self.queue.settle_bad(frame.unique_id, "edge thread failed", 2)
                 raise
 
@@ -381,13 +367,39 @@ class EdgeServer:
             for frame in frames:
                 self._guarded(frame, self._ptycho_one, served)
             return
-        for frame, amp, ph in zip(frames, amplitude[:, 0], phase[:, 0]):
-            self._guarded(frame, self._publish, amp, ph, served.version)
+        self._hand_over((frames, amplitude, phase, served.version))
         self._recent["ptychonn"].extend(f.data for f in frames[-2:])
 
     def _ptycho_one(self, frame, served: ServedModel) -> None:
         amplitude, phase = served.infer([frame.data])
-        self._publish(frame, amplitude[0, 0], phase[0, 0], served.version)
+        self._hand_over(([frame], amplitude, phase, served.version))
+
+    def _hand_over(self, answers: tuple) -> None:
+        """To the publishing thread; waits while it is a few batches behind."""
+        for frame in answers[0]:
+            frame.handed_over = True
+        while not self._stop.is_set():
+            try:
+                self._answers.put(answers, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _publish_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frames, amplitude, phase, version = self._answers.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                for frame, amp, ph in zip(frames, amplitude[:, 0], phase[:, 0]):
+                    self._guarded(frame, self._publish, amp, ph, version)
+            finally:
+                self._answers.task_done()
+
+    def _drain_answers(self) -> None:
+        while self._answers.unfinished_tasks and not self._stop.is_set():
+            time.sleep(0.001)
 
     def _hedm(self, frame, served: ServedModel) -> None:
         """Peaks of a frame: finder -> patches -> all patches of the frame in one batch."""
@@ -575,7 +587,7 @@ class EdgeServer:
         pvs = {**self._pvs, **self.extra_pvs}
         names = {f"{self.pv_prefix}{k}": pv for k, pv in pvs.items()}
         self._server = Server(providers=[names])
-        for target in (self._infer_loop, self._stats_loop, self._loader_loop):
+        for target in (self._infer_loop, self._publish_loop, self._stats_loop, self._loader_loop):
             self.supervisor.start(target)
         self._ctx = Context("pva", nt=False)
         self._sub = self._ctx.monitor(

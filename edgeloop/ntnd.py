@@ -28,6 +28,7 @@ class Frame:
     received: float = 0.0
     new_acquisition: bool = False  # the source's uniqueId counter restarted with this frame
     settled: bool = False  # counted by the edge: answered or refused
+    handed_over: bool = False  # to the edge's publishing thread, which settles it
 
 
 def _stamp(t: float) -> dict:

@@ -18,6 +18,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait
@@ -56,7 +57,13 @@ class LocalExecutor(ProcessPoolExecutor):
         """How a worker of this pool ended, e.g. "the worker (pid 42) died: killed by signal
         9 (SIGKILL)"; None if none has."""
         for pid, proc in self._workers.items():
-            proc.join(1.0)  # dead already: this only collects its exit status
+            if not wait([proc.sentinel], timeout=1.0):
+                continue  # alive
+            # the pool's manager thread may be reaping it: one waitpid wins, and the other
+            # sees no exit status until the winner has stored it
+            deadline = time.monotonic() + 1.0
+            while proc.exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.01)
             if proc.exitcode is not None:
                 return f"the worker (pid {pid}) died: {exit_status(proc.exitcode)}"
         return None

@@ -59,10 +59,17 @@ def pytest_configure(config):
     os.environ.update(TEST_ENV)  # before any EPICS client reads its settings
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _loopback_only():
+    """Every test starts and ends with the tests' EPICS settings: clients a later test
+    starts as subprocesses inherit them (a test that ran the demo's or the bench's
+    ``pin_loopback(force=True)`` in process once hid the second beamline's CA port)."""
     for key, value in TEST_ENV.items():
         assert os.environ[key] == value, f"{key} must be {value!r} in tests"
+    yield
+    changed = {k: os.environ.get(k) for k, v in TEST_ENV.items() if os.environ.get(k) != v}
+    os.environ.update(TEST_ENV)
+    assert not changed, f"the test changed the EPICS settings: {changed}"
 
 
 # processes of session fixtures: they outlive the module that first asked for them

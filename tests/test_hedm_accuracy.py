@@ -68,6 +68,8 @@ def test_accuracy_report_is_written_and_braggnn_beats_guessing(tmp_path, capsys)
             "150",
             "--epochs",
             "8",
+            "--width",
+            "64",  # the published width learns fastest from few peaks
         ]
     )
     report = json.loads((tmp_path / "accuracy.json").read_text())
@@ -81,8 +83,9 @@ def test_accuracy_report_is_written_and_braggnn_beats_guessing(tmp_path, capsys)
 
 
 def test_narrow_braggnn_trains(tmp_path):
-    """The narrow network the target needs (--width 16): trained (beats guessing), of the
-    registry's architecture at that width, and accepted by the edge's checks."""
+    """The narrow network the target needs is the one served by default (model.braggnn_width
+    16): trained (beats guessing), of the registry's architecture at that width, and
+    accepted by the edge's checks."""
     main(
         [
             "hedm-accuracy",
@@ -94,8 +97,6 @@ def test_narrow_braggnn_trains(tmp_path):
             "150",
             "--epochs",
             "20",
-            "--width",
-            "16",
         ]
     )
     report = json.loads((tmp_path / "accuracy.json").read_text())

@@ -46,9 +46,9 @@ import psutil
 from p4p.client.thread import Context
 
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
-from edgeloop.app.pvapy_processor import served_model
-from edgeloop.config import LOOPBACK_ENV, MODE_KIND, Config, pin_loopback
+from edgeloop.config import LOOPBACK_ENV, MODE_KIND, Config
 from edgeloop.edge_pva.hedm import locate_peaks
+from edgeloop.edge_pva.inference import untrained_model
 from edgeloop.edge_pva.server import MONITOR_REQUEST
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ def inference_fps(cfg: Config, mode: str, frames: np.ndarray, seconds: float = 4
     import torch
 
     torch.set_num_threads(cfg.edge.threads)
-    served = served_model(cfg, MODE_KIND[mode])
+    served = untrained_model(cfg, MODE_KIND[mode])
     edge = cfg.edge
     batch = edge.max_batch if mode == "ptycho" else 1
     peaks: list[int] = []
@@ -567,7 +567,6 @@ def run(
     steady_minutes: float = 0.0,
     workers: bool = False,
 ) -> dict:
-    pin_loopback(force=True)
     out.mkdir(parents=True, exist_ok=True)
     bench = Bench(out, cfg, seconds=seconds)
     chosen = [c for c in CASES if not cases or c.name in cases]

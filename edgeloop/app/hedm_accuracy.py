@@ -119,7 +119,7 @@ def run(
     out: str | Path,
     n_train: int = 20000,
     n_test: int = 1000,
-    epochs: int = 20,
+    epochs: int = 60,
     patch: int = 11,
     threads: int = 1,
     width: int | None = None,

@@ -19,24 +19,7 @@ from pvapy.hpc.adImageProcessor import AdImageProcessor
 from edgeloop import codecs
 from edgeloop.config import MODE_KIND, Config
 from edgeloop.edge_pva.hedm import locate_peaks
-from edgeloop.edge_pva.inference import ServedModel, backend_options, make_backend
-from edgeloop.models import kind as model_kind
-
-
-def served_model(cfg: Config, kind: str) -> ServedModel:
-    """The model the edge serves when its registry is empty (untrained, seed 0), on the
-    configured backend: the same weights in the edge, this baseline and the bench."""
-    torch.manual_seed(0)
-    model = model_kind(kind).build(**cfg.arch(kind))
-    size = cfg.input_size(kind)
-    return ServedModel(
-        0,
-        model_kind(kind),
-        size,
-        make_backend(
-            cfg.edge.backend, model, size, cfg.edge.threads, backend_options(cfg, kind, 0)
-        ),
-    )
+from edgeloop.edge_pva.inference import untrained_model
 
 
 class EdgeloopProcessor(AdImageProcessor):
@@ -45,7 +28,7 @@ class EdgeloopProcessor(AdImageProcessor):
         self.cfg = Config.load((configDict or {}).get("config"))
         torch.set_num_threads(self.cfg.edge.threads)
         self.mode = self.cfg.mode
-        self.served = served_model(self.cfg, MODE_KIND[self.mode])
+        self.served = untrained_model(self.cfg, MODE_KIND[self.mode])
         self.answered = 0
 
     def _pixels(self, pv) -> np.ndarray:

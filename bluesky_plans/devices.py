@@ -344,8 +344,15 @@ class HDF5PluginWithFileStore(HDF5Plugin, FileStoreHDF5IterativeWrite):
         try:
             return super().stage()
         except TimeoutError as exc:
-            message = self.write_message.get(use_monitor=False)
+            message = whole_text(self.write_message)
             raise OSError(f"{self.name}: Capture did not start: {message}") from exc
+
+
+def whole_text(signal) -> str:
+    """A char-waveform string (WriteMessage) read whole from the IOC.  pyepics asks for as
+    many elements as the last monitor update held, so a plain read made before the update of
+    a longer new message arrives returns that message's first characters."""
+    return signal.get(use_monitor=False, count=1 << 16)  # pyepics caps it at the PV's NELM
 
 
 class AreaDetector(SingleTrigger, DetectorBase):

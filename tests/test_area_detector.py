@@ -30,6 +30,7 @@ from conftest import (
 )
 
 from edgeloop.bluesky_plans import ptycho_scan, spiral_positions
+from edgeloop.bluesky_plans.devices import whole_text
 
 # the module's beamline; servers that a single test starts for itself
 BEAMLINE_PORT, OWN_PORT = AREA_DETECTOR_CA_PORTS
@@ -228,7 +229,7 @@ def test_a_write_error_stops_capture_and_the_ioc_stays_up(beamline, devices):
         run_plan(count([det], num=30))
     finally:
         ioc.rlimit(psutil.RLIMIT_FSIZE, (hard, hard))
-    message = hdf.write_message.get(use_monitor=False)
+    message = whole_text(hdf.write_message)
     assert hdf.write_status.get(use_monitor=False) == 1, message
     assert "File too large" in message, message
     assert hdf.capture.get(use_monitor=False) == 0
@@ -250,7 +251,7 @@ def test_capture_before_any_frame_or_in_single_mode_is_refused(tmp_path, request
         hdf = det.hdf1
 
         def message() -> str:
-            return hdf.write_message.get(use_monitor=False)
+            return whole_text(hdf.write_message)
 
         try:
             det.wait_for_connection(timeout=20)

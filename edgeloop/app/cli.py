@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgeloop.app import signals
 from edgeloop.codecs import CODECS
-from edgeloop.config import MODES, Config
+from edgeloop.config import MODES, Config, pin_loopback
 from edgeloop.log import config_logging, verbosity_level
 from edgeloop.remote.executors import EXECUTORS
 
@@ -164,7 +164,6 @@ def cmd_hedm_accuracy(args) -> None:
 
 def cmd_bench(args) -> None:
     from edgeloop.app.bench import run
-    from edgeloop.config import pin_loopback
 
     pin_loopback(force=True)  # the bench starts every server: all its traffic stays here
     cfg = _config(args)

@@ -150,8 +150,9 @@ class DataResidual:
         if frame.shape != self.probe.shape or np.shape(phase) != self.probe.shape:
             return None
         m = np.sqrt(np.maximum(frame, 0).astype(np.float32, copy=False)).ravel()
-        total = float(np.dot(m, m))
-        if not total > 0:
+        with np.errstate(over="ignore"):  # counts near float32's limit: no residual, below
+            total = float(np.dot(m, m))
+        if not 0 < total < np.inf:
             return None
         a = self.predicted_moduli(*self.object_patch(amplitude, phase, surround)).ravel()
         aa = float(np.dot(a, a))
@@ -160,7 +161,10 @@ class DataResidual:
         a *= float(np.dot(a, m)) / aa  # the least-squares scale
         noise = float(sqrt_poisson_deviation(a).sum())  # what an exact prediction leaves
         a -= m
-        excess = float(np.dot(a, a)) - noise
+        with np.errstate(over="ignore"):
+            excess = float(np.dot(a, a)) - noise
+        if not np.isfinite(excess):
+            return None
         return self.gain * float(np.sqrt(max(excess, 0.0) / total))
 
 

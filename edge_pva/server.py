@@ -244,6 +244,11 @@ class EdgeServer:
     def frames_out(self) -> int:
         return self.queue.answered
 
+    @property
+    def input_connected(self) -> bool:
+        """Whether the input PV has answered since the last disconnection."""
+        return self._input_since is None
+
     def _on_frame(self, value) -> None:
         if isinstance(value, Exception):
             if isinstance(value, Disconnected):

@@ -342,10 +342,14 @@ class Collector:
 
     def __init__(self, ctx, pv):
         self.frames, self.lock = [], threading.Lock()
+        self.connected = threading.Event()
         self.sub = ctx.monitor(pv, self._on, request="field()record[pipeline=true,queueSize=64]")
 
     def _on(self, value):
-        if not isinstance(value, Exception) and value["uniqueId"] > 0:  # 0: the placeholder
+        if isinstance(value, Exception):
+            return
+        self.connected.set()
+        if value["uniqueId"] > 0:  # 0: the placeholder
             with self.lock:
                 self.frames.append(ntnd.decode(value))
 

@@ -2,6 +2,8 @@
 disagreement (stitch), the forward-model data residual (ptycho), the centroid distance (HEDM),
 how they are published (units per mode)."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -143,6 +145,10 @@ def test_data_residual_refuses_other_sizes_and_empty_frames(sim):
     assert residual(np.ones((128, 128)), amp, phase) is None
     assert residual(np.zeros((64, 64)), amp, phase) is None
     assert residual(sim.frame(0.0, 0.0), np.zeros_like(amp), phase) == residual.gain
+    huge = np.full((64, 64), np.finfo(np.float32).max, np.float32)  # sums past float32's range
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert residual(huge, amp, phase) is None
     with pytest.raises(ValueError, match="even side"):
         DataResidual(np.ones((63, 63), np.complex64))
 

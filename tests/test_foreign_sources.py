@@ -38,12 +38,24 @@ def run(tmp_path):
     runs = []
 
     def stream(*args: str, **kwargs) -> tuple[set, dict, dict]:
-        channel = f"{cfg.prefix}src{len(runs)}:Image"
-        with ad_sim_server(channel, *args, **kwargs):
-            edge = EdgeServer(cfg, input_pv=channel).start()
-            runs.append(edge)
-            outputs = Collector(ctx, f"{cfg.prefix}edge:Phase")
-            witness = Witness(ctx, channel)
+        while True:  # until the edge and both monitors were up before the first frame
+            channel = f"{cfg.prefix}src{len(runs)}:Image"
+            with ad_sim_server(channel, *args, **kwargs) as source:
+                edge = EdgeServer(cfg, input_pv=channel).start()
+                runs.append(edge)
+                outputs = Collector(ctx, f"{cfg.prefix}edge:Phase")
+                witness = Witness(ctx, channel)
+                ready = (lambda e=edge: e.input_connected, outputs.connected.is_set)
+                in_time = source.before_first_frame(ctx, *ready, witness.connected.is_set)
+                if not in_time:
+                    assert len(runs) < 6, "the source never waited for the edge to connect"
+                    source.abandon()
+                    outputs.close()
+                    witness.close()
+                    edge.stop()
+                    kwargs["start_delay"] = 2 * kwargs.get("start_delay", 5.0)
+            if in_time:
+                break
         counts = drained(ctx, cfg.prefix)
         sent = {uid for uid, _ in witness.frames}
         witness.close()

@@ -59,17 +59,18 @@ def counts(sys_: System, prefix: str = "edge:") -> dict:
     return {n: sys_.value(f"{prefix}{n}") for n in (*COUNTERS, "MissedFrames")}
 
 
-def settled(sys_: System, n: int, timeout: float = 30) -> dict:
-    """The aggregate's counters once n frames are answered and they stopped moving; they
-    add up whenever read."""
-    deadline, last = time.monotonic() + timeout, None
+def settled(sys_: System, n: int, timeout: float = 30, quiet_s: float = 0.5) -> dict:
+    """The aggregate's counters once n frames are answered and they have not moved for
+    ``quiet_s``; they add up whenever read."""
+    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
     while time.monotonic() < deadline:
         c = counts(sys_)
         assert c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"] + c["InFlight"]
-        if c == last and c["FramesOut"] >= n:
+        if c != last:
+            last, since = c, time.monotonic()
+        elif c["FramesOut"] >= n and time.monotonic() - since >= quiet_s:
             return c
-        last = c
-        time.sleep(0.5)
+        time.sleep(0.25)
     raise TimeoutError(f"edge did not settle at {n} frames: {last}\n{sys_.outputs()}")
 
 
@@ -272,16 +273,20 @@ class Fed:
         return uids
 
     def connected(self, timeout: float = 60) -> dict:
-        """Post frames one by one until each worker has received one (its monitor is
-        connected); the counters once those are answered."""
-        start = [self.edge.value(f"edge:w{k}:FramesIn") for k in (1, 2)]
+        """Post frames one by one until the aggregate has an answer to one frame from both
+        workers (a Repeat: each worker's monitor on the source, and the aggregate's on each
+        worker's answers, are connected); the counters once those have settled."""
+        start = self.edge.value("edge:Repeats")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.post(1)
             time.sleep(0.5)
-            if all(self.edge.value(f"edge:w{k}:FramesIn") > start[k - 1] for k in (1, 2)):
-                return settled(self.edge, 0)
-        raise TimeoutError(f"a worker does not receive frames\n{self.edge.outputs()}")
+            if self.edge.value("edge:Repeats") > start:
+                # long enough for a probe answered late to reach the aggregate's sums
+                return settled(self.edge, 0, quiet_s=2.0)
+        raise TimeoutError(
+            f"the workers' answers do not reach the aggregate\n{self.edge.outputs()}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +317,7 @@ def test_a_source_without_the_distributor_is_answered_once_and_said(p4p_fed):
     outputs = Collector(edge.ctx, f"{edge.prefix}edge:Phase")
     try:
         uids = p4p_fed.post(20)
-        total = delta(settled(edge, before["FramesOut"] + len(uids)), before)
+        total = delta(settled(edge, before["FramesOut"] + len(uids), quiet_s=2.0), before)
         outputs.wait(len(uids), timeout=30)  # and the one it held on connecting, if any
         answers = [f.unique_id for f in outputs.frames if f.unique_id >= uids[0]]
     finally:
@@ -366,6 +371,6 @@ def test_a_killed_worker_is_restarted_and_reported(p4p_fed):
     before = p4p_fed.connected()  # the new worker 2 receives frames
     w2_before = edge.value("edge:w2:FramesOut")
     uids = p4p_fed.post(10)
-    total = delta(settled(edge, before["FramesOut"] + len(uids)), before)
+    total = delta(settled(edge, before["FramesOut"] + len(uids), quiet_s=2.0), before)
     assert total["FramesIn"] == total["FramesOut"] == len(uids), total
     assert edge.value("edge:w2:FramesOut") - w2_before == len(uids)

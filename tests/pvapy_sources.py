@@ -59,9 +59,8 @@ def ad_sim_server(
         source = Source(channel, _start(channel, args, fps, runtime, start_delay))
         try:
             with Context("pva", nt=False) as ctx:
-                _wait_for_channel(ctx, source)
-                held_back = not source.sending(ctx)
-            if held_back:
+                first = _first_value(ctx, source)
+            if first["uniqueId"] == 0:  # the placeholder: the frames are still held back
                 yield source
                 if not source.abandoned:
                     out, _ = source.proc.communicate(timeout=start_delay + runtime + 30)
@@ -84,12 +83,12 @@ def _start(channel: str, args: tuple, fps: int, runtime: float, delay: float):
     )
 
 
-def _wait_for_channel(ctx: Context, source: Source, timeout: float = 30) -> None:
+def _first_value(ctx: Context, source: Source, timeout: float = 30):
+    """The channel's uniqueId once it answers."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            ctx.get(source.channel, request="field(uniqueId)", timeout=0.5)
-            return
+            return ctx.get(source.channel, request="field(uniqueId)", timeout=0.5)
         except TimeoutError:
             alive = source.proc.poll() is None
             assert alive and time.monotonic() < deadline, source.proc.stdout.read()

@@ -1,10 +1,13 @@
 """The service's live reference: it watches the detector's own stream, keeps a few percent of
-each acquisition (windows of consecutive frames), runs the conventional analysis on them in
+each acquisition (windows of consecutive scan points), runs the conventional analysis on them in
 a background thread (remote/reference.py) and publishes the serving model's error against it
 as ``$(P)ml:ReferenceError``, what was measured in ``$(P)ml:ReferenceInfo``.
 
 A window that arrives while the last is still being analysed is skipped (counted in the
-info); frames are decoded only inside windows, so the stream costs little else."""
+info); frames are decoded only inside windows, so the stream costs little else. A monitor
+squashes updates when its client falls behind: a window that lost a few frames is still
+analysed (each frame carries its position), one that lost more than a quarter is not (counted
+as incomplete)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from edgeloop.registry import Registry
 log = logging.getLogger(__name__)
 
 UNITS = {"ptycho": "rad", "hedm": "px"}
+# deep enough that a scan's window is not squashed while the service is busy
+MONITOR_REQUEST = "field()record[queueSize=64]"
 
 
 class ReferenceMonitor:
@@ -29,16 +34,19 @@ class ReferenceMonitor:
         self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
         self._last_uid: int | None = None
         self._first_uid = 0
-        self._window: list = []
+        self._window: list = []  # (mode, frame) of the window being gathered
+        self._window_key: tuple | None = None  # (acquisition's first uid, mode, window start)
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._models: dict = {}  # kind -> (version, model)
-        self.done = self.skipped = self.failed = 0
+        self.done = self.skipped = self.failed = self.incomplete = 0
         self._sub = None
 
     def start(self) -> ReferenceMonitor:
         threading.Thread(target=self._work, name="reference", daemon=True).start()
-        self._sub = self.ctx.monitor(self.input_pv, self._on_frame, notify_disconnect=True)
+        self._sub = self.ctx.monitor(
+            self.input_pv, self._on_frame, request=MONITOR_REQUEST, notify_disconnect=True
+        )
         return self
 
     def stop(self) -> None:
@@ -55,14 +63,15 @@ class ReferenceMonitor:
 
     def _on_frame(self, value) -> None:
         if isinstance(value, Exception):
-            self._window = []
+            self._window, self._window_key = [], None
             return
         try:
             uid = int(value["uniqueId"])
         except Exception:
             return
         if self._last_uid is None or uid <= self._last_uid:  # a new acquisition
-            self._first_uid, self._window = uid, []
+            self._flush()
+            self._first_uid = uid
         self._last_uid = uid
         try:
             frame = ntnd.decode(value)
@@ -72,19 +81,31 @@ class ReferenceMonitor:
         if mode not in UNITS:
             return
         size, every = self._plan(mode)
-        if (uid - self._first_uid) % every >= size:
+        offset = uid - self._first_uid
+        key = (self._first_uid, mode, offset - offset % every)
+        in_window = offset % every < size
+        if not in_window or key != self._window_key:
+            self._flush()  # the window's range has passed, or a new one begins
+        if not in_window:
             return
-        if self._window:
-            last_mode, last = self._window[-1]
-            if last_mode != mode or last.unique_id != uid - 1:
-                self._window = []  # a gap: windows are consecutive frames
+        self._window_key = key
         self._window.append((mode, frame))
-        if len(self._window) == size:
-            window, self._window = self._window, []
-            try:
-                self._jobs.put_nowait(window)
-            except queue.Full:
-                self.skipped += 1
+        if offset % every == size - 1:  # the window's last frame
+            self._flush()
+
+    def _flush(self) -> None:
+        """Queue the window gathered so far, if it kept at least three quarters of its frames."""
+        window, self._window, self._window_key = self._window, [], None
+        if not window:
+            return
+        size, _ = self._plan(window[0][0])
+        if 4 * len(window) < 3 * size:
+            self.incomplete += 1
+            return
+        try:
+            self._jobs.put_nowait(window)
+        except queue.Full:
+            self.skipped += 1
 
     # ---- analysis (its own thread) -------------------------------------------------------
     def _work(self) -> None:
@@ -143,7 +164,8 @@ class ReferenceMonitor:
         info = (
             f"{mode}: {error:.4g} {UNITS[mode]} on {len(frames)} frames (uniqueId "
             f"{frames[0].unique_id}-{frames[-1].unique_id}), model v{version}, "
-            f"{time.perf_counter() - t0:.1f} s; {self.done} done, {self.skipped} skipped"
+            f"{time.perf_counter() - t0:.1f} s; {self.done} done, {self.skipped} skipped, "
+            f"{self.incomplete} incomplete"
         )
         log.info("reference: %s", info)
         self._put("ml:ReferenceError", float(error))

@@ -137,6 +137,8 @@ def test_demo_scans_lets_the_policy_retrain_and_reports_each_scan(tmp_path):
         assert scan["frames"] == 80 and 0 < scan["phase_error"] < 1
         assert 0 < scan["consistency"] < 1 and 0 < scan["recon_error"] < scan["phase_error"]
     assert first["reference_error"] is None  # no trained model yet: nothing to check
+    log = (out / "logs" / "retrain-service.log").read_text()
+    assert second["reference_error"] is not None, (second["reference_info"], log[-4000:])
     assert 0 < second["reference_error"] < 1
     assert -1 <= report["consistency_error_spearman"] <= 1
     assert report["frames_in"] == report["frames_out"] + report["dropped"] + report["bad_frames"]

@@ -164,10 +164,12 @@ def test_hedm_reference_leaves_out_border_saturated_and_bad_frames(cfg, hedm_fra
     assert none["peaks"] == 0 and np.isnan(none["reference_error"])
 
 
-def test_the_service_samples_windows_of_consecutive_frames_from_the_stream():
+def test_the_service_samples_windows_of_frames_from_the_stream():
     """ReferenceMonitor (remote/reference_monitor.py) on NTNDArrays as the detector sends
-    them: a window at the start of each acquisition and every ``reference_every`` frames,
-    consecutive frames only, the next window skipped (counted) while one waits."""
+    them: a window at the start of each acquisition and every ``reference_every`` frames;
+    a window that lost a frame to a squashing monitor is still analysed, one that lost more
+    than a quarter is counted incomplete; the next window is skipped (counted) while one
+    waits."""
     from edgeloop import ntnd
     from edgeloop.remote.reference_monitor import ReferenceMonitor
 
@@ -184,9 +186,15 @@ def test_the_service_samples_windows_of_consecutive_frames_from_the_stream():
     window = monitor._jobs.get_nowait()
     assert [f.unique_id for _, f in window] == [1, 2, 3, 4]
     assert [f.unique_id for _, f in monitor._window] == [11, 12]
-    send(14)  # 13 is missing: the window restarts at 14, and 15 lies outside windows
+    send(14)  # 13 is missing: 11, 12 and 14 are three quarters of the window
     send(15)
-    assert [f.unique_id for _, f in monitor._window] == [14]
+    assert [f.unique_id for _, f in monitor._jobs.get_nowait()] == [11, 12, 14]
+    assert not monitor._window and monitor.incomplete == 0
+    send(21)
+    send(23)  # 22 missing, then 24 too: the window ends at 25 with half its frames
+    send(25)
+    assert monitor._jobs.empty() and monitor.incomplete == 1
+    send(31)  # a window cut short by a new acquisition is judged the same way
     for uid in range(1, 5):  # a new acquisition (uniqueId restarts): a new window
         send(uid)
     assert [f.unique_id for _, f in monitor._jobs.get_nowait()] == [1, 2, 3, 4]
@@ -194,6 +202,6 @@ def test_the_service_samples_windows_of_consecutive_frames_from_the_stream():
         send(uid)  # queued, then the next full window finds the queue full: skipped
     for uid in range(1, 5):
         send(uid)
-    assert monitor.skipped == 1
+    assert monitor.skipped == 1 and monitor.incomplete == 2
     send(5, mode="other")  # not a technique: ignored
     assert monitor.skipped == 1

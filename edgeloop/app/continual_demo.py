@@ -174,8 +174,11 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
             pooled[0].append(c)
             pooled[1].append(e)
         retrain = wait_for_policy(ctx, p, trigger_before, wait_s)
-        # the reference the service ran on this scan (it samples the detector's stream)
-        reference = _reference_after(ctx, p, reference_before, 60)
+        # the reference the service ran on this scan (it samples the detector's stream); it
+        # compares trained models only, so there is none to wait for under the untrained v0
+        reference, reference_info = (
+            _reference_after(ctx, p, reference_before, 180) if version else (None, "")
+        )
         positions = read_scan(entry)["positions_um"]
         map_err = patch_errors(map_patches(phase_map, positions, cfg), positions, sim)
         scans.append(
@@ -189,6 +192,7 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
                 "recon_error": None,  # below, once every retraining has labelled
                 "consistency": consistency,
                 "reference_error": reference,
+                "reference_info": reference_info,
                 "trigger": retrain["trigger"],
                 "retrain_state": retrain["state"],
                 "retrain_s": retrain["seconds"],
@@ -226,14 +230,18 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
     return report
 
 
-def _reference_after(ctx: Context, p: str, before: str, timeout: float) -> float | None:
+def _reference_after(ctx: Context, p: str, before: str, timeout: float) -> tuple:
+    """The service's next reference after ``before``: (error or None, what ml:ReferenceInfo
+    said, a failure's reason included)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if str(_value(ctx, f"{p}ml:ReferenceInfo")) != before:
-            value = float(_value(ctx, f"{p}ml:ReferenceError"))
-            return value if np.isfinite(value) else None
+        info = str(_value(ctx, f"{p}ml:ReferenceInfo"))
+        if info != before:
+            value = float(_value(ctx, f"{p}ml:ReferenceError"))  # put before the info
+            failed = info.startswith("reference failed") or not np.isfinite(value)
+            return (None if failed else value), info
         time.sleep(0.5)
-    return None
+    return None, f"no reference in {timeout:.0f} s"
 
 
 def _spearman(a, b) -> float | None:

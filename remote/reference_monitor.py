@@ -6,8 +6,8 @@ as ``$(P)ml:ReferenceError``, what was measured in ``$(P)ml:ReferenceInfo``.
 A window that arrives while the last is still being analysed is skipped (counted in the
 info); frames are decoded only inside windows, so the stream costs little else. A monitor
 squashes updates when its client falls behind: a window that lost a few frames is still
-analysed (each frame carries its position), one that lost more than a quarter is not (counted
-as incomplete)."""
+analysed (each frame carries its position); one left with fewer than three quarters of its
+frames, by a short acquisition or a squashed monitor, is not (counted as incomplete)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,15 @@ class ReferenceMonitor:
         size, _ = self._plan(window[0][0])
         if 4 * len(window) < 3 * size:
             self.incomplete += 1
+            first, last = window[0][1].unique_id, window[-1][1].unique_id
+            log.info(
+                "reference window uniqueId %d-%d: %d of %d frames (the acquisition ended, or the"
+                " monitor lost frames): not analysed",
+                first,
+                last,
+                len(window),
+                size,
+            )
             return
         try:
             self._jobs.put_nowait(window)

@@ -155,6 +155,7 @@ class RetrainService:
         self._known_scans: set[str] = set()
         self._request_fresh = True  # the first ml:Request value after connecting is old
         self.reference: ReferenceMonitor | None = None
+        self._heartbeat: Heartbeat | None = None
 
     def _make_executor(self, name: str):
         return make_executor(
@@ -788,7 +789,6 @@ class RetrainService:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> RetrainService:
-        self._heartbeat = Heartbeat(self.ctx, f"{self.p}ml:Heartbeat").start()
         self._put("ml:Endpoint", self.endpoint)
         self._put("ml:ModelVersion", self.registry.accepted(MODE_KIND[self.cfg.mode]) or 0)
         self._status("Idle", f"retraining service ready (executor {self.endpoint})")
@@ -815,10 +815,13 @@ class RetrainService:
         if self.cfg.remote.reference:
             self.reference = ReferenceMonitor(self.cfg, self.ctx, self.registry, self._put)
             self.reference.start()
+        # last: a beating service has made all of the above (what starters wait for)
+        self._heartbeat = Heartbeat(self.ctx, f"{self.p}ml:Heartbeat").start()
         return self
 
     def stop(self) -> None:
-        self._heartbeat.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if self.reference is not None:
             self.reference.stop()
         self._stop.set()

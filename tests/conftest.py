@@ -19,7 +19,7 @@ import pytest
 from p4p.client.thread import Context
 
 from edgeloop import ntnd
-from edgeloop.app.processes import ManagedProcess, wait_for_pv
+from edgeloop.app.processes import ManagedProcess, beating, wait_for_pv
 from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV, Config
 from edgeloop.signing import create_key
 
@@ -231,11 +231,17 @@ class System:
         self.procs: dict[str, ManagedProcess] = {}
         self.ctx = Context("pva", nt=False)
 
-    def start(self, name: str, *extra: str, ready_pv: str, timeout: float = 90.0):
+    def start(self, name: str, *extra: str, ready_pv: str | None = None, timeout: float = 90.0):
+        """Start a server; ready once ``ready_pv`` answers (the retraining service: once it
+        beats ml:Heartbeat, since the IOC serves its other PVs)."""
         args = [name, "--prefix", self.prefix, "--config", str(self.config_path), *extra]
+        until = None
+        if name == "retrain-service":
+            ready_pv = "ml:Heartbeat"
+            until = beating(self.ctx, f"{self.prefix}{ready_pv}")
         proc = ManagedProcess(name, args, self.logs / f"{name}.log", env=self.env)
         self.procs[name] = proc
-        wait_for_pv(self.ctx, f"{self.prefix}{ready_pv}", timeout, proc)
+        wait_for_pv(self.ctx, f"{self.prefix}{ready_pv}", timeout, proc, until)
         return proc
 
     def pv(self, name: str):
@@ -276,7 +282,7 @@ def whole_system(tmp: Path, tag: str, request, beamline_ca_port: int = BEAMLINE_
     try:
         sys_.start("ioc", ready_pv="ml:Status")
         sys_.start("edge", ready_pv="edge:ModelVersion")
-        sys_.start("retrain-service", ready_pv="ml:Status")
+        sys_.start("retrain-service")
         yield sys_
     finally:
         failed = request.session.testsfailed
@@ -362,6 +368,17 @@ class Collector:
             time.sleep(0.05)
         with self.lock:
             return list(self.frames)
+
+    def wait_ids(self, uids, timeout=60) -> dict:
+        """The frames of these uniqueIds, once all have come (or at the timeout); answers to
+        other frames, such as a late one to an earlier test, do not count."""
+        wanted, deadline = set(uids), time.monotonic() + timeout
+        while True:
+            with self.lock:
+                got = {f.unique_id: f for f in self.frames if f.unique_id in wanted}
+            if len(got) == len(wanted) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
 
     def close(self):
         self.sub.close()

@@ -32,7 +32,7 @@ def test_each_real_aps_frame_gets_a_phase_image(aps_edge):
         y, x = positions[i] * 1e6  # metres -> um
         post(source, ntnd.build(frame, i + 1, {"SampleX": x, "SampleY": y}))
         time.sleep(0.01)
-    got = {f.unique_id: f for f in out.wait(20, timeout=60) if f.unique_id >= 1}
+    got = out.wait_ids(range(1, 21))
     out.close()
     assert sorted(got) == list(range(1, 21))
     for f in got.values():

@@ -59,12 +59,12 @@ def test_one_phase_output_per_frame_with_matching_unique_id(system):
     start = int(ca_get(f"{system.prefix}det:cam1:ArrayCounter_RBV").data[0])
     acquire(system, 40)
     expected = set(range(start + 1, start + 41))
-    got_p = {f.unique_id for f in phase.wait(40) if f.unique_id in expected}
-    got_a = {f.unique_id for f in amplitude.wait(40) if f.unique_id in expected}
+    got_p = phase.wait_ids(expected)
+    got_a = amplitude.wait_ids(expected)
     phase.close()
     amplitude.close()
-    assert got_p == expected and got_a == expected
-    out = phase.frames[-1]
+    assert set(got_p) == expected and set(got_a) == expected
+    out = got_p[start + 40]
     assert out.data.shape == (64, 64) and out.data.dtype == np.float32
     assert np.all(np.abs(out.data) <= np.pi)
     system.wait_value("edge:FramesOut", lambda v: v >= start + 40, 10)

@@ -76,18 +76,31 @@ class ManagedProcess:
         return self.proc.returncode
 
 
-def wait_for_pv(ctx: Context, name: str, timeout: float, proc: ManagedProcess | None = None):
-    """Poll a PV until it reads; raise with the process output if it never does."""
+def wait_for_pv(
+    ctx: Context, name: str, timeout: float, proc: ManagedProcess | None = None, until=None
+):
+    """Poll a PV until it reads (and ``until(value)`` holds); raise with the process output
+    if it never does."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return ctx.get(name, timeout=1.0)
+            value = ctx.get(name, timeout=1.0)
+            if until is None or until(value):
+                return value
         except Exception:
-            if proc is not None and not proc.alive():
-                raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}") from None
-            if time.monotonic() > deadline:
-                tail = proc.output()[-3000:] if proc else ""
-                raise TimeoutError(
-                    f"{name} did not answer within {timeout} s ({search_hint()})\n{tail}"
-                ) from None
-            time.sleep(0.2)
+            pass
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}")
+        if time.monotonic() > deadline:
+            tail = proc.output()[-3000:] if proc else ""
+            what = "answer" if until is None else "answer as awaited"
+            hint = search_hint()
+            raise TimeoutError(f"{name} did not {what} within {timeout} s ({hint})\n{tail}")
+        time.sleep(0.2)
+
+
+def beating(ctx: Context, heartbeat_pv: str):
+    """An ``until`` for wait_for_pv: true once the heartbeat counter differs from what it reads
+    now, that is, once a service started after this call has begun to beat (it beats last)."""
+    before = ctx.get(heartbeat_pv, timeout=5)["value"]
+    return lambda value: value["value"] != before

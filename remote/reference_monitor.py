@@ -4,7 +4,7 @@ a background thread (remote/reference.py) and publishes the serving model's erro
 as ``$(P)ml:ReferenceError``, what was measured in ``$(P)ml:ReferenceInfo``.
 
 A window that arrives while the last is still being analysed is skipped (counted in the
-info); frames are decoded only inside windows, so the stream costs little else. A monitor
+info); the stream costs one decode per frame (its Mode attribute picks the plan). A monitor
 squashes updates when its client falls behind: a window that lost a few frames is still
 analysed (each frame carries its position); one left with fewer than three quarters of its
 frames, by a short acquisition or a squashed monitor, is not (counted as incomplete)."""

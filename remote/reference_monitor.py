@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 UNITS = {"ptycho": "rad", "hedm": "px"}
 # deep enough that a scan's window is not squashed while the service is busy
 MONITOR_REQUEST = "field()record[queueSize=64]"
+FAILED = "reference failed"  # how ml:ReferenceInfo begins when an analysis raised
 
 
 class ReferenceMonitor:
@@ -128,7 +129,7 @@ class ReferenceMonitor:
             except Exception as exc:  # never stop the service; say why in the info
                 self.failed += 1
                 log.exception("reference analysis failed")
-                why = f"reference failed: {type(exc).__name__}: {exc}"
+                why = f"{FAILED}: {type(exc).__name__}: {exc}"
                 self._put("ml:ReferenceInfo", why[:250])
 
     def _model(self, kind: str):

@@ -19,7 +19,7 @@ import pytest
 from p4p.client.thread import Context
 
 from edgeloop import ntnd
-from edgeloop.app.processes import ManagedProcess, beating, wait_for_pv
+from edgeloop.app.processes import ManagedProcess, readiness, wait_for_pv
 from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV, Config
 from edgeloop.signing import create_key
 
@@ -233,15 +233,12 @@ class System:
 
     def start(self, name: str, *extra: str, ready_pv: str | None = None, timeout: float = 90.0):
         """Start a server; ready once ``ready_pv`` answers (the retraining service: once it
-        beats ml:Heartbeat, since the IOC serves its other PVs)."""
+        beats, processes.readiness)."""
         args = [name, "--prefix", self.prefix, "--config", str(self.config_path), *extra]
-        until = None
-        if name == "retrain-service":
-            ready_pv = "ml:Heartbeat"
-            until = beating(self.ctx, f"{self.prefix}{ready_pv}")
+        pv, until = readiness(self.ctx, self.prefix, name, ready_pv)
         proc = ManagedProcess(name, args, self.logs / f"{name}.log", env=self.env)
         self.procs[name] = proc
-        wait_for_pv(self.ctx, f"{self.prefix}{ready_pv}", timeout, proc, until)
+        wait_for_pv(self.ctx, pv, timeout, proc, until)
         return proc
 
     def pv(self, name: str):
@@ -359,26 +356,28 @@ class Collector:
             with self.lock:
                 self.frames.append(ntnd.decode(value))
 
-    def wait(self, n, timeout=60):
+    def _poll(self, done, timeout) -> list:
+        """The frames so far, once ``done(frames)`` holds or at the timeout."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             with self.lock:
-                if len(self.frames) >= n:
-                    break
+                frames = list(self.frames)
+            if done(frames) or time.monotonic() > deadline:
+                return frames
             time.sleep(0.05)
-        with self.lock:
-            return list(self.frames)
+
+    def wait(self, n, timeout=60):
+        return self._poll(lambda frames: len(frames) >= n, timeout)
 
     def wait_ids(self, uids, timeout=60) -> dict:
         """The frames of these uniqueIds, once all have come (or at the timeout); answers to
         other frames, such as a late one to an earlier test, do not count."""
-        wanted, deadline = set(uids), time.monotonic() + timeout
-        while True:
-            with self.lock:
-                got = {f.unique_id: f for f in self.frames if f.unique_id in wanted}
-            if len(got) == len(wanted) or time.monotonic() > deadline:
-                return got
-            time.sleep(0.05)
+        wanted = set(uids)
+
+        def pick(frames) -> dict:
+            return {f.unique_id: f for f in frames if f.unique_id in wanted}
+
+        return pick(self._poll(lambda frames: len(pick(frames)) == len(wanted), timeout))
 
     def close(self):
         self.sub.close()

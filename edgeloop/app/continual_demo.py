@@ -233,12 +233,14 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
 def _reference_after(ctx: Context, p: str, before: str, timeout: float) -> tuple:
     """The service's next reference after ``before``: (error or None, what ml:ReferenceInfo
     said, a failure's reason included)."""
+    from edgeloop.remote.reference_monitor import FAILED
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = str(_value(ctx, f"{p}ml:ReferenceInfo"))
         if info != before:
             value = float(_value(ctx, f"{p}ml:ReferenceError"))  # put before the info
-            failed = info.startswith("reference failed") or not np.isfinite(value)
+            failed = info.startswith(FAILED) or not np.isfinite(value)
             return (None if failed else value), info
         time.sleep(0.5)
     return None, f"no reference in {timeout:.0f} s"

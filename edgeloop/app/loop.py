@@ -14,7 +14,7 @@ import numpy as np
 from p4p.client.thread import Context
 
 from edgeloop import ntnd, signing
-from edgeloop.app.processes import ManagedProcess, beating, wait_for_pv
+from edgeloop.app.processes import ManagedProcess, readiness, wait_for_pv
 from edgeloop.config import MODE_KIND, Config, pin_loopback
 
 log = logging.getLogger(__name__)
@@ -114,14 +114,13 @@ class Servers:
             for name, ready in (
                 ("ioc", "ml:Status"),
                 ("edge", "edge:ModelVersion"),
-                ("retrain-service", "ml:Heartbeat"),
+                ("retrain-service", None),
             ):
                 extra = self.edge_args if name == "edge" else ()
-                service = name == "retrain-service"
-                until = beating(self.ctx, f"{p}ml:Heartbeat") if service else None
+                pv, until = readiness(self.ctx, p, name, ready)
                 proc = ManagedProcess(name, [name, *common, *extra], out / "logs" / f"{name}.log")
                 self.procs.append(proc)
-                wait_for_pv(self.ctx, f"{p}{ready}", 90, proc, until)
+                wait_for_pv(self.ctx, pv, 90, proc, until)
             time.sleep(1.0)  # the service's monitors (ml:Retrain ...) connect
         except BaseException:
             self.__exit__()

@@ -99,8 +99,13 @@ def wait_for_pv(
         time.sleep(0.2)
 
 
-def beating(ctx: Context, heartbeat_pv: str):
-    """An ``until`` for wait_for_pv: true once the heartbeat counter differs from what it reads
-    now, that is, once a service started after this call has begun to beat (it beats last)."""
-    before = ctx.get(heartbeat_pv, timeout=5)["value"]
-    return lambda value: value["value"] != before
+def readiness(ctx: Context, prefix: str, name: str, ready_pv: str | None = None):
+    """What says that the server ``name`` is up, as (PV, until) for wait_for_pv; call it
+    before starting the server. The retraining service serves no PV of its own (the IOC
+    serves ml:*), so it is up once ml:Heartbeat differs from what it reads now: the service
+    starts beating last."""
+    if name != "retrain-service":
+        return f"{prefix}{ready_pv}", None
+    heartbeat = f"{prefix}ml:Heartbeat"
+    before = ctx.get(heartbeat, timeout=5)["value"]
+    return heartbeat, lambda value: value["value"] != before

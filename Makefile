@@ -25,7 +25,7 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) .ci/lint_imports.py
+	$(VENV)/bin/lint-imports --config setup.cfg --no-cache
 
 test: lint
 	$(PY) -m pytest

@@ -1,0 +1,59 @@
+"""The tests' network settings and the one allocator of their ports and PV prefixes.
+
+- ``CA_PORTS``: the Channel Access port of every simulated beamline a test may start beside
+  another (two CA servers on one host cannot share a port for unicast searches); each is in
+  ``TEST_ENV``'s ``EPICS_CA_ADDR_LIST``, so in-process clients find it;
+- ``ca_port(name)``, ``free_port()`` (a loopback port free for TCP and UDP, for a server
+  whose clients get the port explicitly), ``random_prefix(tag)``;
+- ``TEST_ENV``: the EPICS settings every test runs with; ``SHARED_DATA``: ../shared/data."""
+
+import secrets
+import socket
+from pathlib import Path
+
+from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+KIT = Path(__file__).resolve().parent  # the scripts tests run as processes live here too
+
+CA_PORTS = {
+    "beamline": BEAMLINE_CA_PORT,  # the session's whole loop
+    "second_beamline": BEAMLINE_CA_PORT + 1,  # a loop beside it
+    "soak": BEAMLINE_CA_PORT + 2,
+    "area_detector": BEAMLINE_CA_PORT + 3,
+    "area_detector_own": BEAMLINE_CA_PORT + 4,
+    "run_index": BEAMLINE_CA_PORT + 5,
+}
+
+TEST_ENV = dict(
+    LOOPBACK_ENV,
+    EPICS_CA_ADDR_LIST=" ".join(
+        [LOOPBACK_ENV["EPICS_CA_ADDR_LIST"]]
+        + [f"127.0.0.1:{port}" for name, port in CA_PORTS.items() if name != "beamline"]
+    ),
+)
+
+
+def ca_port(name: str) -> int:
+    """The CA port reserved for ``name`` (a key of ``CA_PORTS``)."""
+    return CA_PORTS[name]
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on loopback (a CA server binds both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket() as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                if port not in CA_PORTS.values():
+                    return port
+
+
+def random_prefix(tag: str) -> str:
+    """A PV prefix no other test uses: ``T<tag><6 hex digits>:``."""
+    return f"T{tag}{secrets.token_hex(3)}:"

@@ -1,0 +1,44 @@
+"""A real bluesky RunEngine for the tests: ``run_engine()`` (its loop thread stopped after),
+``run_plan(plan)`` (the documents, each checked against its schema), ``of(docs, kind)``."""
+
+import contextlib
+
+
+@contextlib.contextmanager
+def run_engine():
+    """A bluesky RunEngine whose event-loop thread is stopped afterwards."""
+    from bluesky import RunEngine
+
+    engine = RunEngine({})
+    try:
+        yield engine
+    finally:
+        if engine.state != "idle":
+            engine.halt()
+        # Each RunEngine runs its own event loop on a daemon thread: stop it and close it.
+        loop, thread = engine.loop, getattr(engine, "_th", None)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not None:
+                thread.join(timeout=5)
+            if not loop.is_running():
+                loop.close()
+
+
+def run_plan(plan, docs: list | None = None) -> list[tuple[str, dict]]:
+    """Run ``plan`` on a real RunEngine; its documents (into ``docs`` when given, so they
+    are kept when the plan raises), each checked against its schema."""
+    from event_model import DocumentNames, schema_validators
+
+    docs = [] if docs is None else docs
+    with run_engine() as RE:
+        RE.subscribe(lambda name, doc: docs.append((name, doc)))
+        RE(plan)
+    for name, doc in docs:
+        schema_validators[DocumentNames[name]].validate(doc)
+    return docs
+
+
+def of(docs, kind: str) -> list[dict]:
+    """The documents of one kind."""
+    return [doc for name, doc in docs if name == kind]

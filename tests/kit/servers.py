@@ -1,0 +1,97 @@
+"""The loop's servers as subprocesses on loopback for the tests: ``small_config`` (a config
+with small training settings and a signing key), ``System`` (starts ``edgeloop`` commands,
+each ready by its PV or heartbeat, stopped by PID), ``whole_system`` (ioc + edge +
+retrain-service)."""
+
+import contextlib
+import time
+from pathlib import Path
+
+from p4p.client.thread import Context
+
+from edgeloop.app.processes import ManagedProcess, readiness, wait_for_pv
+from edgeloop.config import BEAMLINE_CA_PORT, Config
+from edgeloop.signing import create_key
+from tests.kit.env import TEST_ENV, random_prefix
+
+
+def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
+    cfg = Config(prefix=prefix, data_dir=str(tmp / "data"), registry_dir=str(tmp / "models"))
+    cfg.train.epochs = 2
+    cfg.train_hedm.epochs = 40
+    cfg.train.recon_epochs = 8
+    cfg.edge.stats_publish_s = 0.2
+    cfg.edge.map_publish_s = 0.2
+    cfg.security.signing_key_file = str(tmp / "signing.key")
+    if not (tmp / "signing.key").exists():
+        create_key(tmp / "signing.key")
+    path = tmp / "config.json"
+    cfg.dump(path)
+    return cfg, path
+
+
+class System:
+    """Handles to a running set of servers."""
+
+    def __init__(self, cfg: Config, config_path: Path, logs: Path, env: dict | None = None):
+        self.cfg, self.config_path, self.logs = cfg, config_path, logs
+        self.env = dict(TEST_ENV, **(env or {}))
+        self.prefix = cfg.prefix
+        self.procs: dict[str, ManagedProcess] = {}
+        self.ctx = Context("pva", nt=False)
+
+    def start(self, name: str, *extra: str, ready_pv: str | None = None, timeout: float = 90.0):
+        """Start a server; ready once ``ready_pv`` answers (the retraining service: once it
+        beats, processes.readiness)."""
+        args = [name, "--prefix", self.prefix, "--config", str(self.config_path), *extra]
+        pv, until = readiness(self.ctx, self.prefix, name, ready_pv)
+        proc = ManagedProcess(name, args, self.logs / f"{name}.log", env=self.env)
+        self.procs[name] = proc
+        wait_for_pv(self.ctx, pv, timeout, proc, until)
+        return proc
+
+    def pv(self, name: str):
+        return self.ctx.get(f"{self.prefix}{name}", timeout=5)
+
+    def value(self, name: str):
+        return self.pv(name)["value"]
+
+    def wait_value(self, name: str, predicate, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.value(name)
+            if predicate(v):
+                return v
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.prefix}{name} = {v!r} after {timeout} s\n" + self.outputs()
+                )
+            time.sleep(0.1)
+
+    def outputs(self) -> str:
+        return "\n".join(f"----- {n} -----\n{p.output()[-4000:]}" for n, p in self.procs.items())
+
+    def stop(self):
+        self.ctx.close()
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+        for name, proc in self.procs.items():
+            assert proc.proc.returncode is not None, f"{name} still running"
+
+
+@contextlib.contextmanager
+def whole_system(tmp: Path, tag: str, request, beamline_ca_port: int = BEAMLINE_CA_PORT):
+    """ioc (beamline + ML IOC) + edge + retrain-service, with small training settings."""
+    cfg, path = small_config(tmp, random_prefix(tag))
+    port = {"EDGELOOP_BEAMLINE_CA_PORT": str(beamline_ca_port)}
+    sys_ = System(cfg, path, tmp / "logs", env=port)
+    try:
+        sys_.start("ioc", ready_pv="ml:Status")
+        sys_.start("edge", ready_pv="edge:ModelVersion")
+        sys_.start("retrain-service")
+        yield sys_
+    finally:
+        failed = request.session.testsfailed
+        sys_.stop()
+        if failed:
+            print(sys_.outputs())

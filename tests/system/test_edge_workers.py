@@ -1,0 +1,379 @@
+"""``edgeloop edge --workers 2``: two worker processes share one detector stream through the
+source's data distributor (pvDatabase: pvapy here, areaDetector's NDPluginPva at a
+beamline) and answer under the one set of ``edge:`` PVs: every frame once, the counters
+summed and consistent, one stitched map; LoadModel reaches both workers; a killed worker is
+restarted and reported; a source without the distributor (p4p) still gets each frame
+answered once, the copies counted in Repeats and said in Message."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from p4p.client.thread import Context
+from p4p.server import Server
+from p4p.server.thread import SharedPV
+
+from edgeloop import ntnd
+from edgeloop.app.processes import wait_for_pv
+from edgeloop.edge_pva.stitch import PhaseMap
+from edgeloop.edge_pva.workers import WorkerCounts
+from edgeloop.models import kind as model_kind
+from edgeloop.registry import Registry, model_to_bytes
+from tests.kit.answers import Collector, post
+from tests.kit.env import KIT, random_prefix
+from tests.kit.pvapy_sources import Witness, ad_sim_server
+from tests.kit.servers import System, small_config
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+COUNTERS = ("FramesIn", "FramesOut", "Dropped", "BadFrames", "InFlight", "Repeats")
+
+
+@contextlib.contextmanager
+def two_workers(tmp: Path, request, prefix: str, input_pv: str):
+    """``edgeloop edge --workers 2`` (a subprocess, stopped by PID) once both workers
+    serve; its output printed if what ran with it failed."""
+    cfg, path = small_config(tmp, prefix)
+    sys_ = System(cfg, path, tmp / "logs")
+    failed, ok = request.session.testsfailed, False
+    try:
+        sys_.start("edge", "--workers", "2", "--input-pv", input_pv, ready_pv="edge:Message")
+        for k in (1, 2):
+            wait_for_pv(sys_.ctx, f"{prefix}edge:w{k}:Started", 90, sys_.procs["edge"])
+        yield sys_
+        ok = True
+    finally:
+        sys_.stop()
+        if not ok or request.session.testsfailed > failed:
+            print(sys_.outputs())
+
+
+def counts(sys_: System, prefix: str = "edge:") -> dict:
+    return {n: sys_.value(f"{prefix}{n}") for n in (*COUNTERS, "MissedFrames")}
+
+
+def settled(sys_: System, n: int, timeout: float = 30, quiet_s: float = 0.5) -> dict:
+    """The aggregate's counters once n frames are answered and they have not moved for
+    ``quiet_s``; they add up whenever read."""
+    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        c = counts(sys_)
+        assert c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"] + c["InFlight"]
+        if c != last:
+            last, since = c, time.monotonic()
+        elif c["FramesOut"] >= n and time.monotonic() - since >= quiet_s:
+            return c
+        time.sleep(0.25)
+    raise TimeoutError(f"edge did not settle at {n} frames: {last}\n{sys_.outputs()}")
+
+
+def test_worker_counts_add_up_across_a_restart():
+    counts_ = WorkerCounts()
+    polled = {"FramesIn": 10, "FramesOut": 7, "Dropped": 1, "BadFrames": 0, "InFlight": 2}
+    polled.update(Repeats=0, Restarts=0, Started=1.0)
+    assert counts_.update(1, polled) is None
+    assert counts_.update(2, dict(polled, FramesIn=11)) is None  # caught between posts
+    assert counts_.update(2, dict(polled, Started=2.0)) is None
+    # worker 1 started again: its two frames in flight were lost with it
+    again = dict(polled, Started=3.0, FramesIn=1, FramesOut=1, Dropped=0, InFlight=0)
+    assert counts_.update(1, again) == 2
+    total = counts_.totals(duplicates=1)  # one frame answered by both
+    assert total["FramesIn"] == 10 + 10 + 1 - 1 and total["FramesOut"] == 7 + 7 + 1 - 1
+    assert total["Dropped"] == 1 + 2 + 1 and total["InFlight"] == 2
+    settled_ = ("FramesOut", "Dropped", "BadFrames", "InFlight")
+    assert total["FramesIn"] == sum(total[n] for n in settled_)
+    assert total["Repeats"] == 1 and total["Restarts"] == 1
+
+
+class Messages:
+    """Every edge:Message update, with its severity."""
+
+    def __init__(self, ctx: Context, pv: str):
+        self.seen: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self.sub = ctx.monitor(pv, self._on)
+
+    def _on(self, value):
+        if not isinstance(value, Exception):
+            with self._lock:
+                self.seen.append((value["value"], int(value["alarm.severity"])))
+
+    def wait(self, predicate, timeout: float = 60) -> tuple[str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                hit = next((m for m in self.seen if predicate(*m)), None)
+            if hit:
+                return hit
+            time.sleep(0.1)
+        raise TimeoutError(f"no such message in {self.seen}")
+
+    def close(self):
+        self.sub.close()
+
+
+def test_two_workers_answer_every_frame_of_pvapy_ad_sim_server_once(tmp_path, request):
+    prefix = random_prefix("a")
+    channel = f"{prefix}sim:Image"
+    ctx = Context("pva", nt=False)
+    try:
+        # frames start 30 s after the server: the edge and both workers are up by then
+        args = ("-nx", "64", "-ny", "64", "-dt", "uint8", "-nf", "10")
+        with ad_sim_server(channel, *args, fps=100, runtime=3, start_delay=30):
+            witness = Witness(ctx, channel)
+            with two_workers(tmp_path, request, prefix, channel) as edge:
+                outputs = Collector(ctx, f"{edge.prefix}edge:Phase")
+                while ctx.get(channel, request="field(uniqueId)")["uniqueId"] == 0:
+                    time.sleep(0.2)
+                sent = wait_sent(witness)
+                total = settled(edge, len(sent))
+                answers = [f.unique_id for f in outputs.wait(len(sent), timeout=30)]
+                workers = [counts(edge, f"edge:w{k}:") for k in (1, 2)]
+                outputs.close()
+        witness.close()
+    finally:
+        ctx.close()
+    assert len(sent) >= 290  # 3 s at 100 frames/s
+    assert sorted(answers) == sorted(sent)  # every frame, once
+    assert total["FramesIn"] == total["FramesOut"] == len(sent), total
+    assert total["Dropped"] == total["BadFrames"] == total["MissedFrames"] == 0, total
+    # a worker that connected while frames flowed answers the one the source held again
+    assert total["Repeats"] <= 2, total
+    for w in workers:  # the distributor shared the frames between them
+        assert w["FramesOut"] > len(sent) // 4, workers
+    assert sum(w["FramesOut"] for w in workers) == len(sent) + total["Repeats"], workers
+
+
+def wait_sent(witness: Witness, quiet_s: float = 2.0, timeout: float = 30) -> set:
+    """The frames the source sent, once it has sent none for ``quiet_s``."""
+    deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = len(witness.frames)
+        if n != last:
+            last, since = n, time.monotonic()
+        elif n and time.monotonic() - since > quiet_s:
+            return {uid for uid, _ in witness.frames}
+        time.sleep(0.2)
+    raise TimeoutError(f"the source kept sending: {last} frames")
+
+
+def scan_frames(path: Path, n_side: int = 7, step_um: float = 0.2, size: int = 64) -> int:
+    """A raster scan's diffraction-like frames and positions (um), overlapping patches."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[-size // 2 : size // 2, -size // 2 : size // 2]
+    rings = 300 * np.exp(-((np.hypot(yy, xx) % 7) ** 2) / 3)
+    frames = rng.poisson(rings + 3, (n_side * n_side, size, size)).astype(np.float32)
+    grid = (np.arange(n_side) - (n_side - 1) / 2) * step_um
+    x, y = (a.ravel() for a in np.meshgrid(grid, grid))
+    np.savez(path, frames=frames, x=x, y=y)
+    return len(frames)
+
+
+def wait_pv(sys_: System, name: str, predicate, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = sys_.pv(name)
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: {value}")
+        time.sleep(0.1)
+
+
+def command(source: subprocess.Popen, line: str) -> int:
+    """Tell pvapy_frames.py what to post; the last uniqueId it posted."""
+    source.stdin.write(f"{line}\n")
+    source.stdin.flush()
+    answer = source.stdout.readline().split()
+    assert answer[:1] == ["posted"], answer
+    return int(answer[1])
+
+
+def test_one_stitched_map_from_both_workers_of_a_pvapy_source(tmp_path, request):
+    """A pvapy PvaServer posts frames with SampleX/SampleY: the aggregate's edge:PhaseMap is
+    the map of all answers, while each worker's own map holds only its share."""
+    n = scan_frames(tmp_path / "scan.npz")
+    prefix = random_prefix("m")
+    channel = f"{prefix}scan:Image"
+    source = subprocess.Popen(
+        [sys.executable, str(KIT / "pvapy_frames.py"), channel]
+        + [str(tmp_path / "scan.npz"), "40"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    ctx = Context("pva", nt=False)
+    try:
+        assert source.stdout.readline().strip() == "ready"
+        with two_workers(tmp_path, request, prefix, channel) as edge:
+            cfg = edge.cfg
+            # frames without a position until each worker has one: both are connected
+            while not all(edge.value(f"edge:w{k}:FramesIn") for k in (1, 2)):
+                warm = command(source, "one")
+                time.sleep(0.5)
+            settled(edge, warm)
+            outputs = Collector(ctx, f"{edge.prefix}edge:Phase")
+            assert command(source, "go") == warm + n
+            total = settled(edge, warm + n)
+            outputs.wait(n, timeout=30)  # and the one it held on connecting, if any
+            answers = [f for f in outputs.frames if f.unique_id > warm]
+            outputs.close()
+            whole = wait_pv(edge, "edge:PhaseMap", lambda v: v["uniqueId"] == n)
+            shares = [
+                wait_pv(edge, f"edge:w{k}:PhaseMap", lambda v: v["uniqueId"] > 0) for k in (1, 2)
+            ]
+            scan = edge.value("edge:ScanConsistency")
+    finally:
+        ctx.close()
+        source.stdin.close()
+        try:
+            source.wait(10)
+        except subprocess.TimeoutExpired:
+            source.send_signal(signal.SIGTERM)
+            source.wait(10)
+        source.stdout.close()
+    assert total["FramesOut"] == total["FramesIn"] == warm + n and total["Repeats"] == 0, total
+    assert sorted(f.unique_id for f in answers) == list(range(warm + 1, warm + n + 1))
+    reference = PhaseMap(
+        cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um, cfg.edge.stitch_sigma_px
+    )
+    for frame in answers:
+        assert reference.add(frame.data, frame.attributes["SampleX"], frame.attributes["SampleY"])
+    np.testing.assert_allclose(ntnd.decode(whole).data, reference.image(), atol=1e-4)
+    counts_ = [share["uniqueId"] for share in shares]  # a map's uniqueId: its patches
+    assert all(0 < c < n for c in counts_) and sum(counts_) == n, counts_
+    assert np.isfinite(scan)
+
+
+# ---- an edge fed by a p4p server, which has no distributor: shared by the tests below ----
+class Fed:
+    """An edge of two workers, the p4p SharedPV it monitors (served before it starts), and
+    every edge:Message since it started."""
+
+    def __init__(self, edge: System, source: SharedPV):
+        self.edge, self.source, self.uid = edge, source, 0
+        self.messages = Messages(edge.ctx, f"{edge.prefix}edge:Message")
+
+    def post(self, n: int, pace_s: float = 0.03) -> list[int]:
+        rng = np.random.default_rng(self.uid)
+        uids = []
+        for _ in range(n):
+            self.uid += 1
+            post(self.source, ntnd.build(rng.poisson(20.0, (64, 64)).astype(np.uint16), self.uid))
+            uids.append(self.uid)
+            time.sleep(pace_s)
+        return uids
+
+    def connected(self, timeout: float = 60) -> dict:
+        """Post frames one by one until the aggregate has an answer to one frame from both
+        workers (a Repeat: each worker's monitor on the source, and the aggregate's on each
+        worker's answers, are connected); the counters once those have settled."""
+        start = self.edge.value("edge:Repeats")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.post(1)
+            time.sleep(0.5)
+            if self.edge.value("edge:Repeats") > start:
+                # long enough for a probe answered late to reach the aggregate's sums
+                return settled(self.edge, 0, quiet_s=2.0)
+        raise TimeoutError(
+            f"the workers' answers do not reach the aggregate\n{self.edge.outputs()}"
+        )
+
+
+@pytest.fixture(scope="module")
+def p4p_fed(tmp_path_factory, request):
+    prefix = random_prefix("p")
+    source = SharedPV(initial=ntnd.build(np.zeros((64, 64), np.uint16), 0))
+    server = Server(providers=[{f"{prefix}src:Image": source}])
+    try:
+        tmp = tmp_path_factory.mktemp("workers")
+        with two_workers(tmp, request, prefix, f"{prefix}src:Image") as edge:
+            fed = Fed(edge, source)
+            try:
+                yield fed
+            finally:
+                fed.messages.close()
+    finally:
+        server.stop()
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {name: after[name] - before[name] for name in after}
+
+
+def test_a_source_without_the_distributor_is_answered_once_and_said(p4p_fed):
+    edge = p4p_fed.edge
+    before = p4p_fed.connected()
+    workers = [counts(edge, f"edge:w{k}:") for k in (1, 2)]
+    outputs = Collector(edge.ctx, f"{edge.prefix}edge:Phase")
+    try:
+        uids = p4p_fed.post(20)
+        total = delta(settled(edge, before["FramesOut"] + len(uids), quiet_s=2.0), before)
+        outputs.wait(len(uids), timeout=30)  # and the one it held on connecting, if any
+        answers = [f.unique_id for f in outputs.frames if f.unique_id >= uids[0]]
+    finally:
+        outputs.close()
+    assert sorted(answers) == uids  # once each, though both workers answered each
+    assert total["FramesIn"] == total["FramesOut"] == len(uids), total
+    assert total["Repeats"] == len(uids), total  # the second worker's copy of each
+    for k in (1, 2):
+        assert delta(counts(edge, f"edge:w{k}:"), workers[k - 1])["FramesOut"] == len(uids)
+    text, severity = p4p_fed.messages.wait(lambda m, s: "does not distribute" in m, 10)
+    assert severity == 1 and "--workers 1" in text
+
+
+def add_ptychonn(registry: Registry, seed: int) -> int:
+    torch.manual_seed(seed)
+    arch = {"width": 8}
+    model = model_kind("ptychonn").build(**arch)
+    return registry.add(model_to_bytes("ptychonn", arch, model), {"kind": "ptychonn"})
+
+
+def test_load_model_reaches_both_workers(p4p_fed):
+    edge = p4p_fed.edge
+    registry = Registry(edge.cfg.registry_path)
+    good = add_ptychonn(registry, 0)
+    edge.ctx.put(f"{edge.prefix}edge:LoadModel", good, timeout=90)
+    for k in (1, 2):
+        assert edge.value(f"edge:w{k}:ModelVersion") == good
+    edge.wait_value("edge:ModelVersion", lambda v: v == good, timeout=10)
+
+    bad = add_ptychonn(registry, 1)
+    registry.mark_rejected(bad, "quality gate: worse than the serving model")
+    with pytest.raises(Exception, match="never served") as refused:
+        edge.ctx.put(f"{edge.prefix}edge:LoadModel", bad, timeout=90)
+    assert "w1:" in str(refused.value) and "w2:" in str(refused.value)
+    assert edge.value("edge:ModelVersion") == good
+
+
+def test_a_killed_worker_is_restarted_and_reported(p4p_fed):
+    edge = p4p_fed.edge
+    parent = psutil.Process(edge.procs["edge"].proc.pid)
+    w2 = [p for p in parent.children() if " --worker 2 " in " ".join(p.cmdline()) + " "]
+    assert len(w2) == 1, [p.cmdline() for p in parent.children()]
+    started = edge.value("edge:w2:Started")
+    restarts = edge.value("edge:Restarts")
+    os.kill(w2[0].pid, signal.SIGKILL)
+    text, severity = p4p_fed.messages.wait(lambda m, s: "worker 2" in m and "exited" in m, 30)
+    assert severity == 2 and "restarting" in text
+    wait_for_pv(edge.ctx, f"{edge.prefix}edge:w2:FramesIn", 90, edge.procs["edge"])
+    edge.wait_value("edge:w2:Started", lambda v: v != started, timeout=30)
+    edge.wait_value("edge:Restarts", lambda v: v > restarts, timeout=30)
+    before = p4p_fed.connected()  # the new worker 2 receives frames
+    w2_before = edge.value("edge:w2:FramesOut")
+    uids = p4p_fed.post(10)
+    total = delta(settled(edge, before["FramesOut"] + len(uids), quiet_s=2.0), before)
+    assert total["FramesIn"] == total["FramesOut"] == len(uids), total
+    assert edge.value("edge:w2:FramesOut") - w2_before == len(uids)

@@ -1,0 +1,228 @@
+"""Faults the retraining service survives, injected for real: the ML IOC SIGKILLed and
+started again, a training worker SIGKILLed (local pool and Parsl), and ml:Abort in every
+state.  Each runs the service in this process against its own real ML IOC and edge server
+(test_remote.Loop); scans are written by the real RunEngine."""
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from edgeloop.registry import Registry
+from tests.kit.loops import hedm_scan
+from tests.kit.waiting import wait_process_gone
+
+pytestmark = [pytest.mark.timeout(600)]
+
+
+def press(lp, button):
+    lp.ctx.put(f"{lp.p}{button}", {"value.index": 1}, timeout=5)
+
+
+def wait_idle(service, timeout=60):
+    """Until the service has finished with its last trigger (and made its executor ready)."""
+    deadline = time.monotonic() + timeout
+    while service._busy.locked():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def wait_value(lp, name, expected, timeout=30):
+    deadline = time.monotonic() + timeout
+    while (value := lp.value(name)) != expected:
+        assert time.monotonic() < deadline, (name, value, expected)
+        time.sleep(0.1)
+
+
+def test_ml_ioc_restart_gets_the_service_state_back_and_keeps_its_executor(loop):  # noqa: F811
+    from edgeloop.ioc import softioc
+    from edgeloop.remote.executors import LocalExecutor
+    from edgeloop.remote.service import RetrainService
+
+    lp = loop()
+    # the service uses "parsl" (not the IOC's default "local"); a local pool stands in for it
+    lp.cfg.executor = "parsl"
+    executor = LocalExecutor()
+    service = lp.service = RetrainService(lp.cfg, executor=executor).start()
+    wait_value(lp, "ml:Endpoint", "parsl")
+    service._put("ml:ModelVersion", 7)
+    service._put("ml:ValLoss", 0.125)
+    service._publish_timings({"staging_s": 1.5, "training_s": 12.5, "end_to_end_s": 30.0})
+    service._status("Error", "training failed: a message to keep")
+    state = {
+        "ml:Endpoint": "parsl",
+        "ml:ModelVersion": 7,
+        "ml:ValLoss": 0.125,
+        "ml:StagingTime": 1.5,
+        "ml:TrainingTime": 12.5,
+        "ml:EndToEndTime": 30.0,
+        "ml:Message": "training failed: a message to keep",
+    }
+    assert {name: lp.value(name) for name in state} == state and lp.state() == "Error"
+
+    old = lp.ioc
+    os.kill(old.pid, signal.SIGKILL)
+    assert old.wait(10) == -signal.SIGKILL
+    old.stdin.close()
+    lp.ioc = softioc.start(lp.p)
+    assert lp.ioc.pid != old.pid
+
+    for name, value in state.items():
+        wait_value(lp, name, value)
+    assert lp.state() == "Error"
+    time.sleep(1.0)  # a switch would have begun by now
+    assert service.endpoint == "parsl" and service.executor is executor
+    assert lp.value("ml:Endpoint") == "parsl"
+    # its monitors are back too: a trigger is taken (and fails: there are no scans)
+    assert lp.retrain(timeout=30) == "Error" and "no scans" in lp.value("ml:Message")
+
+
+def test_local_worker_killed_mid_training_then_the_next_trigger_works(loop):  # noqa: F811
+    lp = loop()
+    hedm_scan(lp.cfg.data_path, 12)
+    lp.cfg.train_hedm.epochs = 500  # long enough to be caught running
+    service = lp.start_service("local")
+    press(lp, "ml:Retrain")
+    lp.wait_state({"Training"}, 120)
+    (worker,) = service.executor._processes.values()
+    os.kill(worker.pid, signal.SIGKILL)
+    lp.wait_state({"Error"}, 30)
+    message = lp.value("ml:Message")
+    assert f"the worker (pid {worker.pid}) died: killed by signal 9 (SIGKILL)" in message
+    assert message.startswith("training failed")
+    wait_idle(service)
+    assert lp.value("edge:ModelVersion") == 0
+
+    lp.cfg.train_hedm.epochs = 3
+    assert lp.retrain() == "Idle", lp.value("ml:Message")  # a fresh pool
+    version = lp.value("edge:ModelVersion")
+    assert version >= 1
+
+    # killed while idle: once the pool knows (its threads may take a moment to go), the
+    # next trigger starts a fresh pool instead of failing
+    (worker,) = service.executor._processes.values()
+    os.kill(worker.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not service.executor.broken:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert lp.retrain() == "Idle", lp.value("ml:Message")
+    assert lp.value("edge:ModelVersion") > version
+
+
+def parsl_worker(service):
+    """The Parsl worker process running the task: of the worker pool's spawned children
+    (its workers and a multiprocessing manager), the one that has used the most CPU."""
+    (block,) = service.executor.dfk.executors["edgeloop"].provider.resources.values()
+    pool = psutil.Process(block["remote_pid"]).children(recursive=True)
+    spawned = [p for p in pool if "spawn_main" in " ".join(p.cmdline())]
+    return max(spawned, key=lambda p: sum(p.cpu_times()[:2])), pool
+
+
+def test_parsl_worker_killed_and_abort_then_the_next_trigger_works(loop):  # noqa: F811
+    lp = loop()
+    hedm_scan(lp.cfg.data_path, 12)
+    lp.cfg.train_hedm.epochs = 500
+    service = lp.start_service("parsl")
+
+    press(lp, "ml:Retrain")
+    lp.wait_state({"Training"}, 300)
+    time.sleep(1.0)  # the worker is busy training
+    worker, _ = parsl_worker(service)
+    worker.send_signal(signal.SIGKILL)
+    lp.wait_state({"Error"}, 60)
+    message = lp.value("ml:Message")
+    assert message.startswith("training failed: its Parsl worker died"), message
+    wait_idle(service)
+
+    # the pool restarted its worker: the next run is taken, then aborted while training
+    press(lp, "ml:Retrain")
+    lp.wait_state({"Training"}, 300)
+    _, pool = parsl_worker(service)
+    press(lp, "ml:Abort")
+    lp.wait_state({"Error"}, 60)
+    assert lp.value("ml:Message") == "training aborted by ml:Abort"
+    for proc in pool:  # the block that ran it is stopped, no worker left busy
+        assert wait_process_gone(proc.pid), proc
+    wait_idle(service)
+    assert lp.value("edge:ModelVersion") == 0
+
+    lp.cfg.train_hedm.epochs = 3
+    assert lp.retrain(timeout=300) == "Idle", lp.value("ml:Message")  # on a fresh block
+    assert lp.value("edge:ModelVersion") >= 1
+
+
+def slow(fn, seconds=3.0):
+    def slowed(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return slowed
+
+
+@pytest.mark.parametrize("state", ["Staging", "Validating", "Deploying"])
+def test_abort_in_each_step_deploys_nothing_and_the_next_trigger_works(
+    loop,  # noqa: F811
+    monkeypatch,
+    state,
+):
+    import edgeloop.remote.service as service_module
+
+    lp = loop()
+    hedm_scan(lp.cfg.data_path, 12)
+    lp.cfg.train_hedm.epochs = 3
+    service = lp.start_service("local")
+    registry = Registry(lp.cfg.registry_path)
+    serving = 0
+    if state == "Deploying":  # a model to go back to
+        lp.cfg.remote.quality_margin = 10.0  # any next model passes the gate
+        assert lp.retrain() == "Idle", lp.value("ml:Message")
+        serving = lp.value("edge:ModelVersion")
+    versions = registry.versions()
+
+    with monkeypatch.context() as patch:
+        if state == "Staging":
+            patch.setattr(service_module, "stage", slow(service_module.stage))
+        elif state == "Validating":
+            patch.setattr(service, "_validate", slow(service._validate))
+        else:  # the edge takes its time to load a model
+            patch.setattr(lp.edge, "load_version", slow(lp.edge.load_version))
+        press(lp, "ml:Retrain")
+        lp.wait_state({state}, 120)
+        press(lp, "ml:Abort")
+        lp.wait_state({"Error"}, 30)
+        message = lp.value("ml:Message")
+        assert message.startswith(f"{state.lower()} aborted by ml:Abort"), message
+        wait_idle(service)
+
+    assert lp.value("edge:ModelVersion") == serving
+    assert lp.value("ml:ModelVersion") == serving
+    if state == "Deploying":  # it was loaded when the abort came: withdrawn
+        (new,) = set(registry.versions()) - set(versions)
+        assert f"v{new} withdrawn, v{serving} serving again" in message
+        assert registry.meta(new)["status"] == "rejected"
+        assert registry.accepted("braggnn") == serving
+    else:
+        assert registry.versions() == versions  # nothing added
+
+    assert lp.retrain() == "Idle", lp.value("ml:Message")
+    assert lp.value("edge:ModelVersion") > serving
+
+
+def test_a_run_that_raises_anywhere_ends_in_error_saying_why(loop, monkeypatch):  # noqa: F811
+    import edgeloop.remote.service as service_module
+
+    lp = loop()
+    lp.start_service("local")
+
+    def unreadable(data_dir):
+        raise OSError(f"{data_dir}: input/output error")
+
+    monkeypatch.setattr(service_module, "usable_scans", unreadable)
+    assert lp.retrain(timeout=30) == "Error"
+    assert lp.value("ml:Message") == (
+        f"retraining failed: OSError: {lp.cfg.data_path}: input/output error"
+    )
+    assert lp.value("ml:Progress") == 0.0  # where it stopped (Staging); the message says why

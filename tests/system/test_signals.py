@@ -1,0 +1,114 @@
+"""Ctrl-C (SIGINT) and SIGTERM stop every edgeloop command promptly, with every process it
+started: the whole demo in the middle of a scan, and the servers it is made of."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from edgeloop.scanfile import list_scans, read_scan
+from tests.kit.env import TEST_ENV, free_port, random_prefix
+from tests.kit.servers import System, small_config
+
+pytestmark = [pytest.mark.timeout(300)]
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _assert_all_gone(procs: list[psutil.Process], timeout: float = 5.0) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive if p.is_running()]
+
+
+def _wait_for_line(log, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, f"exited early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path):
+    out, log = tmp_path / "demo", tmp_path / "demo.log"
+    env = dict(os.environ, **TEST_ENV, EDGELOOP_BEAMLINE_CA_PORT=str(free_port()))
+    args = ["demo", "--out", str(out), "--prefix", random_prefix("c"), "--points", "400"]
+    args += ["--rate-hz", "20"]  # a fly scan of 20 s
+    with open(log, "w") as sink:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "edgeloop.app.cli", *args, "--epochs", "1"],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    children = []
+    try:
+        _wait_for_line(log, "ptycho_fly_scan: 400 points", demo, timeout=120)
+        time.sleep(4.0)  # well inside the scan
+        children = _descendants(demo.pid)
+        assert len(children) >= 4  # ioc (+ its ML IOC), edge, retrain-service
+        t0 = time.monotonic()
+        demo.send_signal(signal.SIGINT)
+        rc = demo.wait(20)
+        assert time.monotonic() - t0 < 20
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+        for child in children:  # servers run in sessions of their own: never leave one
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert "Deferred pause" not in text
+    _assert_all_gone(children)
+    # the interrupted run was aborted cleanly: bluesky collected the frames flown so far,
+    # and the run entry points at them in the detector's file, marked as aborted
+    (scan,) = list_scans(out / "data")
+    data = read_scan(scan)
+    assert data["exit_status"] == "abort" and 0 < data["num_events"] < 400
+    assert len(data["frames"]) == data["num_events"]
+
+
+def test_sigterm_stops_each_server_and_what_it_started(tmp_path):
+    cfg, path = small_config(tmp_path, random_prefix("t"))
+    ca_port = free_port()
+    servers = System(cfg, path, tmp_path / "logs", env={"EDGELOOP_BEAMLINE_CA_PORT": str(ca_port)})
+    try:
+        servers.start("ioc", ready_pv="ml:Status")
+        # the ML IOC starts once the beamline's CA server listens: its ml:Status answering
+        # means a CA client (caproto's caget here) finds the detector at once
+        caget = [
+            str(Path(sys.executable).with_name("caproto-get")),
+            "--no-repeater",
+            "--timeout",
+            "2",
+        ]
+        env = dict(os.environ, EPICS_CA_ADDR_LIST=f"127.0.0.1:{ca_port}")
+        pv = f"{cfg.prefix}det:cam1:Acquire_RBV"
+        got = subprocess.run([*caget, pv], capture_output=True, text=True, env=env, timeout=30)
+        assert got.returncode == 0 and pv in got.stdout, got.stdout + got.stderr
+        servers.start("edge", ready_pv="edge:ModelVersion")
+        servers.start("retrain-service")
+        time.sleep(1.0)  # the service's monitors connect
+        for name in ("retrain-service", "edge", "ioc"):
+            proc = servers.procs[name].proc
+            children = _descendants(proc.pid)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 143, servers.procs[name].output()[-3000:]
+            assert time.monotonic() - t0 < 20
+            _assert_all_gone(children)
+            if name == "ioc":
+                assert children, "the ML IOC runs as the ioc command's child"
+    finally:
+        servers.stop()

@@ -1,0 +1,95 @@
+"""NDPluginCodec-compressed NTNDArray frames: every codec and pixel type round trips; chunks
+written by hdf5plugin (with the HDF5 filter header) decode unchanged; a bad payload, an
+unknown codec, a wrong size or an unsupported pixel type is a FrameError naming the cause."""
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edgeloop import codecs, ntnd
+
+PIXEL_TYPES = list(codecs.SCALAR_TYPE_CODES)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=hnp.arrays(
+        dtype=st.sampled_from(PIXEL_TYPES),
+        shape=hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=48),
+        elements={"allow_nan": False},
+    ),
+    codec=st.sampled_from(codecs.CODECS),
+)
+def test_every_codec_and_pixel_type_round_trips(data, codec):
+    frame = ntnd.decode(ntnd.build(data, 7, {"Mode": "hedm"}, codec=codec))
+    assert frame.data.dtype == data.dtype and frame.data.shape == data.shape
+    np.testing.assert_array_equal(frame.data, data)
+    assert frame.unique_id == 7 and frame.attributes["Mode"] == "hedm"
+
+
+@pytest.mark.parametrize(
+    "codec, hdf5_filter",
+    [
+        ("bslz4", hdf5plugin.Bitshuffle(cname="lz4")),
+        ("lz4", hdf5plugin.LZ4()),
+        ("lz4", hdf5plugin.LZ4(nbytes=4096)),  # several LZ4 blocks per chunk
+    ],
+)
+def test_hdf5_chunks_with_the_filter_header_decode(tmp_path, codec, hdf5_filter):
+    frames = np.random.default_rng(1).poisson(30, (2, 128, 96)).astype(np.uint16)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("data", data=frames, chunks=(1, 128, 96), **hdf5_filter)
+    with h5py.File(tmp_path / "f.h5") as f:
+        _, chunk = f["data"].id.read_direct_chunk((1, 0, 0))
+    payload = np.frombuffer(chunk, np.uint8)
+    out = codecs.decompress(codec, payload, np.dtype(np.uint16), frames[1].nbytes)
+    np.testing.assert_array_equal(out.reshape(128, 96), frames[1])
+
+
+def _compressed(codec="bslz4", dtype=np.uint16):
+    return ntnd.build(np.arange(64 * 64, dtype=dtype).reshape(64, 64), 3, codec=codec)
+
+
+@pytest.mark.parametrize("codec", codecs.CODECS)
+def test_a_corrupt_payload_is_a_bad_frame(codec):
+    value = _compressed(codec)
+    payload = value["value"].copy()
+    payload[: min(8, payload.size)] ^= 0xFF
+    payload = payload[: payload.size // 2]
+    value["value"] = ("ubyteValue", payload)
+    value["compressedSize"] = payload.size
+    with pytest.raises(ntnd.FrameError, match=f"{codec} payload|uncompressedSize|decompressed"):
+        ntnd.decode(value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"codec.name": "jpeg"}, "unknown codec 'jpeg'"),
+        ({"uncompressedSize": 64 * 64 * 2 + 2}, "decompressed to 8192 bytes|does not decompress"),
+        ({"uncompressedSize": 64 * 64 * 2 + 1}, "not a whole number"),
+        ({"compressedSize": 5}, "compressedSize 5 but"),
+        ({"codec.parameters": 4}, "pixel type code 4"),  # int64: not a detector pixel type
+        ({"codec.parameters": "uint16"}, "pixel type code 'uint16'"),
+    ],
+)
+def test_declared_sizes_codec_and_pixel_type_are_checked(change, message):
+    value = _compressed()
+    for key, v in change.items():
+        value[key] = v
+    with pytest.raises(ntnd.FrameError, match=message):
+        ntnd.decode(value)
+
+
+def test_colour_and_64_bit_frames_are_refused_with_the_reason():
+    value = ntnd.build(np.zeros((4, 6), np.uint8), 1, {"ColorMode": 2})
+    value["dimension"] = [{"size": 3}, {"size": 2}, {"size": 4}]
+    with pytest.raises(ntnd.FrameError, match=r"colour frames .*ColorMode 2"):
+        ntnd.decode(value)
+    value = ntnd.build(np.zeros((4, 6), np.int64), 1)
+    with pytest.raises(ntnd.FrameError, match="pixel type int64 is not supported"):
+        ntnd.decode(value)

@@ -11,6 +11,7 @@ live on the scalars)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import xml.etree.ElementTree as ET
@@ -33,6 +34,33 @@ org.phoebus.pv.pva/epics_pva_auto_addr_list=false
 """
 
 
+def _rectangle(element) -> tuple[str, tuple[int, ...]]:
+    """A widget's name and (x, y, width, height)."""
+    keys = ("x", "y", "width", "height")
+    return element.findtext("name"), tuple(int(element.findtext(k)) for k in keys)
+
+
+def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def layout_problems(path: Path) -> list[str]:
+    """Widgets of a .bob that overlap another or lie outside the display."""
+    root = ET.parse(path).getroot()
+    size = int(root.findtext("width")), int(root.findtext("height"))
+    placed = [_rectangle(w) for w in root.iter("widget")]
+    problems = [
+        f"{a} overlaps {b}"
+        for i, (a, ra) in enumerate(placed)
+        for b, rb in placed[i + 1 :]
+        if _overlap(ra, rb)
+    ]
+    for name, (x, y, width, height) in placed:
+        if x < 0 or y < 0 or x + width > size[0] or y + height > size[1]:
+            problems.append(f"{name} lies outside the {size} display")
+    return problems
+
+
 class _Layout:
     """Places widgets on a phoebusgen screen, section by section."""
 
@@ -41,7 +69,9 @@ class _Layout:
         self.screen.width(width)
         self.screen.height(height)
         self.screen.macro("P", "SIM:")
+        self.size = (width, height)
         self._n = 0
+        self._placed: list[tuple[str, tuple[int, int, int, int]]] = []
         bar = widget.Label("title", title, 0, 0, width, 36)
         bar.predefined_font(fonts.Header1)
         bar.predefined_background_color(colors.Header_Background)
@@ -50,6 +80,15 @@ class _Layout:
         self.add(bar)
 
     def add(self, w) -> None:
+        """Place ``w``; a widget that would overlap another or leave the display is refused."""
+        name, rect = _rectangle(w.root)
+        x, y, width, height = rect
+        if x < 0 or y < 0 or x + width > self.size[0] or y + height > self.size[1]:
+            raise ValueError(f"{name} at {rect} lies outside the {self.size} display")
+        for other, placed in self._placed:
+            if _overlap(rect, placed):
+                raise ValueError(f"{name} at {rect} overlaps {other} at {placed}")
+        self._placed.append((name, rect))
         self.screen.add_widget(w)
 
     def _name(self, kind: str) -> str:
@@ -118,7 +157,7 @@ def overview() -> screen.Screen:
 
     x = 870
     lay.section("Edge server", x, 50, 600)
-    lay.rows(
+    y = lay.rows(
         x,
         80,
         [
@@ -139,8 +178,9 @@ def overview() -> screen.Screen:
             ("Consistency (scan)", f"{edge}ScanConsistency"),
         ],
     )
-    lay.label("Message", x, 80 + 15 * ROW)
-    lay.readback(f"{edge}Message", x + 155, 80 + 15 * ROW, 450)
+    lay.label("Message", x, y)
+    lay.readback(f"{edge}Message", x + 155, y, 450)
+    edge_bottom = y + ROW
 
     x2 = 1200
     lay.section("Retraining", x2, 80, 280)
@@ -174,7 +214,7 @@ def overview() -> screen.Screen:
         lay.entry(f"{ml}{pv}", x2 + 145, y + i * ROW, 130)
     lay.rows(x2 - 10, y + 5 * ROW, [("Reference error", f"{ml}ReferenceError")], width=130)
 
-    y = 460
+    y = edge_bottom + 14
     lay.section("Training", x, y, 600)
     lay.label("Message", x, y + 30)
     # an lsi record: over CA a plain name gives 40 characters, pva:// gives it whole
@@ -280,6 +320,7 @@ def _tags(cls) -> set[str]:
     return set(re.findall(r"self\.root,\s*'([a-z_]+)'", inspect.getsource(cls)))
 
 
+@functools.cache
 def known_properties() -> dict[str, set[str]]:
     """Widget type -> the property elements Phoebus takes for it, as phoebusgen (whose widget
     definitions follow Phoebus's) writes them."""

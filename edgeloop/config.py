@@ -129,7 +129,7 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-Backend = Literal["torch", "onnxruntime", "torch-cuda", "tensorrt"]
+Backend = Literal["auto", "torch", "onnxruntime", "torch-cuda", "tensorrt"]
 Precision = Literal["auto", "fp16", "fp32"]
 
 
@@ -152,7 +152,8 @@ class EdgeConfig:
     queue_size: Count = 256
     max_batch: Count = 16
     # inference backend (edge_pva/inference.py BACKENDS; README "Inference backends"): torch
-    # and onnxruntime run on the CPU; torch-cuda and tensorrt need an NVIDIA GPU
+    # and onnxruntime run on the CPU; torch-cuda and tensorrt need an NVIDIA GPU; auto:
+    # onnxruntime where installed, else torch
     backend: Backend = "torch"
     # torch-cuda / tensorrt arithmetic; "auto": each model kind's (PtychoNN fp16, BraggNN
     # fp32); the CPU backends always compute in fp32

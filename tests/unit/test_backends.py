@@ -22,6 +22,7 @@ from edgeloop.edge_pva.inference import (
     backend_options,
     check_backend,
     make_backend,
+    resolve_backend,
     unavailable_reason,
 )
 from edgeloop.edge_pva.onnx_export import export_onnx
@@ -335,6 +336,21 @@ def test_gpu_backends_fail_at_construction_naming_what_is_missing(no_gpu):
         check_backend("tensorrt-on-cpu")
 
 
+def test_auto_takes_onnxruntime_where_it_is_installed_else_torch(monkeypatch):
+    from edgeloop.edge_pva import inference
+
+    assert resolve_backend("auto") == "onnxruntime" and unavailable_reason("auto") is None
+    assert type(make_backend("auto", network("braggnn"), 11)).__name__ == "OnnxBackend"
+    missing = "edge.backend 'onnxruntime' cannot run here: no onnxruntime"
+    real = inference.unavailable_reason
+    monkeypatch.setattr(
+        inference, "unavailable_reason", lambda n: missing if n == "onnxruntime" else real(n)
+    )
+    assert resolve_backend("auto") == "torch"
+    assert type(make_backend("auto", network("braggnn"), 11)).__name__ == "TorchBackend"
+    assert resolve_backend("tensorrt") == "tensorrt"
+
+
 def test_torch_backend_runs_on_the_cpu_even_where_cuda_is_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     backend = make_backend("torch", network("braggnn"), 11)
@@ -343,7 +359,7 @@ def test_torch_backend_runs_on_the_cpu_even_where_cuda_is_present(monkeypatch):
 
 
 def test_configuration_names_the_backends_and_their_options(tmp_path):
-    assert set(Backend.__args__) == set(BACKENDS)
+    assert set(Backend.__args__) == {*BACKENDS, "auto"}
     with pytest.raises(ConfigError, match="edge.backend"):
         Config.from_dict({"edge": {"backend": "trt"}})
     with pytest.raises(ConfigError, match="edge.precision"):

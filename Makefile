@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out/demo
 
-.PHONY: demo test lint benchmark install clean
+.PHONY: demo test test-unit test-system lint docs benchmark install clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,26 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/edgeloop demo --out $(OUT) $(DEMO_ARGS)
 
-# the layers' import contract and ruff first: a violation fails the test command
+# the layers' import contracts, ruff and the strict docs build first: a violation fails
+# the test command
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --config setup.cfg --no-cache
+	$(MAKE) docs
+
+# the documentation site into build/site; its reference pages are generated from the code
+docs: $(VENV)/.installed
+	DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict --quiet
 
 test: lint
 	$(PY) -m pytest
+
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest tests/unit
+
+test-system: $(VENV)/.installed
+	$(PY) -m pytest tests/system
 
 benchmark: $(VENV)/.installed
 	$(VENV)/bin/edgeloop bench --out out/bench

@@ -203,7 +203,8 @@ def cmd_status(args) -> None:
     sys.exit(print_status(args.prefix, beamline=args.beamline, timeout=args.timeout))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options (the docs' command reference is generated from it)."""
     parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--prefix", default="SIM:", help="PV prefix (default SIM:)")
@@ -385,7 +386,11 @@ def main(argv: list[str] | None = None) -> None:
         "published 64 misses the >=100x target on one core)",
     )
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     config_logging(verbosity_level(args.verbose, args.quiet), libraries=args.verbose >= 2)
     with signals.stop_on_signals():  # SIGTERM stops a command as Ctrl-C does
         try:

@@ -4,10 +4,9 @@ BraggNN is trained here as the loop would train it: on patches labelled by the p
 fit (the conventional analysis), never on the simulator's truth. Both are then scored against
 the truth on a fresh set, and timed per peak on this machine, one CPU thread each.
 
-The target (issue 14): BraggNN at least ``SPEEDUP_TARGET`` times faster per peak than the
-fit, with a mean error at most ``ERROR_RATIO_TARGET`` times the fit's.  The published width
-(64) is too slow for it on one CPU core; a narrow BraggNN trained for longer meets both
-(README, "edgeloop hedm-accuracy": ``--width 16 --epochs 60``).  The trained network is
+The target: BraggNN at least ``SPEEDUP_TARGET`` times faster per peak than the fit, with a
+mean error at most ``ERROR_RATIO_TARGET`` times the fit's (why the served width is 16:
+docs/decisions/0004-braggnn-width.md).  The trained network is
 passed through the registry's model file and the edge's validation, as a served one would
 be, so the figures are those of a model the edge accepts.
 """

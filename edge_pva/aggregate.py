@@ -26,28 +26,20 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import numbers
-import queue
 import threading
 import time
 from functools import partial
 
-import numpy as np
 from p4p import Value
 from p4p.client.thread import Context, Disconnected
-from p4p.nt import NTScalar
-from p4p.server import Server
-from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import MODES, Config
-from edgeloop.edge_pva.access import LoadModelPut
-from edgeloop.edge_pva.frame_ids import FrameIds
-from edgeloop.edge_pva.hedm import NO_PEAKS, peak_table
+from edgeloop.edge_pva.edge_pvs import EdgePvs, LoadRequests
 from edgeloop.edge_pva.quality import combine
-from edgeloop.edge_pva.scalars import ScalarPVs
-from edgeloop.edge_pva.stitch import PhaseMap, ScanConsistency
+from edgeloop.edge_pva.stitch import Stitcher, finite_position
 from edgeloop.edge_pva.workers import POLLED, WorkerCounts, group_name, worker_pv_prefix
+from edgeloop.frame_ids import AcquisitionOrder, FrameIds
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +49,6 @@ PRIMARY = ("Phase", "Peaks")  # one per answered frame
 ANSWER_REQUEST = "field()record[pipeline=true,queueSize=256]"
 WITNESS_REQUEST = "field(uniqueId,timeStamp)record[queueSize=256]"
 OWNERS_KEPT = 16384  # frames remembered (which worker answered them)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _stamp(value) -> tuple[int, int]:
@@ -86,10 +74,7 @@ class EdgeAggregate:
         self._lock = threading.Lock()
         self._owners: collections.OrderedDict = collections.OrderedDict()  # frame -> worker
         self.source = FrameIds()  # the witness's: what the source skipped
-        # of the frames answered: the highest uniqueId and time stamp of this acquisition,
-        # and the last time stamp of the previous ones
-        self._newest: tuple[int, tuple[int, int]] | None = None
-        self._boundary: tuple[int, int] | None = None
+        self.order = AcquisitionOrder()  # of the frames answered, out of order
         self.duplicates = 0
         self._said_copies = False
         self.counts = WorkerCounts()
@@ -100,46 +85,20 @@ class EdgeAggregate:
         self.startup_grace_s = 120.0  # a worker starting (torch, model) is not missing yet
         self.answered_by: collections.Counter = collections.Counter()  # worker -> frames
         self.mode = cfg.mode
-        self.phase_map = PhaseMap(
-            cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um, cfg.edge.stitch_sigma_px
-        )
-        self.consistency = ScanConsistency()  # ptychography, from the stitched map
-        self._map_dirty = False
+        self.stitcher = Stitcher(cfg)  # ptychography's figures, from the stitched map
         self._out_times: collections.deque = collections.deque(maxlen=20000)
         self._fresh: set = set()  # subscriptions whose next update is the value on connect
-        self._load_requests: queue.Queue = queue.Queue()
+        self.loads = LoadRequests()
         self._stop = threading.Event()
-        self._scalars = ScalarPVs(cfg.edge, self.mode)
-        self._pvs = self._make_pvs(cfg)
-        self._types = {kind: self._pvs[kind].current().type() for kind in ANSWERS}
+        self.pvs = EdgePvs(cfg, self.mode, self.loads)
+        self._types = {kind: self.pvs[kind].current().type() for kind in ANSWERS}
         self._server = None
         self._ctx = None
         self._subs: list = []
         self._threads: list[threading.Thread] = []
 
-    def _make_pvs(self, cfg: Config) -> dict[str, SharedPV]:
-        def image(size):
-            return SharedPV(initial=ntnd.build(np.zeros((size, size), np.float32), 0))
-
-        pvs = {
-            "Phase": image(cfg.model.input_size),
-            "Amplitude": image(cfg.model.input_size),
-            "PhaseMap": image(cfg.edge.map_size),
-            "Peaks": SharedPV(initial=peak_table(0, NO_PEAKS)),
-            "Mode": SharedPV(nt=NTScalar("s"), initial=self.mode),
-            "Message": SharedPV(nt=NTScalar("s"), initial="starting"),
-            "LoadModel": SharedPV(
-                nt=NTScalar("l"),
-                initial=0,
-                handler=LoadModelPut(self._load_requests, cfg.security),
-            ),
-        }
-        pvs.update(self._scalars.pvs)
-        return pvs
-
     def message(self, text: str, severity: int = 0) -> None:
-        {0: log.info, 1: log.warning}.get(severity, log.error)(text)
-        self._pvs["Message"].post(text[:500], severity=severity)
+        self.pvs.message(text, severity)
 
     # ---- answers -------------------------------------------------------------------------
     def _subscribe(self, name: str, callback, request: str) -> None:
@@ -180,9 +139,11 @@ class EdgeAggregate:
                 self._owners[frame] = owner = k
                 while len(self._owners) > OWNERS_KEPT:
                     self._owners.popitem(last=False)
-                current = self._new_frame(uid, stamp)
+                current, new_acquisition = self.order.arrival(uid, stamp)
+                if new_acquisition:
+                    self.stitcher.new_acquisition()
             else:
-                current = self._boundary is None or stamp > self._boundary
+                current = self.order.current(stamp)
             if owner != k:
                 if kind in PRIMARY:
                     self.duplicates += 1
@@ -193,35 +154,12 @@ class EdgeAggregate:
         if kind == "Phase":
             self._stitch(value, current)
         elif kind == "Peaks":
-            self._scalars.post("PeakCount", len(value["value.x"]))
+            self.pvs.scalars.post("PeakCount", len(value["value.x"]))
         # a copy in the served PV's own type (a server posts only the type it opened with)
-        self._pvs[kind].post(Value(self._types[kind], value))
+        self.pvs[kind].post(Value(self._types[kind], value))
         if kind in PRIMARY:
             self._out_times.append(time.time())
             self._set_mode(ANSWERS[kind])
-
-    def _new_frame(self, uid: int, stamp: tuple[int, int]) -> bool:
-        """A frame answered for the first time (under the lock): whether it belongs to the
-        current acquisition.  The workers answer out of order, but within an acquisition a
-        lower uniqueId has an earlier time stamp: one that is not higher than the highest yet
-        with a later time stamp starts a new acquisition (the map starts again), and an
-        answer stamped before that one's start is a late one of the previous acquisition
-        (served, not stitched)."""
-        if self._boundary is not None and stamp <= self._boundary:
-            return False
-        if self._newest is None:
-            self._newest = (uid, stamp)
-            return True
-        newest_uid, newest_stamp = self._newest
-        if uid <= newest_uid and stamp > newest_stamp:
-            self._boundary = newest_stamp
-            self._newest = (uid, stamp)
-            self.phase_map.reset()
-            self.consistency.reset()
-            self._map_dirty = True
-            return True
-        self._newest = (max(uid, newest_uid), max(stamp, newest_stamp))
-        return True
 
     def _copies_seen(self) -> None:
         if self._said_copies or self.duplicates <= 2 * self.n:  # a worker that (re)connects
@@ -242,32 +180,25 @@ class EdgeAggregate:
             log.warning("aggregate: Phase uniqueId %s not decoded: %s", value["uniqueId"], exc)
             return
         attrs = frame.attributes
-        xy = attrs.get("SampleX"), attrs.get("SampleY")
-        placed = current and all(_finite(v) for v in xy)
-        with self._lock:
-            overlap = None
-            if placed and frame.data.shape == (self.phase_map.patch,) * 2:
-                overlap = self.phase_map.disagreement(frame.data, *xy)
-                self._map_dirty |= self.phase_map.add(frame.data, *xy)
-            figure = combine(overlap, attrs.get("ConsistencyData")) if placed else None
-            if figure is None:
-                figure = attrs.get("Consistency")
-            if current and _finite(figure):
-                self.consistency.add(figure)
+        xy = finite_position(attrs) if current else None
+        figure = None
+        if xy is not None:
+            overlap, _ = self.stitcher.place(frame.data, xy)
+            figure = combine(overlap, attrs.get("ConsistencyData"))
+        if figure is None:
+            figure = attrs.get("Consistency")
+        if current:
+            self.stitcher.add(figure)
 
     def _set_mode(self, mode: str) -> None:
         if mode == self.mode or mode not in MODES:
             return
         self.mode = mode
-        with self._lock:
-            self.consistency.reset()
-            self._scalars.set_mode(mode)
-        self._pvs["Mode"].post(mode)
+        self.stitcher.reset_figures(lambda: self.pvs.scalars.set_mode(mode))
+        self.pvs["Mode"].post(mode)
 
     def _on_message(self, k: int, value) -> None:
-        self._pvs["Message"].post(
-            f"w{k}: {value['value']}"[:500], severity=int(value["alarm.severity"])
-        )
+        self.pvs.message(f"w{k}: {value['value']}", int(value["alarm.severity"]), logged=False)
 
     def _on_source(self, value) -> None:
         uid = int(value["uniqueId"])
@@ -308,17 +239,11 @@ class EdgeAggregate:
                 )
 
     def _stats_loop(self) -> None:
-        last_map = 0.0
         while not self._stop.wait(self.cfg.edge.stats_publish_s):
             try:
                 self._publish_stats()
-                now = time.time()
-                if self._map_dirty and now - last_map >= self.cfg.edge.map_publish_s:
-                    with self._lock:
-                        self._map_dirty = False
-                        image, count = self.phase_map.image(), self.phase_map.count
-                    last_map = now
-                    self._pvs["PhaseMap"].post(ntnd.build(image, count))
+                post = self.pvs["PhaseMap"].post
+                self.stitcher.publish_map(post, time.time(), self.cfg.edge.map_publish_s)
             except Exception:  # a statistics tick never stops the aggregate
                 log.exception("aggregate: statistics not published")
 
@@ -328,8 +253,7 @@ class EdgeAggregate:
         polled = list(self._polled.values())
         with self._lock:
             totals = self.counts.totals(self.duplicates)
-            scan = self.consistency.mean
-            last = self.consistency.last
+        last, scan = self.stitcher.figures()
         values = dict(totals)
         values["MissedFrames"] = self.source.missed
         values["FrameRate"] = sum(1 for t in list(self._out_times) if now - t <= 2.0) / 2.0
@@ -341,10 +265,10 @@ class EdgeAggregate:
         if self.mode == "hedm":  # per-frame figures: the workers' means, by frames answered
             last, scan = self._hedm_consistency(polled)
         for name, value in values.items():
-            self._scalars.post(name, value)
+            self.pvs.scalars.post(name, value)
         if scan is not None:
-            self._scalars.post("Consistency", last)
-            self._scalars.post("ScanConsistency", scan)
+            self.pvs.scalars.post("Consistency", last)
+            self.pvs.scalars.post("ScanConsistency", scan)
 
     @staticmethod
     def _hedm_consistency(polled: list[dict]) -> tuple[float | None, float | None]:
@@ -359,19 +283,6 @@ class EdgeAggregate:
         return rows[-1][0], sum(s * n for _, s, n in rows) / weight
 
     # ---- model loads ---------------------------------------------------------------------
-    def _loader_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                version, op = self._load_requests.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                error = self.load_version(version)
-                op.done(error=error)
-            except Exception as exc:  # never let the loader thread die
-                log.exception("aggregate: model load failed")
-                op.done(error=f"model v{version} load failed: {exc}")
-
     def load_version(self, version: int) -> str | None:
         """Write ``version`` to every worker's LoadModel; None once all serve it, else the
         reasons of those that did not."""
@@ -401,16 +312,16 @@ class EdgeAggregate:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> EdgeAggregate:
-        names = {f"{self.prefix}edge:{k}": pv for k, pv in self._pvs.items()}
-        self._server = Server(providers=[names])
+        self._server = self.pvs.server(f"{self.prefix}edge:")
         self._ctx = Context("pva", nt=False)
         for k, prefix in self.workers.items():
             for kind in ANSWERS:
                 self._subscribe(prefix + kind, partial(self._on_answer, k, kind), ANSWER_REQUEST)
             self._subscribe(prefix + "Message", partial(self._on_message, k), "field()")
         self._subscribe(self.input_pv, self._on_source, WITNESS_REQUEST)
-        for target in (self._stats_loop, self._loader_loop):
-            thread = threading.Thread(target=target, name=f"aggregate{target.__name__}")
+        loader = partial(self.loads.serve, self.load_version, self._stop)
+        for name, target in (("stats", self._stats_loop), ("loader", loader)):
+            thread = threading.Thread(target=target, name=f"aggregate_{name}_loop")
             thread.start()
             self._threads.append(thread)
         self.message(

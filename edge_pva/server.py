@@ -1,13 +1,14 @@
 """The edge pvAccess server: monitor frames, infer in batches, publish results as PVs.
 
 Each frame is handled in the mode its ``Mode`` NDAttribute names (``ptycho`` or ``hedm``), or
-in the configured mode when it has none; each mode has its own model kind and model slot.
+in the configured mode when it has none, by that mode's handler (edge_pva/modes.py); each
+mode has its own model kind and model slot (edge_pva/model_loader.py).
 
-PVs (prefix P): edge:Phase, edge:Amplitude (ptycho: NTNDArray per input frame, same
-uniqueId), edge:PhaseMap (stitched), edge:Peaks (hedm: NTTable per input frame),
-edge:PeakCount, edge:FramesIn, :FramesOut, :Dropped, :BadFrames, :InFlight, :FrameRate,
-:LatencyMs, :Restarts, :Mode (of the last frame), :ModelVersion (serving that mode),
-:Message, and edge:LoadModel (write a registry version number of either kind; the put
+PVs (prefix P, edge_pva/edge_pvs.py): edge:Phase, edge:Amplitude (ptycho: NTNDArray per
+input frame, same uniqueId), edge:PhaseMap (stitched), edge:Peaks (hedm: NTTable per input
+frame), edge:PeakCount, edge:FramesIn, :FramesOut, :Dropped, :BadFrames, :InFlight,
+:FrameRate, :LatencyMs, :Restarts, :Mode (of the last frame), :ModelVersion (serving that
+mode), :Message, and edge:LoadModel (write a registry version number of either kind; the put
 completes once the model serves, or fails with the reason it was rejected).
 
 Whatever a frame holds, it is answered or refused (counted in BadFrames, summarised in
@@ -21,8 +22,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
-import numbers
 import queue
 import threading
 import time
@@ -30,31 +29,18 @@ import time
 import numpy as np
 import torch
 from p4p.client.thread import Context, Disconnected
-from p4p.nt import NTScalar
-from p4p.server import Server
-from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import MODE_KIND, MODES, Config, search_hint
-from edgeloop.edge_pva.access import LoadModelPut
-from edgeloop.edge_pva.frame_ids import Arrival, FrameIds
+from edgeloop.edge_pva.edge_pvs import EdgePvs, LoadRequests
 from edgeloop.edge_pva.frame_queue import FrameQueue
-from edgeloop.edge_pva.hedm import NO_PEAKS, locate_peaks, peak_table
-from edgeloop.edge_pva.inference import (
-    ModelRejected,
-    ModelSlot,
-    ServedModel,
-    check_backend,
-    probe_inputs,
-    served_model,
-    untrained_model,
-    validate,
-)
-from edgeloop.edge_pva.quality import DataResidual, combine, edge_probe
-from edgeloop.edge_pva.scalars import ScalarPVs
-from edgeloop.edge_pva.stitch import PhaseMap, ScanConsistency
+from edgeloop.edge_pva.inference import ModelSlot
+from edgeloop.edge_pva.model_loader import ModelLoader
+from edgeloop.edge_pva.modes import HANDLERS
+from edgeloop.edge_pva.stitch import Stitcher
 from edgeloop.edge_pva.supervise import Supervisor
-from edgeloop.registry import ModelFileError, ModelUnavailable, Registry
+from edgeloop.frame_ids import Arrival, FrameIds
+from edgeloop.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -72,55 +58,42 @@ class EdgeServer:
         pv_prefix: str | None = None,
         monitor_request=None,
         extra_pvs: dict | None = None,
+        server_args: dict | None = None,
+        client_args: dict | None = None,
     ):
         """``pv_prefix``: of the served PVs (default ``{prefix}edge:``); ``monitor_request``:
         of the input (str or p4p Value; default MONITOR_REQUEST); ``extra_pvs``: more
-        SharedPVs served under ``pv_prefix`` (an edge worker's, edge_pva/workers.py)."""
+        SharedPVs served under ``pv_prefix`` (an edge worker's, edge_pva/workers.py);
+        ``server_args``, ``client_args``: for p4p's ``Server`` and the input's ``Context``
+        (a test's ``{"isolate": True}`` and ``{"conf": source.conf(), "useenv": False}``)."""
         self.cfg = cfg
         self.prefix = cfg.prefix
         self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
         self.pv_prefix = pv_prefix or f"{cfg.prefix}edge:"
         self.monitor_request = MONITOR_REQUEST if monitor_request is None else monitor_request
         self.extra_pvs = dict(extra_pvs or {})
+        self.server_args, self.client_args = dict(server_args or {}), dict(client_args or {})
         self.registry = Registry(cfg.registry_path)
         torch.set_num_threads(cfg.edge.threads)
         self.queue = FrameQueue(cfg.edge.queue_size)
         self.frame_ids = FrameIds()
-        # recent inputs of each kind: the probe batch a candidate model must pass
-        self._recent = {k: collections.deque(maxlen=4) for k in MODE_KIND.values()}
-        check_backend(cfg.edge.backend)  # one clear error before any model loads
-        self.slots = {k: ModelSlot(self._initial_model(k)) for k in MODE_KIND.values()}
         self.mode = cfg.mode  # of the last frame handled
-        self.phase_map = PhaseMap(
-            cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um, cfg.edge.stitch_sigma_px
-        )
-        self._map_lock = threading.Lock()
-        self._map_dirty = False
-        self.consistency = ScanConsistency()  # of the current acquisition; under _map_lock
-        sim = cfg.sim  # the detector's optics: the probe predictions are checked with
-        self.residual = DataResidual(
-            edge_probe(cfg.edge.probe_file, sim.frame_size, sim.probe_radius_px, sim.probe_defocus)
-        )
-        if self.residual.size != sim.frame_size:
-            log.warning(
-                "edge.probe_file's probe is %d px, frames %d px: frames of another size than the "
-                "probe's get no data residual",
-                self.residual.size,
-                sim.frame_size,
-            )
+        self.loads = LoadRequests()
+        self.pvs = EdgePvs(cfg, self.mode, self.loads)
+        self.models = ModelLoader(cfg, self.registry, self.pvs.message, self._swapped)
+        self.pvs["ModelVersion"].post(self.slot.get().version)
+        self.stitcher = Stitcher(cfg)
+        self.handlers = {mode: handler(self) for mode, handler in HANDLERS.items()}
         self.latencies: collections.deque = collections.deque(maxlen=2000)  # ms, newest last
         self._out_times: collections.deque = collections.deque(maxlen=2000)
         # frames answered with a caveat (not stitched, peaks left out): reason -> count
-        self._notes: collections.Counter = collections.Counter()
+        self.notes: collections.Counter = collections.Counter()
         self._last_report = time.monotonic()
         self._stop = threading.Event()
         self.supervisor = Supervisor(self._stop, self._thread_died, self._fatal)
-        self._load_requests: queue.Queue = queue.Queue()
         # ptycho answers on their way to the publishing thread, a batch each: the model's
         # thread goes on with the next batch while the last one is stitched and published
         self._answers: queue.Queue = queue.Queue(maxsize=4)
-        self._scalars = ScalarPVs(cfg.edge, self.mode)
-        self._pvs = self._make_pvs()
         self._server = None
         self._ctx = None
         self._sub = None
@@ -131,113 +104,21 @@ class EdgeServer:
 
     # ---- model ---------------------------------------------------------------------------
     @property
+    def slots(self) -> dict[str, ModelSlot]:
+        return self.models.slots
+
+    @property
     def slot(self) -> ModelSlot:
         """The model slot of the current mode."""
-        return self.slots[MODE_KIND[self.mode]]
-
-    def _validate(self, served: ServedModel) -> None:
-        kind = served.spec.name
-        validate(served, probe_inputs(kind, served.input_size, list(self._recent[kind])))
-
-    def _initial_model(self, kind: str) -> ServedModel:
-        version = self.registry.accepted(kind)
-        if version is not None:
-            try:
-                model, _ = self.registry.load(version, self.cfg.security)
-                served = served_model(self.cfg, kind, version, model)
-                self._validate(served)
-                log.info("serving %s model v%d from %s", kind, version, self.registry.root)
-                return served
-            except (ModelFileError, ModelRejected) as exc:
-                log.error(
-                    "accepted %s model v%d unusable (%s); serving an untrained model",
-                    kind,
-                    version,
-                    exc,
-                )
-        log.info(
-            "no accepted %s model in %s: serving an untrained (random) model v0",
-            kind,
-            self.registry.root,
-        )
-        return untrained_model(self.cfg, kind)
+        return self.models.slots[MODE_KIND[self.mode]]
 
     def load_version(self, version: int) -> None:
         """Load, validate and swap in a registry version; raises with the reason if rejected."""
-        kind = None
-        try:
-            meta = self.registry.meta(version)
-            if meta.get("status") == "rejected":
-                raise ModelUnavailable(
-                    f"it was rejected ({meta.get('status_reason') or 'no reason recorded'}); "
-                    "a rejected version is never served"
-                )
-            model, meta = self.registry.load(version, self.cfg.security)
-            kind = meta.get("kind")
-            if kind not in self.slots:
-                raise ModelRejected(
-                    f"model kind {kind!r} is not served here ({sorted(self.slots)})"
-                )
-            served = served_model(self.cfg, kind, version, model)
-            self._validate(served)
-        except (ModelFileError, ModelRejected) as exc:
-            serving = ", ".join(f"{k} v{s.get().version}" for k, s in self.slots.items())
-            msg = f"model v{version} rejected: {exc}; still serving {serving}"
-            log.error(msg)
-            if not isinstance(exc, ModelUnavailable):  # a transient error rejects nothing
-                try:
-                    self.registry.mark_rejected(version, str(exc))
-                except ModelFileError:
-                    pass
-            self._pvs["Message"].post(msg[:500], severity=2)
-            raise ModelRejected(msg) from exc
-        old = self.slots[kind].swap(served)
-        self.registry.mark_accepted(version)
-        msg = f"{kind} model v{version} serving (was v{old.version})"
-        log.info(msg)
+        self.models.load_version(version)
+
+    def _swapped(self, kind: str, version: int) -> None:
         if MODE_KIND[self.mode] == kind:
-            self._pvs["ModelVersion"].post(version)
-        self._pvs["Message"].post(msg, severity=0)
-
-    def _loader_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                version, op = self._load_requests.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                self.load_version(version)
-                op.done()
-            except ModelRejected as exc:
-                op.done(error=str(exc))
-            except Exception as exc:  # never let the loader thread die
-                log.exception("model load failed")
-                op.done(error=f"model v{version} load failed: {exc}")
-
-    # ---- PVs -----------------------------------------------------------------------------
-    def _make_pvs(self) -> dict[str, SharedPV]:
-        n = self.cfg.model.input_size
-        m = self.cfg.edge.map_size
-
-        def image(size):
-            return SharedPV(initial=ntnd.build(np.zeros((size, size), np.float32), 0))
-
-        pvs = {
-            "Phase": image(n),
-            "Amplitude": image(n),
-            "PhaseMap": image(m),
-            "Peaks": SharedPV(initial=peak_table(0, NO_PEAKS)),
-            "Mode": SharedPV(nt=NTScalar("s"), initial=self.mode),
-            "Message": SharedPV(nt=NTScalar("s"), initial="starting"),
-            "LoadModel": SharedPV(
-                nt=NTScalar("l"),
-                initial=0,
-                handler=LoadModelPut(self._load_requests, self.cfg.security),
-            ),
-        }
-        pvs.update(self._scalars.pvs)
-        pvs["ModelVersion"].post(self.slot.get().version)
-        return pvs
+            self.pvs["ModelVersion"].post(version)
 
     # ---- frame path ----------------------------------------------------------------------
     @property
@@ -253,8 +134,7 @@ class EdgeServer:
         if isinstance(value, Exception):
             if isinstance(value, Disconnected):
                 if self._input_since is None:
-                    log.warning("input %s disconnected", self.input_pv)
-                    self._pvs["Message"].post(f"input {self.input_pv} disconnected", severity=1)
+                    self.pvs.message(f"input {self.input_pv} disconnected", 1)
                     self._input_since = time.monotonic()
             else:
                 log.warning("input %s: %s", self.input_pv, value)
@@ -294,8 +174,7 @@ class EdgeServer:
             data = frame.data
             if data.dtype.kind == "f" and not np.isfinite(data).all():
                 raise ntnd.FrameError(f"{data.size - np.isfinite(data).sum()} NaN/Inf pixels")
-            if mode == "ptycho":
-                self._check_ptycho_size(data.shape)
+            self.handlers[mode].check(data)
         except Exception as exc:  # FrameError, or anything a damaged value raises
             reason = str(exc) if isinstance(exc, ntnd.FrameError) else f"{exc!r}"
             self.queue.settle_bad(uid, reason)
@@ -304,26 +183,14 @@ class EdgeServer:
         frame.new_acquisition = restart
         return frame
 
-    def _check_ptycho_size(self, shape) -> None:
-        """A frame smaller than the network's input is zero-padded: bound what that costs."""
-        size = self.cfg.model.input_size
-        padded = max(shape[0], size) * max(shape[1], size) * 4
-        if padded > self.cfg.edge.max_frame_bytes:
-            raise ntnd.FrameError(
-                f"a {shape[1]}x{shape[0]} frame padded to the network's {size} px needs "
-                f"{padded} bytes, above edge.max_frame_bytes"
-            )
-
     def _set_mode(self, mode: str) -> None:
         if mode != self.mode:
             self._drain_answers()  # the last mode's answers count in its own figures
             self.mode = mode
             log.info("frames now in mode %s", mode)
-            with self._map_lock:  # the figure and its units are the mode's
-                self.consistency.reset()
-                self._scalars.set_mode(mode)
-            self._pvs["Mode"].post(mode)
-            self._pvs["ModelVersion"].post(self.slot.get().version)
+            self.stitcher.reset_figures(lambda: self.pvs.scalars.set_mode(mode))
+            self.pvs["Mode"].post(mode)
+            self.pvs["ModelVersion"].post(self.slot.get().version)
 
     def _infer_loop(self) -> None:
         while not self._stop.is_set():
@@ -346,14 +213,9 @@ class EdgeServer:
             )
             batch, frames = frames[:n], frames[n:]
             self._set_mode(mode)
-            served = self.slot.get()  # one model for the whole batch
-            if mode == "hedm":
-                for frame in batch:
-                    self._guarded(frame, self._hedm, served)
-            else:
-                self._ptycho(batch, served)
+            self.handlers[mode].handle(batch, self.slot.get())  # one model for the batch
 
-    def _guarded(self, frame, handle, *args) -> None:
+    def guarded(self, frame, handle, *args) -> None:
         """Handle one frame; whatever fails, it is counted once, as bad, and reported."""
         try:
             handle(frame, *args)
@@ -364,22 +226,7 @@ class EdgeServer:
                 reason = f"inference failed: {type(exc).__name__}: {exc}"
                 self.queue.settle_bad(frame.unique_id, reason, severity=2)
 
-    def _ptycho(self, frames, served: ServedModel) -> None:
-        """The batch at once; if that fails, frame by frame, so only the culprit is lost."""
-        try:
-            amplitude, phase = served.infer([f.data for f in frames])
-        except Exception:
-            for frame in frames:
-                self._guarded(frame, self._ptycho_one, served)
-            return
-        self._hand_over((frames, amplitude, phase, served.version))
-        self._recent["ptychonn"].extend(f.data for f in frames[-2:])
-
-    def _ptycho_one(self, frame, served: ServedModel) -> None:
-        amplitude, phase = served.infer([frame.data])
-        self._hand_over(([frame], amplitude, phase, served.version))
-
-    def _hand_over(self, answers: tuple) -> None:
+    def hand_over(self, answers: tuple) -> None:
         """To the publishing thread; waits while it is a few batches behind."""
         for frame in answers[0]:
             frame.handed_over = True
@@ -391,6 +238,7 @@ class EdgeServer:
                 continue
 
     def _publish_loop(self) -> None:
+        publish = self.handlers["ptycho"].publish
         while not self._stop.is_set():
             try:
                 frames, amplitude, phase, version = self._answers.get(timeout=0.1)
@@ -398,7 +246,7 @@ class EdgeServer:
                 continue
             try:
                 for frame, amp, ph in zip(frames, amplitude[:, 0], phase[:, 0]):
-                    self._guarded(frame, self._publish, amp, ph, version)
+                    self.guarded(frame, publish, amp, ph, version)
             finally:
                 self._answers.task_done()
 
@@ -406,92 +254,15 @@ class EdgeServer:
         while self._answers.unfinished_tasks and not self._stop.is_set():
             time.sleep(0.001)
 
-    def _hedm(self, frame, served: ServedModel) -> None:
-        """Peaks of a frame: finder -> patches -> all patches of the frame in one batch."""
-        edge = self.cfg.edge
-        peaks, patches, left_out = locate_peaks(
-            frame.data,
-            served.infer,
-            served.input_size,
-            sigma=edge.peak_sigma,
-            min_separation=edge.peak_min_separation,
-            max_peaks=edge.max_peaks_per_frame,
-        )
-        if not all(np.isfinite(peaks[k]).all() for k in ("x", "y")):
-            raise ModelRejected("the model gave non-finite peak centres")
-        warning = ""
-        offsets = peaks["offset"][np.isfinite(peaks["offset"])]
-        with self._map_lock:
-            if frame.new_acquisition:
-                self.consistency.reset()
-            if len(offsets):  # label-free quality: BraggNN's centres vs the patch centroids
-                self.consistency.add(float(offsets.mean()))
-        if left_out:
-            warning = f"{left_out} maxima above edge.max_peaks_per_frame left out"
-            self._notes[f"peaks left out (max_peaks_per_frame {edge.max_peaks_per_frame})"] += 1
-        self._pvs["Peaks"].post(peak_table(frame.unique_id, peaks, frame.timestamp, warning))
-        self._pvs["PeakCount"].post(len(patches))
-        self._count_out(frame, time.time())
-        self._recent["braggnn"].extend(patches[:4])
-
-    def _count_out(self, frame, now: float) -> None:
+    def count_out(self, frame, now: float) -> None:
         """Count a frame answered at ``now`` and its latency since it arrived."""
         frame.settled = True
         self.queue.settle_answered()
         self.latencies.append((now - frame.received) * 1e3)
         self._out_times.append(now)
 
-    def _position(self, frame) -> tuple[float, float] | None:
-        """The frame's (SampleX, SampleY) if both are finite numbers, else None."""
-        xy = frame.attributes.get("SampleX"), frame.attributes.get("SampleY")
-        if all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-            for v in xy
-        ):
-            return float(xy[0]), float(xy[1])
-        if any(v is not None for v in xy):
-            self._notes["SampleX/SampleY not finite numbers: answered, not stitched"] += 1
-        return None
-
-    def _publish(self, frame, amp, ph, version: int) -> None:
-        if not (np.isfinite(amp).all() and np.isfinite(ph).all()):
-            raise ModelRejected("the model gave NaN/Inf for this frame")
-        uid = frame.unique_id
-        xy = self._position(frame)
-        overlap = surround = None
-        with self._map_lock:
-            if frame.new_acquisition:
-                self.phase_map.reset()
-                self.consistency.reset()
-            if xy is not None:
-                overlap = self.phase_map.disagreement(ph, *xy)
-                surround = self.phase_map.surroundings(*xy)
-                self.phase_map.add(ph, *xy)
-                self._map_dirty = True
-        # label-free quality (edge_pva/quality.py): does the answer agree with the map where
-        # they overlap, and does it explain the frame it came from
-        data = self.residual(frame.data, amp, ph, surround)
-        consistency = combine(overlap, data)
-        if consistency is not None:
-            with self._map_lock:
-                self.consistency.add(consistency)
-        now = time.time()
-        attrs = {"ModelVersion": version, "LatencyMs": (now - frame.received) * 1e3}
-        if xy is not None:
-            attrs.update(SampleX=xy[0], SampleY=xy[1])
-        if consistency is not None:
-            attrs["Consistency"] = consistency
-        if overlap is not None:
-            attrs["ConsistencyOverlap"] = overlap
-        if data is not None:
-            attrs["ConsistencyData"] = data
-        self._pvs["Phase"].post(ntnd.build(ph, uid, attrs, frame.timestamp))
-        self._pvs["Amplitude"].post(ntnd.build(amp, uid, attrs, frame.timestamp))
-        self._count_out(frame, now)  # after the posts: FramesOut never runs ahead
-
     # ---- statistics ----------------------------------------------------------------------
     def _stats_loop(self) -> None:
-        last_map = 0.0
         dropped: collections.deque = collections.deque()  # (time, count) over the last 2 s
         while not self._stop.wait(self.cfg.edge.stats_publish_s):
             now = time.time()
@@ -515,20 +286,15 @@ class EdgeServer:
                 "DroppedRate": (dropped[-1][1] - dropped[0][1]) / 2.0,
             }
             for name, value in values.items():
-                self._scalars.post(name, value)
-            with self._map_lock:  # a mode switch changes their units: not in between
-                last, scan = self.consistency.last, self.consistency.mean
+                self.pvs.scalars.post(name, value)
+            with self.stitcher.lock:  # a mode switch changes their units: not in between
+                last, scan = self.stitcher.consistency.last, self.stitcher.consistency.mean
                 if scan is not None:  # posted once a scan has a figure
-                    self._scalars.post("Consistency", last)
-                    self._scalars.post("ScanConsistency", scan)
+                    self.pvs.scalars.post("Consistency", last)
+                    self.pvs.scalars.post("ScanConsistency", scan)
             self._report_refusals()
             self._watch_input()
-            if self._map_dirty and now - last_map >= self.cfg.edge.map_publish_s:
-                with self._map_lock:
-                    self._map_dirty = False
-                    image, count = self.phase_map.image(), self.phase_map.count
-                last_map = now
-                self._pvs["PhaseMap"].post(ntnd.build(image, count))
+            self.stitcher.publish_map(self.pvs["PhaseMap"].post, now, self.cfg.edge.map_publish_s)
 
     def _report_refusals(self) -> None:
         """One summary per ``edge.bad_frame_report_s`` of the frames refused or answered
@@ -538,7 +304,7 @@ class EdgeServer:
         if span < self.cfg.edge.bad_frame_report_s:
             return
         refused = self.queue.take_reasons()
-        notes, self._notes = self._notes, collections.Counter()
+        notes, self.notes = self.notes, collections.Counter()
         if not refused and not notes:
             return
         self._last_report = now
@@ -549,7 +315,7 @@ class EdgeServer:
         msg = f"{what} in the last {span:.1f} s: " + "; ".join(parts)
         log.warning(msg)
         severity = max([sev for *_, sev in refused] + [1])
-        self._pvs["Message"].post(msg[:500], severity=severity)
+        self.pvs.message(msg, severity, logged=False)
 
     def _watch_input(self, grace_s: float = 5.0) -> None:
         """Say once which PV the edge cannot reach, and where it searched."""
@@ -560,7 +326,7 @@ class EdgeServer:
             self._input_reported = True
             msg = f"input {self.input_pv} not connected for {grace_s:.0f} s; {search_hint()}"
             log.warning(msg)
-            self._pvs["Message"].post(msg, severity=1)
+            self.pvs.message(msg, 1, logged=False)
 
     def _input_back(self) -> None:
         """First frame after a disconnection: clear the alarm, say how long it was away."""
@@ -572,34 +338,35 @@ class EdgeServer:
                 f"counted in MissedFrames ({self.frame_ids.missed} so far)"
             )
             log.info(msg)
-            self._pvs["Message"].post(msg, severity=0)
+            self.pvs.message(msg, 0, logged=False)
         self._input_seen = True
 
     # ---- supervision ---------------------------------------------------------------------
     def _thread_died(self, name: str, exc: BaseException) -> None:
         msg = f"edge thread {name} died ({type(exc).__name__}: {exc}); restarting it"
-        self._pvs["Message"].post(msg[:500], severity=2)
-        self._scalars.post("Restarts", self.supervisor.deaths)
+        self.pvs.message(msg, 2, logged=False)
+        self.pvs.scalars.post("Restarts", self.supervisor.deaths)
 
     def _fatal(self, reason: str) -> None:
         msg = f"{reason}; the edge stops (exit status 1) for its supervisor to restart it"
         log.critical(msg)
-        self._pvs["Message"].post(msg[:500], severity=2)
+        self.pvs.message(msg, 2, logged=False)
         self._failed.set()
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> EdgeServer:
-        pvs = {**self._pvs, **self.extra_pvs}
-        names = {f"{self.pv_prefix}{k}": pv for k, pv in pvs.items()}
-        self._server = Server(providers=[names])
-        for target in (self._infer_loop, self._publish_loop, self._stats_loop, self._loader_loop):
+        self._server = self.pvs.server(self.pv_prefix, self.extra_pvs, **self.server_args)
+        for target in (self._infer_loop, self._publish_loop, self._stats_loop):
             self.supervisor.start(target)
-        self._ctx = Context("pva", nt=False)
+        self.supervisor.start(
+            lambda: self.loads.serve(self.models.load, self._stop), "loader_loop"
+        )
+        self._ctx = Context("pva", nt=False, **self.client_args)
         self._sub = self._ctx.monitor(
             self.input_pv, self._on_frame, request=self.monitor_request, notify_disconnect=True
         )
-        self._pvs["Message"].post(
-            f"serving model v{self.slot.get().version}; input {self.input_pv}"
+        self.pvs.message(
+            f"serving model v{self.slot.get().version}; input {self.input_pv}", logged=False
         )
         log.info(
             "edge server %s* up; input %s; model v%d",
@@ -608,6 +375,11 @@ class EdgeServer:
             self.slot.get().version,
         )
         return self
+
+    @property
+    def server_conf(self) -> dict:
+        """The running server's settings, for a client (``Context(conf=..., useenv=False)``)."""
+        return self._server.conf()
 
     def stop(self) -> None:
         if self._sub is not None:

@@ -1,8 +1,22 @@
-"""Stitch predicted phase patches into a map at their scan positions."""
+"""Stitch predicted phase patches into a map at their scan positions.
+
+- ``PhaseMap``: the map, its overlap disagreement and surroundings at a position;
+- ``ScanConsistency``: an acquisition's per-frame figures (last, mean);
+- ``Stitcher``: a map and its acquisition's figures under one lock, what the edge and the
+  workers' aggregate both publish (edge:PhaseMap, :Consistency, :ScanConsistency);
+- ``finite_position``: a frame's (SampleX, SampleY), if both are finite numbers."""
 
 from __future__ import annotations
 
+import math
+import numbers
+import threading
+from collections.abc import Callable
+
 import numpy as np
+
+from edgeloop import ntnd
+from edgeloop.config import Config
 
 OVERLAP_WEIGHT = 0.5  # pixels whose weight (map, and patch window) is above: in the overlap
 SURROUND_WEIGHT = 0.3  # map pixels whose weight is above: known, for the data residual
@@ -110,3 +124,74 @@ class ScanConsistency:
     @property
     def mean(self) -> float | None:
         return self.total / self.count if self.count else None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def finite_position(attributes: dict) -> tuple[float, float] | None:
+    """The frame's (SampleX, SampleY) if both are finite numbers, else None."""
+    xy = attributes.get("SampleX"), attributes.get("SampleY")
+    return (float(xy[0]), float(xy[1])) if all(_finite(v) for v in xy) else None
+
+
+class Stitcher:
+    """The phase map of the current acquisition and its consistency figures, under one lock.
+
+    ``place`` adds an answer at its position (with the disagreement it had with the map
+    there, and the map's surroundings for the data residual), ``add`` a frame's figure;
+    ``new_acquisition`` starts both again, ``reset_figures`` only the figures (a new mode:
+    their units are the mode's; a new HEDM acquisition, which has no map); ``publish_map``
+    posts the map when it changed, at most every ``interval``."""
+
+    def __init__(self, cfg: Config):
+        self.map = PhaseMap(
+            cfg.edge.map_size, cfg.model.input_size, cfg.sim.pixel_um, cfg.edge.stitch_sigma_px
+        )
+        self.consistency = ScanConsistency()
+        self.lock = threading.Lock()
+        self._dirty = False
+        self._last_map = 0.0
+
+    def new_acquisition(self) -> None:
+        with self.lock:
+            self.map.reset()
+            self.consistency.reset()
+            self._dirty = True
+
+    def reset_figures(self, then: Callable[[], None] = lambda: None) -> None:
+        """Start the figures again, and run ``then`` (the units' change) under the lock."""
+        with self.lock:
+            self.consistency.reset()
+            then()
+
+    def place(self, phase: np.ndarray, xy: tuple[float, float]):
+        """(overlap disagreement or None, the map's surroundings) of a patch added at ``xy``;
+        a patch of another size than the map's is not added (None, None)."""
+        if phase.shape != (self.map.patch,) * 2:
+            return None, None
+        with self.lock:
+            overlap = self.map.disagreement(phase, *xy)
+            surround = self.map.surroundings(*xy)
+            self._dirty |= self.map.add(phase, *xy)
+        return overlap, surround
+
+    def add(self, figure: float | None) -> None:
+        if _finite(figure):
+            with self.lock:
+                self.consistency.add(float(figure))
+
+    def figures(self) -> tuple[float | None, float | None]:
+        """(the last frame's figure, the acquisition's mean), from one look."""
+        with self.lock:
+            return self.consistency.last, self.consistency.mean
+
+    def publish_map(self, post: Callable, now: float, interval: float) -> None:
+        if not self._dirty or now - self._last_map < interval:
+            return
+        with self.lock:
+            self._dirty = False
+            image, count = self.map.image(), self.map.count
+        self._last_map = now
+        post(ntnd.build(image, count))

@@ -151,7 +151,7 @@ class ModelConfig:
 class EdgeConfig:
     queue_size: Count = 256
     max_batch: Count = 16
-    # inference backend (edge_pva/inference.py BACKENDS; README "Inference backends"): torch
+    # inference backend (edge_pva/inference.py BACKENDS; docs/howto/backends.md): torch
     # and onnxruntime run on the CPU; torch-cuda and tensorrt need an NVIDIA GPU; auto:
     # onnxruntime where installed, else torch
     backend: Backend = "torch"

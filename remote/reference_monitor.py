@@ -19,6 +19,7 @@ import time
 
 from edgeloop import ntnd
 from edgeloop.config import MODE_KIND, Config
+from edgeloop.frame_ids import Arrival, FrameIds
 from edgeloop.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ class ReferenceMonitor:
     def __init__(self, cfg: Config, ctx, registry: Registry, put, input_pv: str | None = None):
         self.cfg, self.ctx, self.registry, self._put = cfg, ctx, registry, put
         self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
-        self._last_uid: int | None = None
-        self._first_uid = 0
+        self._ids = FrameIds()  # the uniqueId rules the edge applies
+        self._first_uid: int | None = None
         self._window: list = []  # (mode, frame) of the window being gathered
         self._window_key: tuple | None = None  # (acquisition's first uid, mode, window start)
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -68,12 +69,18 @@ class ReferenceMonitor:
             return
         try:
             uid = int(value["uniqueId"])
+            ts = value["timeStamp"]
+            stamp = (int(ts["secondsPastEpoch"]), int(ts["nanoseconds"]))
         except Exception:
             return
-        if self._last_uid is None or uid <= self._last_uid:  # a new acquisition
+        if uid == 0:
+            return  # the placeholder a detector PV holds before its first frame
+        arrival = self._ids.arrival(uid, stamp)
+        if arrival in (Arrival.REPEAT, Arrival.LATE):
+            return  # seen already, or behind the window being gathered
+        if arrival is Arrival.RESTART or self._first_uid is None:  # a new acquisition
             self._flush()
             self._first_uid = uid
-        self._last_uid = uid
         try:
             frame = ntnd.decode(value)
         except ntnd.FrameError:

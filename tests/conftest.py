@@ -16,7 +16,7 @@ import pytest
 from tests.kit.env import TEST_ENV, random_prefix
 from tests.kit.leaks import SESSION_PIDS, LeakCheck
 from tests.kit.runs import run_engine
-from tests.kit.servers import System, small_config, whole_system
+from tests.kit.servers import small_config, whole_system
 
 SYSTEM_TIER = Path(__file__).resolve().parent / "system"
 
@@ -93,21 +93,15 @@ def system(tmp_path_factory, request):
 
 
 @pytest.fixture(scope="module")
-def fed_edge(tmp_path_factory, request):
-    """An edge server whose input is a p4p SharedPV this fixture owns: (System, source)."""
-    from p4p.server import Server
-    from p4p.server.thread import SharedPV
+def fed_edge(tmp_path_factory):
+    """An edge server in this process on a private network, fed by a p4p SharedPV this
+    fixture owns: (tests.kit.isolated.IsolatedEdge, source)."""
+    from tests.kit.isolated import IsolatedEdge
 
     tmp = tmp_path_factory.mktemp("fed")
-    cfg, path = small_config(tmp, random_prefix("f"))
-    source = SharedPV()
-    server = Server(providers=[{f"{cfg.prefix}src:Image": source}])
-    sys_ = System(cfg, path, tmp / "logs")
+    cfg, _ = small_config(tmp, random_prefix("f"))
+    edge = IsolatedEdge(cfg)
     try:
-        sys_.start("edge", "--input-pv", f"{cfg.prefix}src:Image", ready_pv="edge:ModelVersion")
-        yield sys_, source
+        yield edge, edge.source
     finally:
-        sys_.stop()
-        server.stop()
-        if request.session.testsfailed:
-            print(sys_.outputs())
+        edge.close()

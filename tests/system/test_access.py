@@ -133,7 +133,7 @@ def test_edge_load_model_only_for_operators(servers, caplog):
     assert f"not permitted: user '{STRANGER}' is not an operator" in refused["error"]
     assert servers.value("edge:ModelVersion") == serving
     assert f"user '{STRANGER}' is not an operator" in caplog.text
-    assert servers.edge._pvs["LoadModel"]._handler.access.refused == 1
+    assert servers.edge.pvs["LoadModel"]._handler.access.refused == 1
     assert servers.put(OPERATOR, "pva", "edge:LoadModel", version) == {"ok": True, "error": ""}
     assert servers.value("edge:ModelVersion") == version
 

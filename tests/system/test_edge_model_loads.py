@@ -93,7 +93,7 @@ def test_nan_frames_never_reach_the_probe_set_that_validates_a_candidate(edge):
     while edge.queue.counts()["in_flight"]:
         time.sleep(0.02)
     assert edge.queue.counts()["bad"] == 5 and edge.queue.counts()["out"] == 1
-    assert all(np.isfinite(f).all() for f in edge._recent["ptychonn"])
+    assert all(np.isfinite(f).all() for f in edge.models.recent["ptychonn"])
     version = add_ptychonn(edge.registry, 8, 2)
     load(ctx, edge, version)
     assert edge.slots["ptychonn"].get().version == version

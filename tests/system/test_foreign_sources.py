@@ -14,8 +14,8 @@ import pytest
 from p4p.client.thread import Context
 
 from edgeloop.config import Config
-from edgeloop.edge_pva.frame_ids import FrameIds
 from edgeloop.edge_pva.server import EdgeServer
+from edgeloop.frame_ids import FrameIds
 from tests.kit.answers import Collector
 from tests.kit.env import random_prefix
 from tests.kit.pvapy_sources import Witness, ad_sim_server

@@ -47,10 +47,10 @@ def test_ml_ioc_restart_gets_the_service_state_back_and_keeps_its_executor(loop)
     executor = LocalExecutor()
     service = lp.service = RetrainService(lp.cfg, executor=executor).start()
     wait_value(lp, "ml:Endpoint", "parsl")
-    service._put("ml:ModelVersion", 7)
-    service._put("ml:ValLoss", 0.125)
-    service._publish_timings({"staging_s": 1.5, "training_s": 12.5, "end_to_end_s": 30.0})
-    service._status("Error", "training failed: a message to keep")
+    service.pvs.put("ml:ModelVersion", 7)
+    service.pvs.put("ml:ValLoss", 0.125)
+    service.pvs.publish_timings({"staging_s": 1.5, "training_s": 12.5, "end_to_end_s": 30.0})
+    service.pvs.status("Error", "training failed: a message to keep")
     state = {
         "ml:Endpoint": "parsl",
         "ml:ModelVersion": 7,
@@ -168,7 +168,7 @@ def test_abort_in_each_step_deploys_nothing_and_the_next_trigger_works(
     monkeypatch,
     state,
 ):
-    import edgeloop.remote.service as service_module
+    import edgeloop.remote.pipeline as pipeline_module
 
     lp = loop()
     hedm_scan(lp.cfg.data_path, 12)
@@ -184,9 +184,9 @@ def test_abort_in_each_step_deploys_nothing_and_the_next_trigger_works(
 
     with monkeypatch.context() as patch:
         if state == "Staging":
-            patch.setattr(service_module, "stage", slow(service_module.stage))
+            patch.setattr(pipeline_module, "stage", slow(pipeline_module.stage))
         elif state == "Validating":
-            patch.setattr(service, "_validate", slow(service._validate))
+            patch.setattr(service.pipeline, "validate", slow(service.pipeline.validate))
         else:  # the edge takes its time to load a model
             patch.setattr(lp.edge, "load_version", slow(lp.edge.load_version))
         press(lp, "ml:Retrain")
@@ -212,7 +212,7 @@ def test_abort_in_each_step_deploys_nothing_and_the_next_trigger_works(
 
 
 def test_a_run_that_raises_anywhere_ends_in_error_saying_why(loop, monkeypatch):  # noqa: F811
-    import edgeloop.remote.service as service_module
+    import edgeloop.remote.pipeline as pipeline_module
 
     lp = loop()
     lp.start_service("local")
@@ -220,7 +220,7 @@ def test_a_run_that_raises_anywhere_ends_in_error_saying_why(loop, monkeypatch):
     def unreadable(data_dir):
         raise OSError(f"{data_dir}: input/output error")
 
-    monkeypatch.setattr(service_module, "usable_scans", unreadable)
+    monkeypatch.setattr(pipeline_module, "usable_scans", unreadable)
     assert lp.retrain(timeout=30) == "Error"
     assert lp.value("ml:Message") == (
         f"retraining failed: OSError: {lp.cfg.data_path}: input/output error"

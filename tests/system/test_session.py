@@ -1,5 +1,5 @@
 """The scientist's session: the IPython profile `edgeloop ipython-profile` writes, run by a
-real IPython; the README's Python snippets, run as written (prefix and data folder aside)
+real IPython; the tutorial's Python snippets, run as written (prefix and data folder aside)
 against a whole loop of their own; the live plot and progress bar during real scans."""
 
 import io
@@ -26,7 +26,7 @@ from tests.kit.servers import whole_system
 
 matplotlib.use("Agg")
 pytestmark = [pytest.mark.timeout(600)]
-README = Path(__file__).resolve().parents[2] / "README.md"
+TUTORIAL = Path(__file__).resolve().parents[2] / "docs" / "tutorial.md"
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +70,19 @@ def test_ipython_profile_opens_a_session_that_scans(loop, tmp_path):
     assert "ptycho_scan" in run.stderr and "12/12" in run.stderr  # the progress bar
 
 
-def readme_snippets() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def tutorial_snippets() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", TUTORIAL.read_text(), flags=re.S)
 
 
-def test_readme_snippets_run_as_written(loop, tmp_path):
-    snippets = readme_snippets()
-    assert snippets, "README has Python snippets"
+def test_the_tutorials_snippets_run_as_written(loop, tmp_path):
+    snippets = tutorial_snippets()
+    assert snippets, "the tutorial has Python snippets"
     namespace: dict = {}
     try:
         for code in snippets:
             code = code.replace('"SIM:"', repr(loop.prefix))
             code = code.replace("~/.edgeloop/data", str(tmp_path / "data"))
-            exec(compile(code, str(README), "exec"), namespace)
+            exec(compile(code, str(TUTORIAL), "exec"), namespace)
         runs = sorted((tmp_path / "data").glob("run_*.json"))
         assert len(runs) == 3  # the two fly scans and the step scan, each pointing at
         assert len(list((tmp_path / "data" / "detector").glob("*.h5"))) == 3  # its file

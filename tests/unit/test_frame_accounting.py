@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from p4p import Type, Value
 
 from edgeloop import ntnd
-from edgeloop.edge_pva.frame_ids import Arrival, FrameIds
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.supervise import Supervisor
+from edgeloop.frame_ids import Arrival, FrameIds
 from edgeloop.peaks import find_peaks
 
 

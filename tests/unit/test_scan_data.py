@@ -15,7 +15,7 @@ import pytest
 from edgeloop.app.loop import DEMO_MARKER, prepare
 from edgeloop.bluesky_plans import ScanWriter, ptycho_scan
 from edgeloop.config import LOOPBACK_ENV, Config
-from edgeloop.remote.service import usable_scans
+from edgeloop.remote.pipeline import usable_scans
 from edgeloop.scanfile import PART, read_scan
 from tests.kit.scans import check_partial, sim_devices
 

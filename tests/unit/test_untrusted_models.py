@@ -284,37 +284,40 @@ def test_corrupt_best_checkpoint_falls_back_to_the_next_best(service, tmp_path, 
     (reg.root / f"v{second:04d}.json").write_text(json.dumps(meta))
 
     caplog.set_level(logging.WARNING)
-    chosen, skipped = service.usable_best("braggnn")
+    chosen, skipped = service.pipeline.usable_best("braggnn")
     assert (chosen, skipped) == (third, [f"v{best}", f"v{second}"])
     assert "checksum" in caplog.text and "max_width" in caplog.text
 
     # and training from it works (a real task, two epochs)
-    request = train_request(cfg, labels, sha, **service._ref("init", chosen))
+    request = train_request(cfg, labels, sha, **service.pipeline.ref("init", chosen))
     request["train"] = vars(train_cfg(2))
     result = tasks.train_model(request)
     assert result["arch"] == ARCH and np.isfinite(result["val_loss"])
 
     # every accepted checkpoint unusable: training starts from scratch, not an error
     (reg.root / f"v{third:04d}.pt").write_bytes(b"garbage")
-    assert service.usable_best("braggnn") == (None, [f"v{best}", f"v{second}", f"v{third}"])
+    assert service.pipeline.usable_best("braggnn") == (
+        None,
+        [f"v{best}", f"v{second}", f"v{third}"],
+    )
 
 
 def test_corrupt_serving_model_is_no_baseline_and_an_unreadable_one_stops_the_run(service):
-    from edgeloop.remote.service import RetrainError
+    from edgeloop.remote.errors import RetrainError
 
     reg = service.registry
     v = reg.add(
         model_to_bytes("braggnn", ARCH, BraggNN(**ARCH)), {"kind": "braggnn", "val_loss": 0.1}
     )
     reg.mark_accepted(v)
-    version, model = service._serving("braggnn")
+    version, model = service.pipeline.serving("braggnn")
     assert version == v and isinstance(model, BraggNN)
     (reg.root / f"v{v:04d}.pt").unlink()
     with pytest.raises(RetrainError, match="serving model unreadable"):
-        service._serving("braggnn")
+        service.pipeline.serving("braggnn")
     assert reg.meta(v)["status"] == "accepted"  # a transient error rejects nothing
     (reg.root / f"v{v:04d}.pt").write_bytes(b"garbage")
-    assert service._serving("braggnn") == (None, None)
+    assert service.pipeline.serving("braggnn") == (None, None)
 
 
 def test_signature_round_trip_and_tampering(tmp_path):
@@ -366,24 +369,24 @@ def test_key_files_missing_unsafe_short_and_the_default_created(tmp_path, monkey
 
 
 def test_train_task_signs_and_the_service_verifies(service, tmp_path):
-    from edgeloop.remote.service import RetrainError
+    from edgeloop.remote.errors import RetrainError
 
     cfg = service.cfg
     labels = tmp_path / "labels.h5"
     sha = braggnn_labels(labels)
     result = tasks.train_model(dict(train_request(cfg, labels, sha), train=vars(train_cfg(2))))
-    key = service._signing_key()
+    key = service.pipeline.signing_key()
     assert result["signature"] == signing.sign(key, result["model"], result)
     label_ref = {"labels": str(labels), "sha256": sha}
-    figures = service._validate(result, "braggnn", key, label_ref, None, train_cfg(2))
+    figures = service.pipeline.validate(result, "braggnn", key, label_ref, None, train_cfg(2))
     assert figures["val_loss"] == pytest.approx(result["val_loss"], rel=1e-3)
 
     # the endpoint's key is not the service's
     with pytest.raises(RetrainError, match="signature does not verify"):
-        service._validate(result, "braggnn", b"k" * 64, label_ref, None, train_cfg(2))
+        service.pipeline.validate(result, "braggnn", b"k" * 64, label_ref, None, train_cfg(2))
     # metadata altered after signing
     with pytest.raises(RetrainError, match="signature does not verify"):
-        service._validate(
+        service.pipeline.validate(
             dict(result, n_frames=10**6), "braggnn", key, label_ref, None, train_cfg(2)
         )
     # no key file on the endpoint: a clear error before any training
@@ -395,21 +398,21 @@ def test_train_task_signs_and_the_service_verifies(service, tmp_path):
     # no key file on the service's side (not the default path: not created)
     service.cfg.security.signing_key_file = str(tmp_path / "absent.key")
     with pytest.raises(RetrainError, match="absent.key not found"):
-        service._signing_key()
+        service.pipeline.signing_key()
 
 
 def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service, tmp_path):
-    from edgeloop.remote.service import RetrainError
+    from edgeloop.remote.errors import RetrainError
 
     cfg, reg = service.cfg, service.registry
     labels = tmp_path / "labels.h5"
     sha = braggnn_labels(labels)
-    key = service._signing_key()
+    key = service.pipeline.signing_key()
     label_ref = {"labels": str(labels), "sha256": sha}
     good = tasks.train_model(train_request(cfg, labels, sha))
     v1 = reg.add(good["model"], {"kind": "braggnn", "val_loss": good["val_loss"]})
     reg.mark_accepted(v1)
-    _, baseline = service._serving("braggnn")
+    _, baseline = service.pipeline.serving("braggnn")
 
     # a key-holding endpoint returns random weights and claims a perfect held-out loss
     torch.manual_seed(1)
@@ -417,24 +420,24 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
     liar = dict(good, model=blob, sha256=sha256_bytes(blob), val_loss=0.0, baseline_val_loss=1.0)
     liar["signature"] = signing.sign(key, blob, dict(liar, kind="braggnn"))
     t0 = time.perf_counter()
-    figures = service._validate(liar, "braggnn", key, label_ref, baseline, train_cfg())
+    figures = service.pipeline.validate(liar, "braggnn", key, label_ref, baseline, train_cfg())
     print(f"service-side evaluation of candidate + baseline: {time.perf_counter() - t0:.3f} s")
     assert figures["endpoint_val_loss"] == 0.0 and figures["endpoint_baseline_val_loss"] == 1.0
     assert figures["val_loss"] > 2 * figures["baseline_val_loss"]
     assert figures["baseline_val_loss"] == pytest.approx(good["val_loss"], rel=1e-3)
     v2 = reg.add(blob, {"kind": "braggnn", **figures})
     with pytest.raises(RetrainError, match="quality gate.*endpoint reported 0"):
-        service._quality_gate(v2, figures)
+        service.pipeline.quality_gate(v2, figures)
     assert reg.meta(v2)["status"] == "rejected" and reg.accepted("braggnn") == v1
 
     # an honest candidate passes on the same figures
-    ok = service._validate(good, "braggnn", key, label_ref, baseline, train_cfg())
-    service._quality_gate(v1, ok)
+    ok = service.pipeline.validate(good, "braggnn", key, label_ref, baseline, train_cfg())
+    service.pipeline.quality_gate(v1, ok)
 
     # labels the service cannot read: an error, and nothing is marked rejected
     labels.unlink()
     with pytest.raises(RetrainError, match="labels file must be readable"):
-        service._validate(good, "braggnn", key, label_ref, baseline, train_cfg())
+        service.pipeline.validate(good, "braggnn", key, label_ref, baseline, train_cfg())
 
 
 def test_non_finite_frames_never_reach_training(tmp_path, caplog):

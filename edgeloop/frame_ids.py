@@ -1,4 +1,10 @@
-"""Which arriving frames are new, by their uniqueId and timeStamp."""
+"""The uniqueId rules, in one place: which arriving frames are new, late, repeated, or start a
+new acquisition, by their uniqueId and timeStamp.
+
+- ``FrameIds``: frames of one source in the order it sent them (the edge, the reference
+  monitor, the workers' aggregate's witness of the source);
+- ``AcquisitionOrder``: answers to those frames arriving out of order (several workers):
+  which acquisition each belongs to."""
 
 from __future__ import annotations
 
@@ -67,3 +73,38 @@ class FrameIds:
             self._missing[uid] = None
         while len(self._missing) > self._memory:
             self._missing.popitem(last=False)
+
+
+class AcquisitionOrder:
+    """Tells, for frames arriving out of order, whether each belongs to the current
+    acquisition, and when a new one starts.
+
+    Within an acquisition a lower uniqueId has an earlier time stamp: a frame whose uniqueId
+    is not higher than the highest yet, with a later time stamp, starts a new acquisition;
+    one stamped before that start is a late one of the previous acquisition."""
+
+    def __init__(self):
+        # the highest uniqueId and time stamp of this acquisition, and the last time stamp
+        # of the previous ones
+        self._newest: tuple[int, tuple[int, int]] | None = None
+        self.boundary: tuple[int, int] | None = None
+
+    def current(self, stamp: tuple[int, int]) -> bool:
+        """Whether a frame stamped so belongs to the current acquisition (a frame seen
+        before: no new verdict)."""
+        return self.boundary is None or stamp > self.boundary
+
+    def arrival(self, unique_id: int, stamp: tuple[int, int]) -> tuple[bool, bool]:
+        """A frame seen for the first time: (in the current acquisition, starts a new one)."""
+        if self.boundary is not None and stamp <= self.boundary:
+            return False, False
+        if self._newest is None:
+            self._newest = (unique_id, stamp)
+            return True, False
+        newest_uid, newest_stamp = self._newest
+        if unique_id <= newest_uid and stamp > newest_stamp:
+            self.boundary = newest_stamp
+            self._newest = (unique_id, stamp)
+            return True, True
+        self._newest = (max(unique_id, newest_uid), max(stamp, newest_stamp))
+        return True, False

@@ -1,0 +1,399 @@
+"""One retraining, free of EPICS: ``RetrainPipeline.run`` stages the scans, has the
+executor analyse them (labels) and train, validates the returned model here, gates it
+against the serving one and deploys it, telling a ``Progress`` each step.
+
+Also here: ``usable_scans`` (the complete scans of a data directory, newest first) and
+``stage_scans`` (which of them a retraining takes).  The technique of the newest scan decides
+what is retrained: PtychoNN on phase-retrieval labels for ptychography, BraggNN on
+pseudo-Voigt-fit labels for HEDM."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from edgeloop import signing
+from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config
+from edgeloop.registry import (
+    ModelFileError,
+    ModelUnavailable,
+    Registry,
+    model_from_bytes,
+    sha256_bytes,
+)
+from edgeloop.remote import tasks
+from edgeloop.remote.errors import Aborted, RetrainError
+from edgeloop.remote.executor_slot import ExecutorSlot
+from edgeloop.remote.quality import held_out_losses
+from edgeloop.remote.staging import code_version, stage
+from edgeloop.scanfile import list_scans, scan_summary
+
+log = logging.getLogger(__name__)
+
+TECHNIQUE_MODE = {t: m for m, t in MODE_TECHNIQUE.items()}
+
+
+def usable_scans(data_dir) -> list[tuple[str, str, int]]:
+    """(path, technique, frames) of the complete, consistent scans with at least 4 frames,
+    newest first; the first one's technique is what the beamline is doing now.  A truncated,
+    incomplete or inconsistent scan is skipped with a warning."""
+    out = []
+    for path in reversed(list_scans(data_dir)):
+        try:
+            technique, n = scan_summary(path)
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("skipping scan %s: %s", path, exc)
+            continue
+        if n >= 4:
+            out.append((str(path), technique, n))
+    return out
+
+
+def stage_scans(scans: list[tuple[str, str, int]], technique: str, max_frames: int) -> list[str]:
+    """Of :func:`usable_scans`, the newest of a technique whose frames add up to at most
+    max_frames (at least one scan), oldest first."""
+    chosen, total = [], 0
+    for path, kind, n in scans:
+        if kind != technique:
+            continue
+        if chosen and total + n > max_frames:
+            break
+        chosen.append(path)
+        total += n
+    return list(reversed(chosen))
+
+
+def is_number(x) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def fmt(x) -> str:
+    return f"{x:.4g}" if is_number(x) else repr(x)[:40]
+
+
+class Progress(Protocol):
+    """Where a retraining reports: each step as it starts, and figures as they are known
+    (``trigger``, ``val_loss``, ``model_version``)."""
+
+    def enter(self, state: str, message: str) -> None: ...
+
+    def record(self, name: str, value) -> None: ...
+
+
+@dataclass
+class Trained:
+    """What the training step gives the rest: the versions it started from and is compared
+    with, the serving model (the gate's baseline), the endpoint's result, and when the task
+    was submitted and returned (perf_counter)."""
+
+    best: int | None
+    serving: int | None
+    baseline: object
+    result: dict
+    submitted: float
+    returned: float
+
+
+class RetrainPipeline:
+    """Stage -> analyse -> train -> validate -> gate -> deploy on ``slot``'s executor.
+
+    ``deploy(version)`` makes the edge serve a registry version (raises if it refuses);
+    ``on_staged(technique, scans)`` hears what a retraining trains on (the policy's
+    training set); ``abort``, once set, ends the run between or during steps."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        registry: Registry,
+        slot: ExecutorSlot,
+        progress: Progress,
+        deploy: Callable[[int], None],
+        on_staged: Callable[[str, list[str]], None] = lambda technique, scans: None,
+        step_timeout: float | None = None,
+    ):
+        self.cfg, self.registry, self.slot = cfg, registry, slot
+        self.progress, self.deploy, self.on_staged = progress, deploy, on_staged
+        self.abort = threading.Event()
+        self.step = "Idle"
+        self._step_timeout = step_timeout
+
+    @property
+    def step_timeout(self) -> float:
+        return self._step_timeout or self.cfg.remote.task_timeout_s
+
+    def run(self, trigger: str) -> dict:
+        """One retraining; its summary, or RetrainError (Aborted) saying why not."""
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        key = self.signing_key()  # a missing key fails now, not after the training
+        self.slot.ready()
+        technique, kind, train_cfg, scans = self._stage(trigger, timings)
+        labels = self._analyse(technique, kind, scans, timings)
+        trained = self._train(kind, labels, train_cfg)
+        result, serving = trained.result, trained.serving
+        timings["training_s"] = result["seconds"]
+        self._enter("Validating", "checking the returned model")
+        figures = self.validate(result, kind, key, labels, trained.baseline, train_cfg)
+        self._check_abort()
+        meta = {
+            "kind": kind,
+            "arch": result["arch"],
+            **figures,
+            "baseline": serving,
+            "skipped_frames": labels.get("skipped_frames", 0),
+            "signature": result.get("signature"),
+            "trained_on": scans,
+            "labels_sha256": labels["sha256"],
+            "n_frames": result["n_frames"],
+            "parent": trained.best,
+            "history": result["history"],
+            "timings": timings,
+            "executor": self.slot.name,
+            "trigger": trigger,
+            "code_version": code_version(),
+        }
+        version = self.registry.add(result["model"], meta)
+        self.progress.record("val_loss", figures["val_loss"])
+        self.quality_gate(version, figures)
+        self._deploy(version, serving)
+        # return: from the end of training (remote) to serving here; the task's own clock
+        # does not see queueing and result transfer, so that is included
+        trained_for = trained.returned - trained.submitted
+        timings["return_s"] = (
+            time.perf_counter() - trained.returned + max(0.0, trained_for - result["seconds"])
+        )
+        timings["end_to_end_s"] = time.perf_counter() - t_start
+        return {
+            "version": version,
+            "kind": kind,
+            "val_loss": figures["val_loss"],
+            "timings": timings,
+            "trigger": trigger,
+        }
+
+    # ---- the steps -----------------------------------------------------------------------
+    def _check_abort(self) -> None:
+        if self.abort.is_set():
+            step = "retraining" if self.step in ("Idle", "Error") else self.step.lower()
+            raise Aborted(f"{step} aborted by ml:Abort")
+
+    def _enter(self, state: str, message: str) -> None:
+        """The next step, unless an abort came during the last one."""
+        self._check_abort()
+        self.step = state
+        self.progress.enter(state, message)
+
+    def _result(self, fn, request: dict, what: str):
+        future = self.slot.submit(fn, request)
+        return self.slot.result(future, what, self.step_timeout, self.abort)
+
+    def _stage(self, trigger: str, timings: dict) -> tuple[str, str, object, list[str]]:
+        cfg = self.cfg
+        self._enter("Staging", f"staging scans from {cfg.data_path}; trigger: {trigger}")
+        t0 = time.perf_counter()
+        available = usable_scans(cfg.data_path)
+        if not available:
+            raise RetrainError(f"no scans to train on in {cfg.data_path}")
+        technique = available[0][1]
+        kind = MODE_KIND[TECHNIQUE_MODE[technique]]
+        train_cfg = cfg.training(kind)
+        scans = stage_scans(available, technique, train_cfg.max_frames)
+        self.on_staged(technique, scans)
+        self.progress.record("trigger", trigger)
+        log.info("retraining %s on %d scan(s) (%s)", kind, len(scans), trigger)
+        scans = stage(scans, cfg)
+        timings["staging_s"] = time.perf_counter() - t0
+        return technique, kind, train_cfg, scans
+
+    def _analyse(self, technique: str, kind: str, scans: list[str], timings: dict) -> dict:
+        what, request = self.analysis_request(kind, scans)
+        self._enter("Analyzing", f"{what} on {len(scans)} {technique} scan(s)")
+        labels = self._result(tasks.analyze, request, what)
+        timings["analysis_s"] = labels["seconds"]
+        return labels
+
+    def _train(self, kind: str, labels: dict, train_cfg) -> Trained:
+        cfg = self.cfg
+        best, skipped = self.usable_best(kind)
+        serving, baseline = self.serving(kind)
+        self._enter(
+            "Training",
+            f"training {kind} on {labels['n_frames']} samples from "
+            f"{f'v{best}' if best else 'scratch'} "
+            + (f"(unusable, skipped: {', '.join(skipped)}) " if skipped else "")
+            + f"({self.slot.name})",
+        )
+        request = {
+            "labels": labels["labels"],
+            "labels_sha256": labels["sha256"],
+            **self.ref("init", best),
+            **self.ref("baseline", serving),
+            "kind": kind,
+            "arch": cfg.arch(kind),
+            "train": vars(train_cfg),
+            # the path, never the key: the endpoint reads its own copy
+            "signing_key_file": cfg.security.signing_key_file,
+            "security": {
+                k: getattr(cfg.security, k) for k in ("max_model_bytes", "max_width", "max_patch")
+            },
+        }
+        submitted = time.perf_counter()
+        result = self._result(tasks.train_model, request, "training")
+        return Trained(best, serving, baseline, result, submitted, time.perf_counter())
+
+    def _deploy(self, version: int, serving: int | None) -> None:
+        self._enter("Deploying", f"deploying model v{version}")
+        try:
+            self.deploy(version)
+        except Exception as exc:
+            raise RetrainError(f"edge refused model v{version}: {exc}") from exc
+        if self.abort.is_set():  # came while the edge was loading it
+            raise Aborted(f"deploying aborted by ml:Abort: {self.withdraw(version, serving)}")
+
+    def withdraw(self, version: int, serving: int | None) -> str:
+        """Take a model the edge loaded before an abort out of service again: the one
+        serving before goes back, the new one is marked rejected (never served again)."""
+        if serving is None:
+            self.progress.record("model_version", version)
+            return f"v{version} was loaded already and stays: no earlier model to go back to"
+        try:
+            self.deploy(serving)
+        except Exception as exc:
+            self.progress.record("model_version", version)
+            return f"v{version} was loaded already and stays: v{serving} failed to load: {exc}"
+        self.registry.mark_rejected(version, "withdrawn: ml:Abort came while it was deploying")
+        self.progress.record("model_version", serving)
+        return f"v{version} withdrawn, v{serving} serving again"
+
+    # ---- what the steps ask ----------------------------------------------------------------
+    def analysis_request(self, kind: str, scans: list[str]) -> tuple[str, dict]:
+        """(what the analysis is, in words; its request)."""
+        cfg = self.cfg
+        out = cfg.registry_path / "work" / f"labels_{kind}_{int(time.time())}.h5"
+        request = {"scans": scans, "kind": kind, "out": str(out)}
+        if kind == "braggnn":
+            request.update(
+                patch=cfg.model.patch,
+                sigma=cfg.edge.peak_sigma,
+                min_separation=cfg.edge.peak_min_separation,
+            )
+            return "pseudo-Voigt peak fits", request
+        request.update(
+            pixel_um=cfg.sim.pixel_um,
+            probe={"radius_px": cfg.sim.probe_radius_px, "defocus": cfg.sim.probe_defocus},
+            epochs=cfg.train.recon_epochs,
+            algorithm=cfg.train.recon_algorithm,
+            threads=cfg.train.threads,
+            input_size=cfg.model.input_size,
+            # labels of scans seen before are reused; with Globus staging the endpoint's
+            # filesystem is not ours, so it labels everything
+            cache_dir=str(cfg.registry_path / "work" / "labels_cache")
+            if cfg.remote.staging == "shared"
+            else None,
+        )
+        return f"phase retrieval ({cfg.train.recon_algorithm})", request
+
+    def ref(self, name: str, version: int | None) -> dict:
+        """A registry model by reference: path + checksum, verified where it is read."""
+        if version is None:
+            return {name: None, f"{name}_sha256": None}
+        meta = self.registry.meta(version)
+        return {name: str(self.registry.root / meta["file"]), f"{name}_sha256": meta["sha256"]}
+
+    def signing_key(self) -> bytes:
+        """The service's signing key; the default key file is created on first use."""
+        try:
+            return signing.load_key(self.cfg.security.signing_key_file, create_default=True)
+        except signing.SigningError as exc:
+            raise RetrainError(str(exc)) from exc
+
+    def usable_best(self, kind: str) -> tuple[int | None, list[str]]:
+        """The accepted model of this kind with the lowest validation loss that loads here
+        (checksum, bounds, builds): (version or None, the better ones skipped, as "vN")."""
+        skipped = []
+        for version in self.registry.ranked(kind):
+            try:
+                self.registry.load(version, self.cfg.security)
+                return version, skipped
+            except ModelFileError as exc:
+                log.warning("not training from %s v%d: %s", kind, version, exc)
+                skipped.append(f"v{version}")
+        return None, skipped
+
+    def serving(self, kind: str):
+        """(version, model) of the serving model, the quality gate's baseline; (None, None)
+        if none or if its file is corrupt (then nothing to compare with: warned).  A file
+        that cannot be read now ends this run: a gate without its baseline would let any
+        model through."""
+        version = self.registry.accepted(kind)
+        if version is None:
+            return None, None
+        try:
+            return version, self.registry.load(version, self.cfg.security)[0]
+        except ModelUnavailable as exc:
+            raise RetrainError(f"serving model unreadable, cannot gate: {exc}") from exc
+        except ModelFileError as exc:
+            log.warning("serving %s v%d unusable as baseline: %s", kind, version, exc)
+            return None, None
+
+    def validate(self, result: dict, kind: str, key: bytes, labels: dict, baseline, train_cfg):
+        """Checks a returned model and computes the gate's figures here: the endpoint's word
+        is taken for nothing but its signed bytes.  Returns the metadata figures."""
+        if sha256_bytes(result["model"]) != result["sha256"]:
+            raise RetrainError("returned model fails its checksum (corrupted in transit)")
+        try:
+            signing.verify(key, result["model"], dict(result, kind=kind), result.get("signature"))
+            model, info = model_from_bytes(result["model"], self.cfg.security)
+        except (signing.SigningError, ModelFileError) as exc:
+            raise RetrainError(f"returned model refused: {exc}") from exc
+        if info["kind"] != kind or info["arch"] != result["arch"]:
+            raise RetrainError(f"returned model is a {info}, not the {kind} {result['arch']}")
+        try:
+            losses = held_out_losses(
+                {"candidate": model, "baseline": baseline},
+                labels["labels"],
+                labels["sha256"],
+                kind,
+                train_cfg,
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise RetrainError(
+                f"cannot evaluate the returned model on the held-out set here: {exc} "
+                "(the labels file must be readable by the service)"
+            ) from exc
+        if not math.isfinite(losses["candidate"]):
+            raise RetrainError(f"held-out loss of the returned model is {losses['candidate']}")
+        reported = result["val_loss"]
+        if not (is_number(reported) and math.isclose(reported, losses["candidate"], rel_tol=0.01)):
+            log.warning(
+                "endpoint reported held-out loss %r, the service measures %.6g",
+                reported,
+                losses["candidate"],
+            )
+        return {
+            "val_loss": losses["candidate"],
+            "baseline_val_loss": losses["baseline"],
+            "endpoint_val_loss": reported,
+            "endpoint_baseline_val_loss": result.get("baseline_val_loss"),
+        }
+
+    def quality_gate(self, version: int, figures: dict) -> None:
+        """The new model must not be worse than the serving one on the same held-out set, by
+        the service's own figures."""
+        baseline = figures["baseline_val_loss"]
+        if baseline is None:
+            return
+        limit = baseline * (1.0 + self.cfg.remote.quality_margin)
+        if figures["val_loss"] > limit:
+            reason = (
+                f"quality gate: held-out loss {figures['val_loss']:.4g} (measured by the "
+                f"service; the endpoint reported {fmt(figures['endpoint_val_loss'])}) > "
+                f"serving model's {baseline:.4g} + {self.cfg.remote.quality_margin:.0%}"
+            )
+            self.registry.mark_rejected(version, reason)
+            raise RetrainError(f"model v{version} not deployed: {reason}")

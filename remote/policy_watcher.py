@@ -1,0 +1,172 @@
+"""The retraining policy at work: ``PolicyWatcher`` follows the policy's live settings (the
+ML IOC's ``ml:Auto*`` records) and the edge's ``edge:ScanConsistency``, hands each new
+complete scan to the policy (remote/policy.py) with the edge's figure for it, and asks for a
+retraining when the policy says so."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from edgeloop.config import Config
+from edgeloop.registry import Registry
+from edgeloop.remote.pipeline import fmt, usable_scans
+from edgeloop.remote.policy import RetrainPolicy, Settings, quality_during
+from edgeloop.scanfile import POSITIONS, read_scan
+
+log = logging.getLogger(__name__)
+
+
+def scan_facts(path: str):
+    """(technique, positions, the frames' time stamps) of a scan."""
+    scan = read_scan(path)
+    return scan["technique"], scan[POSITIONS[scan["technique"]][0]], scan["timestamps"]
+
+
+class PolicyWatcher:
+    """``busy()`` says whether a retraining runs; ``request(reason)`` asks for one."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        registry: Registry,
+        busy: Callable[[], bool],
+        request: Callable[[str], object],
+    ):
+        self.cfg, self.registry = cfg, registry
+        self.busy, self.request = busy, request
+        self.policy = RetrainPolicy(cfg.policy)
+        self.settings = Settings.of(cfg.policy)  # the IOC's values once connected
+        self._lock = threading.Lock()
+        # edge:ScanConsistency as posted: (time stamp, value), newest last
+        self._edge_quality: collections.deque = collections.deque(maxlen=4000)
+        self.known_scans: set[str] = set()
+
+    def callbacks(self) -> dict:
+        """PV name -> monitor callback, for what the policy watches."""
+        return {
+            "ml:AutoRetrain": self._setting("enabled", lambda v: bool(v["value.index"])),
+            "ml:AutoThreshold": self._setting("threshold", lambda v: float(v["value"])),
+            "ml:AutoThresholdPx": self._setting("threshold_px", lambda v: float(v["value"])),
+            "ml:AutoMinInterval": self._setting("min_interval_s", lambda v: float(v["value"])),
+            "ml:AutoMinFrames": self._setting("min_new_frames", lambda v: int(v["value"])),
+            "edge:ScanConsistency": self._on_quality,
+        }
+
+    def _setting(self, name: str, convert):
+        """Monitor callback keeping one of the policy's live settings (the IOC holds them)."""
+
+        def on_value(value) -> None:
+            if isinstance(value, Exception):
+                return
+            try:
+                setattr(self.settings, name, convert(value))
+            except (TypeError, ValueError, KeyError) as exc:
+                log.warning("policy setting %s: %s", name, exc)
+
+        return on_value
+
+    def _on_quality(self, value) -> None:
+        if isinstance(value, Exception):
+            return
+        stamp = value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9
+        self._edge_quality.append((stamp, float(value["value"])))
+
+    def scan_quality(self, path: str, stamps, newest: bool) -> float | None:
+        """The edge's figure for this scan, by the frames' time stamps; when none falls in
+        the scan (e.g. the detector's clock is not the edge's), the latest for the newest
+        scan, with a warning, and None for older ones."""
+        history = list(self._edge_quality)
+        if len(stamps):
+            settle = 2 * self.cfg.edge.stats_publish_s
+            quality = quality_during(history, float(stamps[0]), float(stamps[-1]), settle)
+            if quality is not None:
+                return quality
+        if not newest:
+            return None
+        latest = next((v for _, v in reversed(history) if math.isfinite(v)), None)
+        if latest is not None:
+            log.warning(
+                "policy: no edge:ScanConsistency posted during %s (clocks apart?): "
+                "taking the latest, %.4g",
+                path,
+                latest,
+            )
+        return latest
+
+    def trained(self, technique: str, scans: list[str]) -> None:
+        """The policy's training set is what this retraining staged."""
+        positions = []
+        for path in scans:
+            try:
+                positions.append(scan_facts(path)[1])
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("policy: positions of %s unreadable: %s", path, exc)
+        with self._lock:
+            self.known_scans.update(scans)
+            self.policy.trained(technique, positions, time.monotonic())
+
+    def trained_at_start(self) -> None:
+        """What the serving models were trained on is the policy's training set at start."""
+        for kind in ("ptychonn", "braggnn"):
+            version = self.registry.accepted(kind)
+            if version is None:
+                continue
+            scans = [str(p) for p in self.registry.meta(version).get("trained_on") or []]
+            positions = []
+            for path in scans:
+                try:
+                    technique, pos, _ = scan_facts(path)
+                    positions.append(pos)
+                except (OSError, KeyError, ValueError):
+                    continue  # moved or deleted since: its frames are not here to compare
+            if positions:
+                with self._lock:
+                    self.known_scans.update(scans)
+                    self.policy.trained(technique, positions, now=None)
+
+    def run(self, stop: threading.Event) -> None:
+        """Every ``policy.poll_s`` until ``stop``: one :meth:`step`."""
+        while not stop.wait(self.cfg.policy.poll_s):
+            try:
+                self.step()
+            except Exception:  # the policy must never stop the service
+                log.exception("retraining policy failed")
+
+    def step(self) -> None:
+        """New complete scans go to the policy with the edge's label-free quality of each,
+        and the policy decides."""
+        new = [
+            (path, technique)
+            for path, technique, _ in reversed(usable_scans(self.cfg.data_path))
+            if path not in self.known_scans
+        ]
+        for path, technique in new:
+            self.known_scans.add(path)
+            try:
+                _, positions, stamps = scan_facts(path)
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("policy: skipping scan %s: %s", path, exc)
+                continue
+            quality = self.scan_quality(path, stamps, newest=path == new[-1][0])
+            with self._lock:
+                scan = self.policy.observe(path, technique, positions, quality)
+            log.info(
+                "policy: new %s scan %s, %d frames (%d unlike the training set), "
+                "edge:ScanConsistency %s",
+                technique,
+                path,
+                len(scan.positions),
+                scan.unlike,
+                fmt(quality),
+            )
+        if self.busy():
+            return
+        with self._lock:
+            reason = self.policy.decide(self.settings, time.monotonic())
+        if reason:
+            self.request(reason)

@@ -1,0 +1,99 @@
+"""One retraining without EPICS: the pipeline on a plain ThreadPoolExecutor, real analysis
+(pseudo-Voigt fits) and real training of BraggNN on a simulated HEDM scan; what it reports,
+what it deploys, the gate and an abort."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from edgeloop.config import Config
+from edgeloop.registry import Registry
+from edgeloop.remote.errors import Aborted, RetrainError
+from edgeloop.remote.executor_slot import ExecutorSlot
+from edgeloop.remote.pipeline import RetrainPipeline
+from edgeloop.signing import create_key
+from tests.kit.loops import hedm_scan
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Recorder:
+    """A Progress that keeps what it is told."""
+
+    def __init__(self):
+        self.states, self.figures = [], {}
+
+    def enter(self, state, message):
+        self.states.append(state)
+
+    def record(self, name, value):
+        self.figures[name] = value
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    cfg = Config(mode="hedm", data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "m"))
+    cfg.security.signing_key_file = str(tmp_path / "signing.key")
+    create_key(tmp_path / "signing.key")
+    cfg.hedm.frame_size = 256
+    cfg.train_hedm.epochs = 4
+    hedm_scan(cfg.data_path, 12)
+    registry = Registry(cfg.registry_path)
+    deployed = []
+
+    def deploy(version):  # what the edge does once a version serves
+        deployed.append(version)
+        registry.mark_accepted(version)
+
+    pool = ThreadPoolExecutor(1)
+    slot = ExecutorSlot("threads", lambda name: ThreadPoolExecutor(1), pool)
+    pipe = RetrainPipeline(cfg, registry, slot, Recorder(), deploy)
+    pipe.deployed = deployed
+    yield pipe
+    slot.shutdown()
+
+
+def test_a_retraining_stages_analyses_trains_validates_and_deploys(pipeline):
+    result = pipeline.run("a test")
+    steps = ["Staging", "Analyzing", "Training", "Validating", "Deploying"]
+    assert pipeline.progress.states == steps
+    assert result["version"] == 1 and result["kind"] == "braggnn"
+    assert pipeline.deployed == [1] and pipeline.registry.accepted("braggnn") == 1
+    assert pipeline.progress.figures["trigger"] == "a test"
+    assert pipeline.progress.figures["val_loss"] == result["val_loss"] > 0
+    meta = pipeline.registry.meta(1)
+    assert meta["trigger"] == "a test" and meta["executor"] == "threads"
+    assert meta["parent"] is None and meta["baseline"] is None
+    assert set(result["timings"]) >= {"staging_s", "analysis_s", "training_s", "return_s"}
+
+    # the next one starts from v1 and is gated against it: a model worse than v1 by the
+    # service's own figures is rejected and never deployed
+    pipeline.cfg.remote.quality_margin = -0.999  # only a 1000x better model would pass
+    with pytest.raises(RetrainError, match="v2 not deployed: quality gate"):
+        pipeline.run("again")
+    assert pipeline.deployed == [1] and pipeline.registry.meta(2)["status"] == "rejected"
+    assert pipeline.registry.meta(2)["parent"] == 1
+
+
+def test_an_abort_during_a_step_ends_the_run_and_deploys_nothing(pipeline):
+    started = threading.Event()
+    train = pipeline.progress.enter
+
+    def enter(state, message):
+        train(state, message)
+        if state == "Training":
+            started.set()
+            pipeline.abort.set()
+
+    pipeline.progress.enter = enter
+    with pytest.raises(Aborted, match="training aborted by ml:Abort"):
+        pipeline.run("to abort")
+    assert started.is_set() and pipeline.deployed == []
+
+
+def test_no_scans_is_an_error_that_says_where_it_looked(pipeline, tmp_path):
+    pipeline.cfg.data_dir = str(tmp_path / "empty")
+    with pytest.raises(RetrainError, match="no scans to train on"):
+        pipeline.run("nothing")
+    assert pipeline.progress.states == ["Staging"]

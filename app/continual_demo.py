@@ -23,7 +23,8 @@ from p4p.client.thread import Context
 from scipy.stats import spearmanr
 
 from edgeloop import ntnd
-from edgeloop.app.loop import OutputCollector, edge_stats, fly_figures, fly_line
+from edgeloop.app.answers import AnswerCollector
+from edgeloop.app.loop import edge_stats, fly_figures, fly_line
 from edgeloop.app.ptycho_demo import phase_errors
 from edgeloop.config import Config
 from edgeloop.optics import illuminated_mask
@@ -148,7 +149,7 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
 
     p = cfg.prefix
     sim = PtychoSimulator(cfg.sim)
-    collector = OutputCollector(ctx, f"{p}edge:Phase")
+    collector = AnswerCollector(ctx, f"{p}edge:Phase")
     wait_s = 3 * cfg.policy.poll_s + 5
     scans, pooled, maps = [], ([], []), []
     offered = []

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeloop.app.answers import PeakCollector
 from edgeloop.app.hedm_accuracy import frame_errors
 from edgeloop.app.loop import (
-    OutputCollector,
     burst,
     edge_stats,
     fly_figures,
@@ -22,24 +22,6 @@ from edgeloop.app.loop import (
 from edgeloop.config import Config
 
 log = logging.getLogger(__name__)
-
-
-class PeakCollector(OutputCollector):
-    """Every ``edge:Peaks`` NTTable, by frame uniqueId (the table's ``timeStamp.userTag``,
-    set also for a frame with no peaks); each table as a dict of numpy columns."""
-
-    def _parse(self, value) -> tuple[int, dict[str, np.ndarray]]:
-        # p4p gives None for an empty column of a local Value, [] to a client; both mean 0 rows
-        columns = {
-            k: np.asarray(value["value"][k] if value["value"][k] is not None else [])
-            for k in value["labels"]
-        }
-        # when the frame was taken (the edge keeps its time stamp) and when this arrived
-        columns["stamps"] = (
-            value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9,
-            time.time(),
-        )
-        return int(value["timeStamp.userTag"]), columns
 
 
 def scan_errors(tables: dict, scan: dict, sim) -> tuple[np.ndarray, int, int]:

@@ -6,78 +6,31 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 from p4p.client.thread import Context
 
-from edgeloop import ntnd, signing
+from edgeloop import signing
 from edgeloop.app.processes import ManagedProcess, readiness, wait_for_pv
 from edgeloop.config import MODE_KIND, Config, pin_loopback
+from edgeloop.waiting import wait_settled
 
 log = logging.getLogger(__name__)
-
-
-class OutputCollector:
-    """Every update of an edge output PV (pipelined monitor, so none are squashed), keyed by
-    the input frame's uniqueId; here edge:Phase frames, subclasses parse other outputs."""
-
-    def __init__(self, ctx: Context, pv: str):
-        self.lock = threading.Lock()
-        self.items: dict = {}
-        self.sub = ctx.monitor(pv, self._on, request="field()record[pipeline=true,queueSize=64]")
-
-    def _parse(self, value) -> tuple[int, object]:
-        frame = ntnd.decode(value)
-        return frame.unique_id, frame
-
-    def _on(self, value) -> None:
-        if isinstance(value, Exception):
-            return
-        uid, item = self._parse(value)
-        if uid > 0:  # 0: the placeholder before the first frame
-            with self.lock:
-                self.items[uid] = item
-
-    def take(self, expected, timeout: float) -> dict:
-        """Wait for the outputs of the uniqueIds in ``expected`` (or for ``expected`` outputs
-        when it is an int); return what arrived and start afresh."""
-
-        def done() -> bool:
-            if isinstance(expected, int):
-                return len(self.items) >= expected
-            return {int(u) for u in expected} <= set(self.items)
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if done():
-                    break
-            time.sleep(0.05)
-        with self.lock:
-            out, self.items = self.items, {}
-        return out
-
-    def close(self) -> None:
-        self.sub.close()
 
 
 def wait_drained(ctx: Context, prefix: str, settle_s: float = 1.0, timeout: float = 60.0) -> int:
     """Wait until the edge has settled every frame it received (answered, dropped or
     refused: nothing in flight) and no more arrive; returns FramesIn."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        frames_in = ctx.get(f"{prefix}edge:FramesIn")["value"]
-        in_flight = ctx.get(f"{prefix}edge:InFlight")["value"]
-        if in_flight == 0 and frames_in == last:
-            return frames_in
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"edge not drained: {frames_in} in, {in_flight} in flight")
-        last = frames_in if in_flight == 0 else None
-        time.sleep(settle_s)
+
+    def read() -> tuple[int, int]:
+        return tuple(ctx.get(f"{prefix}edge:{n}")["value"] for n in ("FramesIn", "InFlight"))
+
+    frames_in, _ = wait_settled(
+        read, lambda c: c[1] == 0, settle_s, timeout, "the edge to drain (FramesIn, InFlight)"
+    )
+    return frames_in
 
 
 def _wait_retrained(ctx: Context, p: str, old_version: int, timeout: float) -> list[str]:
@@ -120,8 +73,7 @@ class Servers:
                 pv, until = readiness(self.ctx, p, name, ready)
                 proc = ManagedProcess(name, [name, *common, *extra], out / "logs" / f"{name}.log")
                 self.procs.append(proc)
-                wait_for_pv(self.ctx, pv, 90, proc, until)
-            time.sleep(1.0)  # the service's monitors (ml:Retrain ...) connect
+                wait_for_pv(self.ctx, pv, 90, proc, until)  # the service beats once connected
         except BaseException:
             self.__exit__()
             raise

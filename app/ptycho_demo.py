@@ -12,8 +12,8 @@ import numpy as np
 from p4p.client.thread import Context
 
 from edgeloop import ntnd
+from edgeloop.app.answers import AnswerCollector
 from edgeloop.app.loop import (
-    OutputCollector,
     burst,
     edge_stats,
     fly_figures,
@@ -45,7 +45,7 @@ def _scan(
     det,
     stage,
     ctx: Context,
-    collector: OutputCollector,
+    collector: AnswerCollector,
     cfg: Config,
     num: int,
     step: float,
@@ -103,7 +103,7 @@ def ptycho_demo(cfg, out, ctx, RE, det, stage, scan_points, step, rate_hz) -> di
 
     p = cfg.prefix
     sim = PtychoSimulator(cfg.sim)
-    collector = OutputCollector(ctx, f"{p}edge:Phase")
+    collector = AnswerCollector(ctx, f"{p}edge:Phase")
     centers = [(0.0, 0.0), (0.2, -0.15)]  # the second scan overlaps the first in part
 
     log.info("scan 1: %d points with the untrained model", scan_points)

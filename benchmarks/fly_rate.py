@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeloop.app.hedm_demo import PeakCollector
-from edgeloop.app.loop import OutputCollector, Servers, fly_figures, prepare, wait_drained
+from edgeloop.app.answers import AnswerCollector, PeakCollector
+from edgeloop.app.loop import Servers, fly_figures, prepare, wait_drained
 from edgeloop.config import Config
 
 
@@ -66,7 +66,7 @@ def main() -> None:
             det, stage = make_devices(cfg.prefix, cfg.data_path / "detector")
             RE = RunEngine({})
             try:
-                phase = OutputCollector(ctx, f"{cfg.prefix}edge:Phase")
+                phase = AnswerCollector(ctx, f"{cfg.prefix}edge:Phase")
                 for rate in (float(r) for r in args.ptycho_rates.split(",")):
                     plan = ptycho_fly_scan(det, stage, num=args.points, rate_hz=rate)
                     row = fly(

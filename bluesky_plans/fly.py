@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections.abc import Sequence
 
 import bluesky.plan_stubs as bps
@@ -30,6 +29,7 @@ from edgeloop.bluesky_plans.plans import (
     _set_mode,
     spiral_positions,
 )
+from edgeloop.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -310,13 +310,10 @@ class TrajectoryFlyer:
 def _wait_for(predicate, timeout: float, what: str, ended=None, poll: float = 0.05) -> None:
     """Poll ``predicate`` until true; TimeoutError after ``timeout`` s, RuntimeError once the
     ``ended`` event is set (the fly was unstaged meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if ended is not None and ended.is_set():
-            raise RuntimeError(f"the fly ended while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(poll)
+    try:
+        wait_until(predicate, timeout, what, poll, ended=ended)
+    except RuntimeError:
+        raise RuntimeError(f"the fly ended while waiting for {what}") from None
 
 
 def _fly(flyer: TrajectoryFlyer, det, md: dict, mode: str) -> MsgGenerator:

@@ -106,11 +106,3 @@ class ModelLoader:
         log.info(msg)
         self.swapped(kind, version)
         self.message(msg, 0)
-
-    def load(self, version: int) -> str | None:
-        """:meth:`load_version` for edge:LoadModel: None once it serves, else the reason."""
-        try:
-            self.load_version(version)
-        except ModelRejected as exc:
-            return str(exc)
-        return None

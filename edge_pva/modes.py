@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -67,33 +68,67 @@ class PtychoFrames:
         amplitude, phase = served.infer([frame.data])
         self.edge.hand_over(([frame], amplitude, phase, served.version))
 
-    def publish(self, frame, amp, ph, version: int) -> None:
-        """One answer: stitched, checked against the map and the frame, posted, counted."""
+    def publish(self, frames: list, amplitude: np.ndarray, phase: np.ndarray, version: int):
+        """A batch of answers (the publishing thread): each placed in the map, checked
+        against the map and against its frame (the data residuals of a run of frames of
+        one acquisition in one FFT call), posted and counted; a frame that fails is counted
+        once, as bad."""
+        placed: list[Placed] = []
+        for frame, amp, ph in zip(frames, amplitude[:, 0], phase[:, 0]):
+            if frame.new_acquisition and placed:  # the figures of the last one first
+                self._post_all(placed, version)
+                placed = []
+            self.edge.guarded(frame, self._place, amp, ph, placed)
+        self._post_all(placed, version)
+
+    def _place(self, frame, amp, ph, placed: list) -> None:
         if not (np.isfinite(amp).all() and np.isfinite(ph).all()):
             raise ModelRejected("the model gave NaN/Inf for this frame")
-        edge, stitcher = self.edge, self.edge.stitcher
         xy = finite_position(frame.attributes)
         if xy is None and any(frame.attributes.get(k) is not None for k in ("SampleX", "SampleY")):
-            edge.notes["SampleX/SampleY not finite numbers: answered, not stitched"] += 1
+            self.edge.notes["SampleX/SampleY not finite numbers: answered, not stitched"] += 1
         if frame.new_acquisition:
-            stitcher.new_acquisition()
-        overlap, surround = stitcher.place(ph, xy) if xy is not None else (None, None)
-        # label-free quality (edge_pva/quality.py): does the answer agree with the map where
-        # they overlap, and does it explain the frame it came from
-        data = self.residual(frame.data, amp, ph, surround)
-        consistency = combine(overlap, data)
-        stitcher.add(consistency)
+            self.edge.stitcher.new_acquisition()
+        overlap, surround = self.edge.stitcher.place(ph, xy) if xy is not None else (None, None)
+        placed.append(Placed(frame, amp, ph, xy, overlap, surround))
+
+    def _post_all(self, placed: list, version: int) -> None:
+        try:
+            # label-free quality (edge_pva/quality.py): does each answer explain its frame
+            data = self.residual.batch([(p.frame.data, p.amp, p.ph, p.surround) for p in placed])
+        except Exception:
+            log.exception("data residual failed: answers posted without it")
+            data = [None] * len(placed)
+        for p, residual in zip(placed, data):
+            self.edge.guarded(p.frame, self._post, p, residual, version)
+
+    def _post(self, frame, p: Placed, data: float | None, version: int) -> None:
+        edge = self.edge
+        consistency = combine(p.overlap, data)
+        edge.stitcher.add(consistency)
         now = time.time()
         attrs = {"ModelVersion": version, "LatencyMs": (now - frame.received) * 1e3}
-        if xy is not None:
-            attrs.update(SampleX=xy[0], SampleY=xy[1])
-        figures = {"Consistency": consistency, "ConsistencyOverlap": overlap}
+        if p.xy is not None:
+            attrs.update(SampleX=p.xy[0], SampleY=p.xy[1])
+        figures = {"Consistency": consistency, "ConsistencyOverlap": p.overlap}
         attrs.update(
             {k: v for k, v in {**figures, "ConsistencyData": data}.items() if v is not None}
         )
-        edge.pvs["Phase"].post(ntnd.build(ph, frame.unique_id, attrs, frame.timestamp))
-        edge.pvs["Amplitude"].post(ntnd.build(amp, frame.unique_id, attrs, frame.timestamp))
+        edge.pvs["Phase"].post(ntnd.build(p.ph, frame.unique_id, attrs, frame.timestamp))
+        edge.pvs["Amplitude"].post(ntnd.build(p.amp, frame.unique_id, attrs, frame.timestamp))
         edge.count_out(frame, now)  # after the posts: FramesOut never runs ahead
+
+
+@dataclass
+class Placed:
+    """An answer placed in the map, waiting for its data residual."""
+
+    frame: object
+    amp: np.ndarray
+    ph: np.ndarray
+    xy: tuple[float, float] | None
+    overlap: float | None
+    surround: np.ndarray | None
 
 
 class HedmFrames:

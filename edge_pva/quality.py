@@ -147,14 +147,31 @@ class DataResidual:
         phase: np.ndarray,
         surround: np.ndarray | None = None,
     ) -> float | None:
-        if frame.shape != self.probe.shape or np.shape(phase) != self.probe.shape:
-            return None
-        m = np.sqrt(np.maximum(frame, 0).astype(np.float32, copy=False)).ravel()
-        with np.errstate(over="ignore"):  # counts near float32's limit: no residual, below
-            total = float(np.dot(m, m))
-        if not 0 < total < np.inf:
-            return None
-        a = self.predicted_moduli(*self.object_patch(amplitude, phase, surround)).ravel()
+        return self.batch([(frame, amplitude, phase, surround)])[0]
+
+    def batch(self, items: list[tuple]) -> list[float | None]:
+        """The residual of each (frame, amplitude, phase, surround), the far fields of all
+        of them from one FFT call (what a batch of answers costs the edge)."""
+        out: list[float | None] = [None] * len(items)
+        measured, objects = [], []
+        for i, (frame, amplitude, phase, surround) in enumerate(items):
+            if frame.shape != self.probe.shape or np.shape(phase) != self.probe.shape:
+                continue
+            m = np.sqrt(np.maximum(frame, 0).astype(np.float32, copy=False)).ravel()
+            with np.errstate(over="ignore"):  # counts near float32's limit: no residual
+                total = float(np.dot(m, m))
+            if not 0 < total < np.inf:
+                continue
+            measured.append((i, m, total))
+            objects.append(self.object_patch(amplitude, phase, surround))
+        if not objects:
+            return out
+        amplitudes, phases = (np.stack(parts) for parts in zip(*objects))
+        for (i, m, total), a in zip(measured, self.predicted_moduli(amplitudes, phases)):
+            out[i] = self._r_factor(m, total, a.ravel())
+        return out
+
+    def _r_factor(self, m: np.ndarray, total: float, a: np.ndarray) -> float | None:
         aa = float(np.dot(a, a))
         if not aa > 0:
             return self.gain  # no light predicted at all: nothing is explained

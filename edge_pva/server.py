@@ -34,7 +34,7 @@ from edgeloop import ntnd
 from edgeloop.config import MODE_KIND, MODES, Config, search_hint
 from edgeloop.edge_pva.edge_pvs import EdgePvs, LoadRequests
 from edgeloop.edge_pva.frame_queue import FrameQueue
-from edgeloop.edge_pva.inference import ModelSlot
+from edgeloop.edge_pva.inference import ModelRejected, ModelSlot
 from edgeloop.edge_pva.model_loader import ModelLoader
 from edgeloop.edge_pva.modes import HANDLERS
 from edgeloop.edge_pva.stitch import Stitcher
@@ -115,6 +115,14 @@ class EdgeServer:
     def load_version(self, version: int) -> None:
         """Load, validate and swap in a registry version; raises with the reason if rejected."""
         self.models.load_version(version)
+
+    def _load(self, version: int) -> str | None:
+        """An edge:LoadModel put: None once ``version`` serves, else the reason it does not."""
+        try:
+            self.load_version(version)
+        except ModelRejected as exc:
+            return str(exc)
+        return None
 
     def _swapped(self, kind: str, version: int) -> None:
         if MODE_KIND[self.mode] == kind:
@@ -245,8 +253,7 @@ class EdgeServer:
             except queue.Empty:
                 continue
             try:
-                for frame, amp, ph in zip(frames, amplitude[:, 0], phase[:, 0]):
-                    self.guarded(frame, publish, amp, ph, version)
+                publish(frames, amplitude, phase, version)
             finally:
                 self._answers.task_done()
 
@@ -358,9 +365,7 @@ class EdgeServer:
         self._server = self.pvs.server(self.pv_prefix, self.extra_pvs, **self.server_args)
         for target in (self._infer_loop, self._publish_loop, self._stats_loop):
             self.supervisor.start(target)
-        self.supervisor.start(
-            lambda: self.loads.serve(self.models.load, self._stop), "loader_loop"
-        )
+        self.supervisor.start(lambda: self.loads.serve(self._load, self._stop), "loader_loop")
         self._ctx = Context("pva", nt=False, **self.client_args)
         self._sub = self._ctx.monitor(
             self.input_pv, self._on_frame, request=self.monitor_request, notify_disconnect=True

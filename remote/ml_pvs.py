@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from p4p.client.thread import Context, Disconnected
@@ -50,6 +51,7 @@ class MlPvs:
         self._lock = threading.Lock()
         self._ioc_seen = False
         self._subs: list = []
+        self._connected: dict[str, threading.Event] = {}  # PV -> its first value came
 
     # ---- writing -------------------------------------------------------------------------
     def put(self, name: str, value) -> None:
@@ -109,7 +111,21 @@ class MlPvs:
     # ---- reading -------------------------------------------------------------------------
     def monitor(self, name: str, callback) -> None:
         """Watch ``$(P)name``; disconnects too (ml:Endpoint's tell the IOC restarted)."""
-        self._subs.append(self.ctx.monitor(f"{self.p}{name}", callback, notify_disconnect=True))
+        connected = self._connected[name] = threading.Event()
+
+        def on_value(value) -> None:
+            if not isinstance(value, Exception):
+                connected.set()
+            callback(value)
+
+        self._subs.append(self.ctx.monitor(f"{self.p}{name}", on_value, notify_disconnect=True))
+
+    def wait_connected(self, timeout: float) -> list[str]:
+        """Wait until every watched PV has sent its first value; the ones that did not."""
+        deadline = time.monotonic() + timeout
+        for event in self._connected.values():
+            event.wait(max(0.0, deadline - time.monotonic()))
+        return [name for name, event in self._connected.items() if not event.is_set()]
 
     def button(self, name: str, action: Callable[[], None]):
         """Monitor callback of a bo 'button': on 1, reset it and run ``action``."""

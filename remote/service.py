@@ -199,6 +199,9 @@ class RetrainService:
         }
         for name, callback in watch.items():
             self.pvs.monitor(name, callback)
+        missing = self.pvs.wait_connected(10.0)  # a write from now on is seen
+        if missing:
+            log.warning("not connected yet (acted on once they are): %s", ", ".join(missing))
         self.policy.trained_at_start()
         threading.Thread(
             target=self.policy.run, args=(self._stop,), name="policy", daemon=True
@@ -207,7 +210,8 @@ class RetrainService:
         if self.cfg.remote.reference:
             self.reference = ReferenceMonitor(self.cfg, self.ctx, self.registry, self.pvs.put)
             self.reference.start()
-        # last: a beating service has made all of the above (what starters wait for)
+        # last: a beating service has made all of the above and its monitors are connected
+        # (what starters wait for)
         self._heartbeat = Heartbeat(self.ctx, f"{self.p}ml:Heartbeat").start()
         return self
 

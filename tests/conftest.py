@@ -105,3 +105,12 @@ def fed_edge(tmp_path_factory):
         yield edge, edge.source
     finally:
         edge.close()
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """This host as one without a GPU or TensorRT, whatever it has."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt: ImportError

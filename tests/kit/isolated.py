@@ -1,16 +1,15 @@
 """An edge in this process on a private pvAccess network (p4p's ``isolate=True``): the unit
 tier's edge, fed by a SharedPV the test posts frames on, read by a client of that network."""
 
-import time
-
 from p4p.client.thread import Context
 from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop.config import Config
+from tests.kit.servers import PvReader
 
 
-class IsolatedEdge:
+class IsolatedEdge(PvReader):
     """``source``: the input SharedPV; ``ctx``: a client of the edge's own server; the
     reading helpers are those of tests.kit.servers.System."""
 
@@ -25,22 +24,6 @@ class IsolatedEdge:
         self.edge = EdgeServer(cfg, channel, server_args={"isolate": True}, client_args=client)
         self.edge.start()
         self.ctx = Context("pva", conf=self.edge.server_conf, useenv=False, nt=False)
-
-    def pv(self, name: str):
-        return self.ctx.get(f"{self.prefix}{name}", timeout=5)
-
-    def value(self, name: str):
-        return self.pv(name)["value"]
-
-    def wait_value(self, name: str, predicate, timeout: float):
-        deadline = time.monotonic() + timeout
-        while True:
-            v = self.value(name)
-            if predicate(v):
-                return v
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.prefix}{name} = {v!r} after {timeout} s")
-            time.sleep(0.05)
 
     def close(self) -> None:
         self.ctx.close()

@@ -4,7 +4,6 @@ each ready by its PV or heartbeat, stopped by PID), ``whole_system`` (ioc + edge
 retrain-service)."""
 
 import contextlib
-import time
 from pathlib import Path
 
 from p4p.client.thread import Context
@@ -12,6 +11,7 @@ from p4p.client.thread import Context
 from edgeloop.app.processes import ManagedProcess, readiness, wait_for_pv
 from edgeloop.config import BEAMLINE_CA_PORT, Config
 from edgeloop.signing import create_key
+from edgeloop.waiting import wait_until
 from tests.kit.env import TEST_ENV, random_prefix
 
 
@@ -30,7 +30,35 @@ def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
     return cfg, path
 
 
-class System:
+class PvReader:
+    """Reads of ``self.prefix``'s PVs through ``self.ctx``; ``outputs()`` says what the
+    servers logged, for a failure's message."""
+
+    ctx: Context
+    prefix: str
+
+    def pv(self, name: str):
+        return self.ctx.get(f"{self.prefix}{name}", timeout=5)
+
+    def value(self, name: str):
+        return self.pv(name)["value"]
+
+    def wait_value(self, name: str, predicate, timeout: float):
+        """The value of ``name`` once ``predicate`` holds for it."""
+        last = []
+
+        def holds():
+            last[:] = [self.value(name)]
+            return predicate(last[0]) and (last[0],)  # a tuple: true even for a value of 0
+
+        detail = lambda: f"{self.prefix}{name} = {last[0]!r}\n{self.outputs()}"  # noqa: E731
+        return wait_until(holds, timeout, f"{self.prefix}{name}", 0.1, detail)[0]
+
+    def outputs(self) -> str:
+        return ""
+
+
+class System(PvReader):
     """Handles to a running set of servers."""
 
     def __init__(self, cfg: Config, config_path: Path, logs: Path, env: dict | None = None):
@@ -49,24 +77,6 @@ class System:
         self.procs[name] = proc
         wait_for_pv(self.ctx, pv, timeout, proc, until)
         return proc
-
-    def pv(self, name: str):
-        return self.ctx.get(f"{self.prefix}{name}", timeout=5)
-
-    def value(self, name: str):
-        return self.pv(name)["value"]
-
-    def wait_value(self, name: str, predicate, timeout: float):
-        deadline = time.monotonic() + timeout
-        while True:
-            v = self.value(name)
-            if predicate(v):
-                return v
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{self.prefix}{name} = {v!r} after {timeout} s\n" + self.outputs()
-                )
-            time.sleep(0.1)
 
     def outputs(self) -> str:
         return "\n".join(f"----- {n} -----\n{p.output()[-4000:]}" for n, p in self.procs.items())

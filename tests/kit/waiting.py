@@ -1,18 +1,21 @@
-"""Waiting on a condition, never on a fixed sleep: ``wait_process_gone(pid)``."""
-
-import time
+"""Waiting on a condition in the tests (edgeloop.waiting's wait_until and wait_settled do the
+polling): ``wait_process_gone(pid)``."""
 
 import psutil
+
+from edgeloop.waiting import wait_until
 
 
 def wait_process_gone(pid: int, timeout: float = 10.0) -> bool:
     """True once the process has exited (gone, or a zombie not reaped yet by its parent)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def gone() -> bool:
         try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return True
-        time.sleep(0.05)
-    return False
+
+    try:
+        return wait_until(gone, timeout, f"process {pid} to exit")
+    except TimeoutError:
+        return False

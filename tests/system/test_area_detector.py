@@ -9,7 +9,6 @@ unchanged against an independent areaDetector-like server (tests/ad_server.py)."
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -17,9 +16,10 @@ import numpy as np
 import psutil
 import pytest
 
+from edgeloop.app.answers import AnswerCollector
 from edgeloop.bluesky_plans import ptycho_scan, spiral_positions
 from edgeloop.bluesky_plans.devices import whole_text
-from tests.kit.answers import Collector
+from edgeloop.waiting import wait_until
 from tests.kit.areadetector import beamline_ioc, read_back
 from tests.kit.env import KIT, TEST_ENV, ca_port, random_prefix
 from tests.kit.runs import of, run_plan
@@ -48,13 +48,10 @@ def devices(beamline, tmp_path_factory):
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.05)
+    wait_until(predicate, timeout, what)
 
 
-def pva_frames(stream: Collector, unique_ids) -> dict:
+def pva_frames(stream: AnswerCollector, unique_ids) -> dict:
     """The frames the PVA stream carried, by uniqueId, once all of ``unique_ids`` came."""
 
     def received() -> dict:
@@ -71,7 +68,7 @@ def test_count_files_the_frames_in_hdf5_and_the_events_carry_datum_ids(beamline,
 
     det, _, data = devices
     det.cam.num_images.put(10, wait=True)  # left by someone else: staging makes it 1 per point
-    stream = Collector(beamline.ctx, f"{beamline.prefix}det:Pva1:Image")
+    stream = AnswerCollector(beamline.ctx, f"{beamline.prefix}det:Pva1:Image")
     try:
         docs = run_plan(count([det], num=5))
         path, frames = read_back(docs)
@@ -113,7 +110,7 @@ def test_count_files_the_frames_in_hdf5_and_the_events_carry_datum_ids(beamline,
 
 def test_ptycho_step_scan_files_each_frame_with_its_stage_position(beamline, devices):
     det, stage, _ = devices
-    stream = Collector(beamline.ctx, f"{beamline.prefix}det:Pva1:Image")
+    stream = AnswerCollector(beamline.ctx, f"{beamline.prefix}det:Pva1:Image")
     try:
         docs = run_plan(ptycho_scan(det, stage, num=10, step=0.05))
         path, frames = read_back(docs)

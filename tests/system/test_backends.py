@@ -4,7 +4,6 @@ engine depends on and rebuilds what does not load, a backend this host cannot ru
 is missing, and a running edge hot-swaps models on every backend that runs here while a
 load on one that cannot fails with the reason and the old model keeps serving."""
 
-import sys
 import time
 
 import numpy as np
@@ -16,28 +15,7 @@ from edgeloop.edge_pva.inference import (
 )
 from edgeloop.edge_pva.tolerance import violations
 from edgeloop.models import kind as model_kind
-
-ARCH = {"ptychonn": {"width": 4}, "braggnn": {"patch": 11, "width": 16}}
-
-
-def network(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = model_kind(kind).build(**ARCH[kind]).eval()
-    # batch norm with running statistics that are not the identity, as after training
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
-
-
-# ---- what each backend needs -------------------------------------------------------------
-@pytest.fixture
-def no_gpu(monkeypatch):
-    """This host as one without a GPU or TensorRT, whatever it has."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt: ImportError
+from tests.kit.networks import ARCH, network
 
 
 # ---- a running edge ----------------------------------------------------------------------
@@ -87,9 +65,10 @@ def _add(registry, seed: int) -> tuple[int, torch.nn.Module]:
 
 def _answer(ctx, edge, source, frame: np.ndarray, uid: int):
     from edgeloop import ntnd
-    from tests.kit.answers import Collector, post
+    from edgeloop.app.answers import AnswerCollector
+    from tests.kit.answers import post
 
-    phase = Collector(ctx, f"{edge.prefix}edge:Phase")
+    phase = AnswerCollector(ctx, f"{edge.prefix}edge:Phase")
     try:
         deadline = time.monotonic() + 30
         while True:  # the first frames may come before the edge's monitor connects

@@ -15,7 +15,9 @@ from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
-from tests.kit.answers import Collector, post
+from edgeloop.app.answers import AnswerCollector
+from edgeloop.waiting import wait_until
+from tests.kit.answers import post
 from tests.kit.env import random_prefix
 from tests.kit.servers import System, small_config
 
@@ -82,14 +84,13 @@ def counts(system) -> dict:
 
 def settled(system, frames_in: int, timeout: float = 30.0) -> dict:
     """The counts once FramesIn reached ``frames_in`` and nothing is in flight."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ready():
         c = counts(system)
-        if c["FramesIn"] >= frames_in and c["InFlight"] == 0:
-            return c
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{c}, expected FramesIn {frames_in}\n{system.outputs()}")
-        time.sleep(0.1)
+        return c if c["FramesIn"] >= frames_in and c["InFlight"] == 0 else None
+
+    detail = lambda: f"{counts(system)}, expected FramesIn {frames_in}\n{system.outputs()}"  # noqa: E731
+    return wait_until(ready, timeout, "the edge to settle", 0.1, detail)
 
 
 def _colour(uid):
@@ -143,7 +144,7 @@ def bad_frames():
 
 def test_every_kind_of_bad_frame_is_refused_once_and_good_frames_between_are_answered(edge):
     system, source = edge
-    phase = Collector(system.ctx, f"{system.prefix}edge:Phase")
+    phase = AnswerCollector(system.ctx, f"{system.prefix}edge:Phase")
     before = counts(system)
     good = []
     t0 = time.monotonic()
@@ -177,7 +178,7 @@ def test_every_kind_of_bad_frame_is_refused_once_and_good_frames_between_are_ans
 def test_repeated_and_out_of_order_unique_ids_are_answered_once(edge):
     system, source = edge
     before = counts(system)
-    phase = Collector(system.ctx, f"{system.prefix}edge:Phase")
+    phase = AnswerCollector(system.ctx, f"{system.prefix}edge:Phase")
     base = source.uid
     for uid in (base + 1, base + 1, base + 4, base + 3, base + 2, base + 4):
         source.frame(uid=uid)
@@ -448,7 +449,7 @@ def test_a_frame_source_killed_and_restarted_mid_scan_is_followed_and_the_gap_re
         out = system.value("kedge:FramesOut")
         last = system.pv("kedge:Phase")["uniqueId"]
         missed = system.value("kedge:MissedFrames")
-        phase = Collector(system.ctx, f"{p}Phase")
+        phase = AnswerCollector(system.ctx, f"{p}Phase")
         second = start(1000)  # the restarted source goes on numbering, 1000 onwards
         try:
             system.wait_value("kedge:FramesOut", lambda v: v >= out + 5, 60)

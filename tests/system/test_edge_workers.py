@@ -23,12 +23,14 @@ from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
+from edgeloop.app.answers import AnswerCollector
 from edgeloop.app.processes import wait_for_pv
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.edge_pva.workers import WorkerCounts
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import Registry, model_to_bytes
-from tests.kit.answers import Collector, post
+from edgeloop.waiting import wait_settled, wait_until
+from tests.kit.answers import post
 from tests.kit.env import KIT, random_prefix
 from tests.kit.pvapy_sources import Witness, ad_sim_server
 from tests.kit.servers import System, small_config
@@ -65,16 +67,14 @@ def counts(sys_: System, prefix: str = "edge:") -> dict:
 def settled(sys_: System, n: int, timeout: float = 30, quiet_s: float = 0.5) -> dict:
     """The aggregate's counters once n frames are answered and they have not moved for
     ``quiet_s``; they add up whenever read."""
-    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
-    while time.monotonic() < deadline:
+
+    def read() -> dict:
         c = counts(sys_)
         assert c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"] + c["InFlight"]
-        if c != last:
-            last, since = c, time.monotonic()
-        elif c["FramesOut"] >= n and time.monotonic() - since >= quiet_s:
-            return c
-        time.sleep(0.25)
-    raise TimeoutError(f"edge did not settle at {n} frames: {last}\n{sys_.outputs()}")
+        return c
+
+    done = lambda c: c["FramesOut"] >= n  # noqa: E731
+    return wait_settled(read, done, quiet_s, timeout, f"the edge to settle at {n} frames", 0.25)
 
 
 def test_worker_counts_add_up_across_a_restart():
@@ -132,7 +132,7 @@ def test_two_workers_answer_every_frame_of_pvapy_ad_sim_server_once(tmp_path, re
         with ad_sim_server(channel, *args, fps=100, runtime=3, start_delay=30):
             witness = Witness(ctx, channel)
             with two_workers(tmp_path, request, prefix, channel) as edge:
-                outputs = Collector(ctx, f"{edge.prefix}edge:Phase")
+                outputs = AnswerCollector(ctx, f"{edge.prefix}edge:Phase")
                 while ctx.get(channel, request="field(uniqueId)")["uniqueId"] == 0:
                     time.sleep(0.2)
                 sent = wait_sent(witness)
@@ -180,14 +180,11 @@ def scan_frames(path: Path, n_side: int = 7, step_um: float = 0.2, size: int = 6
 
 
 def wait_pv(sys_: System, name: str, predicate, timeout: float = 10):
-    deadline = time.monotonic() + timeout
-    while True:
+    def holds():
         value = sys_.pv(name)
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name}: {value}")
-        time.sleep(0.1)
+        return (value,) if predicate(value) else None  # a tuple: true whatever the value
+
+    return wait_until(holds, timeout, name, 0.1)[0]
 
 
 def command(source: subprocess.Popen, line: str) -> int:
@@ -223,7 +220,7 @@ def test_one_stitched_map_from_both_workers_of_a_pvapy_source(tmp_path, request)
                 warm = command(source, "one")
                 time.sleep(0.5)
             settled(edge, warm)
-            outputs = Collector(ctx, f"{edge.prefix}edge:Phase")
+            outputs = AnswerCollector(ctx, f"{edge.prefix}edge:Phase")
             assert command(source, "go") == warm + n
             total = settled(edge, warm + n)
             outputs.wait(n, timeout=30)  # and the one it held on connecting, if any
@@ -317,7 +314,7 @@ def test_a_source_without_the_distributor_is_answered_once_and_said(p4p_fed):
     edge = p4p_fed.edge
     before = p4p_fed.connected()
     workers = [counts(edge, f"edge:w{k}:") for k in (1, 2)]
-    outputs = Collector(edge.ctx, f"{edge.prefix}edge:Phase")
+    outputs = AnswerCollector(edge.ctx, f"{edge.prefix}edge:Phase")
     try:
         uids = p4p_fed.post(20)
         total = delta(settled(edge, before["FramesOut"] + len(uids), quiet_s=2.0), before)

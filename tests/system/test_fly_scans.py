@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from bluesky.utils import FailedStatus
 
+from edgeloop.app.answers import AnswerCollector
 from edgeloop.bluesky_plans import (
     hedm_fly_scan,
     make_devices,
@@ -19,7 +20,6 @@ from edgeloop.bluesky_plans import (
     ptycho_scan,
     spiral_positions,
 )
-from tests.kit.answers import Collector
 from tests.kit.runs import of, run_plan
 
 ATTRIBUTES = "/entry/instrument/NDAttributes"
@@ -52,7 +52,7 @@ def events(docs) -> list[dict]:
 def test_ptycho_fly_scan_stamps_every_frame_with_its_spiral_point(system, devices):
     det, stage = devices
     num, step, rate = 200, 0.05, 200.0
-    outputs = Collector(system.ctx, f"{system.prefix}edge:Phase")
+    outputs = AnswerCollector(system.ctx, f"{system.prefix}edge:Phase")
     t0 = time.perf_counter()
     docs = run_plan(ptycho_fly_scan(det, stage, num=num, step=step, rate_hz=rate))
     seconds = time.perf_counter() - t0

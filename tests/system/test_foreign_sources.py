@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from p4p.client.thread import Context
 
+from edgeloop.app.answers import AnswerCollector
 from edgeloop.config import Config
 from edgeloop.edge_pva.server import EdgeServer
 from edgeloop.frame_ids import FrameIds
-from tests.kit.answers import Collector
 from tests.kit.env import random_prefix
 from tests.kit.pvapy_sources import Witness, ad_sim_server
 
@@ -45,7 +45,7 @@ def run(tmp_path):
             with ad_sim_server(channel, *args, **kwargs) as source:
                 edge = EdgeServer(cfg, input_pv=channel).start()
                 runs.append(edge)
-                outputs = Collector(ctx, f"{cfg.prefix}edge:Phase")
+                outputs = AnswerCollector(ctx, f"{cfg.prefix}edge:Phase")
                 witness = Witness(ctx, channel)
                 ready = (lambda e=edge: e.input_connected, outputs.connected.is_set)
                 in_time = source.before_first_frame(ctx, *ready, witness.connected.is_set)

@@ -8,9 +8,9 @@ import pytest
 from caproto.sync import client as ca_client
 
 from edgeloop import ntnd
+from edgeloop.app.answers import AnswerCollector
 from edgeloop.app.loop import wait_drained
 from edgeloop.registry import Registry
-from tests.kit.answers import Collector
 from tests.kit.runs import run_engine
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -52,9 +52,9 @@ def test_frames_are_valid_ntndarray_for_p4p_and_pvapy(system):
 
 
 def test_one_phase_output_per_frame_with_matching_unique_id(system):
-    phase = Collector(system.ctx, f"{system.prefix}edge:Phase")
-    amplitude = Collector(system.ctx, f"{system.prefix}edge:Amplitude")
-    time.sleep(0.5)
+    phase = AnswerCollector(system.ctx, f"{system.prefix}edge:Phase")
+    amplitude = AnswerCollector(system.ctx, f"{system.prefix}edge:Amplitude")
+    phase.wait_connected(), amplitude.wait_connected()
     phase.frames.clear()
     amplitude.frames.clear()
     start = int(ca_get(f"{system.prefix}det:cam1:ArrayCounter_RBV").data[0])
@@ -235,7 +235,7 @@ def ptycho_retrained(system):
             RE(ptycho_scan(det, stage, num=40, step=0.05))
         old = system.value("edge:ModelVersion")
         dropped = system.value("edge:Dropped")
-        outputs = Collector(system.ctx, f"{p}edge:Phase")
+        outputs = AnswerCollector(system.ctx, f"{p}edge:Phase")
 
         ca_put(f"{p}ml:Retrain", 1, notify=True, timeout=5)
         ca_put(f"{p}det:cam1:AcquireTime", 0.02, notify=True, timeout=5)
@@ -313,7 +313,8 @@ def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system, RE):
     trained -> hot swap -> peaks within a fraction of a pixel of the truth."""
     import pvaccess
 
-    from edgeloop.app.hedm_demo import PeakCollector, scan_errors
+    from edgeloop.app.answers import PeakCollector
+    from edgeloop.app.hedm_demo import scan_errors
     from edgeloop.bluesky_plans import RunIndex, hedm_rotation_scan, make_devices, read_scan
     from edgeloop.ioc.hedm import HedmSimulator
 

@@ -13,6 +13,7 @@ import torch
 from edgeloop.bluesky_plans import RunIndex, make_devices, ptycho_fly_scan
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import Registry, model_to_bytes
+from edgeloop.waiting import wait_until
 from tests.kit.env import ca_port
 from tests.kit.runs import run_engine
 from tests.kit.servers import whole_system
@@ -64,13 +65,7 @@ def scan(loop, tmp_path, num=150):
 
 
 def wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, timeout, what, poll=0.5)
 
 
 def test_bad_model_raises_the_consistency_alarm_and_the_policy_retrains(loop, tmp_path):

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from edgeloop.registry import Registry
+from edgeloop.waiting import wait_until
 from tests.kit.loops import hedm_scan
 from tests.kit.waiting import wait_process_gone
 
@@ -23,17 +24,11 @@ def press(lp, button):
 
 def wait_idle(service, timeout=60):
     """Until the service has finished with its last trigger (and made its executor ready)."""
-    deadline = time.monotonic() + timeout
-    while service._busy.locked():
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: not service._busy.locked(), timeout, "the service to be idle", 0.1)
 
 
 def wait_value(lp, name, expected, timeout=30):
-    deadline = time.monotonic() + timeout
-    while (value := lp.value(name)) != expected:
-        assert time.monotonic() < deadline, (name, value, expected)
-        time.sleep(0.1)
+    wait_until(lambda: lp.value(name) == expected, timeout, f"{name} = {expected!r}", 0.1)
 
 
 def test_ml_ioc_restart_gets_the_service_state_back_and_keeps_its_executor(loop):  # noqa: F811

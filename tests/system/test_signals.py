@@ -98,8 +98,7 @@ def test_sigterm_stops_each_server_and_what_it_started(tmp_path):
         got = subprocess.run([*caget, pv], capture_output=True, text=True, env=env, timeout=30)
         assert got.returncode == 0 and pv in got.stdout, got.stdout + got.stderr
         servers.start("edge", ready_pv="edge:ModelVersion")
-        servers.start("retrain-service")
-        time.sleep(1.0)  # the service's monitors connect
+        servers.start("retrain-service")  # ready once it beats: its monitors are connected
         for name in ("retrain-service", "edge", "ioc"):
             proc = servers.procs[name].proc
             children = _descendants(proc.pid)

@@ -6,11 +6,9 @@ quality gate computed by the service itself, and non-finite frames kept out of t
 from concurrent.futures import Future
 from pathlib import Path
 
-import pytest
 import torch
 
 from edgeloop import signing
-from edgeloop.config import Config
 from edgeloop.models import BraggNN
 from edgeloop.registry import (
     Registry,
@@ -18,27 +16,6 @@ from edgeloop.registry import (
     sha256_bytes,
 )
 from edgeloop.remote import tasks
-
-ARCH = {"patch": 11, "width": 16}
-
-
-def config(tmp: Path) -> Config:
-    cfg = Config(mode="hedm", data_dir=str(tmp / "data"), registry_dir=str(tmp / "models"))
-    cfg.security.signing_key_file = str(tmp / "signing.key")
-    cfg.model.braggnn_width = ARCH["width"]
-    return cfg
-
-
-@pytest.fixture
-def service(tmp_path):
-    """A RetrainService with no executor and no PV traffic (its methods are called)."""
-    from edgeloop.remote.service import RetrainService
-
-    cfg = config(tmp_path)
-    signing.create_key(cfg.security.signing_key_file)
-    svc = RetrainService(cfg, executor=object())
-    yield svc
-    svc.ctx.close()
 
 
 def test_missing_key_ends_in_error_naming_the_file(tmp_path):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from edgeloop import ntnd
-from tests.kit.answers import Collector, post
+from edgeloop.app.answers import AnswerCollector
+from tests.kit.answers import post
 from tests.kit.env import SHARED_DATA
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -27,8 +28,7 @@ def test_each_real_aps_frame_gets_a_phase_image(aps_edge):
     data = np.load(APS)
     frames, positions = data["reciprocal"], data["position"]
     assert frames.shape == (20, 512, 512) and frames.dtype == np.int32
-    out = Collector(system.ctx, f"{system.prefix}edge:Phase")
-    time.sleep(0.5)
+    out = AnswerCollector(system.ctx, f"{system.prefix}edge:Phase").wait_connected()
     for i, frame in enumerate(frames):
         y, x = positions[i] * 1e6  # metres -> um
         post(source, ntnd.build(frame, i + 1, {"SampleX": x, "SampleY": y}))

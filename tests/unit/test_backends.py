@@ -7,7 +7,6 @@ load on one that cannot fails with the reason and the old model keeps serving.""
 import dataclasses
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +35,7 @@ from edgeloop.edge_pva.tensorrt_backend import (
 from edgeloop.edge_pva.tolerance import TOLERANCES, resolve_precision, violations
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import ModelUnavailable
-
-ARCH = {"ptychonn": {"width": 4}, "braggnn": {"patch": 11, "width": 16}}
-SIZE = {"ptychonn": 64, "braggnn": 11}
-
-
-def network(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = model_kind(kind).build(**ARCH[kind]).eval()
-    # batch norm with running statistics that are not the identity, as after training
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
+from tests.kit.networks import SIZE, network
 
 
 def inputs(kind: str, n: int = 6) -> np.ndarray:
@@ -304,11 +289,6 @@ def test_build_engine_asks_tensorrt_for_a_strongly_typed_network_with_a_batch_pr
 
 
 # ---- what each backend needs -------------------------------------------------------------
-@pytest.fixture
-def no_gpu(monkeypatch):
-    """This host as one without a GPU or TensorRT, whatever it has."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt: ImportError
 
 
 def test_gpu_backends_fail_at_construction_naming_what_is_missing(no_gpu):

@@ -2,8 +2,6 @@
 written by hdf5plugin (with the HDF5 filter header) decode unchanged; a bad payload, an
 unknown codec, a wrong size or an unsupported pixel type is a FrameError naming the cause."""
 
-import time
-
 import h5py
 import hdf5plugin
 import numpy as np
@@ -13,9 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgeloop import codecs, ntnd
-from edgeloop.app.hedm_demo import PeakCollector
+from edgeloop.app.answers import AnswerCollector, PeakCollector
 from edgeloop.ioc.hedm import add_pseudo_voigt
-from tests.kit.answers import Collector, post
+from tests.kit.answers import post
 from tests.kit.env import SHARED_DATA
 
 PIXEL_TYPES = list(codecs.SCALAR_TYPE_CODES)
@@ -110,9 +108,9 @@ def test_the_edge_answers_a_compressed_frame_as_it_answers_it_uncompressed(fed_e
     for x, y in ((60.3, 80.7), (150.2, 40.1), (200.6, 190.4)):
         add_pseudo_voigt(signal, x, y, 3000.0, 2.0, 2.2, 0.3)
     hedm = np.random.default_rng(2).poisson(30 + signal).astype(np.uint16)
-    outputs = Collector(system.ctx, f"{p}edge:Phase")
+    outputs = AnswerCollector(system.ctx, f"{p}edge:Phase")
     peaks = PeakCollector(system.ctx, f"{p}edge:Peaks")
-    time.sleep(0.5)  # both subscriptions live before the first frame
+    outputs.wait_connected(), peaks.wait_connected()  # both live before the first frame
     bad = system.value("edge:BadFrames")
     uid, answers = 0, {}
     for frame in (*frames, frames[0].astype(np.float32)):
@@ -140,8 +138,7 @@ def test_the_edge_answers_a_compressed_frame_as_it_answers_it_uncompressed(fed_e
 def test_a_corrupt_compressed_frame_is_counted_named_and_the_next_is_answered(fed_edge):
     system, source = fed_edge
     p = system.prefix
-    outputs = Collector(system.ctx, f"{p}edge:Phase")
-    time.sleep(0.5)
+    outputs = AnswerCollector(system.ctx, f"{p}edge:Phase").wait_connected()
     bad, out = system.value("edge:BadFrames"), system.value("edge:FramesOut")
     corrupt = ntnd.build(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), 901, codec="bslz4")
     payload = corrupt["value"].copy()[:40]

@@ -110,6 +110,23 @@ def test_data_residual_is_near_zero_for_the_exact_object_at_any_flux(sim):
         assert residual(frame, 0.5 * amp, phase + 0.8, phase) < 0.01
 
 
+def test_a_batch_of_residuals_is_each_frames_own(sim):
+    residual = DataResidual(sim.probe)
+    rng = np.random.default_rng(3)
+    items = []
+    for x, y in [(0.0, 0.0), (0.3, -0.2), (-0.5, 0.4)]:
+        amp, phase = _truth(sim, x, y)
+        noisy = phase + rng.normal(0, 0.1, phase.shape).astype(np.float32)
+        items.append((sim.frame(x, y), amp, noisy, phase if x else None))
+    items.insert(1, (np.ones((128, 128)), *items[0][1:]))  # another size: no residual
+    one_by_one = [residual(*item) for item in items]
+    assert one_by_one[1] is None and all(v > 0 for i, v in enumerate(one_by_one) if i != 1)
+    batch = residual.batch(items)
+    assert batch[1] is None
+    assert [batch[i] for i in (0, 2, 3)] == pytest.approx([one_by_one[i] for i in (0, 2, 3)])
+    assert residual.batch([]) == []
+
+
 def test_data_residual_grows_with_the_phase_error(sim):
     residual = DataResidual(sim.probe)
     rng = np.random.default_rng(2)

@@ -3,9 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from p4p.client.thread import Context
+from p4p.nt import NTTable
+from p4p.server import Server
+from p4p.server.thread import SharedPV
 
 from edgeloop.config import TrainConfig
-from edgeloop.edge_pva.hedm import locate_peaks
+from edgeloop.edge_pva.hedm import PEAK_COLUMNS, locate_peaks, peak_table
 from edgeloop.edge_pva.inference import ServedModel, TorchBackend
 from edgeloop.ioc.hedm import HedmConfig, HedmSimulator, make_patch_dataset
 from edgeloop.models import BraggNN, braggnn_preprocess, kind
@@ -52,3 +56,29 @@ def test_frame_peaks_match_the_simulators_truth(braggnn):
                     errors.append(d.min())
     assert found >= 0.9 * lit, (found, lit)
     assert len(errors) > 10 and np.mean(errors) < 0.3, np.mean(errors)
+
+
+def _served(value):
+    """The table as a pvAccess client receives it (isolated in-process server)."""
+    with Server(providers=[{"T:edge:Peaks": SharedPV(initial=value)}], isolate=True) as server:
+        ctx = Context("pva", conf=server.conf(), useenv=False, nt=False)
+        try:
+            return ctx.get("T:edge:Peaks", timeout=5)
+        finally:
+            ctx.close()
+
+
+def test_peak_table_is_an_nttable_and_empty_frames_give_zero_rows(braggnn):
+    frame = np.random.default_rng(0).poisson(20, (64, 64)).astype(np.uint16)
+    received = _served(peak_table(7, locate_peaks(frame, braggnn)[0]))
+    assert received.getID() == "epics:nt/NTTable:1.0"
+    assert list(received["labels"]) == [name for name, _ in PEAK_COLUMNS]
+    assert len(received["value"]["x"]) == 0 and NTTable.unwrap(received) == []
+    frame, _ = HedmSimulator(HedmConfig()).frame(45.0)
+    peaks, _, _ = locate_peaks(frame, braggnn)
+    table = NTTable.unwrap(_served(peak_table(8, peaks)))
+    assert len(table) == len(peaks["x"]) > 0
+    assert set(table[0].keys()) == {name for name, _ in PEAK_COLUMNS}
+    assert {row["uniqueId"] for row in table} == {8}
+    assert [row["peak"] for row in table] == list(range(len(table)))
+    np.testing.assert_allclose([row["x"] for row in table], peaks["x"])

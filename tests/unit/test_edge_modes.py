@@ -1,13 +1,11 @@
 """The edge server's HEDM mode at the edges of the problem, fed frames a test-owned p4p server
 posts: no peaks, saturated and border peaks, an unknown Mode, and switching modes."""
 
-import time
-
 import numpy as np
 import pytest
 
 from edgeloop import ntnd
-from edgeloop.app.hedm_demo import PeakCollector
+from edgeloop.app.answers import PeakCollector
 from edgeloop.ioc.hedm import add_pseudo_voigt
 from tests.kit.answers import post
 
@@ -21,8 +19,7 @@ def _hedm(image, uid, omega=0.0):
 def test_hedm_frames_without_peaks_with_saturated_and_border_peaks(fed_edge):
     system, source = fed_edge
     p = system.prefix
-    peaks = PeakCollector(system.ctx, f"{p}edge:Peaks")
-    time.sleep(0.5)
+    peaks = PeakCollector(system.ctx, f"{p}edge:Peaks").wait_connected()
     rng = np.random.default_rng(1)
     blank = rng.poisson(20.0, (256, 256))
     post(source, _hedm(blank, 1))

@@ -16,6 +16,7 @@ from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.supervise import Supervisor
 from edgeloop.frame_ids import Arrival, FrameIds
 from edgeloop.peaks import find_peaks
+from edgeloop.waiting import wait_until
 
 
 def test_arrivals_repeats_gaps_late_frames_and_restarts():
@@ -74,8 +75,11 @@ def test_the_frame_account_adds_up_at_every_moment():
     threads = [threading.Thread(target=f) for f in (source, worker, reader)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    stop.set()
+    try:  # a run long enough for every path: frames dropped, answered and refused
+        done = lambda: (c := q.counts())["dropped"] > 100 and c["out"] > 100 and c["bad"] > 100  # noqa: E731
+        wait_until(done, 60, "frames of every fate")
+    finally:
+        stop.set()
     for t in threads:
         t.join()
     for _ in q.get_batch(100, timeout=0.01):

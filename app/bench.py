@@ -47,8 +47,8 @@ from p4p.client.thread import Context
 
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
 from edgeloop.config import LOOPBACK_ENV, MODE_KIND, Config
-from edgeloop.edge_pva.hedm import locate_peaks
 from edgeloop.edge_pva.inference import untrained_model
+from edgeloop.edge_pva.peak_tables import locate_peaks
 from edgeloop.edge_pva.server import MONITOR_REQUEST
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Result:
 def case_frames(case: Case, cfg: Config) -> np.ndarray:
     """DISTINCT_FRAMES frames of the case from the project's simulators."""
     if case.mode == "hedm":
-        from edgeloop.ioc.hedm import HedmSimulator
+        from edgeloop.ioc.hedm_sim import HedmSimulator
 
         hedm = dataclasses.replace(cfg.hedm, frame_size=case.size, n_grains=case.grains)
         sim = HedmSimulator(hedm)

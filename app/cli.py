@@ -86,11 +86,11 @@ def cmd_edge(args) -> None:
     if args.workers < 1 or (args.worker is not None and args.worker < 1):
         sys.exit("edge: --workers and --worker take a number >= 1")
     if args.worker is not None:
-        from edgeloop.app.edge_workers import serve_worker
+        from edgeloop.app.worker_pool import serve_worker
 
         serve_worker(_config(args), args.worker, args.input_pv, args.distributor)
     elif args.workers > 1 or args.remote_workers:
-        from edgeloop.app.edge_workers import run_workers, worker_args
+        from edgeloop.app.worker_pool import run_workers, worker_args
 
         run_workers(
             _config(args),

@@ -24,7 +24,7 @@ import torch
 
 from edgeloop.config import Config
 from edgeloop.edge_pva.inference import BACKENDS, ServedModel, make_backend, probe_inputs, validate
-from edgeloop.ioc.hedm import make_patch_dataset
+from edgeloop.ioc.hedm_sim import make_patch_dataset
 from edgeloop.models import BraggNN, braggnn_preprocess, count_parameters
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import model_from_bytes, model_to_bytes

@@ -72,7 +72,7 @@ def _stats(errors: np.ndarray) -> dict:
 
 def hedm_demo(cfg, out, ctx, RE, index, det, stage, frames: int, rate_hz: float) -> dict:
     from edgeloop.bluesky_plans import hedm_fly_scan, read_scan
-    from edgeloop.ioc.hedm import HedmSimulator
+    from edgeloop.ioc.hedm_sim import HedmSimulator
 
     p = cfg.prefix
     sim = HedmSimulator(cfg.hedm)

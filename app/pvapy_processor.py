@@ -18,8 +18,8 @@ from pvapy.hpc.adImageProcessor import AdImageProcessor
 
 from edgeloop import codecs
 from edgeloop.config import MODE_KIND, Config
-from edgeloop.edge_pva.hedm import locate_peaks
 from edgeloop.edge_pva.inference import untrained_model
+from edgeloop.edge_pva.peak_tables import locate_peaks
 
 
 class EdgeloopProcessor(AdImageProcessor):

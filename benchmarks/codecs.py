@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeloop import codecs, ntnd
 from edgeloop.config import HedmConfig, SimConfig
-from edgeloop.ioc.hedm import HedmSimulator
+from edgeloop.ioc.hedm_sim import HedmSimulator
 from edgeloop.ioc.physics import PtychoSimulator
 
 APS = Path(__file__).resolve().parents[2] / "shared" / "data" / "aps-ptycho-test235.npz"

@@ -4,7 +4,7 @@ Simulates a spiral scan and runs each PtychoNN on its frames as the edge does, s
 answers in scan order.  Per frame it records the figures the edge can compute without labels
 (``overlap``: disagreement with the map so far, ``PhaseMap.disagreement``; ``data``: the
 forward-model residual against the frame itself, ``DataResidual``; ``published``: what
-``edge:Consistency`` carries, ``edge_pva.quality.combine`` of the two) beside the true phase
+``edge:Consistency`` carries, ``edge_pva.label_free.combine`` of the two) beside the true phase
 error against the simulator's object.  Prints per model the mean of each and its Spearman
 rank correlation with the true error across the model's frames, then the correlation across
 the frames of all models pooled and across the models' means, and the cost per frame.
@@ -31,7 +31,7 @@ from scipy.stats import spearmanr
 from edgeloop.bluesky_plans.plans import spiral_positions
 from edgeloop.config import Config
 from edgeloop.edge_pva.inference import ServedModel, make_backend
-from edgeloop.edge_pva.quality import DataResidual, combine, edge_probe
+from edgeloop.edge_pva.label_free import DataResidual, combine, edge_probe
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.ioc.physics import PtychoSimulator
 from edgeloop.models import kind as model_kind

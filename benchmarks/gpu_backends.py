@@ -36,7 +36,7 @@ from edgeloop.edge_pva.tolerance import (
     resolve_precision,
     violations,
 )
-from edgeloop.ioc.hedm import make_patch_dataset
+from edgeloop.ioc.hedm_sim import make_patch_dataset
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import Registry
 

@@ -4,7 +4,7 @@ and models?
 Renders simulated HEDM frames over a rotation and answers each as the edge does
 (``locate_peaks``: peak finder, 11x11 patches, BraggNN).  Per peak it records the label-free
 figure (the distance of BraggNN's centre from the patch's background-subtracted centroid,
-``edge_pva.quality.centroid_distance``; its mean over a frame's peaks is what
+``edge_pva.label_free.centroid_distance``; its mean over a frame's peaks is what
 ``edge:Consistency`` carries in HEDM mode) beside the true error (the distance of BraggNN's
 centre from the simulated reflection nearest the finder's maximum; candidates with none
 within 2 px are left out).  Prints per model the means and the Spearman rank correlation
@@ -33,10 +33,10 @@ from consistency import _rho  # beside this script
 from scipy.spatial import cKDTree
 
 from edgeloop.config import Config
-from edgeloop.edge_pva.hedm import locate_peaks
 from edgeloop.edge_pva.inference import ServedModel, make_backend
-from edgeloop.edge_pva.quality import centroid_distance
-from edgeloop.ioc.hedm import HedmSimulator, make_patch_dataset
+from edgeloop.edge_pva.label_free import centroid_distance
+from edgeloop.edge_pva.peak_tables import locate_peaks
+from edgeloop.ioc.hedm_sim import HedmSimulator, make_patch_dataset
 from edgeloop.models import braggnn_preprocess
 from edgeloop.models import kind as model_kind
 from edgeloop.peaks import find_peaks

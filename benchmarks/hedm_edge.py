@@ -21,9 +21,9 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import Config, pin_loopback
-from edgeloop.edge_pva.hedm import peak_table
+from edgeloop.edge_pva.peak_tables import peak_table
 from edgeloop.edge_pva.server import EdgeServer
-from edgeloop.ioc.hedm import HedmSimulator
+from edgeloop.ioc.hedm_sim import HedmSimulator
 from edgeloop.peaks import crop_patches, find_peaks
 
 

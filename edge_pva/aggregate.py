@@ -36,7 +36,7 @@ from p4p.client.thread import Context, Disconnected
 from edgeloop import ntnd
 from edgeloop.config import MODES, Config
 from edgeloop.edge_pva.edge_pvs import EdgePvs, LoadRequests
-from edgeloop.edge_pva.quality import combine
+from edgeloop.edge_pva.label_free import combine
 from edgeloop.edge_pva.stitch import Stitcher, finite_position
 from edgeloop.edge_pva.workers import POLLED, WorkerCounts, group_name, worker_pv_prefix
 from edgeloop.frame_ids import AcquisitionOrder, FrameIds

@@ -18,7 +18,7 @@ from p4p.server.thread import SharedPV
 from edgeloop import ntnd
 from edgeloop.config import Config
 from edgeloop.edge_pva.access import LoadModelPut
-from edgeloop.edge_pva.hedm import NO_PEAKS, peak_table
+from edgeloop.edge_pva.peak_tables import NO_PEAKS, peak_table
 from edgeloop.edge_pva.scalars import ScalarPVs
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeloop import ntnd
-from edgeloop.edge_pva.hedm import locate_peaks, peak_table
 from edgeloop.edge_pva.inference import ModelRejected, ServedModel
-from edgeloop.edge_pva.quality import DataResidual, combine, edge_probe
+from edgeloop.edge_pva.label_free import DataResidual, combine, edge_probe
+from edgeloop.edge_pva.peak_tables import locate_peaks, peak_table
 from edgeloop.edge_pva.stitch import finite_position
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class PtychoFrames:
 
     def _post_all(self, placed: list, version: int) -> None:
         try:
-            # label-free quality (edge_pva/quality.py): does each answer explain its frame
+            # label-free quality (edge_pva/label_free.py): does each answer explain its frame
             data = self.residual.batch([(p.frame.data, p.amp, p.ph, p.surround) for p in placed])
         except Exception:
             log.exception("data residual failed: answers posted without it")

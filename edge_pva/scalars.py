@@ -49,7 +49,7 @@ class Scalar:
 
 
 def consistency_scalars(cfg: EdgeConfig, mode: str) -> dict[str, Scalar]:
-    """edge:Consistency and edge:ScanConsistency in a mode: the figure (edge_pva/quality.py)
+    """edge:Consistency and edge:ScanConsistency in a mode: the figure (edge_pva/label_free.py)
     and its units and alarm limits are the technique's."""
     if mode == "hedm":
         units, warn, alarm = "px", cfg.consistency_warn_px, cfg.consistency_alarm_px

@@ -86,7 +86,7 @@ class SimConfig:
 
 @dataclass(config=SECTION)
 class HedmConfig:
-    """The simulated HEDM experiment (ioc/hedm.py)."""
+    """The simulated HEDM experiment (ioc/hedm_sim.py)."""
 
     frame_size: Annotated[int, Field(ge=16)] = 512  # detector pixels per side
     n_grains: Annotated[int, Field(ge=0)] = 12
@@ -173,7 +173,7 @@ class EdgeConfig:
     latency_alarm_ms: Positive = 1000.0  # above: MAJOR
     dropped_rate_alarm: Positive = 10.0  # edge:DroppedRate (frames/s) above: MAJOR; any: MINOR
     # edge:Consistency / edge:ScanConsistency, the label-free quality of each frame's answer
-    # and its mean over the scan (edge_pva/quality.py; benchmarks/consistency.py,
+    # and its mean over the scan (edge_pva/label_free.py; benchmarks/consistency.py,
     # hedm_consistency.py), above: MINOR / MAJOR.  Ptychography (rad): the overlap
     # disagreement and the forward-model residual in quadrature; measured on the simulated
     # scan: a well-trained PtychoNN ~0.065, an untrained (flat) one ~0.093

@@ -34,7 +34,7 @@ from edgeloop.ioc.areadetector import (
     enum_index,
 )
 from edgeloop.ioc.hdf_plugin import NDFileHDF5
-from edgeloop.ioc.hedm import HedmSimulator
+from edgeloop.ioc.hedm_sim import HedmSimulator
 from edgeloop.ioc.physics import PtychoSimulator
 from edgeloop.ioc.trajectory import ProfileMove, Pulse
 

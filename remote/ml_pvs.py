@@ -138,7 +138,7 @@ class MlPvs:
 
         return on_value
 
-    def endpoint_watcher(self, current: Callable[[], str], choose: Callable[[str], None]):
+    def executor_watcher(self, current: Callable[[], str], choose: Callable[[str], None]):
         """Monitor callback of ``ml:Endpoint``: a write naming another executor than
         ``current()`` calls ``choose(name)`` in a thread of its own; the first value after a
         (re)connection is what the IOC started with (after a restart its db default), not an

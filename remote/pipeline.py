@@ -29,7 +29,7 @@ from edgeloop.registry import (
 from edgeloop.remote import tasks
 from edgeloop.remote.errors import Aborted, RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
-from edgeloop.remote.quality import held_out_losses
+from edgeloop.remote.held_out import held_out_losses
 from edgeloop.remote.staging import code_version, stage
 from edgeloop.scanfile import list_scans, scan_summary
 
@@ -88,7 +88,7 @@ class Progress(Protocol):
 @dataclass
 class Trained:
     """What the training step gives the rest: the versions it started from and is compared
-    with, the serving model (the gate's baseline), the endpoint's result, and when the task
+    with, the serving model (the gate's baseline), the executor's result, and when the task
     was submitted and returned (perf_counter)."""
 
     best: int | None
@@ -236,7 +236,7 @@ class RetrainPipeline:
             "kind": kind,
             "arch": cfg.arch(kind),
             "train": vars(train_cfg),
-            # the path, never the key: the endpoint reads its own copy
+            # the path, never the key: the executor's machine reads its own copy
             "signing_key_file": cfg.security.signing_key_file,
             "security": {
                 k: getattr(cfg.security, k) for k in ("max_model_bytes", "max_width", "max_patch")
@@ -342,7 +342,7 @@ class RetrainPipeline:
             return None, None
 
     def validate(self, result: dict, kind: str, key: bytes, labels: dict, baseline, train_cfg):
-        """Checks a returned model and computes the gate's figures here: the endpoint's word
+        """Checks a returned model and computes the gate's figures here: the executor's word
         is taken for nothing but its signed bytes.  Returns the metadata figures."""
         if sha256_bytes(result["model"]) != result["sha256"]:
             raise RetrainError("returned model fails its checksum (corrupted in transit)")
@@ -371,7 +371,7 @@ class RetrainPipeline:
         reported = result["val_loss"]
         if not (is_number(reported) and math.isclose(reported, losses["candidate"], rel_tol=0.01)):
             log.warning(
-                "endpoint reported held-out loss %r, the service measures %.6g",
+                "the executor reported held-out loss %r, the service measures %.6g",
                 reported,
                 losses["candidate"],
             )
@@ -392,7 +392,7 @@ class RetrainPipeline:
         if figures["val_loss"] > limit:
             reason = (
                 f"quality gate: held-out loss {figures['val_loss']:.4g} (measured by the "
-                f"service; the endpoint reported {fmt(figures['endpoint_val_loss'])}) > "
+                f"service; the executor reported {fmt(figures['endpoint_val_loss'])}) > "
                 f"serving model's {baseline:.4g} + {self.cfg.remote.quality_margin:.0%}"
             )
             self.registry.mark_rejected(version, reason)

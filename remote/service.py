@@ -84,7 +84,8 @@ class RetrainService:
         self.slot.executor = executor
 
     @property
-    def endpoint(self) -> str:
+    def executor_name(self) -> str:
+        """The executor in use (ml:Endpoint, the design card's name for the record)."""
         return self.slot.name
 
     def _deploy(self, version: int) -> None:
@@ -176,9 +177,9 @@ class RetrainService:
             try:
                 self.slot.switch(name)
             except Exception as exc:
-                msg = f"endpoint {name!r} refused: {exc}; still using {self.endpoint}"
+                msg = f"executor {name!r} refused: {exc}; still using {self.executor_name}"
                 self.pvs.status("Error", msg)
-                self.pvs.put("ml:Endpoint", self.endpoint)
+                self.pvs.put("ml:Endpoint", self.executor_name)
                 return
         self.pvs.keep("ml:Endpoint", name)  # the PV holds it already
         self.pvs.message(f"executor now {name}")
@@ -186,16 +187,18 @@ class RetrainService:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> RetrainService:
-        self.pvs.put("ml:Endpoint", self.endpoint)
+        self.pvs.put("ml:Endpoint", self.executor_name)
         self.pvs.put("ml:ModelVersion", self.registry.accepted(MODE_KIND[self.cfg.mode]) or 0)
-        self.pvs.status("Idle", f"retraining service ready (executor {self.endpoint})")
+        self.pvs.status("Idle", f"retraining service ready (executor {self.executor_name})")
         watch = {
             "ml:Retrain": self.pvs.button("ml:Retrain", lambda: self.request(OPERATOR)),
             "ml:Request": self.pvs.request_watcher(self.request),
             **self.policy.callbacks(),
             "ml:Abort": self.pvs.button("ml:Abort", self.abort),
             "ml:Rollback": self.pvs.button("ml:Rollback", self.rollback),
-            "ml:Endpoint": self.pvs.endpoint_watcher(lambda: self.endpoint, self._switch_executor),
+            "ml:Endpoint": self.pvs.executor_watcher(
+                lambda: self.executor_name, self._switch_executor
+            ),
         }
         for name, callback in watch.items():
             self.pvs.monitor(name, callback)

@@ -234,7 +234,7 @@ def train_model(request: dict) -> dict:
     on the same held-out split is returned as ``baseline_val_loss``).
     """
     t0 = time.perf_counter()
-    from edgeloop.remote.quality import read_labels
+    from edgeloop.remote.held_out import read_labels
     from edgeloop.remote.training import evaluate, split, train
 
     if not request.get("signing_key_file"):

@@ -22,7 +22,7 @@ def hedm_scan(data_dir: Path, frames: int = 12, start: float = 0.0, blank: bool 
 
     from edgeloop.bluesky_plans import ScanWriter, hedm_rotation_scan
     from edgeloop.config import HedmConfig
-    from edgeloop.ioc.hedm import HedmSimulator
+    from edgeloop.ioc.hedm_sim import HedmSimulator
 
     sim = HedmSimulator(HedmConfig(frame_size=256))
     rot = SynAxis(name="rot")

@@ -316,7 +316,7 @@ def test_hedm_rotation_scan_peaks_retrain_and_hot_swap(system, RE):
     from edgeloop.app.answers import PeakCollector
     from edgeloop.app.hedm_demo import scan_errors
     from edgeloop.bluesky_plans import RunIndex, hedm_rotation_scan, make_devices, read_scan
-    from edgeloop.ioc.hedm import HedmSimulator
+    from edgeloop.ioc.hedm_sim import HedmSimulator
 
     p, cfg = system.prefix, system.cfg
     reg = Registry(cfg.registry_path)

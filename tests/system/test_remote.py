@@ -76,7 +76,7 @@ def test_globus_compute_endpoint_wiring_up_to_the_network(loop, monkeypatch):
     lp.wait_state({"Error"}, 120)
     message = lp.value("ml:Message")
     assert "refused" in message and "still using local" in message, message
-    assert lp.service.endpoint == "local"
+    assert lp.service.executor_name == "local"
     hedm_scan(lp.cfg.data_path, 12)
     assert lp.retrain() == "Idle", lp.value("ml:Message")  # the next trigger works
 
@@ -96,7 +96,7 @@ def test_unknown_or_unconfigured_endpoint_is_refused(loop):
     while "nonsense" not in lp.value("ml:Message"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert lp.service.endpoint == "local"
+    assert lp.service.executor_name == "local"
 
 
 def test_retrain_without_scans_ends_in_error_with_a_message(loop):

@@ -68,7 +68,7 @@ def test_ml_ioc_restart_gets_the_service_state_back_and_keeps_its_executor(loop)
         wait_value(lp, name, value)
     assert lp.state() == "Error"
     time.sleep(1.0)  # a switch would have begun by now
-    assert service.endpoint == "parsl" and service.executor is executor
+    assert service.executor_name == "parsl" and service.executor is executor
     assert lp.value("ml:Endpoint") == "parsl"
     # its monitors are back too: a trigger is taken (and fails: there are no scans)
     assert lp.retrain(timeout=30) == "Error" and "no scans" in lp.value("ml:Message")

@@ -76,7 +76,7 @@ def test_lying_endpoint_cannot_deploy_a_worse_model(tmp_path):
         lp.service.executor = Lying(lp.service.executor)
         assert lp.retrain() == "Error"
         message = lp.value("ml:Message")
-        assert "quality gate" in message and "endpoint reported 0" in message, message
+        assert "quality gate" in message and "executor reported 0" in message, message
         reg = Registry(lp.cfg.registry_path)
         rejected = max(reg.versions())
         meta = reg.meta(rejected)

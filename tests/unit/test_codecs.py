@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from edgeloop import codecs, ntnd
 from edgeloop.app.answers import AnswerCollector, PeakCollector
-from edgeloop.ioc.hedm import add_pseudo_voigt
+from edgeloop.ioc.hedm_sim import add_pseudo_voigt
 from tests.kit.answers import post
 from tests.kit.env import SHARED_DATA
 

@@ -9,8 +9,7 @@ import pytest
 
 from edgeloop.bluesky_plans.plans import spiral_positions
 from edgeloop.config import Config, EdgeConfig
-from edgeloop.edge_pva.hedm import locate_peaks
-from edgeloop.edge_pva.quality import (
+from edgeloop.edge_pva.label_free import (
     DataResidual,
     centroid_distance,
     combine,
@@ -18,6 +17,7 @@ from edgeloop.edge_pva.quality import (
     load_probe,
     sqrt_poisson_deviation,
 )
+from edgeloop.edge_pva.peak_tables import locate_peaks
 from edgeloop.edge_pva.scalars import ScalarPVs, consistency_scalars
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.ioc.physics import PtychoSimulator

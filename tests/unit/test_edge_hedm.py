@@ -9,9 +9,9 @@ from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop.config import TrainConfig
-from edgeloop.edge_pva.hedm import PEAK_COLUMNS, locate_peaks, peak_table
 from edgeloop.edge_pva.inference import ServedModel, TorchBackend
-from edgeloop.ioc.hedm import HedmConfig, HedmSimulator, make_patch_dataset
+from edgeloop.edge_pva.peak_tables import PEAK_COLUMNS, locate_peaks, peak_table
+from edgeloop.ioc.hedm_sim import HedmConfig, HedmSimulator, make_patch_dataset
 from edgeloop.models import BraggNN, braggnn_preprocess, kind
 from edgeloop.remote.peakfit import fit_patches
 from edgeloop.remote.training import centre_loss, train

@@ -6,7 +6,7 @@ import pytest
 
 from edgeloop import ntnd
 from edgeloop.app.answers import PeakCollector
-from edgeloop.ioc.hedm import add_pseudo_voigt
+from edgeloop.ioc.hedm_sim import add_pseudo_voigt
 from tests.kit.answers import post
 
 pytestmark = [pytest.mark.timeout(300)]

@@ -14,7 +14,7 @@ from edgeloop.app.hedm_accuracy import (
     targets,
 )
 from edgeloop.config import Config
-from edgeloop.ioc.hedm import make_patch_dataset
+from edgeloop.ioc.hedm_sim import make_patch_dataset
 from edgeloop.models import BraggNN, count_parameters
 from edgeloop.registry import ModelFileError
 

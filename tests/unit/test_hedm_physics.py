@@ -1,11 +1,11 @@
-"""HEDM simulator (ioc/hedm.py) and the conventional pseudo-Voigt peak fit (remote/peakfit.py)."""
+"""The HEDM simulator (ioc/hedm_sim.py) and the pseudo-Voigt peak fit (remote/peakfit.py)."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from edgeloop.ioc.hedm import (
+from edgeloop.ioc.hedm_sim import (
     HedmConfig,
     HedmSimulator,
     make_patch_dataset,

@@ -8,7 +8,7 @@ from torch import nn
 
 from edgeloop.bluesky_plans.plans import spiral_positions
 from edgeloop.config import Config
-from edgeloop.ioc.hedm import HedmSimulator
+from edgeloop.ioc.hedm_sim import HedmSimulator
 from edgeloop.ioc.physics import PtychoSimulator
 from edgeloop.models import kind as model_kind
 from edgeloop.remote.peakfit import fit_patches

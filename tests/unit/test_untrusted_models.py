@@ -426,7 +426,7 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
     assert figures["val_loss"] > 2 * figures["baseline_val_loss"]
     assert figures["baseline_val_loss"] == pytest.approx(good["val_loss"], rel=1e-3)
     v2 = reg.add(blob, {"kind": "braggnn", **figures})
-    with pytest.raises(RetrainError, match="quality gate.*endpoint reported 0"):
+    with pytest.raises(RetrainError, match="quality gate.*executor reported 0"):
         service.pipeline.quality_gate(v2, figures)
     assert reg.meta(v2)["status"] == "rejected" and reg.accepted("braggnn") == v1
 
@@ -442,7 +442,7 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
 
 def test_non_finite_frames_never_reach_training(tmp_path, caplog):
     from edgeloop.config import HedmConfig
-    from edgeloop.ioc.hedm import HedmSimulator
+    from edgeloop.ioc.hedm_sim import HedmSimulator
 
     sim = HedmSimulator(HedmConfig(frame_size=256))
     n = 10

@@ -10,7 +10,7 @@ import numpy as np
 from p4p import Value
 from p4p.nt import NTTable
 
-from edgeloop.edge_pva.quality import centroid_distance
+from edgeloop.edge_pva.label_free import centroid_distance
 from edgeloop.peaks import peak_patches
 
 PEAK_COLUMNS = [
@@ -40,7 +40,7 @@ def locate_peaks(
 ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Peaks of one frame: x (column), y (row) in detector pixels, intensity, max and flags,
     and ``offset``, each centre's distance (px) from its patch's intensity centroid (the
-    label-free quality, :func:`~edgeloop.edge_pva.quality.centroid_distance`; not a table
+    label-free quality, :func:`~edgeloop.edge_pva.label_free.centroid_distance`; not a table
     column); the patches the network saw; and how many maxima were left out above
     ``max_peaks``.
 

@@ -20,7 +20,6 @@ edge with a non-zero exit, so a process supervisor restarts it.
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -31,8 +30,9 @@ import torch
 from p4p.client.thread import Context, Disconnected
 
 from edgeloop import ntnd
-from edgeloop.config import MODE_KIND, MODES, Config, search_hint
+from edgeloop.config import MODE_KIND, MODES, Config
 from edgeloop.edge_pva.edge_pvs import EdgePvs, LoadRequests
+from edgeloop.edge_pva.edge_stats import EdgeStatistics, InputWatch
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.inference import ModelRejected, ModelSlot
 from edgeloop.edge_pva.model_loader import ModelLoader
@@ -84,11 +84,8 @@ class EdgeServer:
         self.pvs["ModelVersion"].post(self.slot.get().version)
         self.stitcher = Stitcher(cfg)
         self.handlers = {mode: handler(self) for mode, handler in HANDLERS.items()}
-        self.latencies: collections.deque = collections.deque(maxlen=2000)  # ms, newest last
-        self._out_times: collections.deque = collections.deque(maxlen=2000)
-        # frames answered with a caveat (not stitched, peaks left out): reason -> count
-        self.notes: collections.Counter = collections.Counter()
-        self._last_report = time.monotonic()
+        self.stats = EdgeStatistics(self)
+        self.input = InputWatch(self)
         self._stop = threading.Event()
         self.supervisor = Supervisor(self._stop, self._thread_died, self._fatal)
         # ptycho answers on their way to the publishing thread, a batch each: the model's
@@ -97,10 +94,7 @@ class EdgeServer:
         self._server = None
         self._ctx = None
         self._sub = None
-        self._input_since: float | None = time.monotonic()  # not connected since
-        self._input_seen = False  # a frame has arrived since start
         self._failed = threading.Event()  # a worker kept dying
-        self._input_reported = False
 
     # ---- model ---------------------------------------------------------------------------
     @property
@@ -136,19 +130,25 @@ class EdgeServer:
     @property
     def input_connected(self) -> bool:
         """Whether the input PV has answered since the last disconnection."""
-        return self._input_since is None
+        return self.input.connected
+
+    @property
+    def latencies(self):
+        """Arrival-to-answer latencies (ms), newest last."""
+        return self.stats.latencies
+
+    def count_out(self, frame, now: float) -> None:
+        self.stats.count_out(frame, now)
 
     def _on_frame(self, value) -> None:
         if isinstance(value, Exception):
             if isinstance(value, Disconnected):
-                if self._input_since is None:
-                    self.pvs.message(f"input {self.input_pv} disconnected", 1)
-                    self._input_since = time.monotonic()
+                self.input.disconnected()
             else:
                 log.warning("input %s: %s", self.input_pv, value)
             return
-        if self._input_since is not None:
-            self._input_back()
+        if not self.input.connected:
+            self.input.back()
         if self.supervisor.failed:
             return  # the edge is stopping: nothing more is taken in
         try:
@@ -261,93 +261,6 @@ class EdgeServer:
         while self._answers.unfinished_tasks and not self._stop.is_set():
             time.sleep(0.001)
 
-    def count_out(self, frame, now: float) -> None:
-        """Count a frame answered at ``now`` and its latency since it arrived."""
-        frame.settled = True
-        self.queue.settle_answered()
-        self.latencies.append((now - frame.received) * 1e3)
-        self._out_times.append(now)
-
-    # ---- statistics ----------------------------------------------------------------------
-    def _stats_loop(self) -> None:
-        dropped: collections.deque = collections.deque()  # (time, count) over the last 2 s
-        while not self._stop.wait(self.cfg.edge.stats_publish_s):
-            now = time.time()
-            recent = [t for t in list(self._out_times) if now - t <= 2.0]
-            rate = len(recent) / 2.0
-            lat = list(self.latencies)[-100:]
-            dropped.append((now, self.queue.dropped))
-            while now - dropped[0][0] > 2.0:
-                dropped.popleft()
-            counts = self.queue.counts()  # one snapshot: the counts add up
-            values = {
-                "FramesIn": counts["in"],
-                "FramesOut": counts["out"],
-                "Dropped": counts["dropped"],
-                "BadFrames": counts["bad"],
-                "InFlight": counts["in_flight"],
-                "MissedFrames": self.frame_ids.missed,
-                "Repeats": self.frame_ids.repeats,
-                "FrameRate": rate,
-                "LatencyMs": float(np.median(lat)) if lat else 0.0,
-                "DroppedRate": (dropped[-1][1] - dropped[0][1]) / 2.0,
-            }
-            for name, value in values.items():
-                self.pvs.scalars.post(name, value)
-            with self.stitcher.lock:  # a mode switch changes their units: not in between
-                last, scan = self.stitcher.consistency.last, self.stitcher.consistency.mean
-                if scan is not None:  # posted once a scan has a figure
-                    self.pvs.scalars.post("Consistency", last)
-                    self.pvs.scalars.post("ScanConsistency", scan)
-            self._report_refusals()
-            self._watch_input()
-            self.stitcher.publish_map(self.pvs["PhaseMap"].post, now, self.cfg.edge.map_publish_s)
-
-    def _report_refusals(self) -> None:
-        """One summary per ``edge.bad_frame_report_s`` of the frames refused or answered
-        with a caveat since the last one, never a line per frame."""
-        now = time.monotonic()
-        span = now - self._last_report
-        if span < self.cfg.edge.bad_frame_report_s:
-            return
-        refused = self.queue.take_reasons()
-        notes, self.notes = self.notes, collections.Counter()
-        if not refused and not notes:
-            return
-        self._last_report = now
-        parts = [f"{n} x {reason} (e.g. uniqueId {uid})" for n, uid, reason, _ in refused]
-        parts += [f"{n} x {note}" for note, n in notes.items()]
-        total = sum(n for n, *_ in refused)
-        what = f"{total} frame(s) refused" if total else "frames answered with a caveat"
-        msg = f"{what} in the last {span:.1f} s: " + "; ".join(parts)
-        log.warning(msg)
-        severity = max([sev for *_, sev in refused] + [1])
-        self.pvs.message(msg, severity, logged=False)
-
-    def _watch_input(self, grace_s: float = 5.0) -> None:
-        """Say once which PV the edge cannot reach, and where it searched."""
-        since = self._input_since
-        if since is None:
-            self._input_reported = False
-        elif not self._input_reported and time.monotonic() - since > grace_s:
-            self._input_reported = True
-            msg = f"input {self.input_pv} not connected for {grace_s:.0f} s; {search_hint()}"
-            log.warning(msg)
-            self.pvs.message(msg, 1, logged=False)
-
-    def _input_back(self) -> None:
-        """First frame after a disconnection: clear the alarm, say how long it was away."""
-        away = time.monotonic() - self._input_since
-        self._input_since = None
-        if self._input_seen:
-            msg = (
-                f"input {self.input_pv} back after {away:.1f} s; frames it skipped are "
-                f"counted in MissedFrames ({self.frame_ids.missed} so far)"
-            )
-            log.info(msg)
-            self.pvs.message(msg, 0, logged=False)
-        self._input_seen = True
-
     # ---- supervision ---------------------------------------------------------------------
     def _thread_died(self, name: str, exc: BaseException) -> None:
         msg = f"edge thread {name} died ({type(exc).__name__}: {exc}); restarting it"
@@ -363,8 +276,9 @@ class EdgeServer:
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> EdgeServer:
         self._server = self.pvs.server(self.pv_prefix, self.extra_pvs, **self.server_args)
-        for target in (self._infer_loop, self._publish_loop, self._stats_loop):
+        for target in (self._infer_loop, self._publish_loop):
             self.supervisor.start(target)
+        self.supervisor.start(self.stats.run, "stats_loop")
         self.supervisor.start(lambda: self.loads.serve(self._load, self._stop), "loader_loop")
         self._ctx = Context("pva", nt=False, **self.client_args)
         self._sub = self._ctx.monitor(

@@ -46,6 +46,7 @@ import psutil
 from p4p.client.thread import Context
 
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
+from edgeloop.app.pvapy_source import AdSimServer
 from edgeloop.config import LOOPBACK_ENV, MODE_KIND, Config
 from edgeloop.edge_pva.inference import untrained_model
 from edgeloop.edge_pva.peak_tables import locate_peaks
@@ -144,47 +145,25 @@ def write_source_file(case: Case, frames: np.ndarray, folder: Path) -> Path:
 
 
 # ---- processes -----------------------------------------------------------------------------
-class Source:
+def _source(channel: str, path: Path, fps: float, logs: Path, delay: float) -> AdSimServer:
     """pvapy-ad-sim-server publishing ``path``'s frames on ``channel`` at ``fps`` (0: as
     fast as it can), recycling its cache, until stopped."""
-
-    def __init__(self, channel: str, path: Path, fps: float, logs: Path, delay: float = 0.5):
-        args = ["-cn", channel, "-if", str(path), "-fps", f"{fps:.1f}", "-rt", "100000"]
-        args += ["-cs", str(DISTINCT_FRAMES), "-std", str(delay), "-shd", "0", "-rp", "0", "-dc"]
-        if path.suffix == ".h5":
-            args += ["-hds", "/entry/data", "-hcm"]
-        self.proc = ManagedProcess(
-            f"source {channel}",
-            args,
-            logs / f"source-{channel.replace(':', '_')}.log",
-            program=[str(BIN / "pvapy-ad-sim-server")],
-        )
-        self.channel = channel
-
-    def wait(self, ctx: Context) -> Source:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if ctx.get(self.channel, request="field(uniqueId)", timeout=1.0)["uniqueId"]:
-                    return self
-            except TimeoutError:
-                pass
-            if not self.proc.alive():
-                break
-            time.sleep(0.2)
-        raise RuntimeError(f"pvapy-ad-sim-server did not publish:\n{self.proc.output()[-2000:]}")
-
-    def stop(self) -> None:
-        self.proc.stop(timeout=5)
+    args = ["-if", str(path), "-cs", str(DISTINCT_FRAMES), "-rp", "0"]
+    if path.suffix == ".h5":
+        args += ["-hds", "/entry/data", "-hcm"]
+    log = logs / f"source-{channel.replace(':', '_')}.log"
+    return AdSimServer(
+        channel, args, log, fps=fps, runtime=100000, start_delay=delay, shutdown_delay=0
+    )
 
 
 @contextlib.contextmanager
 def source(channel: str, path: Path, fps: float, logs: Path, ctx: Context, delay: float = 0):
     """The source, publishing; or, with ``delay``, started and publishing ``delay`` s later
     (clients connect before: pvapy's client may not connect to a source at full speed)."""
-    src = Source(channel, path, fps, logs, delay or 0.5)
+    src = _source(channel, path, fps, logs, delay or 0.5)
     try:
-        yield src if delay else src.wait(ctx)
+        yield src if delay else src.wait_sending(ctx)
     finally:
         src.stop()
 

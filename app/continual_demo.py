@@ -17,7 +17,6 @@ import logging
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 from p4p.client.thread import Context
 from scipy.stats import spearmanr
@@ -28,6 +27,8 @@ from edgeloop.app.loop import edge_stats, fly_figures, fly_line
 from edgeloop.app.ptycho_demo import phase_errors
 from edgeloop.config import Config
 from edgeloop.optics import illuminated_mask
+from edgeloop.remote import tasks
+from edgeloop.remote.pipeline import analysis_request
 from edgeloop.scanfile import read_scan
 
 log = logging.getLogger(__name__)
@@ -96,29 +97,12 @@ def wait_for_policy(ctx: Context, p: str, trigger_before: str, wait_s: float) ->
 
 def recon_labels(cfg: Config, scan: dict) -> tuple[np.ndarray, np.ndarray]:
     """The iterative reconstruction of a scan: its phase patches (the labels) and object,
-    from the retraining service's labels cache, or made here with the service's settings
-    when no retraining labelled the scan (the last ones, or those the policy let pass)."""
-    for path in (cfg.registry_path / "work" / "labels_cache").glob("labels_*.h5"):
-        with h5py.File(path, "r") as c:
-            if c.attrs["scan"] == str(scan["path"]) and c.attrs["n"] > 0:
-                return c["phase"][()], c["recon/object"][()]
-    from edgeloop.optics import make_probe
-    from edgeloop.remote.labels import make_labels
-
-    frames = scan["frames"].astype(np.float32)
-    probe = make_probe(frames.shape[-1], cfg.sim.probe_radius_px, cfg.sim.probe_defocus)
-    recon: dict = {}
-    _, phase = make_labels(
-        frames,
-        scan["positions_um"],
-        cfg.sim.pixel_um,
-        probe,
-        cfg.train.recon_epochs,
-        cfg.train.recon_algorithm,
-        cfg.train.threads,
-        recon,
-    )
-    return phase, recon["object"]
+    labelled as the retraining service labels it (from its labels cache when a retraining
+    labelled the scan; made here otherwise: the last scans, or those the policy let pass)."""
+    _, request = analysis_request(cfg, "ptychonn", [str(scan["path"])])
+    request["cache_dir"] = str(cfg.registry_path / "work" / "labels_cache")
+    labels = tasks.scan_labels(scan["path"], request)
+    return labels["phase"], labels["object"]
 
 
 def patch_errors(patches, positions, sim) -> np.ndarray:

@@ -45,7 +45,7 @@ def run_demo(
     t_demo = time.perf_counter()
     out = prepare(cfg, out, epochs)
     devices: list = []
-    with Servers(cfg, out) as system:
+    with Servers(cfg, out / "config.json", out / "logs") as system:
         try:
             from bluesky import RunEngine
 

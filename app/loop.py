@@ -53,35 +53,56 @@ def _wait_retrained(ctx: Context, p: str, old_version: int, timeout: float) -> l
 
 
 class Servers:
-    """The three servers as subprocesses (ioc, edge, retrain-service), stopped by PID."""
+    """edgeloop servers as subprocesses, each ready once its PV answers (the retraining
+    service: once it beats, processes.readiness), stopped by PID in reverse order.  As a
+    context manager: the loop (ioc, edge with ``edge_args``, retrain-service)."""
 
-    def __init__(self, cfg: Config, out: Path, edge_args: tuple[str, ...] = ()):
-        self.cfg, self.out, self.edge_args = cfg, out, edge_args
-        self.procs: list[ManagedProcess] = []
+    LOOP = (("ioc", "ml:Status"), ("edge", "edge:ModelVersion"), ("retrain-service", None))
+
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: Path,
+        logs: Path,
+        env: dict | None = None,
+        edge_args: tuple[str, ...] = (),
+    ):
+        self.cfg, self.config_path, self.logs = cfg, Path(config_path), Path(logs)
+        self.prefix = cfg.prefix
+        self.env, self.edge_args = env, edge_args
+        self.procs: dict[str, ManagedProcess] = {}
         self.ctx = Context("pva", nt=False)
 
+    def start(
+        self, name: str, *extra: str, ready_pv: str | None = None, timeout: float = 90.0
+    ) -> ManagedProcess:
+        """``edgeloop <name>`` with the prefix and the configuration, once ready."""
+        args = [name, "--prefix", self.prefix, "--config", str(self.config_path), *extra]
+        pv, until = readiness(self.ctx, self.prefix, name, ready_pv)
+        proc = ManagedProcess(name, args, self.logs / f"{name}.log", env=self.env)
+        self.procs[name] = proc
+        wait_for_pv(self.ctx, pv, timeout, proc, until)
+        return proc
+
     def __enter__(self) -> Servers:
-        p, out = self.cfg.prefix, self.out
-        common = ["--prefix", p, "--config", str(out / "config.json")]
         try:
-            for name, ready in (
-                ("ioc", "ml:Status"),
-                ("edge", "edge:ModelVersion"),
-                ("retrain-service", None),
-            ):
-                extra = self.edge_args if name == "edge" else ()
-                pv, until = readiness(self.ctx, p, name, ready)
-                proc = ManagedProcess(name, [name, *common, *extra], out / "logs" / f"{name}.log")
-                self.procs.append(proc)
-                wait_for_pv(self.ctx, pv, 90, proc, until)  # the service beats once connected
+            for name, ready in self.LOOP:
+                self.start(name, *(self.edge_args if name == "edge" else ()), ready_pv=ready)
         except BaseException:
-            self.__exit__()
+            self.stop()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def outputs(self) -> str:
+        """The tail of each server's log, for a failure's message."""
+        return "\n".join(f"----- {n} -----\n{p.output()[-4000:]}" for n, p in self.procs.items())
+
+    def stop(self) -> None:
         self.ctx.close()
-        for proc in reversed(self.procs):
+        for proc in reversed(list(self.procs.values())):
             proc.stop()
 
 

@@ -147,10 +147,12 @@ def run_soak(
     report: dict = {"minutes": minutes, "fraction_of_ceiling": fraction}
     with (
         Server(providers=[{source_name: source}]),
-        Servers(cfg, out, edge_args=("--input-pv", source_name)) as system,
+        Servers(
+            cfg, out / "config.json", out / "logs", edge_args=("--input-pv", source_name)
+        ) as system,
     ):
         ctx = system.ctx
-        edge = psutil.Process(system.procs[1].proc.pid)
+        edge = psutil.Process(system.procs["edge"].proc.pid)
         stream = Stream(source, frames, positions, bad_every)
         stream.run_for(3.0, None)  # warm-up, then the ceiling: as fast as the edge answers
         wait_drained(ctx, p, settle_s=0.5)

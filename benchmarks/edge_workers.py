@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import secrets
-import sys
 import tempfile
 import threading
 import time
@@ -32,9 +31,9 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
+from edgeloop.app.pvapy_source import AdSimServer
 from edgeloop.config import Config, pin_loopback
 
-AD_SIM = str(Path(sys.executable).with_name("pvapy-ad-sim-server"))
 ANSWERS_REQUEST = "field(uniqueId)record[pipeline=true,queueSize=256]"
 COUNTERS = ("FramesIn", "FramesOut", "Dropped", "BadFrames", "MissedFrames", "Repeats")
 
@@ -71,10 +70,16 @@ def measure_workers(
         cfg = Config(prefix=prefix, data_dir=f"{tmp}/data", registry_dir=f"{tmp}/models")
         cfg.dump(Path(tmp) / "config.json")
         logs = Path(tmp) / "logs"
-        sim = ["-cn", channel, "-nx", str(size), "-ny", str(size), "-dt", "uint8"]
-        sim += ["-nf", "10", "-fps", str(fps), "-rt", str(frames / fps)]
-        sim += ["-std", str(start_delay), "-shd", "1", "-dc"]
-        source = ManagedProcess("source", sim, logs / "source.log", program=[AD_SIM])
+        sim = ["-nx", str(size), "-ny", str(size), "-dt", "uint8", "-nf", "10"]
+        source = AdSimServer(
+            channel,
+            sim,
+            logs / "source.log",
+            fps=fps,
+            runtime=frames / fps,
+            start_delay=start_delay,
+            shutdown_delay=1,
+        )
         edge_args = ["edge", "-q", "--prefix", prefix, "--config", f"{tmp}/config.json"]
         edge_args += ["--input-pv", channel] + (["--workers", str(n)] if n > 1 else [])
         edge = ManagedProcess("edge", edge_args, logs / "edge.log")
@@ -92,7 +97,7 @@ def measure_workers(
                     f"the edge took {started_s:.0f} s to start, longer than the source's "
                     f"start delay ({start_delay} s): run again with a longer one"
                 )
-            source.proc.wait(start_delay + frames / fps + 60)
+            source.wait_exit(start_delay + frames / fps + 60)
             while not answers.quiet_for(3.0):
                 time.sleep(0.5)
             answers.sub.close()
@@ -104,7 +109,7 @@ def measure_workers(
         finally:
             ctx.close()
             edge.stop(timeout=30)
-            source.stop(timeout=30)
+            source.stop()
     times = sorted(answers.times.values())
     span = times[-1] - times[0] if len(times) > 1 else float("nan")
     return {

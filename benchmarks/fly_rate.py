@@ -61,7 +61,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = prepare(cfg, Path(tmp) / "run", None)
-        with Servers(cfg, out) as system:
+        with Servers(cfg, out / "config.json", out / "logs") as system:
             ctx = system.ctx
             det, stage = make_devices(cfg.prefix, cfg.data_path / "detector")
             RE = RunEngine({})

@@ -25,7 +25,8 @@ uniqueIds and timestamps from its NDAttributes (:mod:`edgeloop.adfile`).  The fi
 still be written (SWMR) when the entry appears: a reader takes only the rows every dataset
 holds, and a run whose files hold fewer than ``frames`` rows is incomplete.
 
-:func:`read_scan` reads either into the same dict.
+:func:`read_scan` reads either into the same dict; :func:`write_scan` writes a whole scan
+file at once (what a test, a simulation or a conversion holds already).
 """
 
 from __future__ import annotations
@@ -235,6 +236,37 @@ def _read_run(path: Path) -> dict:
         path=path,
     )
     return out
+
+
+def write_scan(
+    path: str | os.PathLike,
+    technique: str,
+    frames: np.ndarray,
+    positions: np.ndarray | None = None,
+    *,
+    complete: bool | None = True,
+    **attrs,
+) -> Path:
+    """A scan file of ``frames`` at ``positions`` (the technique's: (N, 2) um, or (N,)
+    degrees; zeros when None), uniqueIds from 1 and timestamps 0, 1, ...; ``complete`` None
+    leaves the attribute out (a file of before it); ``attrs`` override the defaults."""
+    frames = np.asarray(frames)
+    n = len(frames)
+    name, width = POSITIONS[technique]
+    if positions is None:
+        positions = np.zeros((n, 2) if width == 2 else n)
+    meta = {"technique": technique, "start_json": "{}", "plan_name": "write_scan", "uid": "u"}
+    meta.update(scan_id=1, exit_status="success", num_events=n)
+    if complete is not None:
+        meta["complete"] = complete
+    meta.update(attrs)
+    with h5py.File(path, "w") as f:
+        f["frames"] = frames
+        f[name] = np.asarray(positions, np.float64)
+        f["unique_id"] = np.arange(1, n + 1)
+        f["timestamps"] = np.arange(n, dtype=float)
+        f.attrs.update(meta)
+    return Path(path)
 
 
 def list_scans(data_dir: str | Path) -> list[Path]:

@@ -76,6 +76,34 @@ def fmt(x) -> str:
     return f"{x:.4g}" if is_number(x) else repr(x)[:40]
 
 
+def analysis_request(cfg: Config, kind: str, scans: list[str]) -> tuple[str, dict]:
+    """(what the analysis is, in words; its request): what the service asks of its
+    executor, and what a demo asks to label a scan the same way."""
+    out = cfg.registry_path / "work" / f"labels_{kind}_{int(time.time())}.h5"
+    request = {"scans": scans, "kind": kind, "out": str(out)}
+    if kind == "braggnn":
+        request.update(
+            patch=cfg.model.patch,
+            sigma=cfg.edge.peak_sigma,
+            min_separation=cfg.edge.peak_min_separation,
+        )
+        return "pseudo-Voigt peak fits", request
+    request.update(
+        pixel_um=cfg.sim.pixel_um,
+        probe={"radius_px": cfg.sim.probe_radius_px, "defocus": cfg.sim.probe_defocus},
+        epochs=cfg.train.recon_epochs,
+        algorithm=cfg.train.recon_algorithm,
+        threads=cfg.train.threads,
+        input_size=cfg.model.input_size,
+        # labels of scans seen before are reused; with Globus staging the endpoint's
+        # filesystem is not ours, so it labels everything
+        cache_dir=str(cfg.registry_path / "work" / "labels_cache")
+        if cfg.remote.staging == "shared"
+        else None,
+    )
+    return f"phase retrieval ({cfg.train.recon_algorithm})", request
+
+
 class Progress(Protocol):
     """Where a retraining reports: each step as it starts, and figures as they are known
     (``trigger``, ``val_loss``, ``model_version``)."""
@@ -211,7 +239,7 @@ class RetrainPipeline:
         return technique, kind, train_cfg, scans
 
     def _analyse(self, technique: str, kind: str, scans: list[str], timings: dict) -> dict:
-        what, request = self.analysis_request(kind, scans)
+        what, request = analysis_request(self.cfg, kind, scans)
         self._enter("Analyzing", f"{what} on {len(scans)} {technique} scan(s)")
         labels = self._result(tasks.analyze, request, what)
         timings["analysis_s"] = labels["seconds"]
@@ -271,33 +299,6 @@ class RetrainPipeline:
         return f"v{version} withdrawn, v{serving} serving again"
 
     # ---- what the steps ask ----------------------------------------------------------------
-    def analysis_request(self, kind: str, scans: list[str]) -> tuple[str, dict]:
-        """(what the analysis is, in words; its request)."""
-        cfg = self.cfg
-        out = cfg.registry_path / "work" / f"labels_{kind}_{int(time.time())}.h5"
-        request = {"scans": scans, "kind": kind, "out": str(out)}
-        if kind == "braggnn":
-            request.update(
-                patch=cfg.model.patch,
-                sigma=cfg.edge.peak_sigma,
-                min_separation=cfg.edge.peak_min_separation,
-            )
-            return "pseudo-Voigt peak fits", request
-        request.update(
-            pixel_um=cfg.sim.pixel_um,
-            probe={"radius_px": cfg.sim.probe_radius_px, "defocus": cfg.sim.probe_defocus},
-            epochs=cfg.train.recon_epochs,
-            algorithm=cfg.train.recon_algorithm,
-            threads=cfg.train.threads,
-            input_size=cfg.model.input_size,
-            # labels of scans seen before are reused; with Globus staging the endpoint's
-            # filesystem is not ours, so it labels everything
-            cache_dir=str(cfg.registry_path / "work" / "labels_cache")
-            if cfg.remote.staging == "shared"
-            else None,
-        )
-        return f"phase retrieval ({cfg.train.recon_algorithm})", request
-
     def ref(self, name: str, version: int | None) -> dict:
         """A registry model by reference: path + checksum, verified where it is read."""
         if version is None:

@@ -124,7 +124,7 @@ def _analyze_ptycho(request: dict, f: h5py.File) -> tuple[int, int]:
     """
     inputs, amp_all, phase_all, skipped = [], [], [], 0
     for path in request["scans"]:
-        labels = _scan_labels(path, request)
+        labels = scan_labels(path, request)
         skipped += labels["skipped"]
         if labels["inputs"] is None:
             continue
@@ -158,9 +158,10 @@ def labels_cache_file(path, request: dict) -> Path | None:
     return Path(request["cache_dir"]) / f"labels_{reg.sha256_bytes(key.encode())[:24]}.h5"
 
 
-def _scan_labels(path, request: dict) -> dict:
-    """inputs, amplitude, phase (None if no finite frame), skipped, of one scan; from the
-    cache when it holds them, which then also keeps the reconstructed object."""
+def scan_labels(path, request: dict) -> dict:
+    """inputs, amplitude, phase (None if no finite frame), skipped, and ``object`` (the
+    reconstruction, when there is one) of one scan: the one way a scan is labelled by
+    phase retrieval (ptychi), from the cache when it holds them (it keeps the object too)."""
     cached = labels_cache_file(path, request)
     if cached is not None and cached.exists():
         try:
@@ -171,6 +172,7 @@ def _scan_labels(path, request: dict) -> dict:
                 return {
                     **{k: c[k][()] for k in ("inputs", "amplitude", "phase")},
                     "skipped": int(c.attrs["skipped"]),
+                    "object": c["recon/object"][()] if "recon/object" in c else None,
                 }
         except (OSError, KeyError) as exc:  # a torn or foreign file: label again
             log.warning("labels cache %s unreadable (%s): labelling again", cached, exc)
@@ -206,7 +208,7 @@ def _scan_labels(path, request: dict) -> dict:
         log.info("labels for %s: %d frames", path, len(frames))
     if cached is not None:
         _write_cache(cached, path, out, recon)
-    return out
+    return dict(out, object=recon.get("object"))
 
 
 def _write_cache(cached: Path, path, labels: dict, recon: dict) -> None:

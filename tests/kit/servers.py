@@ -8,7 +8,7 @@ from pathlib import Path
 
 from p4p.client.thread import Context
 
-from edgeloop.app.processes import ManagedProcess, readiness, wait_for_pv
+from edgeloop.app.loop import Servers
 from edgeloop.config import BEAMLINE_CA_PORT, Config
 from edgeloop.signing import create_key
 from edgeloop.waiting import wait_until
@@ -58,33 +58,15 @@ class PvReader:
         return ""
 
 
-class System(PvReader):
-    """Handles to a running set of servers."""
+class System(Servers, PvReader):
+    """The loop's servers (edgeloop.app.loop.Servers) with the tests' EPICS settings, read
+    through PvReader; ``stop`` checks each has exited."""
 
     def __init__(self, cfg: Config, config_path: Path, logs: Path, env: dict | None = None):
-        self.cfg, self.config_path, self.logs = cfg, config_path, logs
-        self.env = dict(TEST_ENV, **(env or {}))
-        self.prefix = cfg.prefix
-        self.procs: dict[str, ManagedProcess] = {}
-        self.ctx = Context("pva", nt=False)
-
-    def start(self, name: str, *extra: str, ready_pv: str | None = None, timeout: float = 90.0):
-        """Start a server; ready once ``ready_pv`` answers (the retraining service: once it
-        beats, processes.readiness)."""
-        args = [name, "--prefix", self.prefix, "--config", str(self.config_path), *extra]
-        pv, until = readiness(self.ctx, self.prefix, name, ready_pv)
-        proc = ManagedProcess(name, args, self.logs / f"{name}.log", env=self.env)
-        self.procs[name] = proc
-        wait_for_pv(self.ctx, pv, timeout, proc, until)
-        return proc
-
-    def outputs(self) -> str:
-        return "\n".join(f"----- {n} -----\n{p.output()[-4000:]}" for n, p in self.procs.items())
+        super().__init__(cfg, config_path, logs, env=dict(TEST_ENV, **(env or {})))
 
     def stop(self):
-        self.ctx.close()
-        for proc in reversed(list(self.procs.values())):
-            proc.stop()
+        super().stop()
         for name, proc in self.procs.items():
             assert proc.proc.returncode is not None, f"{name} still running"
 

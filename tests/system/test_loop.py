@@ -60,11 +60,16 @@ def test_one_phase_output_per_frame_with_matching_unique_id(system):
     start = int(ca_get(f"{system.prefix}det:cam1:ArrayCounter_RBV").data[0])
     acquire(system, 40)
     expected = set(range(start + 1, start + 41))
-    got_p = phase.wait_ids(expected)
-    got_a = amplitude.wait_ids(expected)
+    # every frame settled at the edge first (answered, dropped or refused), then its answers
+    system.wait_value("edge:FramesIn", lambda v: v >= start + 40, 120)
+    system.wait_value("edge:InFlight", lambda v: v == 0, 120)
+    got_p = phase.wait_ids(expected, timeout=120)
+    got_a = amplitude.wait_ids(expected, timeout=120)
     phase.close()
     amplitude.close()
-    assert set(got_p) == expected and set(got_a) == expected
+    counters = {n: system.value(f"edge:{n}") for n in ("FramesOut", "Dropped", "BadFrames")}
+    missing = sorted(expected - set(got_p)), sorted(expected - set(got_a))
+    assert missing == ([], []), (missing, counters, system.value("edge:Message"))
     out = got_p[start + 40]
     assert out.data.shape == (64, 64) and out.data.dtype == np.float32
     assert np.all(np.abs(out.data) <= np.pi)

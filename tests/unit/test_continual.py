@@ -10,26 +10,15 @@ from edgeloop.bluesky_plans.plans import spiral_positions
 from edgeloop.config import Config
 from edgeloop.ioc.physics import PtychoSimulator
 from edgeloop.remote import tasks
+from edgeloop.scanfile import write_scan
 
 
 def ptycho_scan(path, center, n=24):
     cfg = Config()
     sim = PtychoSimulator(cfg.sim)
     pos = spiral_positions(n, 0.05, center)
-    with h5py.File(path, "w") as f:
-        f["frames"] = np.stack([sim.frame(x, y) for x, y in pos])
-        f["positions_um"] = np.asarray(pos, np.float64)
-        f["unique_id"] = np.arange(1, n + 1)
-        f["timestamps"] = np.arange(n, dtype=float)
-        f.attrs.update(
-            technique="ptychography",
-            start_json="{}",
-            plan_name="t",
-            uid="u",
-            scan_id=1,
-            exit_status="success",
-            num_events=n,
-        )
+    frames = np.stack([sim.frame(x, y) for x, y in pos])
+    write_scan(path, "ptychography", frames, np.asarray(pos))
     return str(path)
 
 

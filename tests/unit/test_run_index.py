@@ -20,7 +20,7 @@ import pytest
 from edgeloop.adfile import EPICS_EPOCH
 from edgeloop.bluesky_plans import RunIndex
 from edgeloop.remote.pipeline import usable_scans
-from edgeloop.scanfile import list_scans, read_scan, scan_summary
+from edgeloop.scanfile import list_scans, read_scan, scan_summary, write_scan
 
 ATTRIBUTES = "/entry/instrument/NDAttributes"
 SHAPE = (8, 6)
@@ -333,21 +333,10 @@ def test_unreadable_files_give_clear_errors_and_retraining_skips_them(tmp_path, 
     data.mkdir()
     files.mkdir()
     good = index_run(data, run_docs("ptychography", [(write_ad_file(files / "g.h5", 6), 6)], 1))
-    with h5py.File(data / "scan_2_writer.h5", "w") as f:  # a ScanWriter file, as before
-        f["frames"] = np.zeros((5, *SHAPE), np.int32)
-        f["positions_um"] = np.zeros((5, 2))
-        f["unique_id"] = np.arange(5)
-        f["timestamps"] = np.zeros(5)
-        f.attrs.update(
-            technique="ptychography",
-            start_json="{}",
-            plan_name="p",
-            uid="u",
-            scan_id=2,
-            exit_status="success",
-            num_events=5,
-            complete=True,
-        )
+    # a ScanWriter file, as before
+    write_scan(
+        data / "scan_2_writer.h5", "ptychography", np.zeros((5, *SHAPE), np.int32), scan_id=2
+    )
     missing = index_run(data, run_docs("ptychography", [(files / "gone.h5", 6)], 3))
     no_y = write_ad_file(files / "no_y.h5", 6, skip=("SampleY",))
     layout = index_run(data, run_docs("ptychography", [(no_y, 6)], 4))

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 
-import h5py
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ from edgeloop.app.loop import DEMO_MARKER, prepare
 from edgeloop.bluesky_plans import ScanWriter, ptycho_scan
 from edgeloop.config import LOOPBACK_ENV, Config
 from edgeloop.remote.pipeline import usable_scans
-from edgeloop.scanfile import PART, read_scan
+from edgeloop.scanfile import PART, read_scan, write_scan
 from tests.kit.scans import check_partial, sim_devices
 
 
@@ -96,22 +95,10 @@ def test_a_full_disk_keeps_the_frames_written_and_the_scan_goes_on(RE, tmp_path,
             assert usable_scans(disk) == []
 
 
-def _scan_file(path, frames=5, positions=5, **extra):
-    with h5py.File(path, "w") as f:
-        f["frames"] = np.zeros((frames, 4, 4), np.uint16)
-        f["positions_um"] = np.zeros((positions, 2))
-        f["unique_id"] = np.arange(frames)
-        f["timestamps"] = np.zeros(frames)
-        f.attrs.update(
-            technique="ptychography",
-            start_json="{}",
-            plan_name="p",
-            uid="u",
-            scan_id=1,
-            exit_status="success",
-            num_events=frames,
-            **extra,
-        )
+def _scan_file(path, frames=5, positions=5, complete=None):
+    """A small scan file; ``complete`` None: one of before the attribute."""
+    data = np.zeros((frames, 4, 4), np.uint16)
+    write_scan(path, "ptychography", data, np.zeros((positions, 2)), complete=complete)
 
 
 def test_retraining_skips_inconsistent_scans_with_a_warning(tmp_path, caplog):

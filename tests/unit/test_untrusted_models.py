@@ -29,6 +29,7 @@ from edgeloop.registry import (
     sha256_bytes,
 )
 from edgeloop.remote import tasks
+from edgeloop.scanfile import write_scan
 
 ARCH = {"patch": 11, "width": 16}
 
@@ -451,20 +452,7 @@ def test_non_finite_frames_never_reach_training(tmp_path, caplog):
     frames[5] = np.inf
     frames[7, :, 3] = -np.inf
     path = tmp_path / "scan_1_abc.h5"
-    with h5py.File(path, "w") as f:
-        f["frames"] = frames
-        f["omega_deg"] = 0.3 * np.arange(n)
-        f["unique_id"] = np.arange(1, n + 1)
-        f["timestamps"] = np.arange(n, dtype=float)
-        f.attrs.update(
-            technique="hedm",
-            start_json="{}",
-            plan_name="t",
-            uid="abc",
-            scan_id=1,
-            exit_status="success",
-            num_events=n,
-        )
+    write_scan(path, "hedm", frames, 0.3 * np.arange(n), uid="abc")
     caplog.set_level(logging.WARNING)
     out = tmp_path / "labels.h5"
     result = tasks.analyze(

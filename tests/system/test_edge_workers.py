@@ -68,13 +68,14 @@ def settled(sys_: System, n: int, timeout: float = 30, quiet_s: float = 0.5) -> 
     """The aggregate's counters once n frames are answered and they have not moved for
     ``quiet_s``; they add up whenever read."""
 
-    def read() -> dict:
-        c = counts(sys_)
-        assert c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"] + c["InFlight"]
-        return c
-
+    # each counter is its own PV: a reading taken across two posts may not add up, a
+    # settled one must
     done = lambda c: c["FramesOut"] >= n  # noqa: E731
-    return wait_settled(read, done, quiet_s, timeout, f"the edge to settle at {n} frames", 0.25)
+    c = wait_settled(
+        lambda: counts(sys_), done, quiet_s, timeout, f"the edge to settle at {n} frames", 0.25
+    )
+    assert c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"] + c["InFlight"], c
+    return c
 
 
 def test_worker_counts_add_up_across_a_restart():

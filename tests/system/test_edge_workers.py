@@ -66,7 +66,7 @@ def counts(sys_: System, prefix: str = "edge:") -> dict:
 
 def settled(sys_: System, n: int, timeout: float = 30, quiet_s: float = 0.5) -> dict:
     """The aggregate's counters once n frames are answered and they have not moved for
-    ``quiet_s``; they add up whenever read."""
+    ``quiet_s``, adding up."""
 
     # each counter is its own PV: a reading taken across two posts may not add up, a
     # settled one must

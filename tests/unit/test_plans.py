@@ -14,6 +14,7 @@ from edgeloop.bluesky_plans import (
     read_scan,
     spiral_positions,
 )
+from tests.kit.scans import sim_devices as kit_sim_devices
 
 log = logging.getLogger(__name__)
 
@@ -134,23 +135,7 @@ def test_hedm_rotation_scan_messages_and_validation(sim_devices):
 
 def test_scan_writer_with_sim_devices(RE, tmp_path):
     """ScanWriter with ophyd.sim hardware: a 2-D array detector and two SynAxis motors."""
-    from ophyd import Component as Cpt
-    from ophyd import Device
-    from ophyd.sim import SynAxis, SynSignal
-
-    class ImageDet(Device):
-        image = Cpt(
-            SynSignal, func=lambda: np.random.poisson(5, (8, 6)).astype(np.uint16), kind="hinted"
-        )
-
-        def trigger(self):
-            return self.image.trigger()
-
-    class SimStage(Device):
-        x = Cpt(SynAxis)
-        y = Cpt(SynAxis)
-
-    det, stage = ImageDet(name="cam"), SimStage(name="stage")
+    det, stage = kit_sim_devices((8, 6))
     writer = ScanWriter(tmp_path)
     RE.subscribe(writer)
     RE(ptycho_scan(det, stage, num=7, step=0.1))

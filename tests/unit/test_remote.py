@@ -1,11 +1,6 @@
-"""Retraining on the executors and its lifecycle: Parsl for real on loopback, the Globus
-Compute payload through the SDK's own serializer, Globus Transfer requests, the quality
-gate, abort, rollback, time limits, failing endpoints and tasks, timing PVs, and the Bluesky
-trigger callback.
-
-The service under test runs in this process against its own real ML IOC (pvxs QSRV2) and
-edge server, on a prefix of its own; scans are written by the real RunEngine + ScanWriter
-from ophyd.sim devices that render simulated HEDM frames."""
+"""Retraining's executors without servers: the Globus Compute payload through the SDK's own
+serializer, the install hint for a missing SDK, Globus Transfer requests and their time
+limit, and the example Parsl cluster configurations."""
 
 from pathlib import Path
 

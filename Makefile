@@ -33,14 +33,19 @@ lint: $(VENV)/.installed
 docs: $(VENV)/.installed
 	DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict --quiet
 
+# two workers (pytest-xdist), each module on one worker with its module fixtures; each worker
+# has CA ports of its own (tests/kit/env.py)
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 test-unit: $(VENV)/.installed
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest $(XDIST) tests/unit
 
 test-system: $(VENV)/.installed
-	$(PY) -m pytest tests/system
+	$(PY) -m pytest $(XDIST) tests/system
 
 benchmark: $(VENV)/.installed
 	$(VENV)/bin/edgeloop bench --out out/bench

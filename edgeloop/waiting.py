@@ -3,7 +3,10 @@ tests and the benchmarks:
 
 - ``wait_until(predicate, timeout, what)``: the first truthy value of ``predicate()``;
 - ``wait_settled(read, done, quiet_s, timeout, what)``: a reading once ``done`` holds for it
-  and it has stopped changing (counters after a burst)."""
+  and it has stopped changing (counters after a burst);
+- ``holds_for(predicate, seconds, what)``: a condition that must keep holding for a while (the
+  check that something does *not* happen: no retraining starts, no counter moves), failing
+  the moment it stops holding."""
 
 from __future__ import annotations
 
@@ -64,3 +67,23 @@ def wait_settled(
         value = read()
         if value != last:
             last, since = value, time.monotonic()
+
+
+def holds_for(
+    predicate: Callable[[], object],
+    seconds: float,
+    what: str = "a condition",
+    poll: float = 0.05,
+    detail: Callable[[], str] = lambda: "",
+) -> None:
+    """Check ``predicate()`` every ``poll`` seconds for ``seconds``: AssertionError, naming
+    ``what`` and ``detail()``, the first time it is falsy.  For a negative check, where the
+    quiet period is the claim itself (e.g. "three policy polls start nothing")."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if not predicate():
+            extra = detail()
+            raise AssertionError(f"{what} stopped holding" + (f": {extra}" if extra else ""))
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(poll)

@@ -3,7 +3,6 @@ serving CA on a port of its own) and ``read_back`` (a run's frames read through 
 and datum documents with the registered handler)."""
 
 import contextlib
-import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -23,9 +22,6 @@ def beamline_ioc(tmp: Path, port: int, request):
         ioc.start("ioc", "--no-ml-ioc", ready_pv="det:Pva1:Image")
         yield ioc
     finally:
-        # a SIGINT that lands while the IOC reads a client's message (the clear-channel
-        # requests of devices destroyed just before) is swallowed by caproto's connection task
-        time.sleep(1.0)
         ioc.stop()
         if request.session.testsfailed:
             print(ioc.outputs())

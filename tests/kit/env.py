@@ -5,16 +5,31 @@
   ``TEST_ENV``'s ``EPICS_CA_ADDR_LIST``, so in-process clients find it;
 - ``ca_port(name)``, ``free_port()`` (a loopback port free for TCP and UDP, for a server
   whose clients get the port explicitly), ``random_prefix(tag)``;
-- ``TEST_ENV``: the EPICS settings every test runs with; ``SHARED_DATA``: ../shared/data."""
+- ``DEADLINE_SLACK``: how much longer than on an idle machine a test waits for a condition
+  (the suite runs two workers on two cores, on CI machines that are often loaded);
+- ``TEST_ENV``: the EPICS settings every test runs with; ``SHARED_DATA``: ../shared/data.
 
+Under pytest-xdist each worker has ports of its own (``WORKER_PORT_OFFSET``): the simulated
+beamline's CA port (``EDGELOOP_BEAMLINE_CA_PORT``, which its children inherit) and every port
+in ``CA_PORTS`` move by 100 per worker."""
+
+import os
 import secrets
 import socket
+import sys
 from pathlib import Path
 
-from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw<N>" under xdist
+WORKER_PORT_OFFSET = 100 * int(WORKER.removeprefix("gw") or 0)
+assert "edgeloop.config" not in sys.modules, "the worker's CA port is set before edgeloop.config"
+os.environ["EDGELOOP_BEAMLINE_CA_PORT"] = str(5066 + WORKER_PORT_OFFSET)
+
+from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 KIT = Path(__file__).resolve().parent  # the scripts tests run as processes live here too
+
+DEADLINE_SLACK = 3
 
 CA_PORTS = {
     "beamline": BEAMLINE_CA_PORT,  # the session's whole loop

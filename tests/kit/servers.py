@@ -12,7 +12,7 @@ from edgeloop.app.loop import Servers
 from edgeloop.config import BEAMLINE_CA_PORT, Config
 from edgeloop.signing import create_key
 from edgeloop.waiting import wait_until
-from tests.kit.env import TEST_ENV, random_prefix
+from tests.kit.env import DEADLINE_SLACK, TEST_ENV, random_prefix
 
 
 def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
@@ -44,7 +44,9 @@ class PvReader:
         return self.pv(name)["value"]
 
     def wait_value(self, name: str, predicate, timeout: float):
-        """The value of ``name`` once ``predicate`` holds for it."""
+        """The value of ``name`` once ``predicate`` holds for it; ``timeout`` is what an idle
+        machine needs, stretched by ``DEADLINE_SLACK`` (the deadline only bounds how long a
+        failing test takes)."""
         last = []
 
         def holds():
@@ -52,7 +54,7 @@ class PvReader:
             return predicate(last[0]) and (last[0],)  # a tuple: true even for a value of 0
 
         detail = lambda: f"{self.prefix}{name} = {last[0]!r}\n{self.outputs()}"  # noqa: E731
-        return wait_until(holds, timeout, f"{self.prefix}{name}", 0.1, detail)[0]
+        return wait_until(holds, timeout * DEADLINE_SLACK, f"{self.prefix}{name}", 0.1, detail)[0]
 
     def outputs(self) -> str:
         return ""

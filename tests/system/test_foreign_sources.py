@@ -4,7 +4,6 @@ frames of every pixel type, and compressed chunks straight out of HDF5 files wri
 hdf5plugin (``-hcm``: the chunks keep the HDF5 filter header).  Each frame is answered once,
 and the answer to a compressed frame equals the answer to the same frame uncompressed."""
 
-import time
 from pathlib import Path
 
 import h5py
@@ -17,6 +16,7 @@ from edgeloop.app.answers import AnswerCollector
 from edgeloop.config import Config
 from edgeloop.edge_pva.server import EdgeServer
 from edgeloop.frame_ids import FrameIds
+from edgeloop.waiting import wait_settled
 from tests.kit.env import random_prefix
 from tests.kit.pvapy_sources import Witness, ad_sim_server
 
@@ -81,14 +81,8 @@ def counters(ctx: Context, p: str) -> dict:
 
 def drained(ctx: Context, p: str, timeout: float = 30) -> dict:
     """The counters once FramesIn = FramesOut + Dropped + BadFrames and they stopped moving."""
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        c = counters(ctx, p)
-        if c == last and c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"]:
-            return c
-        last = c
-        time.sleep(0.5)
-    raise TimeoutError(f"edge did not drain: {last}")
+    adds_up = lambda c: c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"]  # noqa: E731
+    return wait_settled(lambda: counters(ctx, p), adds_up, 0.5, timeout, "the edge to drain")
 
 
 @pytest.mark.parametrize("dtype", PIXEL_TYPES)
@@ -121,7 +115,8 @@ def test_repeats_a_pipelined_monitor_gets_from_pvdatabase_are_recognised():
             request = "field(uniqueId,timeStamp)record[pipeline=true,queueSize=32]"
             sub = ctx.monitor(channel, on, request=request)
             witness = Witness(ctx, channel)
-        time.sleep(1.0)
+        # the server is gone: what it sent before is received once the count stops moving
+        wait_settled(lambda: len(updates), lambda n: True, 0.5, 10, "the last updates")
         sub.close()
         witness.close()
     finally:

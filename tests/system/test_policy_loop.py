@@ -13,7 +13,7 @@ import torch
 from edgeloop.bluesky_plans import RunIndex, make_devices, ptycho_fly_scan
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import Registry, model_to_bytes
-from edgeloop.waiting import wait_until
+from edgeloop.waiting import holds_for, wait_until
 from tests.kit.env import ca_port
 from tests.kit.runs import run_engine
 from tests.kit.servers import whole_system
@@ -83,9 +83,16 @@ def test_bad_model_raises_the_consistency_alarm_and_the_policy_retrains(loop, tm
     assert consistency["alarm.severity"] >= 1, consistency["alarm"]
     # stamped when posted: the policy matches the figure to the scan by its frames' times
     assert abs(consistency["timeStamp.secondsPastEpoch"] - time.time()) < 60
-    time.sleep(3 * loop.cfg.policy.poll_s + 1)
-    assert value(loop, "ml:Status")["value.index"] == 0  # Idle: nothing started
-    assert value(loop, "ml:Trigger")["value"] == ""
+    # three of the policy's polls, and nothing starts (Idle, no trigger recorded)
+    holds_for(
+        lambda: (
+            value(loop, "ml:Status")["value.index"] == 0
+            and value(loop, "ml:Trigger")["value"] == ""
+        ),
+        3 * loop.cfg.policy.poll_s + 1,
+        "Idle with policy Off",
+        poll=0.5,
+    )
 
     # On: the scan it has seen and not trained on, whose figure was posted while its frames
     # came, starts a retraining by itself

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +20,7 @@ from edgeloop.bluesky_plans import (
     make_devices,
     ptycho_scan,
 )
+from edgeloop.waiting import holds_for, wait_until
 from tests.kit.env import ca_port
 from tests.kit.servers import whole_system
 
@@ -49,8 +49,9 @@ def test_ipython_profile_opens_a_session_that_scans(loop, tmp_path):
     )
     assert done.returncode == 0 and "ipython --profile=edgeloop" in done.stdout, done.stderr
     code = (
-        "import time; RE(ptycho_scan(det, stage, num=12, step=0.05)); time.sleep(1.5); "
-        "live.redraw(); "
+        "from edgeloop.waiting import wait_until; "
+        "RE(ptycho_scan(det, stage, num=12, step=0.05)); "
+        "wait_until(lambda: live.phase_map is not None, 60, 'edge:PhaseMap'); live.redraw(); "
         "print('MAP', None if live.phase_map is None else live.phase_map.shape); "
         "det.destroy(); stage.destroy(); live.close()"
     )
@@ -111,14 +112,16 @@ def test_live_plot_shows_the_edge_answers_and_the_bar_counts_points(loop, RE):
     try:
         RE(ptycho_scan(det, stage, num=30, step=0.05))
         loop.wait_value("edge:FramesOut", lambda v: v >= 30, 30)
-        time.sleep(3 * loop.cfg.edge.map_publish_s)
+        covered = lambda: live.phase_map is not None and np.count_nonzero(live.phase_map) > 1000  # noqa: E731
+        wait_until(covered, 60, "the scan's points in the live map")
         live.redraw()
         image = live._artist.get_array()
         assert image.shape == (640, 640) and np.count_nonzero(image) > 1000
         assert "30/30" in bar_text.getvalue()
         RE(hedm_rotation_scan(det, stage.rot, 0.0, 4.0, 10))
         loop.wait_value("edge:FramesOut", lambda v: v >= 40, 30)
-        time.sleep(1.0)
+        every_frame = lambda: sorted(live.peak_counts) == list(range(1, 11))  # noqa: E731
+        wait_until(every_frame, 60, "edge:Peaks of the rotation's 10 frames")
         live.redraw()
         uids, counts = live._artist.get_data()
         assert list(uids) == list(range(1, 11)) and max(counts) > 0
@@ -142,8 +145,11 @@ def test_two_systems_with_different_prefixes_run_side_by_side_without_interferin
         det.destroy()
         stage.destroy()
     loop.wait_value("edge:FramesIn", lambda v: v >= before[loop.prefix] + 20, 30)
-    time.sleep(4 * system.cfg.edge.stats_publish_s)
-    assert system.value("edge:FramesIn") == before[system.prefix]
+    holds_for(  # the other edge's counter, posted every stats_publish_s, never moves
+        lambda: system.value("edge:FramesIn") == before[system.prefix],
+        4 * system.cfg.edge.stats_publish_s,
+        f"{system.prefix}edge:FramesIn unchanged",
+    )
     loop.ctx.put(f"{loop.prefix}ml:Message", "only this loop's message", timeout=5)
     assert loop.value("ml:Message") == "only this loop's message"
     assert system.value("ml:Message") != "only this loop's message"

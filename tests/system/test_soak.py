@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.kit.env import TEST_ENV, random_prefix
+from tests.kit.env import TEST_ENV, ca_port, random_prefix
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -33,8 +33,9 @@ KEYS = (
 def test_a_short_soak_swaps_a_model_and_accounts_for_every_frame(tmp_path):
     out = tmp_path / "soak"
     # a CA port of its own for this beamline: other loops may run beside it
-    env = dict(os.environ, **TEST_ENV, EDGELOOP_BEAMLINE_CA_PORT="5068")
-    env["EPICS_CA_ADDR_LIST"] = "127.0.0.1 127.0.0.1:5068"
+    port = ca_port("soak")
+    env = dict(os.environ, **TEST_ENV, EDGELOOP_BEAMLINE_CA_PORT=str(port))
+    env["EPICS_CA_ADDR_LIST"] = f"127.0.0.1 127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "edgeloop.app.cli", "soak", "--minutes", "0.1"]
     cmd += ["--prefix", random_prefix("k"), "--out", str(out), "--bad-every", "20"]
     done = subprocess.run(

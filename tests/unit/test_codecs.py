@@ -148,7 +148,7 @@ def test_a_corrupt_compressed_frame_is_counted_named_and_the_next_is_answered(fe
     post(source, ntnd.build(np.ones((64, 64), np.uint16), 902, {"Mode": "ptycho"}, codec="lz4"))
     system.wait_value("edge:BadFrames", lambda v: v == bad + 1, 10)
     system.wait_value("edge:FramesOut", lambda v: v == out + 1, 10)
-    answered = {f.unique_id for f in outputs.wait(2, timeout=10)}  # and the last answer before
+    answered = {f.unique_id for f in outputs.wait(2, timeout=30)}  # and the last answer before
     assert 902 in answered and 901 not in answered
     outputs.close()
     # refusals are summarised once per edge.bad_frame_report_s, with an example uniqueId

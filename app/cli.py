@@ -203,9 +203,7 @@ def cmd_status(args) -> None:
     sys.exit(print_status(args.prefix, beamline=args.beamline, timeout=args.timeout))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every command and its options (the docs' command reference is generated from it)."""
-    parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__)
+def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--prefix", default="SIM:", help="PV prefix (default SIM:)")
     common.add_argument("--config", help="JSON configuration file (see edgeloop.config)")
@@ -221,17 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "-q", "--quiet", action="count", default=0, help="less log: -q warnings, -qq errors"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    return common
 
-    def add(name, func, help_):
-        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
-        p.set_defaults(func=func)
-        return p
 
-    p = add("ioc", cmd_ioc, "simulated beamline (CA + PVA) and the real ML IOC (db/)")
+def _ioc_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ml-ioc", action="store_true", help="only the simulated beamline")
     _access_flags(p)
-    p = add("edge", cmd_edge, "edge inference server")
+
+
+def _edge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-pv", help="NTNDArray to monitor (default $(P)det:Pva1:Image)")
     p.add_argument(
         "--workers",
@@ -259,17 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
         "pvapy's own copy (default distributor)",
     )
     _access_flags(p)
-    p = add(
-        "retrain-service",
-        cmd_retrain_service,
-        "watch $(P)ml:Retrain and run retraining on the configured executor",
-    )
+
+
+def _executor_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
         choices=list(EXECUTORS),
         help="where retraining runs (default: the config's, local)",
     )
-    p = add("demo", cmd_demo, "run the whole loop once and report")
+
+
+def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="edgeloop-demo", help="output directory")
     p.add_argument("--mode", choices=list(MODES), help="technique: ptycho (default) or hedm")
     p.add_argument(
@@ -299,18 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CODECS,
         help="compress the detector's frames (det:Codec1) as NDPluginCodec does",
     )
-    p.add_argument(
-        "--executor",
-        choices=list(EXECUTORS),
-        help="where retraining runs (default: the config's, local)",
-    )
+    _executor_option(p)
 
-    p = add(
-        "soak",
-        cmd_soak,
-        "run the loop unattended: stream at a fraction of the edge's ceiling with malformed "
-        "frames mixed in, retrain and hot-swap every few minutes; writes DIR/soak.json",
-    )
+
+def _soak_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=30.0, help="how long (default 30)")
     p.add_argument("--out", default="edgeloop-soak", help="output directory")
     p.add_argument(
@@ -326,36 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--bad-every", type=int, default=50, help="one malformed frame in N (default 50)"
     )
 
-    p = add(
-        "ipython-profile",
-        cmd_ipython_profile,
-        "write the IPython profile 'edgeloop': a Bluesky session with the devices, plans, RE, "
-        "live table, progress bar, live plot of the edge, ScanWriter and RetrainTrigger",
-    )
+
+def _ipython_profile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--simulated",
         action="store_true",
         help="for the simulated beamline on this host (keeps EPICS traffic on loopback)",
     )
     p.add_argument("--ipython-dir", type=Path, help="IPython directory (default ~/.ipython)")
-    p = add(
-        "screens",
-        cmd_screens,
-        "write the Phoebus screens (overview.bob, beamline.bob) and Phoebus settings file; "
-        "optionally draw one from the live PVs as a PNG",
-    )
+
+
+def _screens_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("screens"), help="folder (default screens)")
     p.add_argument("--render", type=Path, help="PNG to draw from the live PVs of --prefix")
     p.add_argument("--screen", choices=("overview", "beamline"), default="overview")
-    p = add(
-        "status",
-        cmd_status,
-        "print every edgeloop PV of the prefix (value, units, severity, connected); exit 1 "
-        "naming those that do not answer",
-    )
+
+
+def _status_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beamline", action="store_true", help="also the simulated beamline's PVs")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each PV")
-    p = add("bench", cmd_bench, "edge speed per frame size beside its ceilings and pvapy's")
+
+
+def _bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="edgeloop-bench", help="output directory (bench.json)")
     p.add_argument("--cases", nargs="+", help="case names (default: all; see bench.json)")
     p.add_argument("--seconds", type=float, default=8.0, help="counting window per run")
@@ -367,11 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="then stream ptycho512 (else the first case run) at 80%% of its e2e rate this long",
     )
-    p = add(
-        "hedm-accuracy",
-        cmd_hedm_accuracy,
-        "BraggNN vs pseudo-Voigt fitting on fresh simulated peaks (accuracy, speed)",
-    )
+
+
+def _hedm_accuracy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="edgeloop-hedm-accuracy", help="output directory")
     p.add_argument("--train-peaks", type=int, default=20000)
     p.add_argument("--test-peaks", type=int, default=1000)
@@ -386,6 +364,70 @@ def build_parser() -> argparse.ArgumentParser:
         "published 64 misses the >=100x target on one core)",
     )
 
+
+# (name, function, help, options): the commands in the order --help lists them
+COMMANDS = (
+    ("ioc", cmd_ioc, "simulated beamline (CA + PVA) and the real ML IOC (db/)", _ioc_options),
+    ("edge", cmd_edge, "edge inference server", _edge_options),
+    (
+        "retrain-service",
+        cmd_retrain_service,
+        "watch $(P)ml:Retrain and run retraining on the configured executor",
+        _executor_option,
+    ),
+    ("demo", cmd_demo, "run the whole loop once and report", _demo_options),
+    (
+        "soak",
+        cmd_soak,
+        "run the loop unattended: stream at a fraction of the edge's ceiling with malformed "
+        "frames mixed in, retrain and hot-swap every few minutes; writes DIR/soak.json",
+        _soak_options,
+    ),
+    (
+        "ipython-profile",
+        cmd_ipython_profile,
+        "write the IPython profile 'edgeloop': a Bluesky session with the devices, plans, RE, "
+        "live table, progress bar, live plot of the edge, ScanWriter and RetrainTrigger",
+        _ipython_profile_options,
+    ),
+    (
+        "screens",
+        cmd_screens,
+        "write the Phoebus screens (overview.bob, beamline.bob) and Phoebus settings file; "
+        "optionally draw one from the live PVs as a PNG",
+        _screens_options,
+    ),
+    (
+        "status",
+        cmd_status,
+        "print every edgeloop PV of the prefix (value, units, severity, connected); exit 1 "
+        "naming those that do not answer",
+        _status_options,
+    ),
+    (
+        "bench",
+        cmd_bench,
+        "edge speed per frame size beside its ceilings and pvapy's",
+        _bench_options,
+    ),
+    (
+        "hedm-accuracy",
+        cmd_hedm_accuracy,
+        "BraggNN vs pseudo-Voigt fitting on fresh simulated peaks (accuracy, speed)",
+        _hedm_accuracy_options,
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options (the docs' command reference is generated from it)."""
+    parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__)
+    common = _common_options()
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_, options in COMMANDS:
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(func=func)
+        options(p)
     return parser
 
 

@@ -21,9 +21,8 @@ import numpy as np
 from p4p.client.thread import Context
 from scipy.stats import spearmanr
 
-from edgeloop import ntnd
 from edgeloop.app.answers import AnswerCollector
-from edgeloop.app.loop import edge_stats, fly_figures, fly_line
+from edgeloop.app.loop import edge_stats, fly_figures, fly_line, stitched_map
 from edgeloop.app.ptycho_demo import phase_errors
 from edgeloop.config import Config
 from edgeloop.optics import illuminated_mask
@@ -127,66 +126,72 @@ def map_patches(phase_map: np.ndarray, positions, cfg: Config) -> np.ndarray:
     return np.stack(out)
 
 
-def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, step, rate):
+def _one_scan(cfg, ctx, RE, index, det, stage, sim, collector, i, centre, points, step, rate):
+    """One fly scan under the model being served, what the edge answered, what the policy
+    and the service's reference made of it: (report entry, answers offered as (timestamp,
+    received), phase map, run entry)."""
     from edgeloop.bluesky_plans import ptycho_fly_scan
-    from edgeloop.ioc.physics import PtychoSimulator
 
     p = cfg.prefix
-    sim = PtychoSimulator(cfg.sim)
-    collector = AnswerCollector(ctx, f"{p}edge:Phase")
-    wait_s = 3 * cfg.policy.poll_s + 5
-    scans, pooled, maps = [], ([], []), []
-    offered = []
-    t_all = time.perf_counter()
-    for i, centre in enumerate(centres(n_scans)):
-        version = int(_value(ctx, f"{p}edge:ModelVersion"))
-        trigger_before = str(_value(ctx, f"{p}ml:Trigger"))
-        reference_before = str(_value(ctx, f"{p}ml:ReferenceInfo"))
-        log.info("scan %d/%d at %s with model v%d", i + 1, n_scans, centre, version)
-        RE(ptycho_fly_scan(det, stage, num=points, step=step, center=centre, rate_hz=rate))
-        outputs = collector.take(points, 60)
-        time.sleep(cfg.edge.map_publish_s * 3)
-        phase_map = ntnd.decode(ctx.get(f"{p}edge:PhaseMap")).data.copy()
-        consistency = float(_value(ctx, f"{p}edge:ScanConsistency"))
-        entry = index.last_path
-        errs = phase_errors(outputs, sim)
-        frame_cons = [
-            (f.attributes["Consistency"], e)
+    version = int(_value(ctx, f"{p}edge:ModelVersion"))
+    trigger_before = str(_value(ctx, f"{p}ml:Trigger"))
+    reference_before = str(_value(ctx, f"{p}ml:ReferenceInfo"))
+    log.info("scan %d at %s with model v%d", i + 1, centre, version)
+    started = time.time()
+    RE(ptycho_fly_scan(det, stage, num=points, step=step, center=centre, rate_hz=rate))
+    outputs = collector.take(points, 60)
+    phase_map = stitched_map(ctx, p, len(outputs), started)
+    consistency = float(_value(ctx, f"{p}edge:ScanConsistency"))
+    entry = index.last_path
+    errs = phase_errors(outputs, sim)
+    retrain = wait_for_policy(ctx, p, trigger_before, 3 * cfg.policy.poll_s + 5)
+    # the reference the service ran on this scan (it samples the detector's stream); it
+    # compares trained models only, so there is none to wait for under the untrained v0
+    reference, reference_info = (
+        _reference_after(ctx, p, reference_before, 180) if version else (None, "")
+    )
+    positions = read_scan(entry)["positions_um"]
+    map_err = patch_errors(map_patches(phase_map, positions, cfg), positions, sim)
+    scan = {
+        "scan": i + 1,
+        "centre_um": list(centre),
+        "frames": len(outputs),
+        "model_version": version,
+        "phase_error": float(errs.mean()),
+        "map_error": float(map_err.mean()),
+        "recon_error": None,  # once every retraining has labelled
+        "consistency": consistency,
+        "frame_consistency": [
+            (f.attributes["Consistency"], float(e))
             for f, e in zip(outputs.values(), errs)
             if "Consistency" in f.attributes
-        ]
-        for c, e in frame_cons:
-            pooled[0].append(c)
-            pooled[1].append(e)
-        retrain = wait_for_policy(ctx, p, trigger_before, wait_s)
-        # the reference the service ran on this scan (it samples the detector's stream); it
-        # compares trained models only, so there is none to wait for under the untrained v0
-        reference, reference_info = (
-            _reference_after(ctx, p, reference_before, 180) if version else (None, "")
+        ],
+        "reference_error": reference,
+        "reference_info": reference_info,
+        "trigger": retrain["trigger"],
+        "retrain_state": retrain["state"],
+        "retrain_s": retrain["seconds"],
+        "model_after": int(_value(ctx, f"{p}edge:ModelVersion")),
+    }
+    log.info("scan %d: %s", i + 1, {k: v for k, v in scan.items() if k != "frame_consistency"})
+    offered = [(f.timestamp, f.received) for f in outputs.values()]
+    return scan, offered, phase_map, entry
+
+
+def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, step, rate):
+    from edgeloop.ioc.physics import PtychoSimulator
+
+    sim = PtychoSimulator(cfg.sim)
+    collector = AnswerCollector(ctx, f"{cfg.prefix}edge:Phase")
+    scans, maps, offered = [], [], []
+    t_all = time.perf_counter()
+    for i, centre in enumerate(centres(n_scans)):
+        scan, sent, phase_map, entry = _one_scan(
+            cfg, ctx, RE, index, det, stage, sim, collector, i, centre, points, step, rate
         )
-        positions = read_scan(entry)["positions_um"]
-        map_err = patch_errors(map_patches(phase_map, positions, cfg), positions, sim)
-        scans.append(
-            {
-                "scan": i + 1,
-                "centre_um": list(centre),
-                "frames": len(outputs),
-                "model_version": version,
-                "phase_error": float(errs.mean()),
-                "map_error": float(map_err.mean()),
-                "recon_error": None,  # below, once every retraining has labelled
-                "consistency": consistency,
-                "reference_error": reference,
-                "reference_info": reference_info,
-                "trigger": retrain["trigger"],
-                "retrain_state": retrain["state"],
-                "retrain_s": retrain["seconds"],
-                "model_after": int(_value(ctx, f"{p}edge:ModelVersion")),
-            }
-        )
-        offered.append([(f.timestamp, f.received) for f in outputs.values()])
-        maps.append([i + 1, version, phase_map, entry, None])
-        log.info("scan %d: %s", i + 1, {k: v for k, v in scans[-1].items() if k != "centre_um"})
+        scans.append(scan)
+        offered.append(sent)
+        maps.append([i + 1, scan["model_version"], phase_map, entry, None])
     stats = edge_stats(ctx, cfg)
     collector.close()
     for s, m in zip(scans, maps):  # the iterative reconstruction of each scan: the bar
@@ -194,10 +199,11 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
         phase, obj = recon_labels(cfg, scan)
         s["recon_error"] = float(patch_errors(phase, scan["positions_um"], sim).mean())
         m[3], m[4] = scan["positions_um"], obj
+    pooled = [pair for s in scans for pair in s.pop("frame_consistency")]
     report = {
         "mode": "ptycho",
         "scans": scans,
-        "consistency_error_spearman": _spearman(*pooled),
+        "consistency_error_spearman": _spearman([c for c, _ in pooled], [e for _, e in pooled]),
         "consistency_error_spearman_scans": _spearman(
             [s["consistency"] for s in scans], [s["phase_error"] for s in scans]
         ),

@@ -114,6 +114,51 @@ def targets(speedup: float, error_ratio: float) -> dict:
     }
 
 
+def _train_on_fit_labels(n_train, patch, epochs, threads, width, cfg) -> tuple:
+    """BraggNN trained on pseudo-Voigt fits of fresh simulated peaks, as the edge serves it;
+    with the figures of that step."""
+    train_patches, _ = make_patch_dataset(n_train, patch, seed=101)
+    t0 = time.perf_counter()
+    labels, ok = fit_patches(train_patches)
+    label_s = time.perf_counter() - t0
+    log.info(
+        "labelled %d/%d training patches by pseudo-Voigt fit in %.1f s", ok.sum(), n_train, label_s
+    )
+    inputs = braggnn_preprocess(train_patches[ok], patch)
+    torch.manual_seed(0)
+    train_cfg = dataclasses.replace(cfg.train_hedm, epochs=epochs, threads=threads)
+    t0 = time.perf_counter()
+    model, val_loss, _ = train(
+        BraggNN(patch, width), inputs, (labels[ok] / patch,), centre_loss, train_cfg
+    )
+    figures = {"n_train": int(ok.sum()), "val_loss": val_loss, "label_s": label_s}
+    figures["train_s"] = time.perf_counter() - t0
+    return as_served(model, patch, width, cfg), figures
+
+
+def _time_backends(model, test_patches, patch, threads) -> tuple[dict, dict]:
+    """Each backend that runs here, with the same weights: its answers and seconds."""
+    timings, preds = {}, {}
+    for name in BACKENDS:
+        try:
+            backend = make_backend(name, model, patch, threads)
+        except ImportError as exc:  # BackendUnavailable too (no GPU, a package missing)
+            log.info("backend %s left out: %s", name, exc)
+            continue
+        served = ServedModel(0, model_kind("braggnn"), patch, backend)
+        braggnn_predict(served.infer, test_patches)  # warm-up: every batch shape once
+        preds[name], timings[name] = braggnn_predict(served.infer, test_patches)
+    return preds, timings
+
+
+def _error_figures(name: str, err: np.ndarray) -> dict:
+    return {
+        f"{name}_error_px_mean": float(err.mean()),
+        f"{name}_error_px_p50": float(np.percentile(err, 50)),
+        f"{name}_error_px_p95": float(np.percentile(err, 95)),
+    }
+
+
 def run(
     out: str | Path,
     n_train: int = 20000,
@@ -134,35 +179,11 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    train_patches, _ = make_patch_dataset(n_train, patch, seed=101)
-    t0 = time.perf_counter()
-    labels, ok = fit_patches(train_patches)
-    label_s = time.perf_counter() - t0
-    log.info(
-        "labelled %d/%d training patches by pseudo-Voigt fit in %.1f s", ok.sum(), n_train, label_s
-    )
-    inputs = braggnn_preprocess(train_patches[ok], patch)
-    torch.manual_seed(0)
-    train_cfg = dataclasses.replace(cfg.train_hedm, epochs=epochs, threads=threads)
-    t0 = time.perf_counter()
     width = width or cfg.model.braggnn_width
-    model, val_loss, _ = train(
-        BraggNN(patch, width), inputs, (labels[ok] / patch,), centre_loss, train_cfg
-    )
-    train_s = time.perf_counter() - t0
-    model = as_served(model, patch, width, cfg)
+    model, trained = _train_on_fit_labels(n_train, patch, epochs, threads, width, cfg)
 
     test_patches, truth = make_patch_dataset(n_test, patch, seed=202)
-    timings, preds = {}, {}
-    for name in BACKENDS:  # same weights, each backend that runs here timed in this run
-        try:
-            backend = make_backend(name, model, patch, threads)
-        except ImportError as exc:  # BackendUnavailable too (no GPU, a package missing)
-            log.info("backend %s left out: %s", name, exc)
-            continue
-        served = ServedModel(0, model_kind("braggnn"), patch, backend)
-        braggnn_predict(served.infer, test_patches)  # warm-up: every batch shape once
-        preds[name], timings[name] = braggnn_predict(served.infer, test_patches)
+    preds, timings = _time_backends(model, test_patches, patch, threads)
     fastest = min((k for k in timings if k in CPU_BACKENDS), key=timings.get)
     pred, nn_s = preds[fastest], timings[fastest]
     t0 = time.perf_counter()
@@ -175,13 +196,9 @@ def run(
     report = {
         "n_peaks": int(n_test),
         "n_fit_ok": int(fit_ok.sum()),
-        "n_train": int(ok.sum()),
-        "braggnn_error_px_mean": float(nn_err.mean()),
-        "braggnn_error_px_p50": float(np.percentile(nn_err, 50)),
-        "braggnn_error_px_p95": float(np.percentile(nn_err, 95)),
-        "fit_error_px_mean": float(fit_err.mean()),
-        "fit_error_px_p50": float(np.percentile(fit_err, 50)),
-        "fit_error_px_p95": float(np.percentile(fit_err, 95)),
+        "n_train": trained["n_train"],
+        **_error_figures("braggnn", nn_err),
+        **_error_figures("fit", fit_err),
         "braggnn_us_per_peak": nn_s / n_test * 1e6,
         "braggnn_backend": fastest,
         "braggnn_us_per_peak_by_backend": {k: v / n_test * 1e6 for k, v in timings.items()},
@@ -191,36 +208,41 @@ def run(
         "error_ratio": error_ratio,
         "targets": targets(speedup, error_ratio),
         "edge_accepts": True,  # as_served raised otherwise
-        "val_loss": val_loss,
+        "val_loss": trained["val_loss"],
         "threads": threads,
         "batch": BATCH,
         "patch": patch,
         "width": width,
         "parameters": count_parameters(model),
-        "label_s": label_s,
-        "train_s": train_s,
+        "label_s": trained["label_s"],
+        "train_s": trained["train_s"],
         "epochs": epochs,
         "wall_s": time.perf_counter() - t_start,
     }
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
+    _print_report(report, out)
+    return report
+
+
+def _print_report(report: dict, out: Path) -> None:
     backends = ", ".join(
         f"{k} {v:.0f} us" for k, v in report["braggnn_us_per_peak_by_backend"].items()
     )
     met = report["targets"]
     print(
-        f"BraggNN vs pseudo-Voigt fit on {n_test} fresh simulated peaks "
-        f"({threads} CPU thread(s) each; BraggNN width {width}, {report['parameters']:,} "
-        f"parameters, trained on {report['n_train']} fit labels for {epochs} epochs)\n"
+        f"BraggNN vs pseudo-Voigt fit on {report['n_peaks']} fresh simulated peaks "
+        f"({report['threads']} CPU thread(s) each; BraggNN width {report['width']}, "
+        f"{report['parameters']:,} parameters, trained on {report['n_train']} fit labels for "
+        f"{report['epochs']} epochs)\n"
         f"  centre error mean/p50/p95 px  BraggNN {report['braggnn_error_px_mean']:.3f} / "
         f"{report['braggnn_error_px_p50']:.3f} / {report['braggnn_error_px_p95']:.3f}   "
         f"fit {report['fit_error_px_mean']:.3f} / {report['fit_error_px_p50']:.3f} / "
-        f"{report['fit_error_px_p95']:.3f}   (ratio {error_ratio:.2f})\n"
+        f"{report['fit_error_px_p95']:.3f}   (ratio {report['error_ratio']:.2f})\n"
         f"  time per peak                 BraggNN {report['braggnn_us_per_peak']:.1f} us "
-        f"({backends})   fit {report['fit_us_per_peak']:.0f} us   ({speedup:.0f}x)\n"
+        f"({backends})   fit {report['fit_us_per_peak']:.0f} us   ({report['speedup']:.0f}x)\n"
         f"  target >= {SPEEDUP_TARGET:.0f}x at <= {ERROR_RATIO_TARGET}x the fit's error: "
         f"speed {'met' if met['speedup_met'] else 'NOT met'}, "
         f"error {'met' if met['error_ratio_met'] else 'NOT met'}\n"
         f"  written {out / 'accuracy.json'}",
         flush=True,
     )
-    return report

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from p4p.client.thread import Context
 
-from edgeloop import signing
+from edgeloop import ntnd, signing
 from edgeloop.app.processes import ManagedProcess, readiness, wait_for_pv
 from edgeloop.config import MODE_KIND, Config, pin_loopback
-from edgeloop.waiting import wait_settled
+from edgeloop.waiting import wait_settled, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,29 @@ def wait_drained(ctx: Context, prefix: str, settle_s: float = 1.0, timeout: floa
         read, lambda c: c[1] == 0, settle_s, timeout, "the edge to drain (FramesIn, InFlight)"
     )
     return frames_in
+
+
+def stitched_map(
+    ctx: Context, prefix: str, frames: int, since: float, timeout: float = 15.0
+) -> np.ndarray:
+    """``edge:PhaseMap`` once it holds ``frames`` answers and was posted after ``since`` (the
+    scan's start, wall clock): its uniqueId counts the answers placed since the acquisition
+    began, and the edge posts it at most every ``edge.map_publish_s``, so the map posted
+    last may be incomplete or the previous scan's.  After ``timeout``, the map as it is,
+    with a warning."""
+    name = f"{prefix}edge:PhaseMap"
+
+    def full():
+        value = ctx.get(name)
+        stamp = value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9
+        return value if stamp >= since and value["uniqueId"] >= frames else None
+
+    try:
+        value = wait_until(full, timeout, f"{name} to hold {frames} answers", 0.1)
+    except TimeoutError as exc:
+        log.warning("%s; taking the map as it is", exc)
+        value = ctx.get(name)
+    return ntnd.decode(value).data.copy()
 
 
 def _wait_retrained(ctx: Context, p: str, old_version: int, timeout: float) -> list[str]:

@@ -19,6 +19,7 @@ from edgeloop.app.loop import (
     fly_figures,
     fly_line,
     retrain_via_pv,
+    stitched_map,
 )
 from edgeloop.config import Config
 from edgeloop.optics import illuminated_mask
@@ -57,12 +58,11 @@ def _scan(
     from edgeloop.bluesky_plans import ptycho_fly_scan
 
     p = cfg.prefix
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     RE(ptycho_fly_scan(det, stage, num=num, step=step, center=center, rate_hz=rate_hz))
     seconds = time.perf_counter() - t0
     outputs = collector.take(num, 60)
-    time.sleep(cfg.edge.map_publish_s * 3)  # the map is published at most this often
-    phase_map = ntnd.decode(ctx.get(f"{p}edge:PhaseMap")).data.copy()
+    phase_map = stitched_map(ctx, p, len(outputs), started)
     return seconds, outputs, phase_map, int(ctx.get(f"{p}edge:ModelVersion")["value"])
 
 

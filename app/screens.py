@@ -15,6 +15,7 @@ import functools
 import inspect
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 from p4p.client.thread import Context
@@ -142,65 +143,81 @@ class _Layout:
         self.add(w)
 
 
+EDGE, ML = "pva://$(P)edge:", "$(P)ml:"
+
+
 def overview() -> screen.Screen:
+    """The operator's screen: the edge's images and peaks, its statistics, the retraining
+    service and its policy, the buttons and the last retraining's times."""
     lay = _Layout("edgeloop $(P)", 1500, 900)
-    edge, ml = "pva://$(P)edge:", "$(P)ml:"
+    _answers_block(lay)
+    edge_bottom = _edge_block(lay, 870, 50)
+    _retraining_block(lay, 1200, 80)
+    _training_block(lay, 870, edge_bottom + 14)
+    return lay.screen
+
+
+def _answers_block(lay: _Layout) -> None:
     lay.section("Live phase (edge:Phase)", 20, 50, 320)
-    lay.image(f"{edge}Phase", 20, 80, 320)
+    lay.image(f"{EDGE}Phase", 20, 80, 320)
     lay.section("Stitched phase map (edge:PhaseMap)", 360, 50, 480)
-    lay.image(f"{edge}PhaseMap", 360, 80, 480)
+    lay.image(f"{EDGE}PhaseMap", 360, 80, 480)
     lay.section("Bragg peaks (edge:Peaks)", 20, 580, 500)
-    table = widget.Table("peaks", f"{edge}Peaks", 20, 610, 820, 270)
+    table = widget.Table("peaks", f"{EDGE}Peaks", 20, 610, 820, 270)
     table.show_toolbar(False)
     lay.add(table)
-    lay.rows(560, 580, [("Peaks in last frame", f"{edge}PeakCount")], width=120)
+    lay.rows(560, 580, [("Peaks in last frame", f"{EDGE}PeakCount")], width=120)
 
-    x = 870
-    lay.section("Edge server", x, 50, 600)
+
+def _edge_block(lay: _Layout, x: int, y: int) -> int:
+    """The edge server's statistics and message; returns the block's bottom."""
+    lay.section("Edge server", x, y, 600)
     y = lay.rows(
         x,
-        80,
+        y + 30,
         [
-            ("Mode", f"{edge}Mode"),
-            ("Model version", f"{edge}ModelVersion"),
-            ("Frame rate", f"{edge}FrameRate"),
-            ("Latency (median)", f"{edge}LatencyMs"),
-            ("Frames in", f"{edge}FramesIn"),
-            ("Frames out", f"{edge}FramesOut"),
-            ("Dropped", f"{edge}Dropped"),
-            ("Dropped rate", f"{edge}DroppedRate"),
-            ("Bad frames", f"{edge}BadFrames"),
-            ("Missed frames", f"{edge}MissedFrames"),
-            ("Repeats", f"{edge}Repeats"),
-            ("In flight", f"{edge}InFlight"),
-            ("Thread restarts", f"{edge}Restarts"),  # MAJOR from the first
-            ("Consistency (frame)", f"{edge}Consistency"),  # label-free quality, rad
-            ("Consistency (scan)", f"{edge}ScanConsistency"),
+            ("Mode", f"{EDGE}Mode"),
+            ("Model version", f"{EDGE}ModelVersion"),
+            ("Frame rate", f"{EDGE}FrameRate"),
+            ("Latency (median)", f"{EDGE}LatencyMs"),
+            ("Frames in", f"{EDGE}FramesIn"),
+            ("Frames out", f"{EDGE}FramesOut"),
+            ("Dropped", f"{EDGE}Dropped"),
+            ("Dropped rate", f"{EDGE}DroppedRate"),
+            ("Bad frames", f"{EDGE}BadFrames"),
+            ("Missed frames", f"{EDGE}MissedFrames"),
+            ("Repeats", f"{EDGE}Repeats"),
+            ("In flight", f"{EDGE}InFlight"),
+            ("Thread restarts", f"{EDGE}Restarts"),  # MAJOR from the first
+            ("Consistency (frame)", f"{EDGE}Consistency"),  # label-free quality, rad
+            ("Consistency (scan)", f"{EDGE}ScanConsistency"),
         ],
     )
     lay.label("Message", x, y)
-    lay.readback(f"{edge}Message", x + 155, y, 450)
-    edge_bottom = y + ROW
+    lay.readback(f"{EDGE}Message", x + 155, y, 450)
+    return y + ROW
 
-    x2 = 1200
-    lay.section("Retraining", x2, 80, 280)
+
+def _retraining_block(lay: _Layout, x: int, y: int) -> None:
+    """The service's state, and the retraining policy's settings with the live reference."""
+    lay.section("Retraining", x, y, 280)
     lay.rows(
-        x2 - 10,
-        110,
+        x - 10,
+        y + 30,
         [
-            ("Status", f"{ml}Status"),
-            ("Model version", f"{ml}ModelVersion"),
-            ("Validation loss", f"{ml}ValLoss"),
-            ("Service", f"{ml}Service"),  # MAJOR "No heartbeat" when the service is gone
+            ("Status", f"{ML}Status"),
+            ("Model version", f"{ML}ModelVersion"),
+            ("Validation loss", f"{ML}ValLoss"),
+            ("Service", f"{ML}Service"),  # MAJOR "No heartbeat" when the service is gone
         ],
         width=130,
     )
-    lay.label("Progress", x2 - 10, 110 + 4 * ROW)
-    bar = widget.ProgressBar("progress", f"{ml}Progress", x2 + 145, 110 + 4 * ROW, 130, 20)
+    lay.label("Progress", x - 10, y + 30 + 4 * ROW)
+    bar = widget.ProgressBar("progress", f"{ML}Progress", x + 145, y + 30 + 4 * ROW, 130, 20)
     lay.add(bar)
     # the retraining policy (remote/policy.py): its settings, and the live reference error
-    lay.section("Retraining policy", x2, 110 + 5 * ROW + 10, 280)
-    y = 110 + 6 * ROW + 16
+    lay.section("Retraining policy", x, y + 30 + 5 * ROW + 10, 280)
+    y += 30 + 6 * ROW + 16
     for i, (text, pv) in enumerate(
         (
             ("Auto retrain", "AutoRetrain"),  # Off / On
@@ -210,37 +227,38 @@ def overview() -> screen.Screen:
             ("Min new frames", "AutoMinFrames"),
         )
     ):
-        lay.label(text, x2 - 10, y + i * ROW, 130)
-        lay.entry(f"{ml}{pv}", x2 + 145, y + i * ROW, 130)
-    lay.rows(x2 - 10, y + 5 * ROW, [("Reference error", f"{ml}ReferenceError")], width=130)
+        lay.label(text, x - 10, y + i * ROW, 130)
+        lay.entry(f"{ML}{pv}", x + 145, y + i * ROW, 130)
+    lay.rows(x - 10, y + 5 * ROW, [("Reference error", f"{ML}ReferenceError")], width=130)
 
-    y = edge_bottom + 14
+
+def _training_block(lay: _Layout, x: int, y: int) -> None:
+    """The service's message, executor, buttons and the last retraining's times."""
     lay.section("Training", x, y, 600)
     lay.label("Message", x, y + 30)
     # an lsi record: over CA a plain name gives 40 characters, pva:// gives it whole
-    lay.readback(f"pva://{ml}Message", x + 155, y + 30, 450)
+    lay.readback(f"pva://{ML}Message", x + 155, y + 30, 450)
     lay.label("Executor", x, y + 30 + ROW)
-    lay.readback(f"{ml}Endpoint", x + 155, y + 30 + ROW, 160)
-    lay.entry(f"{ml}Endpoint", x + 330, y + 30 + ROW, 140)
+    lay.readback(f"{ML}Endpoint", x + 155, y + 30 + ROW, 160)
+    lay.entry(f"{ML}Endpoint", x + 330, y + 30 + ROW, 140)
     for i, (text, pv) in enumerate(
         (("Retrain", "Retrain"), ("Abort", "Abort"), ("Rollback", "Rollback"))
     ):
-        lay.button(text, f"{ml}{pv}", 1, x + 155 + i * 120, y + 40 + 2 * ROW)
+        lay.button(text, f"{ML}{pv}", 1, x + 155 + i * 120, y + 40 + 2 * ROW)
     lay.section("Time of the last retraining", x, y + 90 + 2 * ROW, 600)
     lay.rows(
         x,
         y + 120 + 2 * ROW,
         [
-            ("Staging", f"{ml}StagingTime"),
-            ("Analysis (labels)", f"{ml}AnalysisTime"),
-            ("Training", f"{ml}TrainingTime"),
-            ("Return + deploy", f"{ml}ReturnTime"),
-            ("End to end", f"{ml}EndToEndTime"),
+            ("Staging", f"{ML}StagingTime"),
+            ("Analysis (labels)", f"{ML}AnalysisTime"),
+            ("Training", f"{ML}TrainingTime"),
+            ("Return + deploy", f"{ML}ReturnTime"),
+            ("End to end", f"{ML}EndToEndTime"),
         ],
     )
     lay.label("Triggered by", x, y + 120 + 7 * ROW)
-    lay.readback(f"pva://{ml}Trigger", x + 155, y + 120 + 7 * ROW, 450)
-    return lay.screen
+    lay.readback(f"pva://{ML}Trigger", x + 155, y + 120 + 7 * ROW, 450)
 
 
 def beamline() -> screen.Screen:
@@ -375,6 +393,108 @@ def _live(names: set[str], timeout: float = 3.0) -> dict[str, tuple]:
     return live
 
 
+@dataclass
+class _Drawn:
+    """One widget of a .bob with the live value of its PV, as the drawers take it."""
+
+    element: ET.Element
+    x: int
+    y: int
+    wd: int
+    ht: int
+    title: str
+    text: str
+    units: str
+    severity: str
+    raw: object
+
+
+def _draw_label(ax, w: _Drawn) -> None:
+    from matplotlib.patches import Rectangle
+
+    header = w.element.find("background_color") is not None
+    bold = w.element.find("font") is not None
+    if header:
+        ax.add_patch(Rectangle((w.x, w.y), w.wd, w.ht, color="#7890a8"))
+    ax.text(
+        w.x + (w.wd / 2 if header else 2),
+        w.y + w.ht / 2,
+        w.title,
+        va="center",
+        ha="center" if header else "left",
+        fontsize=16 if header else (11 if bold else 9),
+        fontweight="bold" if bold else "normal",
+    )
+
+
+def _draw_image(ax, w: _Drawn) -> None:
+    from matplotlib.patches import Rectangle
+
+    from edgeloop import ntnd
+
+    raw = w.raw
+    if raw is not None and not isinstance(raw, Exception) and raw["uniqueId"] > 0:
+        extent = (w.x, w.x + w.wd, w.y + w.ht, w.y)
+        ax.imshow(ntnd.decode(raw).data, cmap="gray", extent=extent, aspect="auto", zorder=2)
+    edge = _SEVERITY_COLOURS[w.severity]
+    ax.add_patch(Rectangle((w.x, w.y), w.wd, w.ht, fill=False, ec=edge, lw=1.5))
+
+
+def _draw_table(ax, w: _Drawn) -> None:
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((w.x, w.y), w.wd, w.ht, color="white", ec="#888"))
+    if w.raw is None or isinstance(w.raw, Exception):
+        return
+    labels = list(w.raw["labels"])[:8]
+    lines = ["   ".join(f"{c:>9s}" for c in labels)]
+    columns = [w.raw["value"][c] for c in labels]
+    rows = 0 if columns[0] is None else len(columns[0])
+    for r in range(min(rows, 9)):
+        lines.append("   ".join(f"{float(column[r]):9.2f}" for column in columns))
+    ax.text(w.x + 4, w.y + 4, "\n".join(lines), va="top", family="monospace", fontsize=8)
+
+
+def _draw_progressbar(ax, w: _Drawn) -> None:
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((w.x, w.y), w.wd, w.ht, color="white", ec="#888"))
+    try:
+        done = min(float(w.text), 100) / 100
+    except ValueError:
+        return
+    ax.add_patch(Rectangle((w.x, w.y), w.wd * done, w.ht, color="#4a4"))
+
+
+def _draw_button(ax, w: _Drawn) -> None:
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((w.x, w.y), w.wd, w.ht, color="#d8d8d8", ec="#777"))
+    ax.text(w.x + w.wd / 2, w.y + w.ht / 2, w.title, ha="center", va="center", fontsize=10)
+
+
+def _draw_text(ax, w: _Drawn, face: str = "#ffffff") -> None:
+    from matplotlib.patches import Rectangle
+
+    edge = _SEVERITY_COLOURS[w.severity]
+    ax.add_patch(Rectangle((w.x, w.y), w.wd, w.ht, color=face, ec=edge, lw=1.2))
+    shown = f"{w.text} {w.units}".strip() if w.severity != "INVALID" else "<disconnected>"
+    ax.text(w.x + 4, w.y + w.ht / 2, shown, va="center", fontsize=9, clip_on=True)
+
+
+# how render draws each Phoebus widget type
+_DRAWERS = {
+    "label": _draw_label,
+    "image": _draw_image,
+    "table": _draw_table,
+    "progressbar": _draw_progressbar,
+    "action_button": _draw_button,
+    "textupdate": lambda ax, w: _draw_text(ax, w, "#e8e8e8"),
+    "textentry": _draw_text,
+    "combo": _draw_text,
+}
+
+
 def render(path: Path, prefix: str, png: Path) -> Path:
     """Draw ``path`` (a .bob) as Phoebus would show it with the live values of ``prefix``."""
     import matplotlib
@@ -382,8 +502,6 @@ def render(path: Path, prefix: str, png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
-    from edgeloop import ntnd
 
     root = ET.parse(path).getroot()
     width, height = int(root.findtext("width")), int(root.findtext("height"))
@@ -395,62 +513,14 @@ def render(path: Path, prefix: str, png: Path) -> Path:
     ax.set_axis_off()
     ax.add_patch(Rectangle((0, 0), width, height, color="#f0f0f0"))
     for w in root.iter("widget"):
-        kind = w.get("type")
-        x, y = int(w.findtext("x")), int(w.findtext("y"))
-        wd, ht = int(w.findtext("width")), int(w.findtext("height"))
+        draw = _DRAWERS.get(w.get("type"))
+        if draw is None:
+            continue
         pv = (w.findtext("pv_name") or "").replace("$(P)", prefix)
         text, units, severity, raw = live.get(pv, ("", "", "INVALID", None))
+        box = [int(w.findtext(k)) for k in ("x", "y", "width", "height")]
         title = (w.findtext("text") or "").replace("$(P)", prefix)
-        if kind == "label":
-            header = w.find("background_color") is not None
-            if header:
-                ax.add_patch(Rectangle((x, y), wd, ht, color="#7890a8"))
-            big = 16 if header else (11 if w.find("font") is not None else 9)
-            ax.text(
-                x + (wd / 2 if header else 2),
-                y + ht / 2,
-                title,
-                va="center",
-                ha="center" if header else "left",
-                fontsize=big,
-                fontweight="bold" if w.find("font") is not None else "normal",
-            )
-        elif kind == "image":
-            if raw is not None and not isinstance(raw, Exception) and raw["uniqueId"] > 0:
-                data = ntnd.decode(raw).data
-                ax.imshow(
-                    data, cmap="gray", extent=(x, x + wd, y + ht, y), aspect="auto", zorder=2
-                )
-            ax.add_patch(
-                Rectangle((x, y), wd, ht, fill=False, ec=_SEVERITY_COLOURS[severity], lw=1.5)
-            )
-        elif kind == "table":
-            ax.add_patch(Rectangle((x, y), wd, ht, color="white", ec="#888"))
-            if raw is not None and not isinstance(raw, Exception):
-                labels = list(raw["labels"])[:8]
-                lines = ["   ".join(f"{c:>9s}" for c in labels)]
-                columns = [raw["value"][c] for c in labels]
-                rows = 0 if columns[0] is None else len(columns[0])
-                for r in range(min(rows, 9)):
-                    cells = [columns[i][r] for i in range(len(labels))]
-                    lines.append("   ".join(f"{float(c):9.2f}" for c in cells))
-                ax.text(x + 4, y + 4, "\n".join(lines), va="top", family="monospace", fontsize=8)
-        elif kind == "progressbar":
-            ax.add_patch(Rectangle((x, y), wd, ht, color="white", ec="#888"))
-            try:
-                ax.add_patch(Rectangle((x, y), wd * min(float(text), 100) / 100, ht, color="#4a4"))
-            except ValueError:
-                pass
-        elif kind == "action_button":
-            ax.add_patch(Rectangle((x, y), wd, ht, color="#d8d8d8", ec="#777"))
-            ax.text(x + wd / 2, y + ht / 2, title, ha="center", va="center", fontsize=10)
-        elif kind in ("textupdate", "textentry", "combo"):
-            face = "#ffffff" if kind != "textupdate" else "#e8e8e8"
-            ax.add_patch(
-                Rectangle((x, y), wd, ht, color=face, ec=_SEVERITY_COLOURS[severity], lw=1.2)
-            )
-            shown = f"{text} {units}".strip() if severity != "INVALID" else "<disconnected>"
-            ax.text(x + 4, y + ht / 2, shown, va="center", fontsize=9, clip_on=True)
+        draw(ax, _Drawn(w, *box, title, text, units, severity, raw))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
     plt.close(fig)

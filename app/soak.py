@@ -27,6 +27,7 @@ from p4p.server.thread import SharedPV
 from edgeloop import ntnd
 from edgeloop.app.loop import Servers, prepare, retrain_via_pv, wait_drained
 from edgeloop.config import Config
+from edgeloop.waiting import wait_settled
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,67 @@ def _scan(cfg: Config, RE, det, stage, index, points: int, center) -> int:
     return points - written
 
 
+def _ceiling(stream: Stream, ctx, p: str) -> float:
+    """The edge's answers per second with frames posted as fast as it takes them (after a
+    warm-up)."""
+    stream.run_for(3.0, None)
+    wait_drained(ctx, p, settle_s=0.5)
+    out0, t0 = _edge_counts(ctx, p)["FramesOut"], time.monotonic()
+    stream.run_for(8.0, None)
+    wait_drained(ctx, p, settle_s=0.5)
+    return (_edge_counts(ctx, p)["FramesOut"] - out0) / (time.monotonic() - t0)
+
+
+def _settled_counts(ctx, p: str, stats_publish_s: float) -> dict:
+    """The edge's counters once nothing is in flight and none moved for two of its
+    statistics posts."""
+    return wait_settled(
+        lambda: _edge_counts(ctx, p),
+        lambda c: c["InFlight"] == 0,
+        2 * stats_publish_s + 0.5,
+        120,
+        "the edge's counters to settle",
+        0.2,
+    )
+
+
+def _cycles(cfg: Config, ctx, minutes: float, retrain_every_s: float, points: int) -> dict:
+    """Scans through the real RunEngine, each followed by retraining through ml:Retrain and a
+    swap, every ``retrain_every_s`` for ``minutes``."""
+    from bluesky import RunEngine
+
+    from edgeloop.app.signals import AbortOnSignal
+    from edgeloop.bluesky_plans import RunIndex, make_devices
+
+    p = cfg.prefix
+    det, stage = make_devices(p, cfg.data_path / "detector")
+    RE = RunEngine({}, context_managers=[AbortOnSignal])
+    index = RunIndex(cfg.data_path)
+    RE.subscribe(index)
+    done: dict = {"swaps": 0, "lost": 0, "cycles": [], "errors": []}
+    deadline = time.monotonic() + minutes * 60
+    try:
+        while time.monotonic() < deadline:
+            t_cycle, n = time.monotonic(), len(done["cycles"])
+            center = (0.1 * (n % 5), -0.1 * (n % 3))
+            done["lost"] += _scan(cfg, RE, det, stage, index, points, center)
+            version = int(ctx.get(f"{p}edge:ModelVersion")["value"])
+            try:
+                seconds, _ = retrain_via_pv(ctx, p, version, protocol="pva")
+                done["swaps"] += 1
+                version = int(ctx.get(f"{p}edge:ModelVersion")["value"])
+                done["cycles"].append({"retrain_s": round(seconds, 1), "version": version})
+            except (RuntimeError, TimeoutError) as exc:  # reported, and the soak goes on
+                done["errors"].append(str(exc))
+                log.error("retraining during the soak: %s", exc)
+            rest = retrain_every_s - (time.monotonic() - t_cycle)
+            time.sleep(max(0.0, min(rest, deadline - time.monotonic())))  # the cycle's pace
+    finally:
+        det.destroy()
+        stage.destroy()
+    return done
+
+
 def run_soak(
     cfg: Config,
     out: str | Path,
@@ -129,10 +191,7 @@ def run_soak(
     bad_every: int = 50,
     scan_points: int = 150,
 ) -> dict:
-    from bluesky import RunEngine
-
-    from edgeloop.app.signals import AbortOnSignal
-    from edgeloop.bluesky_plans import RunIndex, make_devices, spiral_positions
+    from edgeloop.bluesky_plans import spiral_positions
     from edgeloop.ioc.physics import PtychoSimulator
 
     cfg.train.epochs = min(cfg.train.epochs, 8)  # a retraining every few minutes on 2 cores
@@ -144,7 +203,6 @@ def run_soak(
     positions = spiral_positions(200, 0.05)
     frames = [sim.frame(float(x), float(y)).astype(np.uint16) for x, y in positions]
     source = SharedPV(initial=ntnd.build(np.zeros_like(frames[0]), 0))
-    report: dict = {"minutes": minutes, "fraction_of_ceiling": fraction}
     with (
         Server(providers=[{source_name: source}]),
         Servers(
@@ -154,75 +212,46 @@ def run_soak(
         ctx = system.ctx
         edge = psutil.Process(system.procs["edge"].proc.pid)
         stream = Stream(source, frames, positions, bad_every)
-        stream.run_for(3.0, None)  # warm-up, then the ceiling: as fast as the edge answers
-        wait_drained(ctx, p, settle_s=0.5)
-        out0, t0 = _edge_counts(ctx, p)["FramesOut"], time.monotonic()
-        stream.run_for(8.0, None)
-        wait_drained(ctx, p, settle_s=0.5)
-        ceiling = (_edge_counts(ctx, p)["FramesOut"] - out0) / (time.monotonic() - t0)
+        ceiling = _ceiling(stream, ctx, p)
         log.info("edge ceiling %.0f frames/s; streaming at %.0f", ceiling, fraction * ceiling)
         start, sent0, malformed0 = _edge_counts(ctx, p), stream.sent, stream.malformed
         rss0, fds0 = _resources(edge)
-        det, stage = make_devices(p, cfg.data_path / "detector")
-        RE = RunEngine({}, context_managers=[AbortOnSignal])
-        index = RunIndex(cfg.data_path)
-        RE.subscribe(index)
-        swaps, lost, cycles, errors = 0, 0, [], []
         stream.start(fraction * ceiling)
-        deadline = time.monotonic() + minutes * 60
         try:
-            while time.monotonic() < deadline:
-                t_cycle = time.monotonic()
-                center = (0.1 * (len(cycles) % 5), -0.1 * (len(cycles) % 3))
-                lost += _scan(cfg, RE, det, stage, index, scan_points, center)
-                version = int(ctx.get(f"{p}edge:ModelVersion")["value"])
-                try:
-                    seconds, _ = retrain_via_pv(ctx, p, version, protocol="pva")
-                    swaps += 1
-                    version = int(ctx.get(f"{p}edge:ModelVersion")["value"])
-                    cycles.append({"retrain_s": round(seconds, 1), "version": version})
-                except (RuntimeError, TimeoutError) as exc:  # reported, and the soak goes on
-                    errors.append(str(exc))
-                    log.error("retraining during the soak: %s", exc)
-                rest = retrain_every_s - (time.monotonic() - t_cycle)
-                time.sleep(max(0.0, min(rest, deadline - time.monotonic())))
+            done = _cycles(cfg, ctx, minutes, retrain_every_s, scan_points)
         finally:
             stream.stop()
-            det.destroy()
-            stage.destroy()
-        wait_drained(ctx, p, settle_s=1.0)
-        time.sleep(cfg.edge.stats_publish_s * 3)
-        end = _edge_counts(ctx, p)
+        end = _settled_counts(ctx, p, cfg.edge.stats_publish_s)
         rss1, fds1 = _resources(edge)
     taken = {k: end[k] - start[k] for k in end}
-    report.update(
-        {
-            "ceiling_fps": round(ceiling, 1),
-            "rate_fps": round(stream.rate, 1),
-            "frames_sent": stream.sent - sent0,
-            "frames_in": taken["FramesIn"],
-            "frames_out": taken["FramesOut"],
-            "dropped": taken["Dropped"],
-            "rejected": taken["BadFrames"],
-            "malformed_sent": stream.malformed - malformed0,
-            "missed": taken["MissedFrames"],
-            "swaps": swaps,
-            "retrain_errors": errors,
-            "cycles": cycles,
-            "rss_mb_start": round(rss0, 1),
-            "rss_mb_end": round(rss1, 1),
-            "rss_growth_bound_mb": RSS_GROWTH_BOUND_MB,
-            "open_fds_start": fds0,
-            "open_fds_end": fds1,
-            "lost_training_frames": lost,
-            # every frame the edge took in is settled, and every frame sent was taken in,
-            # refused as a repeat, or counted missed by its uniqueId
-            "conserved": end["FramesIn"] == end["FramesOut"] + end["Dropped"] + end["BadFrames"]
-            and end["InFlight"] == 0
-            and stream.sent - sent0
-            == taken["FramesIn"] + taken["MissedFrames"] + taken["Repeats"],
-        }
-    )
+    sent = stream.sent - sent0
+    report = {
+        "minutes": minutes,
+        "fraction_of_ceiling": fraction,
+        "ceiling_fps": round(ceiling, 1),
+        "rate_fps": round(stream.rate, 1),
+        "frames_sent": sent,
+        "frames_in": taken["FramesIn"],
+        "frames_out": taken["FramesOut"],
+        "dropped": taken["Dropped"],
+        "rejected": taken["BadFrames"],
+        "malformed_sent": stream.malformed - malformed0,
+        "missed": taken["MissedFrames"],
+        "swaps": done["swaps"],
+        "retrain_errors": done["errors"],
+        "cycles": done["cycles"],
+        "rss_mb_start": round(rss0, 1),
+        "rss_mb_end": round(rss1, 1),
+        "rss_growth_bound_mb": RSS_GROWTH_BOUND_MB,
+        "open_fds_start": fds0,
+        "open_fds_end": fds1,
+        "lost_training_frames": done["lost"],
+        # every frame the edge took in is settled, and every frame sent was taken in,
+        # refused as a repeat, or counted missed by its uniqueId
+        "conserved": end["FramesIn"] == end["FramesOut"] + end["Dropped"] + end["BadFrames"]
+        and end["InFlight"] == 0
+        and sent == taken["FramesIn"] + taken["MissedFrames"] + taken["Repeats"],
+    }
     report["within_bounds"] = (
         rss1 - rss0 <= RSS_GROWTH_BOUND_MB and fds1 <= fds0 + 8 and report["conserved"]
     )

@@ -1,7 +1,8 @@
 """Reference pages generated from the code at every docs build (mkdocs-gen-files), so they
 cannot go stale: every PV (db/ml.db's records, the edge's PV set), every configuration key
 (the pydantic sections of edgeloop/config.py: type, range, default, the comment beside it),
-and every command (the CLI's argparse parser)."""
+every command (the CLI's argparse parser), and the simulated beamline's PVs (its caproto
+groups: type, choices, units, the pvproperty's doc)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,41 @@ def edge_pvs() -> list[str]:
             rows.append(f"| `$(P)edge:{name}` | {kind} | {s.units} | {_cell(s.description)} |")
         else:
             rows.append(f"| `$(P)edge:{name}` | | | {_cell(EDGE_OTHERS[name])} |")
+    return rows
+
+
+def _pv_type(channel) -> str:
+    kind = type(channel).__name__.removeprefix("Pvproperty")
+    read_only = kind.endswith("RO")
+    kind = {"Char": "string", "Integer": "int", "Double": "double", "Enum": "enum"}.get(
+        kind.removesuffix("RO"), kind.removesuffix("RO").lower()
+    )
+    return f"{kind}{' (read-only)' if read_only else ''}"
+
+
+def beamline_pvs() -> list[str]:
+    """Every CA PV the simulated beamline serves, from its caproto groups."""
+    import numpy as np
+    from p4p.server.thread import SharedPV
+
+    from edgeloop import ntnd
+    from edgeloop.ioc.beamline import Beamline
+
+    image = SharedPV(initial=ntnd.build(np.zeros((4, 4), np.int32), 0))
+    pvdb = Beamline("$(P)", Config(), image).pvdb
+    rows = ["| PV | type | choices / units | what |", "| --- | --- | --- | --- |"]
+    for name, channel in pvdb.items():
+        spec = getattr(channel, "pvspec", None)
+        doc = (spec.doc if spec is not None else None) or ""
+        if not doc and name.endswith("_RBV") and name[: -len("_RBV")] in pvdb:
+            doc = f"readback of `{name[: -len('_RBV')]}`"
+        choices = ", ".join(getattr(channel, "enum_strings", None) or ())
+        units = choices or getattr(channel, "units", "") or ""
+        rows.append(f"| `{name}` | {_pv_type(channel)} | {_cell(units)} | {_cell(doc)} |")
+    rows.append(
+        "| `$(P)det:Pva1:Image` | PVA NTNDArray | | frames (uniqueId, timeStamp, dimension, "
+        "codec, NDAttributes Mode and SampleX/SampleY or SampleRot) |"
+    )
     return rows
 
 
@@ -160,5 +196,14 @@ write(
     ("", configuration()),
 )
 write("reference/commands.md", "Commands", GENERATED, ("", commands()))
+write(
+    "reference/beamline-pvs.md",
+    "The simulated beamline's PVs",
+    f"{GENERATED} What `edgeloop ioc` serves for the simulated beamline (`ioc/`): CA from its "
+    "caproto groups (stage axes after the motor record, the area detector's `det:cam1:`, "
+    "`det:HDF1:`, `det:Codec1:` after ADCore's, the trajectory controller `Prof1:`), and the "
+    "frames over PVA. The edge's and the ML IOC's PVs are on [their page](pvs.md).",
+    ("", beamline_pvs()),
+)
 with mkdocs_gen_files.open("images/overview.png", "wb") as f:
     f.write((ROOT / "screens" / "overview.png").read_bytes())

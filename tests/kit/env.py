@@ -9,9 +9,12 @@
   (the suite runs two workers on two cores, on CI machines that are often loaded);
 - ``TEST_ENV``: the EPICS settings every test runs with; ``SHARED_DATA``: ../shared/data.
 
-Under pytest-xdist each worker has ports of its own (``WORKER_PORT_OFFSET``): the simulated
-beamline's CA port (``EDGELOOP_BEAMLINE_CA_PORT``, which its children inherit) and every port
-in ``CA_PORTS`` move by 100 per worker."""
+Under pytest-xdist each worker has ports of its own (``WORKER_PORT_OFFSET``): the ML IOCs'
+CA port (``EPICS_CA_SERVER_PORT``, the port clients search at addresses without one), the
+simulated beamline's (``EDGELOOP_BEAMLINE_CA_PORT``; children inherit both) and every port
+in ``CA_PORTS`` move by 100 per worker.  Within a worker the ML IOCs share their port, as on
+one host outside the tests: a unicast search reaches the IOC that bound it last, so a test
+talks CA only to the newest loop's IOC or to one on a port of its own (test_access)."""
 
 import os
 import secrets
@@ -23,6 +26,7 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw<N>" under xdist
 WORKER_PORT_OFFSET = 100 * int(WORKER.removeprefix("gw") or 0)
 assert "edgeloop.config" not in sys.modules, "the worker's CA port is set before edgeloop.config"
 os.environ["EDGELOOP_BEAMLINE_CA_PORT"] = str(5066 + WORKER_PORT_OFFSET)
+ML_CA_PORT = 5064 + WORKER_PORT_OFFSET
 
 from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV  # noqa: E402
 
@@ -42,6 +46,7 @@ CA_PORTS = {
 
 TEST_ENV = dict(
     LOOPBACK_ENV,
+    EPICS_CA_SERVER_PORT=str(ML_CA_PORT),
     EPICS_CA_ADDR_LIST=" ".join(
         [LOOPBACK_ENV["EPICS_CA_ADDR_LIST"]]
         + [f"127.0.0.1:{port}" for name, port in CA_PORTS.items() if name != "beamline"]

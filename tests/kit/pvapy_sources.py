@@ -72,12 +72,21 @@ def ad_sim_server(
 
 
 class Witness:
-    """A plain p4p monitor on the source: the frames it sent, each (uniqueId, timeStamp)."""
+    """A p4p monitor on the source (a deep queue, not pipelined: a pvDatabase server sends a
+    pipelined monitor each frame many times): the frames it received, each (uniqueId,
+    timeStamp), and :meth:`sent`, what the source sent."""
+
+    REQUEST = "field(uniqueId,timeStamp)record[queueSize=256]"
 
     def __init__(self, ctx: Context, pv: str):
         self.frames: list[tuple[int, tuple]] = []
         self.connected = threading.Event()
-        self.sub = ctx.monitor(pv, self._on, request="field(uniqueId,timeStamp)")
+        self.sub = ctx.monitor(pv, self._on, request=self.REQUEST)
+
+    def sent(self) -> set[int]:
+        """The uniqueIds the source sent: pvapy-ad-sim-server numbers its frames 1, 2, ...,
+        so every one up to the last received, even one this monitor lost on a loaded host."""
+        return set(range(1, max((uid for uid, _ in self.frames), default=0) + 1))
 
     def _on(self, value):
         if isinstance(value, Exception):

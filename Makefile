@@ -33,10 +33,11 @@ lint: $(VENV)/.installed
 docs: $(VENV)/.installed
 	DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict --quiet
 
-# two workers (pytest-xdist), each module on one worker with its module fixtures; each worker
-# has CA ports of its own (tests/kit/env.py)
-TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+# one pytest process by default; TEST_WORKERS=N spreads the modules over N pytest-xdist
+# workers, each with CA ports of its own (tests/kit/env.py; docs/howto/tests.md says what
+# two workers measured on 2 cores)
+TEST_WORKERS ?= 1
+XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 test: lint
 	$(PY) -m pytest $(XDIST)

@@ -365,58 +365,60 @@ def _hedm_accuracy_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-# (name, function, help, options): the commands in the order --help lists them
-COMMANDS = (
-    ("ioc", cmd_ioc, "simulated beamline (CA + PVA) and the real ML IOC (db/)", _ioc_options),
-    ("edge", cmd_edge, "edge inference server", _edge_options),
-    (
-        "retrain-service",
-        cmd_retrain_service,
-        "watch $(P)ml:Retrain and run retraining on the configured executor",
-        _executor_option,
-    ),
-    ("demo", cmd_demo, "run the whole loop once and report", _demo_options),
-    (
-        "soak",
-        cmd_soak,
-        "run the loop unattended: stream at a fraction of the edge's ceiling with malformed "
-        "frames mixed in, retrain and hot-swap every few minutes; writes DIR/soak.json",
-        _soak_options,
-    ),
-    (
-        "ipython-profile",
-        cmd_ipython_profile,
-        "write the IPython profile 'edgeloop': a Bluesky session with the devices, plans, RE, "
-        "live table, progress bar, live plot of the edge, ScanWriter and RetrainTrigger",
-        _ipython_profile_options,
-    ),
-    (
-        "screens",
-        cmd_screens,
-        "write the Phoebus screens (overview.bob, beamline.bob) and Phoebus settings file; "
-        "optionally draw one from the live PVs as a PNG",
-        _screens_options,
-    ),
-    (
-        "status",
-        cmd_status,
-        "print every edgeloop PV of the prefix (value, units, severity, connected); exit 1 "
-        "naming those that do not answer",
-        _status_options,
-    ),
-    (
-        "bench",
-        cmd_bench,
-        "edge speed per frame size beside its ceilings and pvapy's",
-        _bench_options,
-    ),
-    (
-        "hedm-accuracy",
-        cmd_hedm_accuracy,
-        "BraggNN vs pseudo-Voigt fitting on fresh simulated peaks (accuracy, speed)",
-        _hedm_accuracy_options,
-    ),
-)
+def _commands() -> tuple:
+    """(name, function, help, options): the commands in the order --help lists them (looked
+    up when the parser is built, so a test can replace a command's function)."""
+    return (
+        ("ioc", cmd_ioc, "simulated beamline (CA + PVA) and the real ML IOC (db/)", _ioc_options),
+        ("edge", cmd_edge, "edge inference server", _edge_options),
+        (
+            "retrain-service",
+            cmd_retrain_service,
+            "watch $(P)ml:Retrain and run retraining on the configured executor",
+            _executor_option,
+        ),
+        ("demo", cmd_demo, "run the whole loop once and report", _demo_options),
+        (
+            "soak",
+            cmd_soak,
+            "run the loop unattended: stream at a fraction of the edge's ceiling with malformed "
+            "frames mixed in, retrain and hot-swap every few minutes; writes DIR/soak.json",
+            _soak_options,
+        ),
+        (
+            "ipython-profile",
+            cmd_ipython_profile,
+            "write the IPython profile 'edgeloop': a Bluesky session with the devices, plans, RE, "
+            "live table, progress bar, live plot of the edge, ScanWriter and RetrainTrigger",
+            _ipython_profile_options,
+        ),
+        (
+            "screens",
+            cmd_screens,
+            "write the Phoebus screens (overview.bob, beamline.bob) and Phoebus settings file; "
+            "optionally draw one from the live PVs as a PNG",
+            _screens_options,
+        ),
+        (
+            "status",
+            cmd_status,
+            "print every edgeloop PV of the prefix (value, units, severity, connected); exit 1 "
+            "naming those that do not answer",
+            _status_options,
+        ),
+        (
+            "bench",
+            cmd_bench,
+            "edge speed per frame size beside its ceilings and pvapy's",
+            _bench_options,
+        ),
+        (
+            "hedm-accuracy",
+            cmd_hedm_accuracy,
+            "BraggNN vs pseudo-Voigt fitting on fresh simulated peaks (accuracy, speed)",
+            _hedm_accuracy_options,
+        ),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__)
     common = _common_options()
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, help_, options in COMMANDS:
+    for name, func, help_, options in _commands():
         p = sub.add_parser(name, help=help_, description=help_, parents=[common])
         p.set_defaults(func=func)
         options(p)

@@ -26,7 +26,8 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw<N>" under xdist
 WORKER_PORT_OFFSET = 100 * int(WORKER.removeprefix("gw") or 0)
 assert "edgeloop.config" not in sys.modules, "the worker's CA port is set before edgeloop.config"
 os.environ["EDGELOOP_BEAMLINE_CA_PORT"] = str(5066 + WORKER_PORT_OFFSET)
-ML_CA_PORT = 5064 + WORKER_PORT_OFFSET
+if WORKER_PORT_OFFSET:  # the first worker, and a run without xdist, keep the standard 5064
+    os.environ["EPICS_CA_SERVER_PORT"] = str(5064 + WORKER_PORT_OFFSET)
 
 from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV  # noqa: E402
 
@@ -46,7 +47,6 @@ CA_PORTS = {
 
 TEST_ENV = dict(
     LOOPBACK_ENV,
-    EPICS_CA_SERVER_PORT=str(ML_CA_PORT),
     EPICS_CA_ADDR_LIST=" ".join(
         [LOOPBACK_ENV["EPICS_CA_ADDR_LIST"]]
         + [f"127.0.0.1:{port}" for name, port in CA_PORTS.items() if name != "beamline"]

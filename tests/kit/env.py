@@ -6,7 +6,7 @@
 - ``ca_port(name)``, ``free_port()`` (a loopback port free for TCP and UDP, for a server
   whose clients get the port explicitly), ``random_prefix(tag)``;
 - ``DEADLINE_SLACK``: how much longer than on an idle machine a test waits for a condition
-  (the suite runs two workers on two cores, on CI machines that are often loaded);
+  (CI machines are often loaded);
 - ``TEST_ENV``: the EPICS settings every test runs with; ``SHARED_DATA``: ../shared/data.
 
 Under pytest-xdist each worker has ports of its own (``WORKER_PORT_OFFSET``): the ML IOCs'

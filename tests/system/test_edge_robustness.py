@@ -167,11 +167,11 @@ def test_every_kind_of_bad_frame_is_refused_once_and_good_frames_between_are_ans
     assert c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"]
 
     # one summary per second, not a line per frame, the last one a second after the last
-    def summaries():
+    def all_logged():
         found = re.findall(r"(\d+) frame\(s\) refused in the last", system.procs["edge"].output())
         return sum(map(int, found)) == c["BadFrames"] and found
 
-    summaries = wait_until(summaries, 30, "the edge's summaries of refused frames", 0.1)
+    summaries = wait_until(all_logged, 30, "the edge's summaries of refused frames", 0.1)
     log = system.procs["edge"].output()
     assert len(summaries) <= time.monotonic() - t0 + 1 and len(summaries) < n_bad
     assert "NaN/Inf pixels" in log and "max_frame_bytes" in log and "not stitched" in log

@@ -99,8 +99,5 @@ class PeakCollector(AnswerCollector):
             for k in value["labels"]
         }
         # when the frame was taken (the edge keeps its time stamp) and when this arrived
-        columns["stamps"] = (
-            value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9,
-            time.time(),
-        )
+        columns["stamps"] = (ntnd.epoch_seconds(value), time.time())
         return int(value["timeStamp.userTag"]), columns

@@ -45,6 +45,7 @@ import numpy as np
 import psutil
 from p4p.client.thread import Context
 
+from edgeloop import ntnd
 from edgeloop.app.processes import ManagedProcess, wait_for_pv
 from edgeloop.app.pvapy_source import AdSimServer
 from edgeloop.config import LOOPBACK_ENV, MODE_KIND, Config
@@ -194,8 +195,7 @@ class Counter:
             if self.t0 is None or self.t1 is not None or now < self.t0:
                 return
             self.seen.add(uid)
-            ts = value["timeStamp"]
-            self.ages.append(now - (ts["secondsPastEpoch"] + ts["nanoseconds"] * 1e-9))
+            self.ages.append(now - ntnd.epoch_seconds(value))
             self._touch(value)
 
     def _touch(self, value) -> None:

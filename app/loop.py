@@ -45,8 +45,8 @@ def stitched_map(
 
     def full():
         value = ctx.get(name)
-        stamp = value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9
-        return value if stamp >= since and value["uniqueId"] >= frames else None
+        posted = ntnd.epoch_seconds(value)
+        return value if posted >= since and value["uniqueId"] >= frames else None
 
     try:
         value = wait_until(full, timeout, f"{name} to hold {frames} answers", 0.1)

@@ -97,8 +97,7 @@ class EdgeLivePlot(CallbackBase):
     def _current(self, value) -> bool:
         if isinstance(value, Exception):
             return False
-        stamp = value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9
-        return stamp >= self._since
+        return ntnd.epoch_seconds(value) >= self._since
 
     @property
     def ax(self):

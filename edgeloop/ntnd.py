@@ -31,6 +31,12 @@ class Frame:
     handed_over: bool = False  # to the edge's publishing thread, which settles it
 
 
+def epoch_seconds(value) -> float:
+    """A pvData value's ``timeStamp`` as seconds since 1970 (0.0 where it has none)."""
+    ts = value.get("timeStamp")
+    return ts["secondsPastEpoch"] + ts["nanoseconds"] * 1e-9 if ts is not None else 0.0
+
+
 def _stamp(t: float) -> dict:
     sec = int(t)
     return {"secondsPastEpoch": sec, "nanoseconds": int((t - sec) * 1e9)}
@@ -148,8 +154,7 @@ def _decode(value: Value, received: float | None) -> Frame:
     flat = _pixels(value)
     if ny <= 0 or nx <= 0 or ny * nx != flat.size:
         raise FrameError(f"dimension {nx}x{ny} does not match {flat.size} pixels")
-    ts = value.get("timeStamp")
-    stamp = ts["secondsPastEpoch"] + ts["nanoseconds"] * 1e-9 if ts is not None else 0.0
+    stamp = epoch_seconds(value)
     return Frame(
         data=flat.reshape(ny, nx),
         unique_id=int(value.get("uniqueId", 0)),

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from edgeloop import ntnd
 from edgeloop.config import Config
 from edgeloop.registry import Registry
 from edgeloop.remote.pipeline import fmt, usable_scans
@@ -73,8 +74,7 @@ class PolicyWatcher:
     def _on_quality(self, value) -> None:
         if isinstance(value, Exception):
             return
-        stamp = value["timeStamp.secondsPastEpoch"] + value["timeStamp.nanoseconds"] * 1e-9
-        self._edge_quality.append((stamp, float(value["value"])))
+        self._edge_quality.append((ntnd.epoch_seconds(value), float(value["value"])))
 
     def scan_quality(self, path: str, stamps, newest: bool) -> float | None:
         """The edge's figure for this scan, by the frames' time stamps; when none falls in

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 
 import numpy as np
@@ -26,8 +27,14 @@ class EdgeStatistics:
         self._out_times: collections.deque = collections.deque(maxlen=2000)
         self._dropped: collections.deque = collections.deque()  # (time, count), last 2 s
         # frames answered with a caveat (not stitched, peaks left out): reason -> count
-        self.notes: collections.Counter = collections.Counter()
+        self._notes: collections.Counter = collections.Counter()
+        self._notes_lock = threading.Lock()  # frame threads add, the stats thread takes
         self._last_report = time.monotonic()
+
+    def note(self, caveat: str) -> None:
+        """Count a frame answered with a caveat, for the next summary."""
+        with self._notes_lock:
+            self._notes[caveat] += 1
 
     def count_out(self, frame, now: float) -> None:
         """Count a frame answered at ``now`` and its latency since it arrived."""
@@ -80,7 +87,8 @@ class EdgeStatistics:
         if span < self.edge.cfg.edge.bad_frame_report_s:
             return
         refused = self.edge.queue.take_reasons()
-        notes, self.notes = self.notes, collections.Counter()
+        with self._notes_lock:
+            notes, self._notes = self._notes, collections.Counter()
         if not refused and not notes:
             return
         self._last_report = now

@@ -86,9 +86,7 @@ class PtychoFrames:
             raise ModelRejected("the model gave NaN/Inf for this frame")
         xy = finite_position(frame.attributes)
         if xy is None and any(frame.attributes.get(k) is not None for k in ("SampleX", "SampleY")):
-            self.edge.stats.notes[
-                "SampleX/SampleY not finite numbers: answered, not stitched"
-            ] += 1
+            self.edge.stats.note("SampleX/SampleY not finite numbers: answered, not stitched")
         if frame.new_acquisition:
             self.edge.stitcher.new_acquisition()
         overlap, surround = self.edge.stitcher.place(ph, xy) if xy is not None else (None, None)
@@ -167,9 +165,7 @@ class HedmFrames:
         warning = ""
         if left_out:
             warning = f"{left_out} maxima above edge.max_peaks_per_frame left out"
-            edge.stats.notes[
-                f"peaks left out (max_peaks_per_frame {cfg.max_peaks_per_frame})"
-            ] += 1
+            edge.stats.note(f"peaks left out (max_peaks_per_frame {cfg.max_peaks_per_frame})")
         edge.pvs["Peaks"].post(peak_table(frame.unique_id, peaks, frame.timestamp, warning))
         edge.pvs["PeakCount"].post(len(patches))
         edge.count_out(frame, time.time())

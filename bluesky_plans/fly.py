@@ -232,6 +232,11 @@ class TrajectoryFlyer:
         """Stage axis -> event data key (the motor's readback name, as in step scans)."""
         return {axis: getattr(self.sample_stage, axis).user_readback.name for axis in self.path}
 
+    @property
+    def hints(self) -> dict:
+        """The uniqueId is the field worth a column or a plot (the image is a datum id)."""
+        return {"fields": [f"{self.det.name}_unique_id"]}
+
     def describe_collect(self) -> dict:
         image = f"{self.det.name}_image"
         _, ny, nx = (int(v) for v in self.det.hdf1.array_size.get())

@@ -92,6 +92,8 @@ class EdgeLivePlot(CallbackBase):
         self.phase_map: np.ndarray | None = None
         self.peak_counts: dict[int, int] = {}
         self._artist = None
+        self._updates = 0  # answers taken from the edge
+        self._drawn = 0  # ... when the figure was last drawn: redrawn only when it changed
         self._since = 0.0
 
     def _current(self, value) -> bool:
@@ -132,6 +134,7 @@ class EdgeLivePlot(CallbackBase):
         if self._current(value) and value["uniqueId"] > 0:
             with self._lock:
                 self.phase_map = ntnd.decode(value).data.copy()
+                self._updates += 1
 
     def _on_peaks(self, value) -> None:
         if not self._current(value):
@@ -142,15 +145,21 @@ class EdgeLivePlot(CallbackBase):
         if uid > 0:
             with self._lock:
                 self.peak_counts[uid] = 0 if column is None else len(column)
+                self._updates += 1
 
     def event(self, doc):
         self.redraw()
         return doc
 
     def redraw(self) -> None:
+        """Draw what the edge sent since the last call; nothing when it sent nothing (an
+        event per frame at hundreds of frames/s must not mean a figure drawn per frame)."""
         with self._lock:
             phase_map = self.phase_map
             counts = sorted(self.peak_counts.items())
+            if self._updates == self._drawn:
+                return
+            self._drawn = self._updates
         if self.technique == "ptychography" and phase_map is not None:
             if self._artist is None:
                 self._artist = self.ax.imshow(phase_map, cmap="gray")

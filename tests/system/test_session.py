@@ -22,6 +22,7 @@ from edgeloop.bluesky_plans import (
 )
 from edgeloop.waiting import holds_for, wait_until
 from tests.kit.env import ca_port
+from tests.kit.figures import draws_coalesced
 from tests.kit.servers import whole_system
 
 matplotlib.use("Agg")
@@ -75,15 +76,17 @@ def tutorial_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", TUTORIAL.read_text(), flags=re.S)
 
 
-def test_the_tutorials_snippets_run_as_written(loop, tmp_path):
+def test_the_tutorials_snippets_run_as_written(loop, tmp_path, monkeypatch):
     snippets = tutorial_snippets()
     assert snippets, "the tutorial has Python snippets"
+    monkeypatch.setenv("BLUESKY_DEBUG_CALLBACKS", "1")  # a callback's error fails the run
     namespace: dict = {}
     try:
-        for code in snippets:
-            code = code.replace('"SIM:"', repr(loop.prefix))
-            code = code.replace("~/.edgeloop/data", str(tmp_path / "data"))
-            exec(compile(code, str(TUTORIAL), "exec"), namespace)
+        with draws_coalesced():
+            for code in snippets:
+                code = code.replace('"SIM:"', repr(loop.prefix))
+                code = code.replace("~/.edgeloop/data", str(tmp_path / "data"))
+                exec(compile(code, str(TUTORIAL), "exec"), namespace)
         runs = sorted((tmp_path / "data").glob("run_*.json"))
         assert len(runs) == 3  # the two fly scans and the step scan, each pointing at
         assert len(list((tmp_path / "data" / "detector").glob("*.h5"))) == 3  # its file

@@ -287,8 +287,10 @@ def frames(draw):
     return value, defect is None
 
 
+# the unit tier fuzzes the frame path in process (400 examples); here the transport and
+# a real client's frames are the point
 @settings(
-    max_examples=250,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,
@@ -460,10 +462,11 @@ def test_a_frame_source_killed_and_restarted_mid_scan_is_followed_and_the_gap_re
             system.wait_value("kedge:FramesOut", lambda v: v >= out + 5, 60)
             message = system.ctx.get(f"{p}Message")
             assert "back after" in message["value"] and message["alarm.severity"] == 0
-            time.sleep(0.5)  # MissedFrames is published every stats_publish_s
             resumed = min(f.unique_id for f in phase.wait(5) if f.unique_id >= 1000)
-            # the last answered before the kill was `last`, the first after it `resumed`
-            assert system.value("kedge:MissedFrames") - missed == resumed - last - 1
+            # the last answered before the kill was `last`, the first after it `resumed`;
+            # MissedFrames is published every stats_publish_s
+            gap = resumed - last - 1
+            system.wait_value("kedge:MissedFrames", lambda v: v - missed == gap, 10)
         finally:
             phase.close()
             second.kill()

@@ -1,6 +1,6 @@
 """What every demo does with the running loop (app layer): start the three servers, collect
-the edge's outputs by frame, burst frames, wait until the edge has drained, and retrain
-through a PV write as an operator would."""
+the edge's outputs by frame, burst frames, read the edge's counters once they settle and
+add up, and retrain through a PV write as an operator would."""
 
 from __future__ import annotations
 
@@ -20,17 +20,41 @@ from edgeloop.waiting import wait_settled, wait_until
 log = logging.getLogger(__name__)
 
 
+EDGE_COUNTERS = ("FramesIn", "FramesOut", "Dropped", "BadFrames", "InFlight")
+
+
+def edge_counts(ctx: Context, prefix: str, edge: str = "edge:") -> dict[str, int]:
+    """The edge's frame counters, MissedFrames and Repeats, each read from its PV."""
+    names = (*EDGE_COUNTERS, "MissedFrames", "Repeats")
+    return {n: int(ctx.get(f"{prefix}{edge}{n}", timeout=5)["value"]) for n in names}
+
+
+def settled_counts(
+    ctx: Context,
+    prefix: str,
+    done=lambda counts: counts["InFlight"] == 0,
+    quiet_s: float = 1.0,
+    timeout: float = 60.0,
+    edge: str = "edge:",
+) -> dict[str, int]:
+    """``edge_counts`` once they add up (FramesIn = FramesOut + Dropped + BadFrames +
+    InFlight), ``done`` holds for them (by default: nothing in flight) and none moved for
+    ``quiet_s``. Each counter is its own PV, posted one after another every
+    ``edge.stats_publish_s``: a reading taken across two posts may not add up, a settled one
+    does, so ``quiet_s`` should span two posts."""
+
+    def ready(c: dict) -> bool:
+        in_ = c["FramesOut"] + c["Dropped"] + c["BadFrames"] + c["InFlight"]
+        return c["FramesIn"] == in_ and done(c)
+
+    what = f"the counters of {prefix}{edge} to settle"
+    return wait_settled(lambda: edge_counts(ctx, prefix, edge), ready, quiet_s, timeout, what)
+
+
 def wait_drained(ctx: Context, prefix: str, settle_s: float = 1.0, timeout: float = 60.0) -> int:
     """Wait until the edge has settled every frame it received (answered, dropped or
     refused: nothing in flight) and no more arrive; returns FramesIn."""
-
-    def read() -> tuple[int, int]:
-        return tuple(ctx.get(f"{prefix}edge:{n}")["value"] for n in ("FramesIn", "InFlight"))
-
-    frames_in, _ = wait_settled(
-        read, lambda c: c[1] == 0, settle_s, timeout, "the edge to drain (FramesIn, InFlight)"
-    )
-    return frames_in
+    return settled_counts(ctx, prefix, quiet_s=settle_s, timeout=timeout)["FramesIn"]
 
 
 def stitched_map(

@@ -25,9 +25,15 @@ from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
-from edgeloop.app.loop import Servers, prepare, retrain_via_pv, wait_drained
+from edgeloop.app.loop import (
+    Servers,
+    edge_counts,
+    prepare,
+    retrain_via_pv,
+    settled_counts,
+    wait_drained,
+)
 from edgeloop.config import Config
-from edgeloop.waiting import wait_settled
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +108,6 @@ class Stream:
             self._thread.join(10)
 
 
-def _edge_counts(ctx, p: str) -> dict:
-    names = ("FramesIn", "FramesOut", "Dropped", "BadFrames", "InFlight", "MissedFrames")
-    return {n: int(ctx.get(f"{p}edge:{n}")["value"]) for n in (*names, "Repeats")}
-
-
 def _resources(proc: psutil.Process) -> tuple[float, int]:
     return proc.memory_info().rss / 2**20, proc.num_fds()
 
@@ -126,23 +127,10 @@ def _ceiling(stream: Stream, ctx, p: str) -> float:
     warm-up)."""
     stream.run_for(3.0, None)
     wait_drained(ctx, p, settle_s=0.5)
-    out0, t0 = _edge_counts(ctx, p)["FramesOut"], time.monotonic()
+    out0, t0 = edge_counts(ctx, p)["FramesOut"], time.monotonic()
     stream.run_for(8.0, None)
     wait_drained(ctx, p, settle_s=0.5)
-    return (_edge_counts(ctx, p)["FramesOut"] - out0) / (time.monotonic() - t0)
-
-
-def _settled_counts(ctx, p: str, stats_publish_s: float) -> dict:
-    """The edge's counters once nothing is in flight and none moved for two of its
-    statistics posts."""
-    return wait_settled(
-        lambda: _edge_counts(ctx, p),
-        lambda c: c["InFlight"] == 0,
-        2 * stats_publish_s + 0.5,
-        120,
-        "the edge's counters to settle",
-        0.2,
-    )
+    return (edge_counts(ctx, p)["FramesOut"] - out0) / (time.monotonic() - t0)
 
 
 def _cycles(cfg: Config, ctx, minutes: float, retrain_every_s: float, points: int) -> dict:
@@ -214,14 +202,14 @@ def run_soak(
         stream = Stream(source, frames, positions, bad_every)
         ceiling = _ceiling(stream, ctx, p)
         log.info("edge ceiling %.0f frames/s; streaming at %.0f", ceiling, fraction * ceiling)
-        start, sent0, malformed0 = _edge_counts(ctx, p), stream.sent, stream.malformed
+        start, sent0, malformed0 = edge_counts(ctx, p), stream.sent, stream.malformed
         rss0, fds0 = _resources(edge)
         stream.start(fraction * ceiling)
         try:
             done = _cycles(cfg, ctx, minutes, retrain_every_s, scan_points)
         finally:
             stream.stop()
-        end = _settled_counts(ctx, p, cfg.edge.stats_publish_s)
+        end = settled_counts(ctx, p, quiet_s=2 * cfg.edge.stats_publish_s + 0.5, timeout=120)
         rss1, fds1 = _resources(edge)
     taken = {k: end[k] - start[k] for k in end}
     sent = stream.sent - sent0

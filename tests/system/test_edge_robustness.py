@@ -16,6 +16,7 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.app.answers import AnswerCollector
+from edgeloop.app.loop import edge_counts, settled_counts
 from edgeloop.waiting import wait_until
 from tests.kit.answers import post
 from tests.kit.env import random_prefix
@@ -76,21 +77,17 @@ def edge(tmp_path_factory, request):
 
 
 def counts(system) -> dict:
-    names = ("FramesIn", "FramesOut", "Dropped", "BadFrames", "InFlight", "Repeats")
-    return {n: system.value(f"edge:{n}") for n in names} | {
-        "MissedFrames": system.value("edge:MissedFrames")
-    }
+    return edge_counts(system.ctx, system.prefix)
 
 
 def settled(system, frames_in: int, timeout: float = 30.0) -> dict:
-    """The counts once FramesIn reached ``frames_in`` and nothing is in flight."""
-
-    def ready():
-        c = counts(system)
-        return c if c["FramesIn"] >= frames_in and c["InFlight"] == 0 else None
-
-    detail = lambda: f"{counts(system)}, expected FramesIn {frames_in}\n{system.outputs()}"  # noqa: E731
-    return wait_until(ready, timeout, "the edge to settle", 0.1, detail)
+    """The counts once FramesIn reached ``frames_in``, nothing is in flight and they add up
+    (each counter is its own PV: one reading can straddle two posts)."""
+    done = lambda c: c["FramesIn"] >= frames_in and c["InFlight"] == 0  # noqa: E731
+    try:
+        return settled_counts(system.ctx, system.prefix, done, 0.3, timeout)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}, expected FramesIn {frames_in}\n{system.outputs()}") from None
 
 
 def _colour(uid):

@@ -24,21 +24,19 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.app.answers import AnswerCollector
+from edgeloop.app.loop import edge_counts, settled_counts
 from edgeloop.app.processes import wait_for_pv
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.edge_pva.workers import WorkerCounts
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import Registry, model_to_bytes
-from edgeloop.waiting import wait_settled, wait_until
+from edgeloop.waiting import wait_until
 from tests.kit.answers import post
 from tests.kit.env import KIT, random_prefix
 from tests.kit.pvapy_sources import Witness, ad_sim_server
 from tests.kit.servers import System, small_config
 
 pytestmark = [pytest.mark.timeout(120)]
-
-
-COUNTERS = ("FramesIn", "FramesOut", "Dropped", "BadFrames", "InFlight", "Repeats")
 
 
 @contextlib.contextmanager
@@ -60,22 +58,15 @@ def two_workers(tmp: Path, request, prefix: str, input_pv: str):
             print(sys_.outputs())
 
 
-def counts(sys_: System, prefix: str = "edge:") -> dict:
-    return {n: sys_.value(f"{prefix}{n}") for n in (*COUNTERS, "MissedFrames")}
+def counts(sys_: System, edge: str = "edge:") -> dict:
+    return edge_counts(sys_.ctx, sys_.prefix, edge)
 
 
 def settled(sys_: System, n: int, timeout: float = 30, quiet_s: float = 0.5) -> dict:
     """The aggregate's counters once n frames are answered and they have not moved for
     ``quiet_s``, adding up."""
-
-    # each counter is its own PV: a reading taken across two posts may not add up, a
-    # settled one must
     done = lambda c: c["FramesOut"] >= n  # noqa: E731
-    c = wait_settled(
-        lambda: counts(sys_), done, quiet_s, timeout, f"the edge to settle at {n} frames", 0.25
-    )
-    assert c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"] + c["InFlight"], c
-    return c
+    return settled_counts(sys_.ctx, sys_.prefix, done, quiet_s, timeout)
 
 
 def test_worker_counts_add_up_across_a_restart():

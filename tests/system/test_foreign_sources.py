@@ -13,6 +13,7 @@ import pytest
 from p4p.client.thread import Context
 
 from edgeloop.app.answers import AnswerCollector
+from edgeloop.app.loop import settled_counts
 from edgeloop.config import Config
 from edgeloop.edge_pva.server import EdgeServer
 from edgeloop.frame_ids import FrameIds
@@ -74,15 +75,9 @@ def run(tmp_path):
             edge.stop()
 
 
-def counters(ctx: Context, p: str) -> dict:
-    names = ("FramesIn", "FramesOut", "Dropped", "BadFrames", "Repeats", "MissedFrames")
-    return {n: ctx.get(f"{p}edge:{n}", timeout=5)["value"] for n in names}
-
-
 def drained(ctx: Context, p: str, timeout: float = 30) -> dict:
-    """The counters once FramesIn = FramesOut + Dropped + BadFrames and they stopped moving."""
-    adds_up = lambda c: c["FramesIn"] == c["FramesOut"] + c["Dropped"] + c["BadFrames"]  # noqa: E731
-    return wait_settled(lambda: counters(ctx, p), adds_up, 0.5, timeout, "the edge to drain")
+    """The counters once they add up with nothing in flight and stopped moving."""
+    return settled_counts(ctx, p, quiet_s=0.5, timeout=timeout)
 
 
 @pytest.mark.parametrize("dtype", PIXEL_TYPES)

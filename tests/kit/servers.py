@@ -8,7 +8,7 @@ from pathlib import Path
 
 from p4p.client.thread import Context
 
-from edgeloop.app.loop import Servers
+from edgeloop.app.loop import Servers, settled_counts
 from edgeloop.config import BEAMLINE_CA_PORT, Config
 from edgeloop.signing import create_key
 from edgeloop.waiting import wait_until
@@ -42,6 +42,11 @@ class PvReader:
 
     def value(self, name: str):
         return self.pv(name)["value"]
+
+    def settled(self, timeout: float = 30) -> dict:
+        """The edge's counters once nothing is in flight and none moved for 0.5 s: a
+        baseline read right after a test's last answer can lag its count by one post."""
+        return settled_counts(self.ctx, self.prefix, quiet_s=0.5, timeout=timeout * DEADLINE_SLACK)
 
     def wait_value(self, name: str, predicate, timeout: float):
         """The value of ``name`` once ``predicate`` holds for it; ``timeout`` is what an idle

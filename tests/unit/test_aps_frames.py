@@ -44,8 +44,8 @@ def test_each_real_aps_frame_gets_a_phase_image(aps_edge):
 
 def test_malformed_frames_are_reported_and_the_stream_continues(aps_edge):
     system, source = aps_edge
-    bad_before = system.value("edge:BadFrames")
-    out_before = system.value("edge:FramesOut")
+    before = system.settled()
+    bad_before, out_before = before["BadFrames"], before["FramesOut"]
     bad = ntnd.build(np.ones((8, 8), np.int32), 101)
     bad["dimension"] = [
         {"size": 9, "offset": 0, "fullSize": 9, "binning": 1, "reverse": False},

@@ -111,7 +111,7 @@ def test_the_edge_answers_a_compressed_frame_as_it_answers_it_uncompressed(fed_e
     outputs = AnswerCollector(system.ctx, f"{p}edge:Phase")
     peaks = PeakCollector(system.ctx, f"{p}edge:Peaks")
     outputs.wait_connected(), peaks.wait_connected()  # both live before the first frame
-    bad = system.value("edge:BadFrames")
+    bad = system.settled()["BadFrames"]
     uid, answers = 0, {}
     for frame in (*frames, frames[0].astype(np.float32)):
         for codec in ("", *codecs.CODECS):  # one at a time: each frame its own batch
@@ -139,7 +139,8 @@ def test_a_corrupt_compressed_frame_is_counted_named_and_the_next_is_answered(fe
     system, source = fed_edge
     p = system.prefix
     outputs = AnswerCollector(system.ctx, f"{p}edge:Phase").wait_connected()
-    bad, out = system.value("edge:BadFrames"), system.value("edge:FramesOut")
+    before = system.settled()
+    bad, out = before["BadFrames"], before["FramesOut"]
     corrupt = ntnd.build(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), 901, codec="bslz4")
     payload = corrupt["value"].copy()[:40]
     corrupt["value"] = ("ubyteValue", payload)

@@ -48,8 +48,8 @@ def test_hedm_frames_without_peaks_with_saturated_and_border_peaks(fed_edge):
 
 def test_unknown_mode_is_a_bad_frame_and_modes_switch_per_frame(fed_edge):
     system, source = fed_edge
-    bad = system.value("edge:BadFrames")
-    out = system.value("edge:FramesOut")
+    before = system.settled()
+    bad, out = before["BadFrames"], before["FramesOut"]
     post(source, ntnd.build(np.ones((64, 64), np.uint16), 11, {"Mode": "xrf"}))
     system.wait_value("edge:BadFrames", lambda v: v == bad + 1, 10)
     # refusals are summarised once per edge.bad_frame_report_s, after the count moves

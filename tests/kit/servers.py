@@ -8,7 +8,7 @@ from pathlib import Path
 
 from p4p.client.thread import Context
 
-from edgeloop.app.loop import Servers, settled_counts
+from edgeloop.app.loop import Servers, edge_counts, settled_counts
 from edgeloop.config import BEAMLINE_CA_PORT, Config
 from edgeloop.signing import create_key
 from edgeloop.waiting import wait_until
@@ -43,10 +43,19 @@ class PvReader:
     def value(self, name: str):
         return self.pv(name)["value"]
 
-    def settled(self, timeout: float = 30) -> dict:
-        """The edge's counters once nothing is in flight and none moved for 0.5 s: a
-        baseline read right after a test's last answer can lag its count by one post."""
-        return settled_counts(self.ctx, self.prefix, quiet_s=0.5, timeout=timeout * DEADLINE_SLACK)
+    def counts(self, edge: str = "edge:") -> dict:
+        """The counters of the edge ``edge`` (a worker's: ``edge:w1:``), each read once."""
+        return edge_counts(self.ctx, self.prefix, edge)
+
+    def settled(self, done=None, quiet_s: float = 0.5, timeout: float = 30) -> dict:
+        """The edge's counters once they add up, ``done`` holds (by default: nothing in
+        flight) and none moved for ``quiet_s``: a reading right after a test's last answer
+        can lag its count by one post. The servers' logs come with a timeout."""
+        done = done or (lambda c: c["InFlight"] == 0)
+        try:
+            return settled_counts(self.ctx, self.prefix, done, quiet_s, timeout * DEADLINE_SLACK)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.outputs()}") from None
 
     def wait_value(self, name: str, predicate, timeout: float):
         """The value of ``name`` once ``predicate`` holds for it; ``timeout`` is what an idle

@@ -16,7 +16,6 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.app.answers import AnswerCollector
-from edgeloop.app.loop import edge_counts, settled_counts
 from edgeloop.waiting import wait_until
 from tests.kit.answers import post
 from tests.kit.env import random_prefix
@@ -76,18 +75,9 @@ def edge(tmp_path_factory, request):
             print(sys_.outputs())
 
 
-def counts(system) -> dict:
-    return edge_counts(system.ctx, system.prefix)
-
-
-def settled(system, frames_in: int, timeout: float = 30.0) -> dict:
-    """The counts once FramesIn reached ``frames_in``, nothing is in flight and they add up
-    (each counter is its own PV: one reading can straddle two posts)."""
-    done = lambda c: c["FramesIn"] >= frames_in and c["InFlight"] == 0  # noqa: E731
-    try:
-        return settled_counts(system.ctx, system.prefix, done, 0.3, timeout)
-    except TimeoutError as exc:
-        raise TimeoutError(f"{exc}, expected FramesIn {frames_in}\n{system.outputs()}") from None
+def settled(system, frames_in: int) -> dict:
+    """The counts once FramesIn reached ``frames_in`` and nothing is in flight."""
+    return system.settled(lambda c: c["FramesIn"] >= frames_in and c["InFlight"] == 0, 0.3)
 
 
 def _colour(uid):
@@ -142,7 +132,7 @@ def bad_frames():
 def test_every_kind_of_bad_frame_is_refused_once_and_good_frames_between_are_answered(edge):
     system, source = edge
     phase = AnswerCollector(system.ctx, f"{system.prefix}edge:Phase")
-    before = counts(system)
+    before = system.counts()
     good = []
     t0 = time.monotonic()
     for _, value in bad_frames():
@@ -179,7 +169,7 @@ def test_every_kind_of_bad_frame_is_refused_once_and_good_frames_between_are_ans
 
 def test_repeated_and_out_of_order_unique_ids_are_answered_once(edge):
     system, source = edge
-    before = counts(system)
+    before = system.counts()
     phase = AnswerCollector(system.ctx, f"{system.prefix}edge:Phase")
     base = source.uid
     for uid in (base + 1, base + 1, base + 4, base + 3, base + 2, base + 4):
@@ -197,7 +187,7 @@ def test_repeated_and_out_of_order_unique_ids_are_answered_once(edge):
 
 def test_a_structure_that_is_not_an_ntndarray_is_counted_and_the_edge_goes_on(edge):
     system, source = edge
-    before = counts(system)
+    before = system.counts()
     source.send(Value(Type([("uniqueId", "s"), ("value", "ad")]), {"uniqueId": "x"}))
     system.wait_value("edge:BadFrames", lambda v: v == before["BadFrames"] + 1, 20)
     uid = source.frame()
@@ -207,7 +197,7 @@ def test_a_structure_that_is_not_an_ntndarray_is_counted_and_the_edge_goes_on(ed
 
 def test_a_flood_of_light_is_answered_with_the_peaks_capped_and_flagged(edge):
     system, source = edge
-    before = counts(system)
+    before = system.counts()
     rng = np.random.default_rng(3)
     flood = rng.poisson(20.0, (256, 256)).astype(np.uint16)
     tops = rng.integers(5000, 60000, flood[::5, ::5].shape)
@@ -295,7 +285,7 @@ def frames(draw):
 @given(batch=st.lists(frames(), min_size=1, max_size=20))
 def test_fuzz_random_malformed_frames_through_a_real_pva_client(edge, batch):
     system, source = edge
-    before = counts(system)
+    before = system.counts()
     expected_out = 0
     for value, answered in batch:
         source.uid += 1
@@ -411,7 +401,7 @@ def test_a_frame_source_killed_and_restarted_mid_scan_is_followed_and_the_gap_re
 
     system, _ = edge
     name = f"{system.prefix}killable:Image"
-    before = counts(system)
+    before = system.counts()
 
     def start(first_uid):
         proc = subprocess.Popen(
@@ -472,4 +462,4 @@ def test_a_frame_source_killed_and_restarted_mid_scan_is_followed_and_the_gap_re
         first.kill()
         first.wait(5)
         watcher.stop()
-    assert counts(system)["FramesIn"] == before["FramesIn"]  # the other edge saw none
+    assert system.counts()["FramesIn"] == before["FramesIn"]  # the other edge saw none

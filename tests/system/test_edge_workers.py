@@ -24,7 +24,6 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.app.answers import AnswerCollector
-from edgeloop.app.loop import edge_counts, settled_counts
 from edgeloop.app.processes import wait_for_pv
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.edge_pva.workers import WorkerCounts
@@ -58,15 +57,10 @@ def two_workers(tmp: Path, request, prefix: str, input_pv: str):
             print(sys_.outputs())
 
 
-def counts(sys_: System, edge: str = "edge:") -> dict:
-    return edge_counts(sys_.ctx, sys_.prefix, edge)
-
-
 def settled(sys_: System, n: int, timeout: float = 30, quiet_s: float = 0.5) -> dict:
     """The aggregate's counters once n frames are answered and they have not moved for
     ``quiet_s``, adding up."""
-    done = lambda c: c["FramesOut"] >= n  # noqa: E731
-    return settled_counts(sys_.ctx, sys_.prefix, done, quiet_s, timeout)
+    return sys_.settled(lambda c: c["FramesOut"] >= n, quiet_s, timeout)
 
 
 def test_worker_counts_add_up_across_a_restart():
@@ -138,7 +132,7 @@ def test_two_workers_answer_every_frame_of_pvapy_ad_sim_server_once(tmp_path, re
                     sent = wait_sent(witness)
                     total = settled(edge, len(sent))
                     answers = [f.unique_id for f in outputs.wait(len(sent), timeout=30)]
-                    workers = [counts(edge, f"edge:w{k}:") for k in (1, 2)]
+                    workers = [edge.counts(f"edge:w{k}:") for k in (1, 2)]
                     outputs.close()
             witness.close()
             break
@@ -316,7 +310,7 @@ def delta(after: dict, before: dict) -> dict:
 def test_a_source_without_the_distributor_is_answered_once_and_said(p4p_fed):
     edge = p4p_fed.edge
     before = p4p_fed.connected()
-    workers = [counts(edge, f"edge:w{k}:") for k in (1, 2)]
+    workers = [edge.counts(f"edge:w{k}:") for k in (1, 2)]
     outputs = AnswerCollector(edge.ctx, f"{edge.prefix}edge:Phase")
     try:
         uids = p4p_fed.post(20)
@@ -329,7 +323,7 @@ def test_a_source_without_the_distributor_is_answered_once_and_said(p4p_fed):
     assert total["FramesIn"] == total["FramesOut"] == len(uids), total
     assert total["Repeats"] == len(uids), total  # the second worker's copy of each
     for k in (1, 2):
-        assert delta(counts(edge, f"edge:w{k}:"), workers[k - 1])["FramesOut"] == len(uids)
+        assert delta(edge.counts(f"edge:w{k}:"), workers[k - 1])["FramesOut"] == len(uids)
     text, severity = p4p_fed.messages.wait(lambda m, s: "does not distribute" in m, 10)
     assert severity == 1 and "--workers 1" in text
 

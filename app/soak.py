@@ -202,28 +202,57 @@ def run_soak(
         stream = Stream(source, frames, positions, bad_every)
         ceiling = _ceiling(stream, ctx, p)
         log.info("edge ceiling %.0f frames/s; streaming at %.0f", ceiling, fraction * ceiling)
-        start, sent0, malformed0 = edge_counts(ctx, p), stream.sent, stream.malformed
-        rss0, fds0 = _resources(edge)
+        before = _snapshot(edge_counts(ctx, p), stream, edge)
         stream.start(fraction * ceiling)
         try:
             done = _cycles(cfg, ctx, minutes, retrain_every_s, scan_points)
         finally:
             stream.stop()
         end = settled_counts(ctx, p, quiet_s=2 * cfg.edge.stats_publish_s + 0.5, timeout=120)
-        rss1, fds1 = _resources(edge)
+        after = _snapshot(end, stream, edge)
+    report = _report(minutes, fraction, ceiling, stream.rate, before, after, done)
+    (out / "soak.json").write_text(json.dumps(report, indent=2))
+    print_report(report, out)
+    return report
+
+
+def _snapshot(counts: dict, stream: Stream, edge: psutil.Process) -> dict:
+    rss, fds = _resources(edge)
+    return {
+        "counts": counts,
+        "sent": stream.sent,
+        "malformed": stream.malformed,
+        "rss": rss,
+        "fds": fds,
+    }
+
+
+def _report(
+    minutes: float,
+    fraction: float,
+    ceiling: float,
+    rate: float,
+    before: dict,
+    after: dict,
+    done: dict,
+) -> dict:
+    """soak.json: the frames counted at the edge between the start and the settled end,
+    the retraining cycles, and the edge's resources before and after."""
+    start, end = before["counts"], after["counts"]
+    rss0, fds0, rss1, fds1 = before["rss"], before["fds"], after["rss"], after["fds"]
     taken = {k: end[k] - start[k] for k in end}
-    sent = stream.sent - sent0
+    sent = after["sent"] - before["sent"]
     report = {
         "minutes": minutes,
         "fraction_of_ceiling": fraction,
         "ceiling_fps": round(ceiling, 1),
-        "rate_fps": round(stream.rate, 1),
+        "rate_fps": round(rate, 1),
         "frames_sent": sent,
         "frames_in": taken["FramesIn"],
         "frames_out": taken["FramesOut"],
         "dropped": taken["Dropped"],
         "rejected": taken["BadFrames"],
-        "malformed_sent": stream.malformed - malformed0,
+        "malformed_sent": after["malformed"] - before["malformed"],
         "missed": taken["MissedFrames"],
         "swaps": done["swaps"],
         "retrain_errors": done["errors"],
@@ -243,8 +272,6 @@ def run_soak(
     report["within_bounds"] = (
         rss1 - rss0 <= RSS_GROWTH_BOUND_MB and fds1 <= fds0 + 8 and report["conserved"]
     )
-    (out / "soak.json").write_text(json.dumps(report, indent=2))
-    print_report(report, out)
     return report
 
 

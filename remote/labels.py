@@ -18,35 +18,10 @@ from edgeloop.optics import extract_patch
 log = logging.getLogger(__name__)
 
 
-def reconstruct(
-    intensities: np.ndarray,
-    positions_px: np.ndarray,
-    probe: np.ndarray,
-    epochs: int = 30,
-    algorithm: str = "LSQML",
-    threads: int = 2,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run ptychi; returns (object, probe, origin) with the patch centre of position p at
-    ``p + origin`` in the object array.
-
-    intensities: (N, M, M), zero frequency at the centre (as the detector sees it);
-    positions_px: (N, 2) (row, col) in object pixels; probe: (M, M) complex initial guess.
-    """
+def _options(algorithm: str, epochs: int, n: int, origin: np.ndarray):
+    """ptychi's options for a far-field CPU reconstruction of n frames, the object's
+    origin given (so that labels are cut where the simulator cuts), positions fixed."""
     import ptychi.api as api
-    import torch
-    from ptychi.api.task import PtychographyTask
-    from ptychi.utils import rescale_probe
-
-    torch.set_num_threads(threads)
-    logging.getLogger("ptychi").setLevel(logging.WARNING)
-    intensities = np.asarray(intensities, np.float32)
-    pos = np.asarray(positions_px, np.float64)
-    n, m, _ = intensities.shape
-    pad = 4
-    pmin = np.floor(pos.min(0))
-    span = np.ceil(pos.max(0) - pmin)
-    obj_shape = tuple(int(s) + m + 2 * pad for s in span)
-    origin = (m - 1) / 2.0 + pad - pmin
 
     alg = algorithm.upper()
     if alg == "LSQML":
@@ -78,6 +53,39 @@ def reconstruct(
     opts.probe_position_options.optimizable = False
     opts.opr_mode_weight_options.optimizable = False
 
+    return opts
+
+
+def reconstruct(
+    intensities: np.ndarray,
+    positions_px: np.ndarray,
+    probe: np.ndarray,
+    epochs: int = 30,
+    algorithm: str = "LSQML",
+    threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ptychi; returns (object, probe, origin) with the patch centre of position p at
+    ``p + origin`` in the object array.
+
+    intensities: (N, M, M), zero frequency at the centre (as the detector sees it);
+    positions_px: (N, 2) (row, col) in object pixels; probe: (M, M) complex initial guess.
+    """
+    import torch
+    from ptychi.api.task import PtychographyTask
+    from ptychi.utils import rescale_probe
+
+    torch.set_num_threads(threads)
+    logging.getLogger("ptychi").setLevel(logging.WARNING)
+    intensities = np.asarray(intensities, np.float32)
+    pos = np.asarray(positions_px, np.float64)
+    n, m, _ = intensities.shape
+    pad = 4
+    pmin = np.floor(pos.min(0))
+    span = np.ceil(pos.max(0) - pmin)
+    obj_shape = tuple(int(s) + m + 2 * pad for s in span)
+    origin = (m - 1) / 2.0 + pad - pmin
+
+    opts = _options(algorithm, epochs, n, origin)
     p0 = rescale_probe(np.asarray(probe, np.complex64)[None, None], intensities)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")

@@ -113,6 +113,21 @@ def _failed(message: str, nfev: int = 0) -> FitResult:
     return FitResult(nan, nan, nan, nan, nan, nan, nan, False, message, nfev)
 
 
+def _rejection(res, height: float, rms: float, nx: int, ny: int) -> str | None:
+    """Why a converged-looking fit is not a peak, or None. Height against the residual:
+    noise alone gives 3-5, real peaks 30+."""
+    x0, y0, fx, fy = res.x[0], res.x[1], res.x[3], res.x[4]
+    if res.status <= 0:
+        return f"optimiser did not converge: {res.message}"
+    if height < MIN_SNR * max(rms, 1e-12):
+        return f"no significant peak (height {height / max(rms, 1e-12):.1f} x residual rms)"
+    if not (0.0 <= x0 <= nx - 1 and 0.0 <= y0 <= ny - 1):
+        return "centre in the patch's outer half-pixel (peak not in this patch)"
+    if max(fx / nx, fy / ny) > 0.99:
+        return "width at its upper bound (no compact peak)"
+    return None
+
+
 def fit_pseudo_voigt(patch: np.ndarray) -> FitResult:
     """Least-squares 2-D pseudo-Voigt + constant background fit of one patch.
 
@@ -153,7 +168,7 @@ def fit_pseudo_voigt(patch: np.ndarray) -> FitResult:
     x0, y0, amp, fx, fy, eta, bg = res.x
     rms = math.sqrt(float(np.mean(res.fun**2)))
     # the brightest model pixel (not the continuous height, which a 0.5 px wide fit to one
-    # noisy pixel inflates) against the residual: noise alone gives 3-5, real peaks 30+
+    # noisy pixel inflates)
     height = float(np.max(res.fun + target)) - bg
     result = FitResult(
         float(x0),
@@ -167,15 +182,7 @@ def fit_pseudo_voigt(patch: np.ndarray) -> FitResult:
         res.message,
         int(res.nfev),
     )
-    reason = None
-    if res.status <= 0:
-        reason = f"optimiser did not converge: {res.message}"
-    elif height < MIN_SNR * max(rms, 1e-12):
-        reason = f"no significant peak (height {height / max(rms, 1e-12):.1f} x residual rms)"
-    elif not (0.0 <= x0 <= nx - 1 and 0.0 <= y0 <= ny - 1):
-        reason = "centre in the patch's outer half-pixel (peak not in this patch)"
-    elif max(fx / nx, fy / ny) > 0.99:
-        reason = "width at its upper bound (no compact peak)"
+    reason = _rejection(res, height, rms, nx, ny)
     if reason:
         result.success, result.message = False, reason
     return result

@@ -7,8 +7,10 @@ and the servers a module shares (the whole loop for the session, an edge fed by 
 helpers both use are the importable kit, ``tests/kit``."""
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,16 @@ def _unit_tests_start_no_process(request, monkeypatch):
 
 def pytest_configure(config):
     os.environ.update(TEST_ENV)  # before any EPICS client reads its settings
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+
+
+def _stop_like_ctrl_c(signum, frame):
+    """SIGTERM (a CI timeout, a stopped job) stops the run as Ctrl-C does, so the fixtures'
+    teardown stops the servers they started in sessions of their own; by default SIGTERM
+    ends pytest at once and leaves them running. A second SIGTERM ends it at once."""
+    signal.signal(signum, signal.SIG_DFL)
+    raise KeyboardInterrupt("SIGTERM")
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,10 @@ import psutil
 import pytest
 
 from edgeloop.scanfile import list_scans, read_scan
+from edgeloop.waiting import wait_until
 from tests.kit.env import TEST_ENV, free_port, random_prefix
 from tests.kit.servers import System, small_config
+from tests.kit.waiting import wait_process_gone
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -111,3 +113,57 @@ def test_sigterm_stops_each_server_and_what_it_started(tmp_path):
                 assert children, "the ML IOC runs as the ioc command's child"
     finally:
         servers.stop()
+
+
+INNER_TEST = """
+import subprocess, sys, time
+from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.system  # it starts a process
+
+
+@pytest.fixture
+def server():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                            start_new_session=True)
+    Path(__file__).with_name("server.pid").write_text(str(proc.pid))
+    yield
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_long(server):
+    time.sleep(600)  # until the outer test's SIGTERM
+"""
+
+
+def test_sigterm_to_the_test_run_stops_the_servers_its_fixtures_started(tmp_path):
+    """A CI timeout or a stopped job sends pytest SIGTERM: the fixtures' teardown still
+    stops the servers they started in sessions of their own (tests/conftest.py)."""
+    (tmp_path / "test_inner.py").write_text(INNER_TEST)
+    pid_file = tmp_path / "server.pid"
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-q", "-p", "no:cacheprovider"]
+    run = subprocess.Popen(
+        [*cmd, str(tmp_path / "test_inner.py")],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: pid_file.exists() or run.poll() is not None, 60, "the inner fixture")
+        assert pid_file.exists(), run.communicate()[0][-3000:]
+        server = int(pid_file.read_text())
+        run.send_signal(signal.SIGTERM)
+        output = run.communicate(timeout=60)[0]
+        assert "KeyboardInterrupt" in output, output[-3000:]
+        assert wait_process_gone(server), f"the fixture's server {server} was left running"
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        if pid_file.exists() and psutil.pid_exists(server := int(pid_file.read_text())):
+            psutil.Process(server).kill()  # left behind by a failure: not by the next test

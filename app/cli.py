@@ -114,7 +114,7 @@ def cmd_edge(args) -> None:
 def cmd_retrain_service(args) -> None:
     from edgeloop.remote.service import RetrainService
 
-    RetrainService(_config(args)).serve_forever()
+    RetrainService(_config(args), input_pv=args.input_pv).serve_forever()
 
 
 def cmd_soak(args) -> None:
@@ -265,6 +265,15 @@ def _executor_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _service_options(p: argparse.ArgumentParser) -> None:
+    _executor_option(p)
+    p.add_argument(
+        "--input-pv",
+        help="the detector's NTNDArray its live reference watches (default $(P)det:Pva1:Image; "
+        "the edge's --input-pv)",
+    )
+
+
 def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="edgeloop-demo", help="output directory")
     p.add_argument("--mode", choices=list(MODES), help="technique: ptycho (default) or hedm")
@@ -375,7 +384,7 @@ def _commands() -> tuple:
             "retrain-service",
             cmd_retrain_service,
             "watch $(P)ml:Retrain and run retraining on the configured executor",
-            _executor_option,
+            _service_options,
         ),
         ("demo", cmd_demo, "run the whole loop once and report", _demo_options),
         (

@@ -39,7 +39,8 @@ class EdgeloopProcessor(AdImageProcessor):
         flat = np.asarray(flat)
         if codec:
             dtype = codecs.pixel_type(pv["codec"]["parameters"][0]["value"])
-            flat = codecs.decompress(codec, flat, dtype, int(pv["uncompressedSize"]))
+            declared = int(pv["uncompressedSize"])
+            flat = codecs.decompress(codec, flat, dtype, declared, self.cfg.edge.max_frame_bytes)
         return flat.reshape(ny, nx)
 
     def process(self, pvObject):  # noqa: N803 (pvapy's name)

@@ -9,7 +9,8 @@ import threading
 
 
 class FrameQueue:
-    """A full queue drops its oldest item; ``put`` never blocks.
+    """A full queue drops its oldest item; ``put`` never blocks. Full: ``maxlen`` items, or
+    items whose sizes (given to ``put``) would add up to more than ``max_bytes``.
 
     Every frame taken in is settled exactly once, as answered, dropped or bad; until then it
     is in flight (queued or being handled).  All counts change under one lock, so a
@@ -17,11 +18,13 @@ class FrameQueue:
     Refusal reasons are kept for the rate-limited summary (:meth:`take_reasons`).
     """
 
-    def __init__(self, maxlen: int):
+    def __init__(self, maxlen: int, max_bytes: int | None = None):
         if maxlen < 1:
             raise ValueError("queue size must be >= 1")
-        self._items: collections.deque = collections.deque()
+        self._items: collections.deque = collections.deque()  # (item, its size in bytes)
         self._maxlen = maxlen
+        self._max_bytes = max_bytes
+        self.queued_bytes = 0
         self._cond = threading.Condition()
         self.received = 0
         self.dropped = 0
@@ -31,13 +34,17 @@ class FrameQueue:
         self._reasons: collections.Counter = collections.Counter()
         self._examples: dict[str, tuple] = {}  # -> (a uniqueId, its reason, severity)
 
-    def put(self, item) -> None:
+    def put(self, item, nbytes: int = 0) -> None:
         with self._cond:
             self.received += 1
-            if len(self._items) >= self._maxlen:
-                self._items.popleft()
+            while self._items and (
+                len(self._items) >= self._maxlen
+                or (self._max_bytes is not None and self.queued_bytes + nbytes > self._max_bytes)
+            ):
+                self.queued_bytes -= self._items.popleft()[1]
                 self.dropped += 1
-            self._items.append(item)
+            self._items.append((item, nbytes))
+            self.queued_bytes += nbytes
             self._cond.notify()
 
     def refuse(self, unique_id, reason: str, severity: int = 1) -> None:
@@ -51,8 +58,9 @@ class FrameQueue:
         with self._cond:
             if not self._items:
                 self._cond.wait(timeout)
-            n = min(max_items, len(self._items))
-            return [self._items.popleft() for _ in range(n)]
+            batch = [self._items.popleft() for _ in range(min(max_items, len(self._items)))]
+            self.queued_bytes -= sum(nbytes for _, nbytes in batch)
+            return [item for item, _ in batch]
 
     def settle_answered(self, n: int = 1) -> None:
         with self._cond:

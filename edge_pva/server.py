@@ -75,7 +75,7 @@ class EdgeServer:
         self.server_args, self.client_args = dict(server_args or {}), dict(client_args or {})
         self.registry = Registry(cfg.registry_path)
         torch.set_num_threads(cfg.edge.threads)
-        self.queue = FrameQueue(cfg.edge.queue_size)
+        self.queue = FrameQueue(cfg.edge.queue_size, cfg.edge.max_queue_bytes)
         self.frame_ids = FrameIds()
         self.mode = cfg.mode  # of the last frame handled
         self.loads = LoadRequests()
@@ -169,13 +169,13 @@ class EdgeServer:
                 uid, f"{size} bytes, above edge.max_frame_bytes {self.cfg.edge.max_frame_bytes}"
             )
             return
-        self.queue.put((value, time.time(), arrival is Arrival.RESTART))
+        self.queue.put((value, time.time(), arrival is Arrival.RESTART), size)
 
     def _decode(self, item) -> ntnd.Frame | None:
         value, received, restart = item
         uid = value.get("uniqueId", "?")
         try:
-            frame = ntnd.decode(value, received)
+            frame = ntnd.decode(value, received, self.cfg.edge.max_frame_bytes)
             mode = frame.attributes.get("Mode", self.cfg.mode)
             if not isinstance(mode, str) or mode not in MODES:
                 raise ntnd.FrameError(f"Mode attribute {mode!r} is not one of {list(MODES)}")

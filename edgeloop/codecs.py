@@ -11,6 +11,10 @@ HDF5 filter's header in front of the payload: 8 bytes of big-endian uncompressed
 of block size (bitshuffle filter 32008, LZ4 filter 32004, whose blocks each carry a 4-byte
 compressed size).  NDPluginCodec never sends it; ``decompress`` recognises it by the size it
 declares and reads both forms, so the user sets nothing.
+
+Decoding is bounded: every codec writes at most the ``uncompressedSize`` the frame declares
+(which the caller bounds with ``max_bytes``), so a small payload that would expand to
+gigabytes (a decompression bomb) is refused after that many bytes, not allocated.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ SCALAR_TYPES: dict[int, np.dtype] = {
 }
 SCALAR_TYPE_CODES = {dtype: code for code, dtype in SCALAR_TYPES.items()}
 HDF5_HEADER = 12  # uncompressed size (uint64 BE) + block size (uint32 BE)
+ZLIB_STEP = 1 << 16  # payload bytes fed to zlib at a time
+BLOSC_HEADER = 16  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes (LE)
 
 
 class CodecError(ValueError):
@@ -63,8 +69,8 @@ def _hdf5_header(payload: np.ndarray, nbytes: int) -> int | None:
 
 def _lz4(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> bytes:
     block = _hdf5_header(payload, nbytes)
-    if block is None:
-        return lz4.block.decompress(payload.tobytes(), uncompressed_size=nbytes)
+    if block is None:  # a raw block: LZ4 stops with an error once nbytes are written
+        return lz4.block.decompress(payload, uncompressed_size=nbytes)
     data, pos, parts = payload.tobytes(), HDF5_HEADER, []
     remaining = nbytes
     while remaining > 0:
@@ -88,30 +94,59 @@ def _bslz4(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _blosc(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> bytes:
-    return blosc.decompress(payload.tobytes())
+    """c-blosc allocates what its header declares: the header is checked first."""
+    if payload.size < BLOSC_HEADER:
+        raise CodecError(f"blosc payload of {payload.size} bytes is shorter than its header")
+    head = payload[:BLOSC_HEADER].tobytes()
+    declared, total = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
+    if declared != nbytes:
+        raise CodecError(f"blosc header declares {declared} bytes, uncompressedSize says {nbytes}")
+    if total != payload.size:
+        raise CodecError(f"blosc header declares {total} compressed bytes, {payload.size} came")
+    return blosc.decompress(payload)
 
 
-def _zlib(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> bytes:
-    return zlib.decompress(payload.tobytes())
+def _zlib(payload: np.ndarray, nbytes: int, dtype: np.dtype) -> bytearray:
+    """Fed in steps, each allowed one byte more than what is left of nbytes: a stream that
+    goes past nbytes is refused at nbytes + 1, and no copy of the payload is made."""
+    stream, view, out = zlib.decompressobj(), memoryview(payload), bytearray()
+    for start in range(0, len(view), ZLIB_STEP):
+        out += stream.decompress(view[start : start + ZLIB_STEP], nbytes + 1 - len(out))
+        if len(out) > nbytes:
+            raise CodecError(f"zlib payload decompresses to more than uncompressedSize {nbytes}")
+        if stream.eof:
+            break
+    if not stream.eof:
+        raise CodecError("zlib payload ends before its stream does")
+    return out
 
 
 _DECOMPRESS = {"lz4": _lz4, "bslz4": _bslz4, "blosc": _blosc, "zlib": _zlib}
 CODECS = tuple(_DECOMPRESS)
 
 
-def decompress(codec: str, payload: np.ndarray, dtype: np.dtype, nbytes: int) -> np.ndarray:
-    """The 1-D pixel array of ``nbytes`` bytes that ``payload`` (uint8) holds."""
+def decompress(
+    codec: str, payload: np.ndarray, dtype: np.dtype, nbytes: int, max_bytes: int | None = None
+) -> np.ndarray:
+    """The 1-D pixel array of ``nbytes`` bytes that ``payload`` (uint8) holds; at most
+    ``nbytes`` (and ``max_bytes``) are ever written."""
     if codec not in _DECOMPRESS:
         raise CodecError(f"unknown codec {codec!r}; edgeloop decodes {list(CODECS)}")
     if nbytes <= 0 or nbytes % dtype.itemsize:
         raise CodecError(f"uncompressedSize {nbytes} is not a whole number of {dtype} pixels")
+    if max_bytes is not None and nbytes > max_bytes:
+        raise CodecError(f"uncompressedSize {nbytes} is above the limit of {max_bytes} bytes")
     try:
         out = _DECOMPRESS[codec](np.ascontiguousarray(payload, np.uint8), nbytes, dtype)
     except CodecError:
         raise
     except Exception as exc:  # each library raises its own kind of error on a bad payload
         raise CodecError(f"{codec} payload does not decompress: {exc}") from None
-    out = np.frombuffer(out, dtype) if isinstance(out, bytes) else out.view(dtype).ravel()
+    out = (
+        np.frombuffer(out, dtype)
+        if isinstance(out, bytes | bytearray)
+        else out.view(dtype).ravel()
+    )
     if out.nbytes != nbytes:
         raise CodecError(
             f"{codec} payload decompressed to {out.nbytes} bytes, uncompressedSize says {nbytes}"

@@ -10,7 +10,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 # Two CA servers on one host cannot share UDP port 5064 for unicast searches (the kernel
@@ -189,9 +189,21 @@ class EdgeConfig:
     consistency_alarm_px: Positive = 1.0
     # a frame holding more bytes (compressed or not) is refused before it is decoded
     max_frame_bytes: Count = 64 * 1024 * 1024
+    # the frames queued for inference hold at most this many bytes together (and at most
+    # queue_size frames): the oldest is dropped first, as when the queue is full
+    max_queue_bytes: Count = 1024 * 1024 * 1024
     # HEDM: at most this many peaks are refined per frame; a frame with more is flagged
     max_peaks_per_frame: Count = 2000
     bad_frame_report_s: Seconds = 1.0  # one summary of refused frames per interval
+
+    @model_validator(mode="after")
+    def _queue_holds_a_frame(self):
+        if self.max_queue_bytes < self.max_frame_bytes:
+            raise ValueError(
+                f"max_queue_bytes {self.max_queue_bytes} is below max_frame_bytes "
+                f"{self.max_frame_bytes}: the queue could not hold one frame"
+            )
+        return self
 
 
 @dataclass(config=SECTION)

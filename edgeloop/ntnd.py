@@ -90,7 +90,7 @@ def build(
     )
 
 
-def _pixels(value: Value) -> np.ndarray:
+def _pixels(value: Value, max_bytes: int | None) -> np.ndarray:
     """The frame's pixels as a 1-D array, decompressed when a codec is named."""
     flat = value.get("value")
     if flat is None or not hasattr(flat, "dtype"):
@@ -108,7 +108,8 @@ def _pixels(value: Value) -> np.ndarray:
     params = value.get("codec.parameters")
     try:
         dtype = codecs.pixel_type(params["value"] if isinstance(params, Value) else params)
-        pixels = codecs.decompress(codec, flat, dtype, int(value.get("uncompressedSize", 0)))
+        declared_bytes = int(value.get("uncompressedSize", 0))
+        pixels = codecs.decompress(codec, flat, dtype, declared_bytes, max_bytes)
     except codecs.CodecError as exc:
         raise FrameError(str(exc)) from None
     return pixels
@@ -127,18 +128,21 @@ def payload_bytes(value: Value) -> int:
     return max(held, declared, pixels * itemsize)
 
 
-def decode(value: Value, received: float | None = None) -> Frame:
+def decode(value: Value, received: float | None = None, max_bytes: int | None = None) -> Frame:
     """Frame from an NTNDArray ``Value`` (plain or NDPluginCodec-compressed); raises
-    FrameError with the reason when unusable, whatever the value holds."""
+    FrameError with the reason when unusable, whatever the value holds, and for a frame that
+    holds or declares more than ``max_bytes`` (before anything is decompressed)."""
     try:
-        return _decode(value, received)
+        if max_bytes is not None and (size := payload_bytes(value)) > max_bytes:
+            raise FrameError(f"{size} bytes, above the limit of {max_bytes}")
+        return _decode(value, received, max_bytes)
     except FrameError:
         raise
     except Exception as exc:  # a structure that is not an NTNDArray, or a damaged one
         raise FrameError(f"malformed NTNDArray: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(value: Value, received: float | None) -> Frame:
+def _decode(value: Value, received: float | None, max_bytes: int | None) -> Frame:
     attrs = {}
     for a in value.get("attribute", []):
         attrs[a["name"]] = a["value"]
@@ -151,7 +155,7 @@ def _decode(value: Value, received: float | None) -> Frame:
     if len(dims) != 2:
         raise FrameError(f"expected a 2-D mono frame, got dimension sizes {dims}")
     ny, nx = dims[1], dims[0]
-    flat = _pixels(value)
+    flat = _pixels(value, max_bytes)
     if ny <= 0 or nx <= 0 or ny * nx != flat.size:
         raise FrameError(f"dimension {nx}x{ny} does not match {flat.size} pixels")
     stamp = epoch_seconds(value)

@@ -7,7 +7,10 @@ A window that arrives while the last is still being analysed is skipped (counted
 info); the stream costs one decode per frame (its Mode attribute picks the plan). A monitor
 squashes updates when its client falls behind: a window that lost a few frames is still
 analysed (each frame carries its position); one left with fewer than three quarters of its
-frames, by a short acquisition or a squashed monitor, is not (counted as incomplete)."""
+frames, by a short acquisition or a squashed monitor, is not (counted as incomplete).
+Frames are decoded under the edge's limits (``edge.max_frame_bytes``, bounded codecs); one
+that is refused is counted and logged at the 1st, 2nd, 4th, ... refusal (the edge reports
+each)."""
 
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ class ReferenceMonitor:
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._models: dict = {}  # kind -> (version, model)
-        self.done = self.skipped = self.failed = self.incomplete = 0
+        self.done = self.skipped = self.failed = self.incomplete = self.refused = 0
         self._sub = None
 
     def start(self) -> ReferenceMonitor:
@@ -82,9 +85,14 @@ class ReferenceMonitor:
             self._flush()
             self._first_uid = uid
         try:
-            frame = ntnd.decode(value)
-        except ntnd.FrameError:
-            return  # the edge counts and reports it; a reference needs good frames only
+            frame = ntnd.decode(value, max_bytes=self.cfg.edge.max_frame_bytes)
+        except (
+            ntnd.FrameError
+        ) as exc:  # the edge counts and reports each; logged here 1, 2, 4.. times
+            self.refused += 1
+            if self.refused & (self.refused - 1) == 0:
+                log.warning("reference: frame %d refused (%s); %d refused", uid, exc, self.refused)
+            return
         mode = str(frame.attributes.get("Mode", self.cfg.mode))
         if mode not in UNITS:
             return

@@ -43,8 +43,15 @@ class RetrainService:
     task.
     """
 
-    def __init__(self, cfg: Config, executor=None, step_timeout: float | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        executor=None,
+        step_timeout: float | None = None,
+        input_pv: str | None = None,
+    ):
         self.cfg = cfg
+        self.input_pv = input_pv
         self.p = cfg.prefix
         self.registry = Registry(cfg.registry_path)
         self.ctx = Context("pva", nt=False)
@@ -211,7 +218,9 @@ class RetrainService:
         ).start()
         self.reference = None
         if self.cfg.remote.reference:
-            self.reference = ReferenceMonitor(self.cfg, self.ctx, self.registry, self.pvs.put)
+            self.reference = ReferenceMonitor(
+                self.cfg, self.ctx, self.registry, self.pvs.put, self.input_pv
+            )
             self.reference.start()
         # last: a beating service has made all of the above and its monitors are connected
         # (what starters wait for)

@@ -1,6 +1,10 @@
 """NDPluginCodec-compressed NTNDArray frames: every codec and pixel type round trips; chunks
 written by hdf5plugin (with the HDF5 filter header) decode unchanged; a bad payload, an
-unknown codec, a wrong size or an unsupported pixel type is a FrameError naming the cause."""
+unknown codec, a wrong size or an unsupported pixel type is a FrameError naming the cause;
+a decompression bomb is refused within the size its frame declares."""
+
+import tracemalloc
+import zlib
 
 import h5py
 import hdf5plugin
@@ -14,6 +18,7 @@ from edgeloop import codecs, ntnd
 from edgeloop.app.answers import AnswerCollector, PeakCollector
 from edgeloop.ioc.hedm_sim import add_pseudo_voigt
 from tests.kit.answers import post
+from tests.kit.bombs import GIB, LZ4_MAX, bomb_frame
 from tests.kit.env import SHARED_DATA
 
 PIXEL_TYPES = list(codecs.SCALAR_TYPE_CODES)
@@ -157,3 +162,42 @@ def test_a_corrupt_compressed_frame_is_counted_named_and_the_next_is_answered(fe
     message = system.pv("edge:Message")
     assert "bslz4" in message["value"]
     assert message["alarm.severity"] == 1
+
+
+# decompression bombs: what each codec would expand them to (LZ4 blocks and blosc frames
+# cannot describe more than about 2 GiB)
+BOMBS = {"zlib": 2 * GIB, "lz4": LZ4_MAX, "blosc": 2 * GIB - 64}
+
+
+@pytest.mark.parametrize("codec", list(BOMBS))
+def test_a_decompression_bomb_is_refused_within_the_size_it_declares(codec):
+    value = bomb_frame(codec, BOMBS[codec], 5)
+    assert value["value"].nbytes < 10 << 20  # a few MB that would expand to ~2 GiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(ntnd.FrameError, match=f"{codec} payload|blosc header"):
+            ntnd.decode(value, max_bytes=16 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{codec}: decoding the refused bomb allocated {peak} bytes"
+
+
+@pytest.mark.parametrize("codec", list(BOMBS))
+def test_a_bomb_that_declares_its_size_is_refused_before_decoding(codec):
+    value = bomb_frame(codec, BOMBS[codec], 6, declared=BOMBS[codec])
+    with pytest.raises(ntnd.FrameError, match=f"above the limit of {16 << 20}"):
+        ntnd.decode(value, max_bytes=16 << 20)
+    with pytest.raises(codecs.CodecError, match="above the limit"):
+        codecs.decompress(codec, value["value"], np.dtype(np.uint8), BOMBS[codec], 16 << 20)
+
+
+def test_zlib_streams_that_end_early_or_run_long_are_refused():
+    data = np.arange(4096, dtype=np.uint16)
+    raw = np.frombuffer(zlib.compress(data.tobytes()), np.uint8)
+    with pytest.raises(codecs.CodecError, match="ends before its stream"):
+        codecs.decompress("zlib", raw[:-8], np.dtype(np.uint16), data.nbytes)
+    with pytest.raises(codecs.CodecError, match="more than uncompressedSize 8190"):
+        codecs.decompress("zlib", raw, np.dtype(np.uint16), data.nbytes - 2)
+    out = codecs.decompress("zlib", raw, np.dtype(np.uint16), data.nbytes)
+    np.testing.assert_array_equal(out, data)

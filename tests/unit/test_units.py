@@ -127,6 +127,20 @@ def test_frame_queue_drops_oldest_and_counts():
         FrameQueue(0)
 
 
+def test_frame_queue_is_bounded_in_bytes_as_well_as_in_frames():
+    q = FrameQueue(256, max_bytes=100)
+    for uid, size in enumerate((40, 40, 40, 90, 10)):
+        q.put(uid, size)
+    # 40+40+40 > 100 dropped uid 0; 90 left room for nothing else; 90+10 fits
+    assert q.dropped == 3 and q.queued_bytes == 100
+    assert q.get_batch(10, timeout=0.01) == [3, 4]
+    assert q.queued_bytes == 0
+    c = q.counts()
+    assert c["in"] == 5 and c["dropped"] == 3 and c["in_flight"] == 2
+    q.put("alone", 500)  # one frame above the bound still queues (max_frame_bytes refuses it)
+    assert q.get_batch(10, timeout=0.01) == ["alone"]
+
+
 def test_ntndarray_round_trip_and_bad_frames():
     data = np.arange(12, dtype=np.int32).reshape(3, 4)
     frame = ntnd.decode(ntnd.build(data, 7, {"SampleX": 0.25}))

@@ -169,6 +169,9 @@ def source(channel: str, path: Path, fps: float, logs: Path, ctx: Context, delay
         src.stop()
 
 
+FIRST_ANSWER_S = 120.0  # an edge or source that has not answered by then has failed
+
+
 class Counter:
     """An independent p4p client: distinct answers on ``pv`` inside the window, and each
     one's age (arrival - its time stamp)."""
@@ -179,6 +182,7 @@ class Counter:
         if request is None:
             request = "field(timeStamp)" if self.tagged else "field(uniqueId,timeStamp)"
         self.t0 = self.t1 = None
+        self.first = threading.Event()  # set by the first answer, window or not
         self.seen: set[int] = set()
         self.ages: list[float] = []
         self._lock = threading.Lock()
@@ -191,6 +195,7 @@ class Counter:
         uid = int(value["timeStamp.userTag"] if self.tagged else value["uniqueId"])
         if not uid:
             return
+        self.first.set()
         with self._lock:
             if self.t0 is None or self.t1 is not None or now < self.t0:
                 return
@@ -200,6 +205,12 @@ class Counter:
 
     def _touch(self, value) -> None:
         pass
+
+    def wait_first(self, timeout: float = FIRST_ANSWER_S) -> None:
+        """Until the first answer: a loaded host can take far longer than the warm-up to
+        start an edge and connect it, and a window before that measures nothing."""
+        if not self.first.wait(timeout):
+            raise TimeoutError(f"no answer on {self.sub.name} within {timeout:.0f} s")
 
     def start(self) -> None:
         with self._lock:
@@ -333,6 +344,7 @@ class Bench:
     def passthrough(self, ctx: Context, channel: str) -> float:
         counter = FrameCounter(ctx, channel)
         try:
+            counter.wait_first()
             time.sleep(self.warmup)
             return counter.window(self.seconds)
         finally:
@@ -357,6 +369,7 @@ class Bench:
         latency, the edge's drops in the window and its memory every 10 s."""
         counter = Counter(ctx, output)
         try:
+            counter.wait_first()
             time.sleep(self.warmup)
             lost0 = _lost(ctx, self.prefix) if edge else 0
             rss: list[tuple[float, float]] = []

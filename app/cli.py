@@ -103,10 +103,11 @@ def cmd_edge(args) -> None:
     else:
         from edgeloop.edge_pva.inference import BackendUnavailable
         from edgeloop.edge_pva.server import EdgeServer
+        from edgeloop.registry import RegistryCorrupt
 
         try:
             edge = EdgeServer(_config(args), input_pv=args.input_pv)
-        except BackendUnavailable as exc:
+        except (BackendUnavailable, RegistryCorrupt) as exc:
             sys.exit(f"edgeloop edge: {exc}")
         edge.serve_forever()
 

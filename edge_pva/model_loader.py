@@ -20,7 +20,7 @@ from edgeloop.edge_pva.inference import (
     untrained_model,
     validate,
 )
-from edgeloop.registry import ModelFileError, ModelUnavailable, Registry
+from edgeloop.registry import ModelFileError, ModelUnavailable, Registry, RegistryCorrupt
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +48,27 @@ class ModelLoader:
         validate(served, probe_inputs(kind, served.input_size, list(self.recent[kind])))
 
     def _initial_model(self, kind: str) -> ServedModel:
-        version = self.registry.accepted(kind)
-        if version is not None:
+        """The accepted version of ``kind``, or the one accepted before it where that one is
+        rejected or unusable, or an untrained v0. RegistryCorrupt (the record of accepted
+        versions unreadable) is raised: the edge does not start on a guess."""
+        history = self.registry.accepted_history(kind)
+        for version in reversed(history):
             try:
-                model, _ = self.registry.load(version, self.cfg.security)
-                served = served_model(self.cfg, kind, version, model)
-                self._validate(served)
+                _, served = self._candidate(version, expected_kind=kind)
                 log.info("serving %s model v%d from %s", kind, version, self.registry.root)
                 return served
             except (ModelFileError, ModelRejected) as exc:
-                log.error(
-                    "accepted %s model v%d unusable (%s); serving an untrained model",
-                    kind,
-                    version,
-                    exc,
-                )
+                log.error("accepted %s model v%d not served: %s", kind, version, exc)
         log.info(
-            "no accepted %s model in %s: serving an untrained (random) model v0",
+            "no %s model to serve in %s: serving an untrained (random) model v0",
             kind,
             self.registry.root,
         )
         return untrained_model(self.cfg, kind)
 
-    def _candidate(self, version: int) -> tuple[str, ServedModel]:
+    def _candidate(
+        self, version: int, expected_kind: str | None = None
+    ) -> tuple[str, ServedModel]:
         meta = self.registry.meta(version)
         if meta.get("status") == "rejected":
             raise ModelUnavailable(
@@ -79,7 +77,7 @@ class ModelLoader:
             )
         model, meta = self.registry.load(version, self.cfg.security)
         kind = meta.get("kind")
-        if kind not in self.slots:
+        if kind not in (expected_kind or self.slots):
             raise ModelRejected(f"model kind {kind!r} is not served here ({sorted(self.slots)})")
         served = served_model(self.cfg, kind, version, model)
         self._validate(served)
@@ -100,8 +98,13 @@ class ModelLoader:
                     pass
             self.message(msg, 2)
             raise ModelRejected(msg) from exc
+        try:  # recorded first: a restart serves what the record names
+            self.registry.mark_accepted(version)
+        except (OSError, RegistryCorrupt) as exc:
+            msg = f"model v{version} not deployed: recording it as accepted failed: {exc}"
+            self.message(msg, 2)
+            raise ModelRejected(msg) from exc
         old = self.slots[kind].swap(served)
-        self.registry.mark_accepted(version)
         msg = f"{kind} model v{version} serving (was v{old.version})"
         log.info(msg)
         self.swapped(kind, version)

@@ -3,7 +3,8 @@
 
 Layout: ``<root>/v0001.pt`` (torch checkpoint: kind, arch, state_dict) beside
 ``<root>/v0001.json`` (metadata incl. sha256, kind); ``<root>/accepted.json`` names, per model
-kind, the version the edge last accepted.  Version numbers are shared by all kinds.  Every
+kind, the version the edge last accepted, and ``accepted.copy.json`` holds the same (read when
+accepted.json is corrupt).  Version numbers are shared by all kinds.  Every
 file is written to a temp name and renamed, so readers never see a half-written file.
 """
 
@@ -30,11 +31,18 @@ from edgeloop.models import kind as model_kind
 log = logging.getLogger(__name__)
 
 VERSION_FILE = re.compile(r"v(\d+)\.json")
+ACCEPTED = "accepted.json"
+ACCEPTED_COPY = "accepted.copy.json"  # written with it: what is read when it is corrupt
 
 
 class ModelFileError(RuntimeError):
     """A model file that is corrupt, fails its checksum, is out of bounds, or does not build:
     retrying will not help."""
+
+
+class RegistryCorrupt(RuntimeError):
+    """The record of accepted versions (accepted.json and its copy) cannot be read: refused,
+    never taken as "nothing accepted" (the quality gate would then have no baseline)."""
 
 
 class ModelUnavailable(ModelFileError):
@@ -233,53 +241,89 @@ class Registry:
         atomic_write(self._paths(version)[1], json.dumps(meta, indent=2).encode())
 
     def mark_accepted(self, version: int) -> None:
-        self._set_status(version, "accepted")
+        """Record ``version`` as its kind's accepted one: in accepted.json (and its copy),
+        then in its own metadata. Raises before anything is written when the record cannot
+        be read (:class:`RegistryCorrupt`); a failed write leaves the last record whole."""
         accepted = self._accepted_all()
         kind = self.meta(version)["kind"]
         # oldest first; accepting a version already in it goes back to it (a rollback)
-        history = self._history(kind)
+        history = accepted.get(kind, {}).get("history", [])
         history = history[: history.index(version)] if version in history else history
         accepted[kind] = {"version": version, "time": time.time(), "history": history + [version]}
-        atomic_write(self.root / "accepted.json", json.dumps(accepted, indent=2).encode())
+        data = json.dumps(accepted, indent=2).encode()
+        atomic_write(self.root / ACCEPTED, data)
+        atomic_write(self.root / ACCEPTED_COPY, data)
+        try:  # accepted.json is the record; the status in the metadata only mirrors it
+            self._set_status(version, "accepted")
+        except (OSError, ModelFileError) as exc:
+            log.error("model v%d accepted, but its metadata not updated: %s", version, exc)
 
     def mark_rejected(self, version: int, reason: str) -> None:
         self._set_status(version, "rejected", reason)
 
-    def _accepted_all(self) -> dict:
-        path = self.root / "accepted.json"
+    def _read_accepted(self, name: str) -> tuple[dict | None, str | None]:
+        """(the record, None), or (None, what is wrong with it); ({}, None) if absent."""
         try:
-            data = json.loads(path.read_text())
+            data = json.loads((self.root / name).read_text())
         except FileNotFoundError:
-            return {}
+            return None, "missing"
         except (OSError, ValueError) as exc:
-            self._warn(path.name, f"unreadable ({exc})")
-            return {}
+            return None, f"unreadable ({exc})"
         if not isinstance(data, dict):
-            self._warn(path.name, f"a {type(data).__name__}, not an object")
-            return {}
-        return data
+            return None, f"a {type(data).__name__}, not an object"
+        for kind, entry in data.items():
+            if not (
+                isinstance(entry, dict)
+                and type(entry.get("version")) is int
+                and isinstance(entry.get("history", []), list)
+                and all(type(v) is int for v in entry.get("history", []))
+            ):
+                return None, f"its entry {kind!r} is not a version and a history: {entry!r}"[:200]
+        return data, None
 
-    def _entry(self, kind: str) -> dict:
-        entry = self._accepted_all().get(kind, {})
-        if not isinstance(entry, dict):
-            self._warn("accepted.json", f"entry {kind!r} is a {type(entry).__name__}")
-            return {}
-        return entry
+    def _accepted_all(self) -> dict:
+        """Which version of each kind was accepted. accepted.json, or the copy written with
+        it when accepted.json is corrupt or gone (an error, logged once); RegistryCorrupt
+        when neither can be read: nothing is then assumed accepted."""
+        data, problem = self._read_accepted(ACCEPTED)
+        if problem is None:
+            return data
+        copy, copy_problem = self._read_accepted(ACCEPTED_COPY)
+        if problem == "missing" and copy_problem == "missing":
+            return {}  # a new registry
+        if copy_problem is None:
+            if (ACCEPTED, problem) not in self._warned:
+                self._warned.add((ACCEPTED, problem))
+                log.error(
+                    "model registry %s: %s is %s; using its copy %s (the next accepted model "
+                    "rewrites both)",
+                    self.root,
+                    ACCEPTED,
+                    problem,
+                    ACCEPTED_COPY,
+                )
+            return copy
+        raise RegistryCorrupt(
+            f"model registry {self.root}: {ACCEPTED} is {problem} and its copy {ACCEPTED_COPY} "
+            f"is {copy_problem}, so which models were accepted is unknown. Restore one of "
+            "them (each version's status is in its vNNNN.json), or remove both to start "
+            "from no accepted model"
+        )
 
     def _history(self, kind: str) -> list[int]:
-        history = self._entry(kind).get("history", [])
-        if not isinstance(history, list):
-            self._warn("accepted.json", f"history of {kind!r} is a {type(history).__name__}")
+        entry = self._accepted_all().get(kind)
+        if entry is None:
             return []
-        return [v for v in history if type(v) is int]
+        history = entry.get("history", [])
+        return history if history[-1:] == [entry["version"]] else [*history, entry["version"]]
+
+    def accepted_history(self, kind: str) -> list[int]:
+        """The versions of this kind accepted so far, oldest first, the serving one last."""
+        return list(self._history(kind))
 
     def accepted(self, kind: str) -> int | None:
         """The version of this kind the edge accepted last (served after a restart)."""
-        version = self._entry(kind).get("version")
-        if version is not None and type(version) is not int:
-            self._warn("accepted.json", f"version of {kind!r} is {version!r}")
-            return None
-        return version
+        return self._accepted_all().get(kind, {}).get("version")
 
     def previous(self, kind: str) -> int | None:
         """The version of this kind accepted before the one serving now (rollback target)."""

@@ -23,6 +23,7 @@ from edgeloop.registry import (
     ModelFileError,
     ModelUnavailable,
     Registry,
+    RegistryCorrupt,
     model_from_bytes,
     sha256_bytes,
 )
@@ -330,8 +331,11 @@ class RetrainPipeline:
         """(version, model) of the serving model, the quality gate's baseline; (None, None)
         if none or if its file is corrupt (then nothing to compare with: warned).  A file
         that cannot be read now ends this run: a gate without its baseline would let any
-        model through."""
-        version = self.registry.accepted(kind)
+        model through; so does a record of accepted versions that cannot be read."""
+        try:
+            version = self.registry.accepted(kind)
+        except RegistryCorrupt as exc:
+            raise RetrainError(f"cannot gate: {exc}") from exc
         if version is None:
             return None, None
         try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from edgeloop import ntnd
 from edgeloop.config import Config
-from edgeloop.registry import Registry
+from edgeloop.registry import Registry, RegistryCorrupt
 from edgeloop.remote.pipeline import fmt, usable_scans
 from edgeloop.remote.policy import RetrainPolicy, Settings, quality_during
 from edgeloop.scanfile import POSITIONS, read_scan
@@ -113,7 +113,11 @@ class PolicyWatcher:
     def trained_at_start(self) -> None:
         """What the serving models were trained on is the policy's training set at start."""
         for kind in ("ptychonn", "braggnn"):
-            version = self.registry.accepted(kind)
+            try:
+                version = self.registry.accepted(kind)
+            except RegistryCorrupt as exc:
+                log.error("policy: what the serving models were trained on is unknown: %s", exc)
+                return
             if version is None:
                 continue
             scans = [str(p) for p in self.registry.meta(version).get("trained_on") or []]

@@ -12,7 +12,7 @@ import threading
 from p4p.client.thread import Context
 
 from edgeloop.config import MODE_KIND, Config
-from edgeloop.registry import Registry
+from edgeloop.registry import Registry, RegistryCorrupt
 from edgeloop.remote.errors import RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.executors import make_executor
@@ -195,8 +195,11 @@ class RetrainService:
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> RetrainService:
         self.pvs.put("ml:Endpoint", self.executor_name)
-        self.pvs.put("ml:ModelVersion", self.registry.accepted(MODE_KIND[self.cfg.mode]) or 0)
-        self.pvs.status("Idle", f"retraining service ready (executor {self.executor_name})")
+        try:
+            self.pvs.put("ml:ModelVersion", self.registry.accepted(MODE_KIND[self.cfg.mode]) or 0)
+            self.pvs.status("Idle", f"retraining service ready (executor {self.executor_name})")
+        except RegistryCorrupt as exc:  # each retraining is refused until it is repaired
+            self.pvs.status("Error", str(exc))
         watch = {
             "ml:Retrain": self.pvs.button("ml:Retrain", lambda: self.request(OPERATOR)),
             "ml:Request": self.pvs.request_watcher(self.request),

@@ -24,6 +24,7 @@ from edgeloop.registry import (
     ModelFileError,
     ModelUnavailable,
     Registry,
+    RegistryCorrupt,
     model_from_bytes,
     model_to_bytes,
     sha256_bytes,
@@ -248,20 +249,24 @@ def test_stray_truncated_and_wrongly_shaped_registry_files_are_skipped(tmp_path,
     for name in ("v0003-old.json", "vabc.json", "v0002.json", "v0004.json", "v0005.json"):
         assert name in text, name
 
+    # a broken record of accepted versions is read from its copy, and refused without one,
+    # never read as "none" (tests/unit/test_accepted_record.py)
+    serving = reg.accepted("braggnn")
+    copy = (tmp_path / "accepted.copy.json").read_text()
     for broken in (
         "[1, 2]",
         '{"braggnn": [3]}',
         '{"braggnn": 7}',
         '{"braggnn": {"version": "x", "history": "oops"}}',
+        '{"braggnn": {"version": 1, "history": [3, "x", 1]}}',
         "{trunc",
     ):
         (tmp_path / "accepted.json").write_text(broken)
-        assert reg.accepted("braggnn") is None and reg.previous("braggnn") is None
-        reg.mark_accepted(v1)  # survives and repairs the entry
-        assert reg.accepted("braggnn") == v1
-    (tmp_path / "accepted.json").write_text('{"braggnn": {"version": 1, "history": [3, "x", 1]}}')
-    assert reg.previous("braggnn") == 3
-    assert "accepted.json" in caplog.text
+        assert reg.accepted("braggnn") == serving
+        (tmp_path / "accepted.copy.json").unlink()
+        with pytest.raises(RegistryCorrupt, match="accepted.json is"):
+            reg.accepted("braggnn")
+        (tmp_path / "accepted.copy.json").write_text(copy)
     v6 = reg.add(blob, {"kind": "braggnn", "val_loss": 0.05})  # numbering survives strays
     assert v6 == 6
 
@@ -319,6 +324,10 @@ def test_corrupt_serving_model_is_no_baseline_and_an_unreadable_one_stops_the_ru
     assert reg.meta(v)["status"] == "accepted"  # a transient error rejects nothing
     (reg.root / f"v{v:04d}.pt").write_bytes(b"garbage")
     assert service.pipeline.serving("braggnn") == (None, None)
+    for name in ("accepted.json", "accepted.copy.json"):  # which model serves is unknown
+        (reg.root / name).write_text("{trunc")
+    with pytest.raises(RetrainError, match="cannot gate: .*accepted.json is unreadable"):
+        service.pipeline.serving("braggnn")
 
 
 def test_signature_round_trip_and_tampering(tmp_path):

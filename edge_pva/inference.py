@@ -35,6 +35,7 @@ from edgeloop.edge_pva.tolerance import resolve_precision
 from edgeloop.models import ModelKind
 from edgeloop.models import kind as model_kind
 from edgeloop.optional import require
+from edgeloop.registry import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,8 @@ def validate(served: ServedModel, probe_inputs: list[np.ndarray]) -> None:
     try:
         outs = served.infer(probe_inputs)
     except Exception as exc:
+        if is_transient(exc):
+            raise  # out of memory, say: not the model's fault (rejects nothing)
         raise ModelRejected(f"probe batch failed: {type(exc).__name__}: {exc}") from exc
     if len(outs) != len(served.spec.outputs):
         raise ModelRejected(

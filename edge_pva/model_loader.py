@@ -20,9 +20,20 @@ from edgeloop.edge_pva.inference import (
     untrained_model,
     validate,
 )
-from edgeloop.registry import ModelFileError, ModelUnavailable, Registry, RegistryCorrupt
+from edgeloop.registry import (
+    NOT_NOW,
+    ModelFileError,
+    ModelUnavailable,
+    Registry,
+    RegistryCorrupt,
+    is_transient,
+)
 
 log = logging.getLogger(__name__)
+
+
+class PreviouslyRejected(ModelRejected):
+    """A version marked rejected before: refused again, its first reason kept."""
 
 
 class ModelLoader:
@@ -71,7 +82,7 @@ class ModelLoader:
     ) -> tuple[str, ServedModel]:
         meta = self.registry.meta(version)
         if meta.get("status") == "rejected":
-            raise ModelUnavailable(
+            raise PreviouslyRejected(
                 f"it was rejected ({meta.get('status_reason') or 'no reason recorded'}); "
                 "a rejected version is never served"
             )
@@ -83,19 +94,37 @@ class ModelLoader:
         self._validate(served)
         return kind, served
 
-    def load_version(self, version: int) -> None:
-        """Load, validate and swap in a registry version; raises with the reason if rejected."""
+    def _candidate_now(self, version: int) -> tuple[str, ServedModel]:
+        """:meth:`_candidate`, with an error of a resource (memory, I/O) as ModelUnavailable."""
         try:
-            kind, served = self._candidate(version)
+            return self._candidate(version)
+        except (ModelFileError, ModelRejected):
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise ModelUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    def _refused(self, version: int, exc: Exception) -> str:
+        """What a refusal says; a version is marked rejected only for its own fault."""
+        serving = ", ".join(f"{k} v{s.get().version}" for k, s in self.slots.items())
+        if isinstance(exc, ModelUnavailable):
+            return f"model v{version} {NOT_NOW} ({exc}); still serving {serving}"
+        if isinstance(exc, PreviouslyRejected):
+            return f"model v{version} not loaded: {exc}; still serving {serving}"
+        try:
+            self.registry.mark_rejected(version, str(exc))
+        except (OSError, ModelFileError):
+            log.error("model v%d: marking it rejected failed", version, exc_info=True)
+        return f"model v{version} rejected: {exc}; still serving {serving}"
+
+    def load_version(self, version: int) -> None:
+        """Load, validate and swap in a registry version; raises with the reason if rejected,
+        or if it cannot be loaded now (then it is not rejected: a later load may serve it)."""
+        try:
+            kind, served = self._candidate_now(version)
         except (ModelFileError, ModelRejected) as exc:
-            serving = ", ".join(f"{k} v{s.get().version}" for k, s in self.slots.items())
-            msg = f"model v{version} rejected: {exc}; still serving {serving}"
-            log.error(msg)
-            if not isinstance(exc, ModelUnavailable):  # a transient error rejects nothing
-                try:
-                    self.registry.mark_rejected(version, str(exc))
-                except ModelFileError:
-                    pass
+            msg = self._refused(version, exc)
             self.message(msg, 2)
             raise ModelRejected(msg) from exc
         try:  # recorded first: a restart serves what the record names

@@ -46,8 +46,21 @@ class RegistryCorrupt(RuntimeError):
 
 
 class ModelUnavailable(ModelFileError):
-    """A model file that cannot be read now (missing, permission, I/O error): it may be fine
-    later, so it is never a reason to mark a version rejected."""
+    """A model that cannot be read or tried now (missing, permission, I/O error, out of
+    memory): it may be fine later, so it is never a reason to mark a version rejected."""
+
+
+# what fails for want of a resource, not because of the model: an error of these kinds while
+# loading or trying a model rejects nothing (torch.OutOfMemoryError is CUDA's, and CPU
+# allocators raise RuntimeError "... not enough memory" as well)
+TRANSIENT_ERRORS = (MemoryError, OSError, torch.OutOfMemoryError)
+NOT_NOW = "not loaded now"  # how an edge says a version may load later (the service retries)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    return isinstance(exc, RuntimeError) and "not enough memory" in str(exc)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -125,7 +138,7 @@ def model_from_bytes(
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise ModelFileError(f"model file does not load: {type(exc).__name__}: {exc}") from exc
+        raise _load_error(exc) from exc
     if not isinstance(ckpt, dict) or not {"kind", "arch", "state_dict"} <= set(ckpt):
         raise ModelFileError("model file does not load: not a checkpoint (kind, arch, state_dict)")
     try:
@@ -136,8 +149,15 @@ def model_from_bytes(
         model = model_kind(ckpt["kind"]).build(**arch)
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except Exception as exc:
-        raise ModelFileError(f"model file does not load: {type(exc).__name__}: {exc}") from exc
+        raise _load_error(exc) from exc
     return model.eval(), {"kind": ckpt["kind"], "arch": arch}
+
+
+def _load_error(exc: Exception) -> ModelFileError:
+    what = f"{type(exc).__name__}: {exc}"
+    if is_transient(exc):
+        return ModelUnavailable(f"model file could not be loaded now: {what}")
+    return ModelFileError(f"model file does not load: {what}")
 
 
 class Registry:

@@ -20,6 +20,7 @@ from typing import Protocol
 from edgeloop import signing
 from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config
 from edgeloop.registry import (
+    NOT_NOW,
     ModelFileError,
     ModelUnavailable,
     Registry,
@@ -37,6 +38,7 @@ from edgeloop.scanfile import list_scans, scan_summary
 log = logging.getLogger(__name__)
 
 TECHNIQUE_MODE = {t: m for m, t in MODE_TECHNIQUE.items()}
+DEPLOY_RETRY_S = (10.0, 30.0, 90.0)  # waits before loading a version the edge could not load now
 
 
 def usable_scans(data_dir) -> list[tuple[str, str, int]]:
@@ -276,11 +278,23 @@ class RetrainPipeline:
         return Trained(best, serving, baseline, result, submitted, time.perf_counter())
 
     def _deploy(self, version: int, serving: int | None) -> None:
+        """The edge loads the version; one it cannot load now (out of memory, an I/O error:
+        it says "not loaded now" and rejects nothing) is tried again after each of
+        DEPLOY_RETRY_S, an abort ending the wait."""
         self._enter("Deploying", f"deploying model v{version}")
-        try:
-            self.deploy(version)
-        except Exception as exc:
-            raise RetrainError(f"edge refused model v{version}: {exc}") from exc
+        for wait in (*DEPLOY_RETRY_S, None):
+            try:
+                self.deploy(version)
+                break
+            except Exception as exc:
+                if wait is None or NOT_NOW not in str(exc):
+                    raise RetrainError(f"edge refused model v{version}: {exc}") from exc
+                log.warning("deploying v%d: %s; again in %.0f s", version, exc, wait)
+                self.progress.enter(
+                    "Deploying", f"edge could not load v{version} now; again in {wait:.0f} s"
+                )
+                if self.abort.wait(wait):
+                    raise Aborted(f"deploying v{version} aborted by ml:Abort") from exc
         if self.abort.is_set():  # came while the edge was loading it
             raise Aborted(f"deploying aborted by ml:Abort: {self.withdraw(version, serving)}")
 

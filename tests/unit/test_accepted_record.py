@@ -1,18 +1,25 @@
-"""The record of accepted versions (issue 22, items 5, 6 and 8): a corrupt accepted.json is
-read from the copy written with it, and refused when both are corrupt (never "nothing
-accepted"); a swap whose record cannot be written does not serve; an edge that restarts
-never serves a rejected version."""
+"""What gets accepted (issue 22, items 5 to 8): a corrupt accepted.json is read from the
+copy written with it, and refused when both are corrupt (never "nothing accepted"); a swap
+whose record cannot be written does not serve; an edge that restarts never serves a rejected
+version; running out of memory while a version is tried rejects nothing."""
 
 import json
 import logging
 
 import pytest
+import torch
 
 from edgeloop.config import Config
-from edgeloop.edge_pva.inference import ModelRejected
+from edgeloop.edge_pva.inference import ModelRejected, ServedModel
 from edgeloop.edge_pva.model_loader import ModelLoader
 from edgeloop.models import BraggNN, PtychoNN
-from edgeloop.registry import Registry, RegistryCorrupt, model_to_bytes
+from edgeloop.registry import (
+    NOT_NOW,
+    ModelUnavailable,
+    Registry,
+    RegistryCorrupt,
+    model_to_bytes,
+)
 
 
 def registry_with_both_kinds(root) -> tuple[Registry, dict]:
@@ -110,3 +117,51 @@ def test_a_swap_whose_record_cannot_be_written_keeps_the_old_model_serving(tmp_p
     (tmp_path / "accepted.json").write_text(json.dumps({"ptychonn": {"version": v["p2"]}}))
     loader.load_version(v["p4"])  # once the record is repaired
     assert loader.slots["ptychonn"].get().version == v["p4"] == reg.accepted("ptychonn")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory"),
+    ],
+    ids=["MemoryError", "CUDA", "CPU allocator"],
+)
+def test_out_of_memory_while_trying_a_version_rejects_nothing(tmp_path, monkeypatch, error):
+    reg, v = registry_with_both_kinds(tmp_path)
+    messages = []
+    loader = _loader(reg, messages)
+    infer, failures = ServedModel.infer, []
+
+    def infer_once_out_of_memory(self, inputs):
+        if not failures:
+            failures.append(error)
+            raise error
+        return infer(self, inputs)
+
+    monkeypatch.setattr(ServedModel, "infer", infer_once_out_of_memory)
+    with pytest.raises(ModelRejected, match=f"v{v['p4']} {NOT_NOW}"):
+        loader.load_version(v["p4"])
+    assert reg.meta(v["p4"]).get("status") is None and messages[-1][0] == 2
+    assert loader.slots["ptychonn"].get().version == v["p2"]
+    loader.load_version(v["p4"])  # memory is back
+    assert loader.slots["ptychonn"].get().version == v["p4"]
+
+
+def test_a_model_file_that_cannot_be_read_for_memory_is_not_called_corrupt(tmp_path, monkeypatch):
+    reg, v = registry_with_both_kinds(tmp_path)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(ModelUnavailable, match="could not be loaded now: MemoryError"):
+        reg.load(v["p4"])
+    loader_messages = []
+    monkeypatch.undo()
+    loader = _loader(reg, loader_messages)
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(ModelRejected, match=NOT_NOW):
+        loader.load_version(v["p4"])
+    assert reg.meta(v["p4"]).get("status") is None

@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from edgeloop.config import Config
-from edgeloop.registry import Registry
+from edgeloop.edge_pva.inference import ModelRejected
+from edgeloop.registry import NOT_NOW, Registry
+from edgeloop.remote import pipeline as pipeline_module
 from edgeloop.remote.errors import Aborted, RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.pipeline import RetrainPipeline
@@ -97,3 +99,45 @@ def test_no_scans_is_an_error_that_says_where_it_looked(pipeline, tmp_path):
     with pytest.raises(RetrainError, match="no scans to train on"):
         pipeline.run("nothing")
     assert pipeline.progress.states == ["Staging"]
+
+
+def test_a_version_the_edge_cannot_load_now_is_deployed_again_later(pipeline, monkeypatch):
+    """Out of memory while the edge tries a version rejects nothing (issue 22 item 7): the
+    edge says "not loaded now" and the pipeline loads it again after a wait."""
+    monkeypatch.setattr(pipeline_module, "DEPLOY_RETRY_S", (0.01, 0.01, 0.01))
+    load, refusals = pipeline.deploy, []
+
+    def deploy(version):  # the edge's answer to the first two tries (edge_pva/model_loader)
+        if len(refusals) < 2:
+            refusals.append(version)
+            raise RuntimeError(f"model v{version} {NOT_NOW} (MemoryError: ); still serving v0")
+        load(version)
+
+    pipeline.deploy = deploy
+    result = pipeline.run("after a transient refusal")
+    assert refusals == [1, 1] and pipeline.deployed == [1] == [result["version"]]
+    assert pipeline.registry.accepted("braggnn") == 1
+
+
+def test_a_rejection_or_a_refusal_that_lasts_ends_the_run(pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "DEPLOY_RETRY_S", (0.01,))
+    tries = []
+
+    def deploy(version):
+        tries.append(version)
+        raise RuntimeError(f"model v{version} {NOT_NOW} (OSError: disk gone)")
+
+    pipeline.deploy = deploy
+    with pytest.raises(RetrainError, match="edge refused model v1: .*not loaded now"):
+        pipeline.run("memory never comes back")
+    assert tries == [1, 1]  # one try, one retry
+    tries.clear()
+
+    def rejected(version):
+        tries.append(version)
+        raise ModelRejected(f"model v{version} rejected: phase output has NaN or Inf")
+
+    pipeline.deploy = rejected
+    with pytest.raises(RetrainError, match="edge refused model v2: .*NaN"):
+        pipeline.run("a bad model")
+    assert tries == [2]  # not retried

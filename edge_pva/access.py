@@ -78,11 +78,12 @@ class WriteAccess:
 
 
 class LoadModelPut:
-    """edge:LoadModel's put handler: the access rule, then a version number >= 1, queued
-    with its operation for the loader thread (which completes it)."""
+    """edge:LoadModel's put handler (and a worker's RevertModel's, ``action="revert"``): the
+    access rule, then a version number >= 1, queued as (action, version, operation) for the
+    loader thread (which completes it)."""
 
-    def __init__(self, requests, security: SecurityConfig):
-        self.requests = requests
+    def __init__(self, requests, security: SecurityConfig, action: str = "load"):
+        self.requests, self.action = requests, action
         self.access = WriteAccess(security)  # the rule db/ml.acf gives the IOC
 
     def put(self, pv, op):
@@ -98,4 +99,4 @@ class LoadModelPut:
         if version < 1:
             op.done(error=f"model version must be >= 1, got {version}")
             return
-        self.requests.put((version, op))
+        self.requests.put((self.action, version, op))

@@ -17,8 +17,8 @@ distributor and each serves ``{prefix}edge:wK:*``.  The aggregate republishes th
   witness monitor of the source (uniqueId and timeStamp only); FrameRate counted here;
   LatencyMs the slowest worker's; DroppedRate the sum; ModelVersion the oldest serving.
 - Message: the aggregate's own, and each worker's prefixed with its name.
-- edge:LoadModel: written to every worker; the put completes when all swapped, or fails
-  naming the workers that refused and why.
+- edge:LoadModel: every worker loads the version, or none serves it (edge_pva/
+  worker_deploy.py); the aggregate alone records it accepted or rejected in the registry.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from edgeloop.config import MODES, Config
 from edgeloop.edge_pva.edge_pvs import EdgePvs, LoadRequests
 from edgeloop.edge_pva.label_free import combine
 from edgeloop.edge_pva.stitch import Stitcher, finite_position
+from edgeloop.edge_pva.worker_deploy import WorkerDeploy
 from edgeloop.edge_pva.workers import POLLED, WorkerCounts, group_name, worker_pv_prefix
 from edgeloop.frame_ids import AcquisitionOrder, FrameIds
+from edgeloop.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,11 @@ class EdgeAggregate:
         workers: int,
         input_pv: str | None = None,
         plugin: str = "distributor",
-        load_timeout_s: float = 120.0,
     ):
         self.cfg, self.n = cfg, workers
         self.prefix = cfg.prefix
         self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
         self.plugin = plugin
-        self.load_timeout_s = load_timeout_s
         self.workers = {k: worker_pv_prefix(cfg.prefix, k) for k in range(1, workers + 1)}
         self._lock = threading.Lock()
         self._owners: collections.OrderedDict = collections.OrderedDict()  # frame -> worker
@@ -284,24 +284,18 @@ class EdgeAggregate:
 
     # ---- model loads ---------------------------------------------------------------------
     def load_version(self, version: int) -> str | None:
-        """Write ``version`` to every worker's LoadModel; None once all serve it, else the
-        reasons of those that did not."""
-        names = [f"{p}LoadModel" for p in self.workers.values()]
-        results = self._ctx.put(
-            names, [version] * len(names), timeout=self.load_timeout_s, throw=False
+        """Every worker serves ``version``, or none does (edge_pva/worker_deploy.py): None
+        once all serve it, else why not."""
+        deploy = WorkerDeploy(
+            self._ctx,
+            self.workers,
+            Registry(self.cfg.registry_path),
+            self.message,
+            self.cfg.edge.worker_load_timeout_s,
         )
-        refused = [
-            f"w{k}: {result}"
-            for k, result in zip(self.workers, results)
-            if isinstance(result, Exception)
-        ]
+        outcome = deploy.load(version)
         self._poll()
-        if refused:
-            msg = f"model v{version} not loaded by every worker: " + "; ".join(refused)
-            self.message(msg, severity=2)
-            return msg[:500]
-        self.message(f"model v{version} serving on all {self.n} workers")
-        return None
+        return outcome
 
     def worker_exited(self, k: int, status: int | None) -> None:
         """The supervisor's report: worker ``k``'s process ended (it restarts it)."""

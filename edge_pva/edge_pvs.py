@@ -26,22 +26,29 @@ log = logging.getLogger(__name__)
 
 class LoadRequests:
     """edge:LoadModel's puts, each answered by ``load(version)``: None once the version
-    serves, else the reason it does not (the put fails with it)."""
+    serves, else the reason it does not (the put fails with it); a worker's RevertModel
+    puts, in the same order, by ``revert(version)``."""
 
     def __init__(self):
         self.queue: queue.Queue = queue.Queue()
 
-    def serve(self, load: Callable[[int], str | None], stop: threading.Event) -> None:
+    def serve(
+        self,
+        load: Callable[[int], str | None],
+        stop: threading.Event,
+        revert: Callable[[int], str | None] | None = None,
+    ) -> None:
+        answer = {"load": load, "revert": revert}
         while not stop.is_set():
             try:
-                version, op = self.queue.get(timeout=0.2)
+                action, version, op = self.queue.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
-                op.done(error=load(version))
+                op.done(error=answer[action](version))
             except Exception as exc:  # never let the loader thread die
-                log.exception("model load failed")
-                op.done(error=f"model v{version} load failed: {exc}")
+                log.exception("model %s failed", action)
+                op.done(error=f"model v{version} {action} failed: {exc}")
 
 
 class EdgePvs:

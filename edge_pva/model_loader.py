@@ -38,7 +38,9 @@ class PreviouslyRejected(ModelRejected):
 
 class ModelLoader:
     """``message(text, severity)`` hears each load's outcome; ``swapped(kind, version)``
-    each model that now serves."""
+    each model that now serves. ``records``: this loader writes the registry's record of
+    accepted and rejected versions (an edge worker's does not: its aggregate is the one
+    writer, and tells it to :meth:`revert` a version not every worker could load)."""
 
     def __init__(
         self,
@@ -46,8 +48,10 @@ class ModelLoader:
         registry: Registry,
         message: Callable[[str, int], None],
         swapped: Callable[[str, int], None],
+        records: bool = True,
     ):
-        self.cfg, self.registry = cfg, registry
+        self.cfg, self.registry, self.records = cfg, registry, records
+        self._undo: dict[str, tuple[int, ServedModel]] = {}  # kind -> (loaded, served before)
         self.message, self.swapped = message, swapped
         # recent inputs of each kind: the probe batch a candidate model must pass
         self.recent = {k: collections.deque(maxlen=4) for k in MODE_KIND.values()}
@@ -113,7 +117,8 @@ class ModelLoader:
         if isinstance(exc, PreviouslyRejected):
             return f"model v{version} not loaded: {exc}; still serving {serving}"
         try:
-            self.registry.mark_rejected(version, str(exc))
+            if self.records:
+                self.registry.mark_rejected(version, str(exc))
         except (OSError, ModelFileError):
             log.error("model v%d: marking it rejected failed", version, exc_info=True)
         return f"model v{version} rejected: {exc}; still serving {serving}"
@@ -128,13 +133,29 @@ class ModelLoader:
             self.message(msg, 2)
             raise ModelRejected(msg) from exc
         try:  # recorded first: a restart serves what the record names
-            self.registry.mark_accepted(version)
+            if self.records:
+                self.registry.mark_accepted(version)
         except (OSError, RegistryCorrupt) as exc:
             msg = f"model v{version} not deployed: recording it as accepted failed: {exc}"
             self.message(msg, 2)
             raise ModelRejected(msg) from exc
         old = self.slots[kind].swap(served)
+        self._undo[kind] = (version, old)
         msg = f"{kind} model v{version} serving (was v{old.version})"
         log.info(msg)
         self.swapped(kind, version)
         self.message(msg, 0)
+
+    def revert(self, version: int) -> str | None:
+        """Serve again what served before ``version`` was loaded (it was not loaded by every
+        worker); None once done or if ``version`` does not serve, else why not."""
+        for kind, (loaded, before) in list(self._undo.items()):
+            if loaded == version and self.slots[kind].get().version == version:
+                self.slots[kind].swap(before)
+                del self._undo[kind]
+                self.swapped(kind, before.version)
+                self.message(f"{kind} model v{version} withdrawn: v{before.version} serving", 1)
+                return None
+        if any(s.get().version == version for s in self.slots.values()):
+            return f"model v{version} serves, but what served before it is not known here"
+        return None

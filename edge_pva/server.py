@@ -28,9 +28,12 @@ import time
 import numpy as np
 import torch
 from p4p.client.thread import Context, Disconnected
+from p4p.nt import NTScalar
+from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import MODE_KIND, MODES, Config
+from edgeloop.edge_pva.access import LoadModelPut
 from edgeloop.edge_pva.edge_pvs import EdgePvs, LoadRequests
 from edgeloop.edge_pva.edge_stats import EdgeStatistics, InputWatch
 from edgeloop.edge_pva.frame_queue import FrameQueue
@@ -60,12 +63,14 @@ class EdgeServer:
         extra_pvs: dict | None = None,
         server_args: dict | None = None,
         client_args: dict | None = None,
+        worker: bool = False,
     ):
         """``pv_prefix``: of the served PVs (default ``{prefix}edge:``); ``monitor_request``:
         of the input (str or p4p Value; default MONITOR_REQUEST); ``extra_pvs``: more
         SharedPVs served under ``pv_prefix`` (an edge worker's, edge_pva/workers.py);
         ``server_args``, ``client_args``: for p4p's ``Server`` and the input's ``Context``
-        (a test's ``{"isolate": True}`` and ``{"conf": source.conf(), "useenv": False}``)."""
+        (a test's ``{"isolate": True}`` and ``{"conf": source.conf(), "useenv": False}``);
+        ``worker``: one of the workers of an aggregate (edge_pva/aggregate.py)."""
         self.cfg = cfg
         self.prefix = cfg.prefix
         self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
@@ -80,7 +85,14 @@ class EdgeServer:
         self.mode = cfg.mode  # of the last frame handled
         self.loads = LoadRequests()
         self.pvs = EdgePvs(cfg, self.mode, self.loads)
-        self.models = ModelLoader(cfg, self.registry, self.pvs.message, self._swapped)
+        # a worker's aggregate records what is accepted, and withdraws a version not every
+        # worker loaded through its RevertModel (answered in order with LoadModel)
+        self.models = ModelLoader(
+            cfg, self.registry, self.pvs.message, self._swapped, records=not worker
+        )
+        if worker:
+            revert = LoadModelPut(self.loads.queue, cfg.security, action="revert")
+            self.extra_pvs["RevertModel"] = SharedPV(nt=NTScalar("l"), initial=0, handler=revert)
         self.pvs["ModelVersion"].post(self.slot.get().version)
         self.stitcher = Stitcher(cfg)
         self.handlers = {mode: handler(self) for mode, handler in HANDLERS.items()}
@@ -279,7 +291,9 @@ class EdgeServer:
         for target in (self._infer_loop, self._publish_loop):
             self.supervisor.start(target)
         self.supervisor.start(self.stats.run, "stats_loop")
-        self.supervisor.start(lambda: self.loads.serve(self._load, self._stop), "loader_loop")
+        self.supervisor.start(
+            lambda: self.loads.serve(self._load, self._stop, self.models.revert), "loader_loop"
+        )
         self._ctx = Context("pva", nt=False, **self.client_args)
         self._sub = self._ctx.monitor(
             self.input_pv, self._on_frame, request=self.monitor_request, notify_disconnect=True

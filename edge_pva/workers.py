@@ -111,6 +111,7 @@ def worker_server(cfg: Config, k: int, input_pv: str | None = None, plugin: str 
         pv_prefix=worker_pv_prefix(cfg.prefix, k),
         monitor_request=distributor_request(group_name(cfg.prefix), plugin),
         extra_pvs={"Started": started},
+        worker=True,
     )
 
 

@@ -195,6 +195,9 @@ class EdgeConfig:
     # HEDM: at most this many peaks are refined per frame; a frame with more is flagged
     max_peaks_per_frame: Count = 2000
     bad_frame_report_s: Seconds = 1.0  # one summary of refused frames per interval
+    # edge --workers N: how long each worker may take to load a model before the version is
+    # withdrawn from all of them (and deployed again later)
+    worker_load_timeout_s: Seconds = 120.0
 
     @model_validator(mode="after")
     def _queue_holds_a_frame(self):

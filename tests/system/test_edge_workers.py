@@ -28,12 +28,14 @@ from edgeloop.app.processes import wait_for_pv
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.edge_pva.workers import WorkerCounts
 from edgeloop.models import kind as model_kind
-from edgeloop.registry import Registry, model_to_bytes
+from edgeloop.registry import NOT_NOW, Registry, model_to_bytes
 from edgeloop.waiting import wait_until
 from tests.kit.answers import post
 from tests.kit.env import KIT, random_prefix
 from tests.kit.pvapy_sources import Witness, ad_sim_server
 from tests.kit.servers import System, small_config
+
+WORKER_LOAD_TIMEOUT_S = 15.0  # a stopped worker's load is given up after this
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -43,6 +45,8 @@ def two_workers(tmp: Path, request, prefix: str, input_pv: str):
     """``edgeloop edge --workers 2`` (a subprocess, stopped by PID) once both workers
     serve; its output printed if what ran with it failed."""
     cfg, path = small_config(tmp, prefix)
+    cfg.edge.worker_load_timeout_s = WORKER_LOAD_TIMEOUT_S
+    cfg.dump(path)
     sys_ = System(cfg, path, tmp / "logs")
     failed, ok = request.session.testsfailed, False
     try:
@@ -352,14 +356,45 @@ def test_load_model_reaches_both_workers(p4p_fed):
     assert edge.value("edge:ModelVersion") == good
 
 
+def worker_process(edge: System, k: int) -> psutil.Process:
+    parent = psutil.Process(edge.procs["edge"].proc.pid)
+    found = [p for p in parent.children() if f" --worker {k} " in " ".join(p.cmdline()) + " "]
+    assert len(found) == 1, [p.cmdline() for p in parent.children()]
+    return found[0]
+
+
+def test_a_version_one_worker_does_not_load_is_withdrawn_from_every_worker(p4p_fed):
+    """All or none (issue 22 item 6): worker 2 stopped, the load times out there; worker 1,
+    which loaded it, serves the old model again, and so does worker 2 once it runs again.
+    The aggregate alone records; the version is not rejected (no fault of its own) and
+    loads on both once both answer."""
+    edge = p4p_fed.edge
+    registry = Registry(edge.cfg.registry_path)
+    old, new = add_ptychonn(registry, 2), add_ptychonn(registry, 3)
+    edge.ctx.put(f"{edge.prefix}edge:LoadModel", old, timeout=90)
+    w2 = worker_process(edge, 2)
+    w2.suspend()
+    try:
+        with pytest.raises(Exception, match=f"v{new} {NOT_NOW}.*w2: no answer") as refused:
+            edge.ctx.put(f"{edge.prefix}edge:LoadModel", new, timeout=WORKER_LOAD_TIMEOUT_S + 60)
+        assert "w1:" not in str(refused.value)  # worker 1 loaded it, and withdrew it
+        assert edge.value("edge:w1:ModelVersion") == old
+    finally:
+        w2.resume()
+    edge.wait_value("edge:w2:ModelVersion", lambda v: v == old, timeout=60)  # answers again
+    assert registry.accepted("ptychonn") == old
+    assert registry.meta(new).get("status") is None  # not the model's fault
+    edge.ctx.put(f"{edge.prefix}edge:LoadModel", new, timeout=90)
+    assert [edge.value(f"edge:w{k}:ModelVersion") for k in (1, 2)] == [new, new]
+    assert registry.accepted("ptychonn") == new and registry.meta(new)["status"] == "accepted"
+
+
 def test_a_killed_worker_is_restarted_and_reported(p4p_fed):
     edge = p4p_fed.edge
-    parent = psutil.Process(edge.procs["edge"].proc.pid)
-    w2 = [p for p in parent.children() if " --worker 2 " in " ".join(p.cmdline()) + " "]
-    assert len(w2) == 1, [p.cmdline() for p in parent.children()]
+    w2 = worker_process(edge, 2)
     started = edge.value("edge:w2:Started")
     restarts = edge.value("edge:Restarts")
-    os.kill(w2[0].pid, signal.SIGKILL)
+    os.kill(w2.pid, signal.SIGKILL)
     text, severity = p4p_fed.messages.wait(lambda m, s: "worker 2" in m and "exited" in m, 30)
     assert severity == 2 and "restarting" in text
     wait_for_pv(edge.ctx, f"{edge.prefix}edge:w2:FramesIn", 90, edge.procs["edge"])

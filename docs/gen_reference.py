@@ -19,6 +19,7 @@ from edgeloop.app.cli import build_parser
 from edgeloop.config import Config, EdgeConfig
 from edgeloop.edge_pva.edge_pvs import EdgePvs, LoadRequests
 from edgeloop.edge_pva.scalars import scalars
+from edgeloop.edge_pva.workers import WORKER_PVS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = re.compile(r'record\((\w+),\s*"\$\(P\)([^"]+)"\)\s*\{(.*?)\n\}', re.S)
@@ -61,6 +62,13 @@ def edge_pvs() -> list[str]:
             rows.append(f"| `$(P)edge:{name}` | {kind} | {s.units} | {_cell(s.description)} |")
         else:
             rows.append(f"| `$(P)edge:{name}` | | | {_cell(EDGE_OTHERS[name])} |")
+    return rows
+
+
+def worker_pvs() -> list[str]:
+    rows = ["| PV | description |", "| --- | --- |"]
+    rows.append("| `$(P)edge:wK:*` | every edge PV above, worker K's own (`edge --workers N`) |")
+    rows += [f"| `$(P)edge:wK:{name}` | {_cell(text)} |" for name, text in WORKER_PVS.items()]
     return rows
 
 
@@ -187,6 +195,7 @@ write(
     "[their page](beamline-pvs.md).",
     ("ML control (db/ml.db: a real EPICS IOC, CA and PVA)", ml_records()),
     ("Edge server (edge_pva/edge_pvs.py, PVA)", edge_pvs()),
+    ("Edge workers (edge_pva/workers.py, PVA)", worker_pvs()),
 )
 write(
     "reference/configuration.md",

@@ -98,6 +98,15 @@ def distributor_request(
     )
 
 
+# what a worker serves beyond an edge's PVs (under {prefix}edge:wK:)
+WORKER_PVS = {
+    "Started": "when this worker started (NTScalar double, s since the epoch): the aggregate "
+    "tells a restarted worker's counters by it",
+    "RevertModel": "write a version this worker loaded: what served before serves again (the "
+    "aggregate's, when not every worker loaded it; answered in order with LoadModel)",
+}
+
+
 def worker_server(cfg: Config, k: int, input_pv: str | None = None, plugin: str = "distributor"):
     """Worker ``k``: an EdgeServer serving ``{prefix}edge:wK:*`` (and ``Started``, the time
     this worker started: the aggregate tells a restarted worker's counters by it), its input

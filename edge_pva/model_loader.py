@@ -9,6 +9,7 @@ import collections
 import logging
 from collections.abc import Callable
 
+from edgeloop import approval
 from edgeloop.config import MODE_KIND, Config
 from edgeloop.edge_pva.inference import (
     ModelRejected,
@@ -90,6 +91,12 @@ class ModelLoader:
                 f"it was rejected ({meta.get('status_reason') or 'no reason recorded'}); "
                 "a rejected version is never served"
             )
+        try:  # before a byte of it is read: only what the gate approved is served
+            approval.check(approval.public_key(self.cfg.security), meta, version)
+        except approval.GateKeyMissing as exc:
+            raise ModelUnavailable(str(exc)) from exc
+        except approval.ApprovalError as exc:
+            raise ModelRejected(str(exc)) from exc
         model, meta = self.registry.load(version, self.cfg.security)
         kind = meta.get("kind")
         if kind not in (expected_kind or self.slots):

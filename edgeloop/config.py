@@ -295,6 +295,12 @@ class SecurityConfig:
     # HMAC-SHA256 key shared by the service and the training endpoint (a file, mode 0600;
     # created with a random key on first use when it is the default path)
     signing_key_file: str = "~/.edgeloop/signing.key"
+    # the quality gate's Ed25519 key pair (edgeloop/approval.py): the service signs each
+    # version it accepts with the private key; the edge loads only versions whose signature
+    # its copy of the public key verifies. "": gate.key / gate.pub beside signing_key_file
+    # (the pair is created there on first use)
+    gate_key_file: str = ""
+    gate_public_key_file: str = ""
     max_model_bytes: Count = 256 * 1024 * 1024  # a model file larger is refused unread
     max_width: Count = 256  # any width in a model file's architecture above: refused
     max_patch: Count = 64  # BraggNN patch side above: refused

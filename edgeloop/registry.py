@@ -278,6 +278,11 @@ class Registry:
         except (OSError, ModelFileError) as exc:
             log.error("model v%d accepted, but its metadata not updated: %s", version, exc)
 
+    def set_approval(self, version: int, approval: dict) -> None:
+        """Store the gate's signed approval (edgeloop/approval.py) in the version's metadata."""
+        meta = dict(self.meta(version), approval=approval)
+        atomic_write(self._paths(version)[1], json.dumps(meta, indent=2).encode())
+
     def mark_rejected(self, version: int, reason: str) -> None:
         self._set_status(version, "rejected", reason)
 

@@ -18,7 +18,17 @@ from pathlib import Path
 from edgeloop.config import SecurityConfig
 
 DEFAULT_KEY_FILE = SecurityConfig().signing_key_file
-SIGNED_FIELDS = ("kind", "arch", "val_loss", "n_frames")
+# the request id, the labels' and the initial model's checksums: a result signed for another
+# request (replayed from a shared staging area, say) does not verify for this one
+SIGNED_FIELDS = (
+    "kind",
+    "arch",
+    "val_loss",
+    "n_frames",
+    "request_id",
+    "labels_sha256",
+    "init_sha256",
+)
 MIN_KEY_CHARS = 32
 
 

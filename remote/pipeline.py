@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from edgeloop import signing
+from edgeloop import approval, signing
 from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config
 from edgeloop.registry import (
     NOT_NOW,
@@ -125,6 +126,7 @@ class Trained:
     best: int | None
     serving: int | None
     baseline: object
+    request: dict
     result: dict
     submitted: float
     returned: float
@@ -162,6 +164,7 @@ class RetrainPipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         key = self.signing_key()  # a missing key fails now, not after the training
+        self.gate_key()
         self.slot.ready()
         technique, kind, train_cfg, scans = self._stage(trigger, timings)
         labels = self._analyse(technique, kind, scans, timings)
@@ -169,7 +172,7 @@ class RetrainPipeline:
         result, serving = trained.result, trained.serving
         timings["training_s"] = result["seconds"]
         self._enter("Validating", "checking the returned model")
-        figures = self.validate(result, kind, key, labels, trained.baseline, train_cfg)
+        figures = self.validate(trained, kind, key, labels, train_cfg)
         self._check_abort()
         meta = {
             "kind": kind,
@@ -191,6 +194,7 @@ class RetrainPipeline:
         version = self.registry.add(result["model"], meta)
         self.progress.record("val_loss", figures["val_loss"])
         self.quality_gate(version, figures)
+        self.approve(version, trained, labels)
         self._deploy(version, serving)
         # return: from the end of training (remote) to serving here; the task's own clock
         # does not see queueing and result transfer, so that is included
@@ -260,6 +264,7 @@ class RetrainPipeline:
             + f"({self.slot.name})",
         )
         request = {
+            "request_id": secrets.token_hex(16),  # signed back with the result: no replay
             "labels": labels["labels"],
             "labels_sha256": labels["sha256"],
             **self.ref("init", best),
@@ -275,7 +280,7 @@ class RetrainPipeline:
         }
         submitted = time.perf_counter()
         result = self._result(tasks.train_model, request, "training")
-        return Trained(best, serving, baseline, result, submitted, time.perf_counter())
+        return Trained(best, serving, baseline, request, result, submitted, time.perf_counter())
 
     def _deploy(self, version: int, serving: int | None) -> None:
         """The edge loads the version; one it cannot load now (out of memory, an I/O error:
@@ -332,11 +337,13 @@ class RetrainPipeline:
         """The accepted model of this kind with the lowest validation loss that loads here
         (checksum, bounds, builds): (version or None, the better ones skipped, as "vN")."""
         skipped = []
+        public = self.gate_key().public_key()
         for version in self.registry.ranked(kind):
-            try:
+            try:  # only what the gate approved: its weights go into the next model
+                approval.check(public, self.registry.meta(version), version)
                 self.registry.load(version, self.cfg.security)
                 return version, skipped
-            except ModelFileError as exc:
+            except (ModelFileError, approval.ApprovalError) as exc:
                 log.warning("not training from %s v%d: %s", kind, version, exc)
                 skipped.append(f"v{version}")
         return None, skipped
@@ -360,13 +367,21 @@ class RetrainPipeline:
             log.warning("serving %s v%d unusable as baseline: %s", kind, version, exc)
             return None, None
 
-    def validate(self, result: dict, kind: str, key: bytes, labels: dict, baseline, train_cfg):
+    def validate(self, trained: Trained, kind: str, key: bytes, labels: dict, train_cfg):
         """Checks a returned model and computes the gate's figures here: the executor's word
-        is taken for nothing but its signed bytes.  Returns the metadata figures."""
+        is taken for nothing but its signed bytes, signed for this very request.  Returns
+        the metadata figures."""
+        result, request, baseline = trained.result, trained.request, trained.baseline
         if sha256_bytes(result["model"]) != result["sha256"]:
             raise RetrainError("returned model fails its checksum (corrupted in transit)")
+        asked = {  # what this service asked for, not what the result says it was asked
+            "kind": kind,
+            "request_id": request["request_id"],
+            "labels_sha256": request["labels_sha256"],
+            "init_sha256": request.get("init_sha256"),
+        }
         try:
-            signing.verify(key, result["model"], dict(result, kind=kind), result.get("signature"))
+            signing.verify(key, result["model"], dict(result, **asked), result.get("signature"))
             model, info = model_from_bytes(result["model"], self.cfg.security)
         except (signing.SigningError, ModelFileError) as exc:
             raise RetrainError(f"returned model refused: {exc}") from exc
@@ -400,6 +415,29 @@ class RetrainPipeline:
             "endpoint_val_loss": reported,
             "endpoint_baseline_val_loss": result.get("baseline_val_loss"),
         }
+
+    def gate_key(self):
+        """The gate's private key (created with its public half on first use)."""
+        try:
+            return approval.private_key(self.cfg.security)
+        except approval.ApprovalError as exc:
+            raise RetrainError(str(exc)) from exc
+
+    def approve(self, version: int, trained: Trained, labels: dict) -> None:
+        """Sign the version the gate passed: the edge serves nothing else."""
+        meta = self.registry.meta(version)
+        fields = {
+            "version": version,
+            "kind": meta["kind"],
+            "arch": meta["arch"],
+            "sha256": meta["sha256"],
+            "size": meta["size"],
+            "parent": trained.best,
+            "request_id": trained.request["request_id"],
+            "labels": labels["labels"],
+            "labels_sha256": labels["sha256"],
+        }
+        self.registry.set_approval(version, approval.approve(self.gate_key(), fields))
 
     def quality_gate(self, version: int, figures: dict) -> None:
         """The new model must not be worse than the serving one on the same held-out set, by

@@ -271,6 +271,10 @@ def train_model(request: dict) -> dict:
         "n_frames": int(len(inputs)),
         "arch": arch,
         "seconds": time.perf_counter() - t0,
+        # what the request was, signed with the result (signing.SIGNED_FIELDS)
+        "request_id": request.get("request_id"),
+        "labels_sha256": request["labels_sha256"],
+        "init_sha256": request.get("init_sha256") if request.get("init") else None,
     }
     result["signature"] = signing.sign(key, blob, result)
     return result

@@ -38,7 +38,7 @@ class PvReader:
     prefix: str
 
     def pv(self, name: str):
-        return self.ctx.get(f"{self.prefix}{name}", timeout=5)
+        return self.ctx.get(f"{self.prefix}{name}", timeout=5 * DEADLINE_SLACK)
 
     def value(self, name: str):
         return self.pv(name)["value"]

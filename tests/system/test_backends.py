@@ -15,6 +15,7 @@ from edgeloop.edge_pva.inference import (
 )
 from edgeloop.edge_pva.tolerance import violations
 from edgeloop.models import kind as model_kind
+from tests.kit.models import add_approved
 from tests.kit.networks import ARCH, network
 
 
@@ -55,12 +56,12 @@ def edge_on(tmp_path, request):
         server.stop()
 
 
-def _add(registry, seed: int) -> tuple[int, torch.nn.Module]:
+def _add(registry, seed: int, security) -> tuple[int, torch.nn.Module]:
     from edgeloop.registry import model_to_bytes
 
     model = network("ptychonn", seed)
     data = model_to_bytes("ptychonn", ARCH["ptychonn"], model)
-    return registry.add(data, {"kind": "ptychonn"}), model
+    return add_approved(registry, data, {"kind": "ptychonn"}, security), model
 
 
 def _answer(ctx, edge, source, frame: np.ndarray, uid: int):
@@ -93,7 +94,7 @@ def test_hot_swap_on_each_backend_that_runs_here(edge_on, backend):
     frame = np.random.default_rng(2).poisson(50.0, (64, 64)).astype(np.uint16)
     _answer(ctx, edge, source, frame, 1)
     for seed in (1, 2):  # twice: a swap away from a swapped-in model too
-        version, model = _add(edge.registry, seed)
+        version, model = _add(edge.registry, seed, edge.cfg.security)
         ctx.put(f"{edge.prefix}edge:LoadModel", version, timeout=60, wait=True)
         served = edge.slots["ptychonn"].get()
         assert served.version == version and served.backend.name == backend
@@ -110,9 +111,9 @@ def test_load_on_a_backend_this_host_lacks_fails_with_the_reason_and_the_old_mod
     edge_on, no_gpu
 ):
     edge, source, _, ctx = edge_on("torch")
-    first, _ = _add(edge.registry, 1)
+    first, _ = _add(edge.registry, 1, edge.cfg.security)
     ctx.put(f"{edge.prefix}edge:LoadModel", first, timeout=60, wait=True)
-    candidate, _ = _add(edge.registry, 2)
+    candidate, _ = _add(edge.registry, 2, edge.cfg.security)
     edge.cfg.edge.backend = "torch-cuda"  # as if the edge had been configured for a GPU
     with pytest.raises(Exception, match="needs a CUDA GPU"):
         ctx.put(f"{edge.prefix}edge:LoadModel", candidate, timeout=60, wait=True)

@@ -19,17 +19,19 @@ from edgeloop.models import kind as model_kind
 from edgeloop.registry import Registry, model_to_bytes
 from tests.kit.answers import post
 from tests.kit.env import random_prefix
+from tests.kit.models import add_approved
 from tests.kit.servers import System, small_config
 from tests.kit.waiting import wait_process_gone
 
 pytestmark = [pytest.mark.timeout(300)]
 
 
-def add_ptychonn(registry: Registry, width: int, seed: int) -> int:
+def add_ptychonn(registry: Registry, width: int, seed: int, security) -> int:
     torch.manual_seed(seed)
     arch = {"width": width}
     model = model_kind("ptychonn").build(**arch)
-    return registry.add(model_to_bytes("ptychonn", arch, model), {"kind": "ptychonn"})
+    blob = model_to_bytes("ptychonn", arch, model)
+    return add_approved(registry, blob, {"kind": "ptychonn"}, security)
 
 
 @pytest.fixture
@@ -57,7 +59,7 @@ def load(ctx, edge, version):
 def test_transient_io_error_rejects_nothing_and_a_rejected_version_is_never_served(edge):
     edge, _, ctx = edge
     registry = edge.registry
-    good = add_ptychonn(registry, 8, 0)
+    good = add_ptychonn(registry, 8, 0, edge.cfg.security)
     path = registry.root / f"v{good:04d}.pt"
     saved = path.read_bytes()
     path.unlink()
@@ -71,7 +73,7 @@ def test_transient_io_error_rejects_nothing_and_a_rejected_version_is_never_serv
     assert edge.slots["ptychonn"].get().version == good
     assert registry.meta(good)["status"] == "accepted"
 
-    bad = add_ptychonn(registry, 8, 1)
+    bad = add_ptychonn(registry, 8, 1, edge.cfg.security)
     registry.mark_rejected(bad, "quality gate: worse than the serving model")
     with pytest.raises(Exception, match="never served"):
         load(ctx, edge, bad)
@@ -94,7 +96,7 @@ def test_nan_frames_never_reach_the_probe_set_that_validates_a_candidate(edge):
         time.sleep(0.02)
     assert edge.queue.counts()["bad"] == 5 and edge.queue.counts()["out"] == 1
     assert all(np.isfinite(f).all() for f in edge.models.recent["ptychonn"])
-    version = add_ptychonn(edge.registry, 8, 2)
+    version = add_ptychonn(edge.registry, 8, 2, edge.cfg.security)
     load(ctx, edge, version)
     assert edge.slots["ptychonn"].get().version == version
 
@@ -102,10 +104,10 @@ def test_nan_frames_never_reach_the_probe_set_that_validates_a_candidate(edge):
 def test_edge_killed_during_a_swap_serves_the_last_accepted_model_on_restart(tmp_path):
     cfg, path = small_config(tmp_path, random_prefix("k"))
     registry = Registry(cfg.registry_path)
-    first = add_ptychonn(registry, 8, 0)
+    first = add_ptychonn(registry, 8, 0, cfg.security)
     registry.mark_accepted(first)
     # a wide candidate takes a while to load and validate: the kill lands in the swap
-    candidate = add_ptychonn(registry, 48, 1)
+    candidate = add_ptychonn(registry, 48, 1, cfg.security)
     source = SharedPV()
     server = Server(providers=[{f"{cfg.prefix}src:Image": source}])
     post(source, ntnd.build(np.ones((64, 64), np.uint16), 1))

@@ -32,6 +32,7 @@ from edgeloop.registry import NOT_NOW, Registry, model_to_bytes
 from edgeloop.waiting import wait_until
 from tests.kit.answers import post
 from tests.kit.env import KIT, random_prefix
+from tests.kit.models import add_approved
 from tests.kit.pvapy_sources import Witness, ad_sim_server
 from tests.kit.servers import System, small_config
 
@@ -332,23 +333,24 @@ def test_a_source_without_the_distributor_is_answered_once_and_said(p4p_fed):
     assert severity == 1 and "--workers 1" in text
 
 
-def add_ptychonn(registry: Registry, seed: int) -> int:
+def add_ptychonn(registry: Registry, seed: int, security) -> int:
     torch.manual_seed(seed)
     arch = {"width": 8}
     model = model_kind("ptychonn").build(**arch)
-    return registry.add(model_to_bytes("ptychonn", arch, model), {"kind": "ptychonn"})
+    blob = model_to_bytes("ptychonn", arch, model)
+    return add_approved(registry, blob, {"kind": "ptychonn"}, security)
 
 
 def test_load_model_reaches_both_workers(p4p_fed):
     edge = p4p_fed.edge
     registry = Registry(edge.cfg.registry_path)
-    good = add_ptychonn(registry, 0)
+    good = add_ptychonn(registry, 0, edge.cfg.security)
     edge.ctx.put(f"{edge.prefix}edge:LoadModel", good, timeout=90)
     for k in (1, 2):
         assert edge.value(f"edge:w{k}:ModelVersion") == good
     edge.wait_value("edge:ModelVersion", lambda v: v == good, timeout=10)
 
-    bad = add_ptychonn(registry, 1)
+    bad = add_ptychonn(registry, 1, edge.cfg.security)
     registry.mark_rejected(bad, "quality gate: worse than the serving model")
     with pytest.raises(Exception, match="never served") as refused:
         edge.ctx.put(f"{edge.prefix}edge:LoadModel", bad, timeout=90)
@@ -370,7 +372,10 @@ def test_a_version_one_worker_does_not_load_is_withdrawn_from_every_worker(p4p_f
     loads on both once both answer."""
     edge = p4p_fed.edge
     registry = Registry(edge.cfg.registry_path)
-    old, new = add_ptychonn(registry, 2), add_ptychonn(registry, 3)
+    old, new = (
+        add_ptychonn(registry, 2, edge.cfg.security),
+        add_ptychonn(registry, 3, edge.cfg.security),
+    )
     edge.ctx.put(f"{edge.prefix}edge:LoadModel", old, timeout=90)
     w2 = worker_process(edge, 2)
     w2.suspend()

@@ -11,6 +11,7 @@ from edgeloop import ntnd
 from edgeloop.app.answers import AnswerCollector
 from edgeloop.app.loop import wait_drained
 from edgeloop.registry import Registry
+from tests.kit.models import add_approved
 from tests.kit.runs import run_engine
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -176,13 +177,18 @@ def test_records_carry_units_precision_limits_and_alarm_limits(system):
 def test_corrupt_model_is_rejected_and_old_one_keeps_serving(system):
     reg = Registry(system.cfg.registry_path)
     serving = system.value("edge:ModelVersion")
-    bad_load = reg.add(b"this is not a torch checkpoint", {"kind": "ptychonn", "val_loss": 0.1})
+    security = system.cfg.security  # signed, as a file the gate passed and a disk damaged
+    bad_load = add_approved(
+        reg, b"this is not a torch checkpoint", {"kind": "ptychonn", "val_loss": 0.1}, security
+    )
     with pytest.raises(Exception, match="does not load"):
         system.ctx.put(f"{system.prefix}edge:LoadModel", bad_load, wait=True, timeout=30)
     # a model file damaged after it was registered fails its checksum
-    good = reg.add(
+    good = add_approved(
+        reg,
         reg.read_verified(serving) if serving else _fresh_model_bytes(),
         {"kind": "ptychonn", "val_loss": 0.1},
+        security,
     )
     path = reg.root / f"v{good:04d}.pt"
     path.write_bytes(path.read_bytes()[:1000])

@@ -20,19 +20,32 @@ from edgeloop.registry import (
     RegistryCorrupt,
     model_to_bytes,
 )
+from tests.kit.models import add_approved
+
+
+def config(root) -> Config:
+    """The registry in ``root``, the gate's keys beside it (never in ~/.edgeloop)."""
+    cfg = Config(registry_dir=str(root))
+    cfg.security.signing_key_file = str(root.parent / f"{root.name}-keys" / "signing.key")
+    return cfg
 
 
 def registry_with_both_kinds(root) -> tuple[Registry, dict]:
-    """ptychonn v1 then v2 accepted, braggnn v3 accepted, ptychonn v4 a candidate."""
-    cfg = Config()
+    """ptychonn v1 then v2 accepted, braggnn v3 accepted, ptychonn v4 a candidate, each
+    approved by the gate."""
+    cfg = config(root)
     reg = Registry(root)
     ptycho = model_to_bytes("ptychonn", cfg.arch("ptychonn"), PtychoNN(**cfg.arch("ptychonn")))
     bragg = model_to_bytes("braggnn", cfg.arch("braggnn"), BraggNN(**cfg.arch("braggnn")))
+
+    def add(blob, meta):
+        return add_approved(reg, blob, meta, cfg.security)
+
     v = {
-        "p1": reg.add(ptycho, {"kind": "ptychonn", "val_loss": 0.3}),
-        "p2": reg.add(ptycho, {"kind": "ptychonn", "val_loss": 0.2}),
-        "b3": reg.add(bragg, {"kind": "braggnn", "val_loss": 0.1}),
-        "p4": reg.add(ptycho, {"kind": "ptychonn", "val_loss": 0.1}),
+        "p1": add(ptycho, {"kind": "ptychonn", "val_loss": 0.3}),
+        "p2": add(ptycho, {"kind": "ptychonn", "val_loss": 0.2}),
+        "b3": add(bragg, {"kind": "braggnn", "val_loss": 0.1}),
+        "p4": add(ptycho, {"kind": "ptychonn", "val_loss": 0.1}),
     }
     for name in ("p1", "p2", "b3"):
         reg.mark_accepted(v[name])
@@ -81,7 +94,7 @@ def test_a_legacy_record_without_history_or_copy_still_names_what_serves(tmp_pat
 
 
 def _loader(reg: Registry, messages: list) -> ModelLoader:
-    cfg = Config(registry_dir=str(reg.root))
+    cfg = config(reg.root)
     return ModelLoader(cfg, reg, lambda text, severity: messages.append((severity, text)), print)
 
 

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from edgeloop import approval
 from edgeloop.config import Config
 from edgeloop.edge_pva.inference import ModelRejected
 from edgeloop.registry import NOT_NOW, Registry
@@ -67,6 +68,11 @@ def test_a_retraining_stages_analyses_trains_validates_and_deploys(pipeline):
     meta = pipeline.registry.meta(1)
     assert meta["trigger"] == "a test" and meta["executor"] == "threads"
     assert meta["parent"] is None and meta["baseline"] is None
+    # the gate signed it: what the edge checks before it loads it
+    public = approval.public_key(pipeline.cfg.security)
+    fields = approval.check(public, meta, 1)
+    assert fields["labels_sha256"] == meta["labels_sha256"] and len(fields["request_id"]) == 32
+    assert fields["parent"] is None and fields["sha256"] == meta["sha256"]
     assert set(result["timings"]) >= {"staging_s", "analysis_s", "training_s", "return_s"}
 
     # the next one starts from v1 and is gated against it: a model worse than v1 by the
@@ -76,6 +82,7 @@ def test_a_retraining_stages_analyses_trains_validates_and_deploys(pipeline):
         pipeline.run("again")
     assert pipeline.deployed == [1] and pipeline.registry.meta(2)["status"] == "rejected"
     assert pipeline.registry.meta(2)["parent"] == 1
+    assert "approval" not in pipeline.registry.meta(2)  # the gate signs only what it passes
 
 
 def test_an_abort_during_a_step_ends_the_run_and_deploys_nothing(pipeline):

@@ -31,6 +31,7 @@ from edgeloop.registry import (
 )
 from edgeloop.remote import tasks
 from edgeloop.scanfile import write_scan
+from tests.kit.models import add_approved
 
 ARCH = {"patch": 11, "width": 16}
 
@@ -74,6 +75,7 @@ def config(tmp: Path) -> Config:
 
 def train_request(cfg: Config, labels: Path, sha: str, **extra) -> dict:
     return {
+        "request_id": "request-1",
         "labels": str(labels),
         "labels_sha256": sha,
         "init": None,
@@ -86,6 +88,13 @@ def train_request(cfg: Config, labels: Path, sha: str, **extra) -> dict:
         "signing_key_file": cfg.security.signing_key_file,
         **extra,
     }
+
+
+def trained(request: dict, result: dict, baseline=None):
+    """What the pipeline's training step hands validation: this request and its result."""
+    from edgeloop.remote.pipeline import Trained
+
+    return Trained(None, None, baseline, request, result, 0.0, 0.0)
 
 
 @pytest.fixture
@@ -278,8 +287,13 @@ def test_corrupt_best_checkpoint_falls_back_to_the_next_best(service, tmp_path, 
     versions = []
     for loss in (0.1, 0.2, 0.3):
         blob = model_to_bytes("braggnn", ARCH, BraggNN(**ARCH))
-        versions.append(reg.add(blob, {"kind": "braggnn", "val_loss": loss}))
+        versions.append(
+            add_approved(reg, blob, {"kind": "braggnn", "val_loss": loss}, cfg.security)
+        )
         reg.mark_accepted(versions[-1])
+    # planted: the best loss, marked accepted, but never approved by the gate
+    planted = reg.add(blob, {"kind": "braggnn", "val_loss": 0.01})
+    reg.mark_accepted(planted)
     best, second, third = versions
     (reg.root / f"v{best:04d}.pt").write_bytes(b"garbage")  # fails its checksum
     # the second declares a network outside the bounds (with a matching checksum)
@@ -291,8 +305,9 @@ def test_corrupt_best_checkpoint_falls_back_to_the_next_best(service, tmp_path, 
 
     caplog.set_level(logging.WARNING)
     chosen, skipped = service.pipeline.usable_best("braggnn")
-    assert (chosen, skipped) == (third, [f"v{best}", f"v{second}"])
-    assert "checksum" in caplog.text and "max_width" in caplog.text
+    assert (chosen, skipped) == (third, [f"v{planted}", f"v{best}", f"v{second}"])
+    assert "carries no approval" in caplog.text and "checksum" in caplog.text
+    assert "the gate approved sha256" in caplog.text  # the second's bytes were replaced
 
     # and training from it works (a real task, two epochs)
     request = train_request(cfg, labels, sha, **service.pipeline.ref("init", chosen))
@@ -304,7 +319,7 @@ def test_corrupt_best_checkpoint_falls_back_to_the_next_best(service, tmp_path, 
     (reg.root / f"v{third:04d}.pt").write_bytes(b"garbage")
     assert service.pipeline.usable_best("braggnn") == (
         None,
-        [f"v{best}", f"v{second}", f"v{third}"],
+        [f"v{planted}", f"v{best}", f"v{second}", f"v{third}"],
     )
 
 
@@ -334,7 +349,16 @@ def test_signature_round_trip_and_tampering(tmp_path):
     key = signing.create_key(tmp_path / "k")
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600 and len(key) == 64
     blob = model_to_bytes("braggnn", ARCH, BraggNN(**ARCH))
-    meta = {"kind": "braggnn", "arch": ARCH, "val_loss": 0.01, "n_frames": 100, "extra": 1}
+    meta = {
+        "kind": "braggnn",
+        "arch": ARCH,
+        "val_loss": 0.01,
+        "n_frames": 100,
+        "request_id": "r1",
+        "labels_sha256": "ab" * 32,
+        "init_sha256": None,
+        "extra": 1,
+    }
     sig = signing.sign(key, blob, meta)
     signing.verify(key, blob, meta, sig)
     signing.verify(key, blob, dict(meta, extra=2), sig)  # unsigned fields are not covered
@@ -346,6 +370,9 @@ def test_signature_round_trip_and_tampering(tmp_path):
         (blob, dict(meta, n_frames=1000)),
         (blob, dict(meta, arch={"patch": 11, "width": 17})),
         (blob, dict(meta, kind="ptychonn")),
+        (blob, dict(meta, request_id="r2")),  # a result replayed for another request
+        (blob, dict(meta, labels_sha256="cd" * 32)),
+        (blob, dict(meta, init_sha256="ef" * 32)),
     ):
         with pytest.raises(signing.SigningError, match="does not verify"):
             signing.verify(key, bad_blob, bad_meta, sig)
@@ -384,21 +411,26 @@ def test_train_task_signs_and_the_service_verifies(service, tmp_path):
     cfg = service.cfg
     labels = tmp_path / "labels.h5"
     sha = braggnn_labels(labels)
-    result = tasks.train_model(dict(train_request(cfg, labels, sha), train=vars(train_cfg(2))))
+    request = dict(train_request(cfg, labels, sha), train=vars(train_cfg(2)))
+    result = tasks.train_model(request)
     key = service.pipeline.signing_key()
     assert result["signature"] == signing.sign(key, result["model"], result)
     label_ref = {"labels": str(labels), "sha256": sha}
-    figures = service.pipeline.validate(result, "braggnn", key, label_ref, None, train_cfg(2))
+    validate = service.pipeline.validate
+    figures = validate(trained(request, result), "braggnn", key, label_ref, train_cfg(2))
     assert figures["val_loss"] == pytest.approx(result["val_loss"], rel=1e-3)
 
     # the endpoint's key is not the service's
     with pytest.raises(RetrainError, match="signature does not verify"):
-        service.pipeline.validate(result, "braggnn", b"k" * 64, label_ref, None, train_cfg(2))
+        validate(trained(request, result), "braggnn", b"k" * 64, label_ref, train_cfg(2))
     # metadata altered after signing
     with pytest.raises(RetrainError, match="signature does not verify"):
-        service.pipeline.validate(
-            dict(result, n_frames=10**6), "braggnn", key, label_ref, None, train_cfg(2)
-        )
+        altered = dict(result, n_frames=10**6)
+        validate(trained(request, altered), "braggnn", key, label_ref, train_cfg(2))
+    # this result, signed for request-1, handed back as the answer to another request
+    again = dict(request, request_id="request-2")
+    with pytest.raises(RetrainError, match="signature does not verify"):
+        validate(trained(again, result), "braggnn", key, label_ref, train_cfg(2))
     # no key file on the endpoint: a clear error before any training
     t0 = time.perf_counter()
     gone = tmp_path / "endpoint.key"
@@ -419,7 +451,8 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
     sha = braggnn_labels(labels)
     key = service.pipeline.signing_key()
     label_ref = {"labels": str(labels), "sha256": sha}
-    good = tasks.train_model(train_request(cfg, labels, sha))
+    request = train_request(cfg, labels, sha)
+    good = tasks.train_model(request)
     v1 = reg.add(good["model"], {"kind": "braggnn", "val_loss": good["val_loss"]})
     reg.mark_accepted(v1)
     _, baseline = service.pipeline.serving("braggnn")
@@ -430,7 +463,9 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
     liar = dict(good, model=blob, sha256=sha256_bytes(blob), val_loss=0.0, baseline_val_loss=1.0)
     liar["signature"] = signing.sign(key, blob, dict(liar, kind="braggnn"))
     t0 = time.perf_counter()
-    figures = service.pipeline.validate(liar, "braggnn", key, label_ref, baseline, train_cfg())
+    figures = service.pipeline.validate(
+        trained(request, liar, baseline), "braggnn", key, label_ref, train_cfg()
+    )
     print(f"service-side evaluation of candidate + baseline: {time.perf_counter() - t0:.3f} s")
     assert figures["endpoint_val_loss"] == 0.0 and figures["endpoint_baseline_val_loss"] == 1.0
     assert figures["val_loss"] > 2 * figures["baseline_val_loss"]
@@ -441,13 +476,17 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
     assert reg.meta(v2)["status"] == "rejected" and reg.accepted("braggnn") == v1
 
     # an honest candidate passes on the same figures
-    ok = service.pipeline.validate(good, "braggnn", key, label_ref, baseline, train_cfg())
+    ok = service.pipeline.validate(
+        trained(request, good, baseline), "braggnn", key, label_ref, train_cfg()
+    )
     service.pipeline.quality_gate(v1, ok)
 
     # labels the service cannot read: an error, and nothing is marked rejected
     labels.unlink()
     with pytest.raises(RetrainError, match="labels file must be readable"):
-        service.pipeline.validate(good, "braggnn", key, label_ref, baseline, train_cfg())
+        service.pipeline.validate(
+            trained(request, good, baseline), "braggnn", key, label_ref, train_cfg()
+        )
 
 
 def test_non_finite_frames_never_reach_training(tmp_path, caplog):

@@ -18,8 +18,6 @@ pair there on first use.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -30,6 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from edgeloop.config import SecurityConfig
+from edgeloop.registry import atomic_write
+from edgeloop.signing import secret_problem, write_secret
 
 APPROVED_FIELDS = (
     "version",
@@ -67,15 +67,12 @@ def private_key(security: SecurityConfig) -> Ed25519PrivateKey:
     if not private.exists() and not security.gate_key_file:
         _create(private, public)
     try:
-        mode = private.stat().st_mode
+        problem = secret_problem(private, private.stat())
         data = private.read_bytes()
     except OSError as exc:
         raise GateKeyMissing(f"gate key {private} unreadable: {exc}") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise GateKeyMissing(
-            f"gate key {private} is accessible by group or others (mode "
-            f"{stat.S_IMODE(mode):04o}); refused: chmod 600 {private}"
-        )
+    if problem:
+        raise GateKeyMissing(f"gate key {private} {problem}")
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise GateKeyMissing(f"gate key {private} is not an Ed25519 private key")
@@ -102,29 +99,23 @@ def public_key(security: SecurityConfig) -> Ed25519PublicKey:
 
 
 def _create(private: Path, public: Path) -> None:
-    """A new pair: the private key written whole (a temp file, then renamed) with mode 0600
-    in a directory of mode 0700; never overwrites."""
+    """A new pair: the private key written whole with mode 0600 in a directory of mode 0700
+    (signing.write_secret); never overwrites."""
     key = Ed25519PrivateKey.generate()
-    private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    tmp = private.with_name(f".{private.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
     try:
-        os.link(tmp, private)  # fails if another process made one meanwhile: theirs stays
-    except FileExistsError:
+        write_secret(private, pem)
+    except FileExistsError:  # another process made one meanwhile: theirs stays
         return
-    finally:
-        tmp.unlink()
-    public.write_bytes(
+    atomic_write(
+        public,
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        ),
     )
 
 

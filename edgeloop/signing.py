@@ -44,13 +44,45 @@ def _how_to(path: Path) -> str:
     )
 
 
+def write_secret(path: Path, data: bytes) -> None:
+    """``data`` in a new file ``path`` of mode 0600, written whole (a temp file, then linked
+    in: no reader ever sees part of it); FileExistsError if ``path`` exists (kept)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        tmp.unlink()
+
+
+def secret_problem(path: Path, st: os.stat_result) -> str | None:
+    """Why a key file cannot be trusted: readable by group or others, owned by another user,
+    or in a directory that others may write (they could replace it); None if it can."""
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return (
+            f"is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"refused: chmod 600 {path}"
+        )
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); refused"
+    parent = path.parent.stat()
+    if parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not parent.st_mode & stat.S_ISVTX:
+        return (
+            f"is in {path.parent}, which group or others may write (mode "
+            f"{stat.S_IMODE(parent.st_mode):04o}): anyone there could replace it; refused"
+        )
+    return None
+
+
 def create_key(path: str | os.PathLike) -> bytes:
     """Write a new random key (32 bytes, hex) to ``path``, mode 0600; never overwrites."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
+    write_secret(path, (secrets.token_hex(32) + "\n").encode())
     return load_key(path)
 
 
@@ -73,11 +105,9 @@ def load_key(path: str | os.PathLike, create_default: bool = False) -> bytes:
         raise SigningError(f"signing key file {given} not found; {_how_to(path)}") from None
     except OSError as exc:
         raise SigningError(f"signing key file {given} unreadable: {exc}") from exc
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SigningError(
-            f"signing key file {given} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); refused: chmod 600 {path}"
-        )
+    problem = secret_problem(path, st)
+    if problem:
+        raise SigningError(f"signing key file {given} {problem}")
     try:
         key = path.read_bytes().strip()
     except OSError as exc:

@@ -12,6 +12,7 @@ import argparse
 import ctypes
 import getpass
 import os
+import queue
 import re
 import select
 import signal
@@ -149,26 +150,46 @@ def start(
         text=True,
         env=env,
     )
-    lines: list[str] = []
+    return wait_ready(proc, timeout)
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float) -> subprocess.Popen:
+    """``proc`` once it prints READY; killed and RuntimeError with its output after
+    ``timeout`` s, even when it hangs in the middle of a line (a thread reads it)."""
+    lines: queue.Queue = queue.Queue()
+    ready = threading.Event()
+    threading.Thread(target=_read, args=(proc.stdout, lines, ready), daemon=True).start()
+    seen: list[str] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line)
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:  # it exited
+            break
+        seen.append(line)
         if READY in line:
-            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+            ready.set()
             return proc
     proc.kill()
     proc.wait()
-    raise RuntimeError("EPICS IOC did not start:\n" + "".join(lines))
+    try:  # what it printed last, a line it never ended included
+        while (line := lines.get(timeout=1.0)) is not None:
+            seen.append(line)
+    except queue.Empty:
+        pass
+    raise RuntimeError(f"EPICS IOC did not start within {timeout:.0f} s:\n" + "".join(seen))
 
 
-def _drain(stream) -> None:
+def _read(stream, lines: queue.Queue, ready: threading.Event) -> None:
+    """Lines to ``lines`` until ``ready``, then to stderr (the IOC's log)."""
     for line in stream:
-        sys.stderr.write("[ml-ioc] " + line)
+        if ready.is_set():
+            sys.stderr.write("[ml-ioc] " + line)
+        else:
+            lines.put(line)
+    lines.put(None)
 
 
 if __name__ == "__main__":

@@ -403,6 +403,25 @@ def test_key_files_missing_unsafe_short_and_the_default_created(tmp_path, monkey
     monkeypatch.setattr(signing, "DEFAULT_KEY_FILE", str(default))
     key = signing.load_key(default, create_default=True)
     assert default.stat().st_mode & 0o777 == 0o600 and signing.load_key(default) == key
+    assert os.listdir(default.parent) == ["signing.key"]  # written whole: no temp file left
+    with pytest.raises(FileExistsError):
+        signing.create_key(default)  # never overwritten
+    assert signing.load_key(default) == key
+
+    # issue 22 item 19: a key of another user, or in a folder others may write, is refused
+    theirs = tmp_path / "theirs.key"
+    signing.create_key(theirs)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(signing.SigningError, match="belongs to uid 65534"):
+        signing.load_key(theirs)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    signing.create_key(shared / "k")
+    shared.chmod(0o777)  # anyone could swap the file
+    with pytest.raises(signing.SigningError, match="group or others may write .*0777"):
+        signing.load_key(shared / "k")
+    shared.chmod(0o1777)  # sticky, as /tmp: only the owner may replace it
+    assert len(signing.load_key(shared / "k")) == 64
 
 
 def test_train_task_signs_and_the_service_verifies(service, tmp_path):

@@ -73,7 +73,7 @@ class EdgeAggregate:
         self.workers = {k: worker_pv_prefix(cfg.prefix, k) for k in range(1, workers + 1)}
         self._lock = threading.Lock()
         self._owners: collections.OrderedDict = collections.OrderedDict()  # frame -> worker
-        self.source = FrameIds()  # the witness's: what the source skipped
+        self.source = FrameIds(numbered=True)  # the witness's: skipped frames, acquisitions
         self.order = AcquisitionOrder()  # of the frames answered, out of order
         self.duplicates = 0
         self._said_copies = False
@@ -139,11 +139,12 @@ class EdgeAggregate:
                 self._owners[frame] = owner = k
                 while len(self._owners) > OWNERS_KEPT:
                     self._owners.popitem(last=False)
-                current, new_acquisition = self.order.arrival(uid, stamp)
+                acquisition = self.source.acquisition_of(uid, stamp)
+                current, new_acquisition = self.order.arrival(uid, stamp, acquisition)
                 if new_acquisition:
                     self.stitcher.new_acquisition()
             else:
-                current = self.order.current(stamp)
+                current = self.order.current(stamp, self.source.acquisition_of(uid, stamp))
             if owner != k:
                 if kind in PRIMARY:
                     self.duplicates += 1
@@ -158,7 +159,7 @@ class EdgeAggregate:
         # a copy in the served PV's own type (a server posts only the type it opened with)
         self.pvs[kind].post(Value(self._types[kind], value))
         if kind in PRIMARY:
-            self._out_times.append(time.time())
+            self._out_times.append(time.monotonic())
             self._set_mode(ANSWERS[kind])
 
     def _copies_seen(self) -> None:
@@ -243,13 +244,13 @@ class EdgeAggregate:
             try:
                 self._publish_stats()
                 post = self.pvs["PhaseMap"].post
-                self.stitcher.publish_map(post, time.time(), self.cfg.edge.map_publish_s)
+                self.stitcher.publish_map(post, time.monotonic(), self.cfg.edge.map_publish_s)
             except Exception:  # a statistics tick never stops the aggregate
                 log.exception("aggregate: statistics not published")
 
     def _publish_stats(self) -> None:
         self._poll()
-        now = time.time()
+        now = time.monotonic()
         polled = list(self._polled.values())
         with self._lock:
             totals = self.counts.totals(self.duplicates)

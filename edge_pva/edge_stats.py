@@ -46,7 +46,7 @@ class EdgeStatistics:
     def run(self) -> None:
         edge = self.edge
         while not edge._stop.wait(edge.cfg.edge.stats_publish_s):
-            now = time.time()
+            now = time.monotonic()  # rates and intervals: immune to steps of the host's clock
             for name, value in self._values(now).items():
                 edge.pvs.scalars.post(name, value)
             with edge.stitcher.lock:  # a mode switch changes their units: not in between

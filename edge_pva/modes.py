@@ -106,7 +106,7 @@ class PtychoFrames:
         edge = self.edge
         consistency = combine(p.overlap, data)
         edge.stitcher.add(consistency)
-        now = time.time()
+        now = time.monotonic()  # frame.received is on it (server._on_frame)
         attrs = {"ModelVersion": version, "LatencyMs": (now - frame.received) * 1e3}
         if p.xy is not None:
             attrs.update(SampleX=p.xy[0], SampleY=p.xy[1])
@@ -168,7 +168,7 @@ class HedmFrames:
             edge.stats.note(f"peaks left out (max_peaks_per_frame {cfg.max_peaks_per_frame})")
         edge.pvs["Peaks"].post(peak_table(frame.unique_id, peaks, frame.timestamp, warning))
         edge.pvs["PeakCount"].post(len(patches))
-        edge.count_out(frame, time.time())
+        edge.count_out(frame, time.monotonic())
         edge.models.recent[self.kind].extend(patches[:4])
 
 

@@ -181,7 +181,8 @@ class EdgeServer:
                 uid, f"{size} bytes, above edge.max_frame_bytes {self.cfg.edge.max_frame_bytes}"
             )
             return
-        self.queue.put((value, time.time(), arrival is Arrival.RESTART), size)
+        # arrival on the monotonic clock: latencies stay right when the host's clock steps
+        self.queue.put((value, time.monotonic(), arrival is Arrival.RESTART), size)
 
     def _decode(self, item) -> ntnd.Frame | None:
         value, received, restart = item

@@ -164,5 +164,5 @@ def _decode(value: Value, received: float | None, max_bytes: int | None) -> Fram
         unique_id=int(value.get("uniqueId", 0)),
         timestamp=stamp,
         attributes=attrs,
-        received=time.time() if received is None else received,
+        received=time.time() if received is None else received,  # or the caller's clock
     )

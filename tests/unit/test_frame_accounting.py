@@ -14,7 +14,7 @@ from p4p import Type, Value
 from edgeloop import ntnd
 from edgeloop.edge_pva.frame_queue import FrameQueue
 from edgeloop.edge_pva.supervise import Supervisor
-from edgeloop.frame_ids import Arrival, FrameIds
+from edgeloop.frame_ids import AcquisitionOrder, Arrival, FrameIds
 from edgeloop.peaks import find_peaks
 from edgeloop.waiting import wait_until
 
@@ -40,6 +40,33 @@ def test_arrivals_repeats_gaps_late_frames_and_restarts():
     # a huge jump is counted, not listed
     assert ids.arrival(10**9, (2, 0)) is Arrival.NEW
     assert ids.missed == 1 + 10**9 - 3
+
+
+def test_a_restart_whose_clock_stepped_back_still_starts_a_new_acquisition():
+    """Issue 22 item 18: answers from several workers, arriving out of order, are told
+    apart by the acquisition a witness of the source saw them in, which the time stamps
+    alone cannot do once the detector's clock stepped back."""
+    witness, order, by_stamp = FrameIds(numbered=True), AcquisitionOrder(), AcquisitionOrder()
+    first = [(uid, (100, uid)) for uid in range(1, 11)]
+    second = [(uid, (50, uid)) for uid in range(1, 6)]  # the clock went back 50 s
+    for uid, stamp in first + second:
+        witness.arrival(uid, stamp)
+    assert witness.acquisition == 1 and witness.acquisition_of(*second[0]) == 1
+    assert witness.acquisition_of(*first[-1]) == 0 and witness.acquisition_of(99, (1, 0)) is None
+
+    def answer(uid, stamp):
+        numbered = order.arrival(uid, stamp, witness.acquisition_of(uid, stamp))
+        return numbered, by_stamp.arrival(uid, stamp)
+
+    for uid, stamp in first[:8]:
+        assert answer(uid, stamp) == ((True, False), (True, False))
+    # by the stamps alone no new map starts (and after an earlier restart, every frame of
+    # this one would be "late": never stitched)
+    assert answer(*second[0]) == ((True, True), (True, False))
+    assert answer(*first[8])[0] == (False, False)  # a late one of the first acquisition
+    for uid, stamp in second[1:]:
+        assert answer(uid, stamp)[0] == (True, False)
+    assert order.current(second[2][1], 1) and not order.current(first[9][1], 0)
 
 
 def test_the_frame_account_adds_up_at_every_moment():

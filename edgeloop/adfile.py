@@ -66,7 +66,10 @@ def open_hdf5(path: str | Path) -> h5py.File:
         except OSError as exc:
             error = exc
         if _writer_holds(path):
-            return h5py.File(path, "r", swmr=True)
+            try:
+                return h5py.File(path, "r", swmr=True)
+            except (OSError, RuntimeError) as exc:  # HDF5's own for a damaged superblock
+                raise OSError(f"{path}: not readable HDF5: {exc}") from exc
         if "truncated" not in str(error) or attempt == CLOSE_RETRIES - 1:
             break
         time.sleep(CLOSE_WAIT_S)

@@ -2,8 +2,8 @@
 executor analyse them (labels) and train, validates the returned model here, gates it
 against the serving one and deploys it, telling a ``Progress`` each step.
 
-Also here: ``usable_scans`` (the complete scans of a data directory, newest first) and
-``stage_scans`` (which of them a retraining takes).  The technique of the newest scan decides
+Also here: ``stage_scans`` (which of the usable scans, remote/scan_index.py, a retraining
+takes).  The technique of the newest scan decides
 what is retrained: PtychoNN on phase-retrieval labels for ptychography, BraggNN on
 pseudo-Voigt-fit labels for HEDM."""
 
@@ -33,8 +33,8 @@ from edgeloop.remote import tasks
 from edgeloop.remote.errors import Aborted, RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.held_out import held_out_losses
+from edgeloop.remote.scan_index import ScanIndex
 from edgeloop.remote.staging import code_version, stage
-from edgeloop.scanfile import list_scans, scan_summary
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +42,8 @@ TECHNIQUE_MODE = {t: m for m, t in MODE_TECHNIQUE.items()}
 DEPLOY_RETRY_S = (10.0, 30.0, 90.0)  # waits before loading a version the edge could not load now
 
 
-def usable_scans(data_dir) -> list[tuple[str, str, int]]:
-    """(path, technique, frames) of the complete, consistent scans with at least 4 frames,
-    newest first; the first one's technique is what the beamline is doing now.  A truncated,
-    incomplete or inconsistent scan is skipped with a warning."""
-    out = []
-    for path in reversed(list_scans(data_dir)):
-        try:
-            technique, n = scan_summary(path)
-        except (OSError, KeyError, ValueError) as exc:
-            log.warning("skipping scan %s: %s", path, exc)
-            continue
-        if n >= 4:
-            out.append((str(path), technique, n))
-    return out
-
-
 def stage_scans(scans: list[tuple[str, str, int]], technique: str, max_frames: int) -> list[str]:
-    """Of :func:`usable_scans`, the newest of a technique whose frames add up to at most
+    """Of ``ScanIndex.usable``, the newest of a technique whose frames add up to at most
     max_frames (at least one scan), oldest first."""
     chosen, total = [], 0
     for path, kind, n in scans:
@@ -152,6 +136,7 @@ class RetrainPipeline:
         self.cfg, self.registry, self.slot = cfg, registry, slot
         self.progress, self.deploy, self.on_staged = progress, deploy, on_staged
         self.abort = threading.Event()
+        self.scans = ScanIndex()
         self.step = "Idle"
         self._step_timeout = step_timeout
 
@@ -231,7 +216,7 @@ class RetrainPipeline:
         cfg = self.cfg
         self._enter("Staging", f"staging scans from {cfg.data_path}; trigger: {trigger}")
         t0 = time.perf_counter()
-        available = usable_scans(cfg.data_path)
+        available = self.scans.usable(cfg.data_path)
         if not available:
             raise RetrainError(f"no scans to train on in {cfg.data_path}")
         technique = available[0][1]

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from edgeloop import ntnd
 from edgeloop.config import Config
 from edgeloop.registry import Registry, RegistryCorrupt
-from edgeloop.remote.pipeline import fmt, usable_scans
+from edgeloop.remote.pipeline import fmt
 from edgeloop.remote.policy import RetrainPolicy, Settings, quality_during
+from edgeloop.remote.scan_index import ScanIndex
 from edgeloop.scanfile import POSITIONS, read_scan
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class PolicyWatcher:
         # edge:ScanConsistency as posted: (time stamp, value), newest last
         self._edge_quality: collections.deque = collections.deque(maxlen=4000)
         self.known_scans: set[str] = set()
+        self.scans = ScanIndex()  # each scan read once, not at every poll
 
     def callbacks(self) -> dict:
         """PV name -> monitor callback, for what the policy watches."""
@@ -146,7 +148,7 @@ class PolicyWatcher:
         and the policy decides."""
         new = [
             (path, technique)
-            for path, technique, _ in reversed(usable_scans(self.cfg.data_path))
+            for path, technique, _ in reversed(self.scans.usable(self.cfg.data_path))
             if path not in self.known_scans
         ]
         for path, technique in new:
@@ -171,6 +173,9 @@ class PolicyWatcher:
         if self.busy():
             return
         with self._lock:
-            reason = self.policy.decide(self.settings, time.monotonic())
+            now = time.monotonic()
+            reason = self.policy.decide(self.settings, now)
+            if reason:  # a retraining that fails before staging is asked again only after
+                self.policy.last_start = now  # ml:AutoMinInterval, not at every poll
         if reason:
             self.request(reason)

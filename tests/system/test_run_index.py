@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgeloop.bluesky_plans import RunIndex
-from edgeloop.remote.pipeline import usable_scans
+from edgeloop.remote.scan_index import usable_scans
 from edgeloop.scanfile import read_scan, scan_summary
 from tests.kit.env import ca_port
 from tests.kit.runs import run_engine

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 
-from edgeloop.remote.pipeline import usable_scans
+from edgeloop.remote.scan_index import usable_scans
 from edgeloop.scanfile import PART, list_scans
 from tests.kit.scans import SIM_DEVICES, check_partial
 

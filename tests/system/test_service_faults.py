@@ -226,15 +226,15 @@ def test_abort_in_each_step_deploys_nothing_and_the_next_trigger_works(
 
 
 def test_a_run_that_raises_anywhere_ends_in_error_saying_why(loop, monkeypatch):  # noqa: F811
-    import edgeloop.remote.pipeline as pipeline_module
+    from edgeloop.remote.scan_index import ScanIndex
 
     lp = loop()
     lp.start_service("local")
 
-    def unreadable(data_dir):
+    def unreadable(self, data_dir):
         raise OSError(f"{data_dir}: input/output error")
 
-    monkeypatch.setattr(pipeline_module, "usable_scans", unreadable)
+    monkeypatch.setattr(ScanIndex, "usable", unreadable)
     assert lp.retrain(timeout=30) == "Error"
     assert lp.value("ml:Message") == (
         f"retraining failed: OSError: {lp.cfg.data_path}: input/output error"

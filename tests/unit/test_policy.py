@@ -92,3 +92,29 @@ def test_the_scan_figure_is_the_one_posted_while_its_frames_came():
     assert quality_during(history, 110.3, 111.0, settle_s=1.0) == 0.03
     assert quality_during(history, 200.0, 210.0) is None  # nothing posted then
     assert quality_during([(100.5, float("nan"))], 100.0, 101.0) is None
+
+
+def test_a_retraining_that_fails_before_staging_is_asked_again_only_after_the_interval(
+    tmp_path,
+):
+    """Issue 22 item 11: a bad key file, an executor that will not start: the run ends
+    before the policy hears what it trained on, and the policy waits AutoMinInterval."""
+    from edgeloop.config import Config
+    from edgeloop.registry import Registry
+    from edgeloop.remote.policy_watcher import PolicyWatcher
+    from edgeloop.scanfile import write_scan
+
+    cfg = Config(data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "models"))
+    cfg.data_path.mkdir()
+    write_scan(
+        cfg.data_path / "scan_1_aaaa.h5", "ptychography", np.zeros((8, 8, 8)), grid(0, 3)[:8]
+    )
+    asked = []
+    watcher = PolicyWatcher(cfg, Registry(cfg.registry_path), lambda: False, asked.append)
+    watcher.settings = on(min_interval_s=3600, min_new_frames=1)
+    for _ in range(20):  # 20 polls; each retraining asked for fails at once
+        watcher.step()
+    assert len(asked) == 1 and "unlike the training set" in asked[0]
+    watcher.settings.min_interval_s = 0
+    watcher.step()
+    assert len(asked) == 2

@@ -19,7 +19,7 @@ import pytest
 
 from edgeloop.adfile import EPICS_EPOCH
 from edgeloop.bluesky_plans import RunIndex
-from edgeloop.remote.pipeline import usable_scans
+from edgeloop.remote.scan_index import usable_scans
 from edgeloop.scanfile import list_scans, read_scan, scan_summary, write_scan
 
 ATTRIBUTES = "/entry/instrument/NDAttributes"

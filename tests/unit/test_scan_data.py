@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from edgeloop.app.loop import DEMO_MARKER, prepare
 from edgeloop.bluesky_plans import ScanWriter, ptycho_scan
 from edgeloop.config import LOOPBACK_ENV, Config
-from edgeloop.remote.pipeline import usable_scans
+from edgeloop.remote.scan_index import ScanIndex, usable_scans
 from edgeloop.scanfile import PART, read_scan, write_scan
 from tests.kit.scans import check_partial, sim_devices
 
@@ -113,3 +114,24 @@ def test_retraining_skips_inconsistent_scans_with_a_warning(tmp_path, caplog):
     assert [os.path.basename(p) for p, _, _ in usable] == ["scan_1_good.h5"]
     for name in ("scan_2_mismatch.h5", "scan_3_incomplete.h5", "scan_4_truncated.h5"):
         assert f"skipping scan {tmp_path / name}" in caplog.text
+
+
+def test_the_policy_reads_each_scan_once_and_says_once_why_one_is_unusable(tmp_path, caplog):
+    """Issue 22 item 12: polled every 2 s over a beamtime, the index reads a scan file again
+    only when it changes, and an unusable one at most every retry_s, warning once."""
+    good = tmp_path / "scan_1_aaaa.h5"
+    write_scan(good, "ptychography", np.zeros((6, 8, 8), np.uint16))
+    bad = tmp_path / "scan_2_bbbb.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n truncated")
+    index = ScanIndex(retry_s=3600)
+    caplog.set_level(logging.WARNING)
+    for _ in range(50):
+        assert index.usable(tmp_path) == [(str(good), "ptychography", 6)]
+    assert index.reads == 2
+    assert caplog.text.count(f"skipping scan {bad}") == 1
+    write_scan(good, "ptychography", np.zeros((8, 8, 8), np.uint16))  # rewritten: read again
+    os.utime(good, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert index.usable(tmp_path)[0] == (str(good), "ptychography", 8) and index.reads == 3
+    index.retry_s = 0.0  # the unusable one is tried again after retry_s, still said once
+    index.usable(tmp_path)
+    assert index.reads == 4 and caplog.text.count(f"skipping scan {bad}") == 1

@@ -128,12 +128,28 @@ class MlPvs:
         return [name for name, event in self._connected.items() if not event.is_set()]
 
     def button(self, name: str, action: Callable[[], None]):
-        """Monitor callback of a bo 'button': on 1, reset it and run ``action``."""
+        """Monitor callback of a bo 'button': on 1, reset it and run ``action``. A 1 the
+        button held when the service (re)connected was written while nobody watched it
+        (the service down, the IOC restarting): reset, said in ml:Message, not acted on."""
+        fresh = [True]
 
         def on_value(value) -> None:
-            if isinstance(value, Exception) or int(value["value.index"]) != 1:
+            if isinstance(value, Disconnected):
+                fresh[0] = True
+                return
+            if isinstance(value, Exception):
+                return
+            latched, fresh[0] = fresh[0], False
+            if int(value["value.index"]) != 1:
                 return
             threading.Thread(target=self.put, args=(name, {"value.index": 0}), daemon=True).start()
+            if latched:
+                text = (
+                    f"{name} was set while the service was not watching it: ignored (set it again)"
+                )
+                log.warning(text)
+                threading.Thread(target=self.message, args=(text,), daemon=True).start()
+                return
             action()
 
         return on_value

@@ -6,15 +6,18 @@ retraining when the policy says so."""
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 
+from p4p.client.thread import Disconnected
+
 from edgeloop import ntnd
 from edgeloop.config import Config
-from edgeloop.registry import Registry, RegistryCorrupt
+from edgeloop.registry import Registry, RegistryCorrupt, atomic_write
 from edgeloop.remote.pipeline import fmt
 from edgeloop.remote.policy import RetrainPolicy, Settings, quality_during
 from edgeloop.remote.scan_index import ScanIndex
@@ -29,8 +32,34 @@ def scan_facts(path: str):
     return scan["technique"], scan[POSITIONS[scan["technique"]][0]], scan["timestamps"]
 
 
+SETTINGS_FILE = "policy_settings.json"  # in the registry folder: the operator's last values
+
+
+def _enum(value) -> dict:
+    return {"value.index": int(value["value.index"])}
+
+
+def _number(value) -> float:
+    return float(value["value"])
+
+
+# record -> (Settings field, the field's value, the value as it is written back)
+SETTINGS = {
+    "ml:AutoRetrain": ("enabled", lambda v: bool(v["value.index"]), _enum),
+    "ml:AutoThreshold": ("threshold", _number, _number),
+    "ml:AutoThresholdPx": ("threshold_px", _number, _number),
+    "ml:AutoMinInterval": ("min_interval_s", _number, _number),
+    "ml:AutoMinFrames": ("min_new_frames", lambda v: int(v["value"]), lambda v: int(v["value"])),
+}
+
+
 class PolicyWatcher:
-    """``busy()`` says whether a retraining runs; ``request(reason)`` asks for one."""
+    """``busy()`` says whether a retraining runs; ``request(reason)`` asks for one;
+    ``keep(record, value)`` hears each setting an operator writes (written back to an IOC
+    that restarted). The operator's settings are kept in the registry folder
+    (``policy_settings.json``) and outlive a restart of the IOC or of the service: the
+    value an IOC starts with does not replace them (:meth:`saved_settings` are written
+    back)."""
 
     def __init__(
         self,
@@ -38,11 +67,14 @@ class PolicyWatcher:
         registry: Registry,
         busy: Callable[[], bool],
         request: Callable[[str], object],
+        keep: Callable[[str, object], None] = lambda record, value: None,
     ):
         self.cfg, self.registry = cfg, registry
-        self.busy, self.request = busy, request
+        self.busy, self.request, self.keep = busy, request, keep
         self.policy = RetrainPolicy(cfg.policy)
         self.settings = Settings.of(cfg.policy)  # the IOC's values once connected
+        self._settings_file = cfg.registry_path / SETTINGS_FILE
+        self.saved_settings = self._load_settings()
         self._lock = threading.Lock()
         # edge:ScanConsistency as posted: (time stamp, value), newest last
         self._edge_quality: collections.deque = collections.deque(maxlen=4000)
@@ -51,27 +83,55 @@ class PolicyWatcher:
 
     def callbacks(self) -> dict:
         """PV name -> monitor callback, for what the policy watches."""
-        return {
-            "ml:AutoRetrain": self._setting("enabled", lambda v: bool(v["value.index"])),
-            "ml:AutoThreshold": self._setting("threshold", lambda v: float(v["value"])),
-            "ml:AutoThresholdPx": self._setting("threshold_px", lambda v: float(v["value"])),
-            "ml:AutoMinInterval": self._setting("min_interval_s", lambda v: float(v["value"])),
-            "ml:AutoMinFrames": self._setting("min_new_frames", lambda v: int(v["value"])),
-            "edge:ScanConsistency": self._on_quality,
-        }
+        settings = {record: self._setting(record) for record in SETTINGS}
+        return {**settings, "edge:ScanConsistency": self._on_quality}
 
-    def _setting(self, name: str, convert):
-        """Monitor callback keeping one of the policy's live settings (the IOC holds them)."""
+    def _setting(self, record: str):
+        """Monitor callback keeping one of the policy's live settings (the IOC holds them).
+        The first value after a (re)connection is what the IOC started with: where the
+        operator set another, that one stays (and is written back)."""
+        name, convert, raw = SETTINGS[record]
+        fresh = [True]
 
         def on_value(value) -> None:
+            if isinstance(value, Disconnected):
+                fresh[0] = True
+                return
             if isinstance(value, Exception):
                 return
+            first, fresh[0] = fresh[0], False
             try:
+                written = raw(value)
+                if first and self.saved_settings.get(record, written) != written:
+                    return  # the IOC's start value: the operator's is written back
                 setattr(self.settings, name, convert(value))
             except (TypeError, ValueError, KeyError) as exc:
-                log.warning("policy setting %s: %s", name, exc)
+                log.warning("policy setting %s: %s", record, exc)
+                return
+            self.keep(record, written)
+            if not first and self.saved_settings.get(record) != written:
+                self.saved_settings[record] = written
+                self._save_settings()
 
         return on_value
+
+    def _load_settings(self) -> dict:
+        try:
+            saved = json.loads(self._settings_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error(
+                "policy settings %s unreadable (%s): the IOC's are used", self._settings_file, exc
+            )
+            return {}
+        return {k: v for k, v in saved.items() if k in SETTINGS} if isinstance(saved, dict) else {}
+
+    def _save_settings(self) -> None:
+        try:
+            atomic_write(self._settings_file, json.dumps(self.saved_settings, indent=2).encode())
+        except OSError as exc:
+            log.error("policy settings not saved to %s: %s", self._settings_file, exc)
 
     def _on_quality(self, value) -> None:
         if isinstance(value, Exception):

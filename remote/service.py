@@ -56,9 +56,16 @@ class RetrainService:
         self.registry = Registry(cfg.registry_path)
         self.ctx = Context("pva", nt=False)
         self.pvs = MlPvs(self.ctx, self.p)
-        self._busy = threading.Lock()  # held while a retraining runs
+        # held while a retraining, a rollback or an executor switch runs: one at a time
+        self._busy = threading.Lock()
+        # the retraining thread's life and the trigger it runs next, changed together (a
+        # trigger never falls between its last look and its exit)
+        self._triggers = threading.Lock()
+        self._worker_alive = False
         self.slot = ExecutorSlot(cfg.executor, self._make_executor, executor)
-        self.policy = PolicyWatcher(cfg, self.registry, self._busy.locked, self.request)
+        self.policy = PolicyWatcher(
+            cfg, self.registry, self._busy.locked, self.request, keep=self.pvs.keep
+        )
         self.pipeline = RetrainPipeline(
             cfg,
             self.registry,
@@ -68,12 +75,12 @@ class RetrainService:
             on_staged=self.policy.trained,
             step_timeout=step_timeout,
         )
-        self._pending = False
         self._stop = threading.Event()
         self.last_result: dict | None = None
         self.runs_finished = 0
         self.trigger = ""  # of the running (or last) retraining
-        self._pending_trigger = ""
+        self._pending_trigger: str | None = None
+        self._retraining = False
         self.reference: ReferenceMonitor | None = None
         self._heartbeat: Heartbeat | None = None
 
@@ -100,29 +107,33 @@ class RetrainService:
 
     # ---- triggers ------------------------------------------------------------------------
     def request(self, source: str = "request") -> bool:
-        """Start retraining now, or queue one follow-up if a retraining is running;
-        ``source`` says who asked (recorded as the trigger)."""
-        if not self._busy.acquire(blocking=False):
-            self._pending = True
-            self._pending_trigger = source
+        """Start retraining now (once a rollback or an executor switch in progress is
+        done), or queue one follow-up if a retraining is running; ``source`` says who asked
+        (recorded as the trigger). Every trigger is run, or replaced by a later one (said)."""
+        with self._triggers:
+            running, self._pending_trigger = self._worker_alive, source
+            self._worker_alive = True
+        if running:
             self.pvs.message(f"retraining already running; one follow-up queued ({source})")
             return False
-        self._pending_trigger = source
-        threading.Thread(target=self._run_locked, name="retrain", daemon=True).start()
+        threading.Thread(target=self._run_queued, name="retrain", daemon=True).start()
         return True
 
-    def _run_locked(self) -> None:
-        try:
-            while True:
-                self._pending = False
+    def _run_queued(self) -> None:
+        while True:
+            with self._triggers:
+                trigger, self._pending_trigger = self._pending_trigger, None
+                if trigger is None or self._stop.is_set():
+                    self._worker_alive = False
+                    return
+            with self._busy:
                 self.pipeline.abort.clear()
-                self.trigger = self._pending_trigger
-                self.run_once()
+                self.trigger, self._retraining = trigger, True
+                try:
+                    self.run_once()
+                finally:
+                    self._retraining = False
                 self.runs_finished += 1
-                if not self._pending or self._stop.is_set():
-                    break
-        finally:
-            self._busy.release()
 
     def run_once(self) -> dict | None:
         """One retraining, its outcome in ml:Status and ml:Message."""
@@ -151,15 +162,25 @@ class RetrainService:
     def abort(self) -> None:
         if self._busy.locked():
             log.warning("abort requested")
-            self._pending = False  # an abort also drops the queued follow-up
+            with self._triggers:
+                self._pending_trigger = None  # an abort also drops the queued follow-up
             self.pipeline.abort.set()
         else:
             self.pvs.message("nothing to abort: no retraining is running")
 
     def rollback(self) -> None:
+        """After the running retraining, which then ends without deploying: a rollback
+        is never undone by a model deployed over it."""
+        if self._retraining:
+            self.pvs.message("ml:Rollback: the running retraining stops without deploying")
+            self.pipeline.abort.set()
         threading.Thread(target=self._rollback, name="rollback", daemon=True).start()
 
     def _rollback(self) -> None:
+        with self._busy:
+            self._roll_back()
+
+    def _roll_back(self) -> None:
         try:
             kind = MODE_KIND[self._active_mode()]
             target = self.registry.previous(kind)
@@ -215,6 +236,8 @@ class RetrainService:
         missing = self.pvs.wait_connected(10.0)  # a write from now on is seen
         if missing:
             log.warning("not connected yet (acted on once they are): %s", ", ".join(missing))
+        for record, value in self.policy.saved_settings.items():  # the operator's, kept
+            self.pvs.put(record, value)
         self.policy.trained_at_start()
         threading.Thread(
             target=self.policy.run, args=(self._stop,), name="policy", daemon=True

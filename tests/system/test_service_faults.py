@@ -240,3 +240,52 @@ def test_a_run_that_raises_anywhere_ends_in_error_saying_why(loop, monkeypatch):
         f"retraining failed: OSError: {lp.cfg.data_path}: input/output error"
     )
     assert lp.value("ml:Progress") == 0.0  # where it stopped (Staging); the message says why
+
+
+def test_a_button_set_while_the_service_was_down_is_ignored_and_said(loop):  # noqa: F811
+    """Issue 22 item 10: ml:Retrain written with no service watching it does not start a
+    retraining hours later when the service comes back; it is reset and said."""
+    lp = loop()
+    press(lp, "ml:Retrain")
+    assert lp.value("ml:Retrain")["index"] == 1  # latched in the IOC
+    lp.start_service("local")
+    wait_until(lambda: lp.value("ml:Retrain")["index"] == 0, 30, "ml:Retrain reset", 0.1)
+    wait_until(
+        lambda: "was set while the service was not watching" in lp.value("ml:Message"),
+        30,
+        "the message",
+        0.1,
+    )
+    assert lp.service.runs_finished == 0 and not lp.service._busy.locked()
+    assert lp.retrain(timeout=30) == "Error"  # a press now is acted on (no scans: Error)
+
+
+def test_operator_policy_settings_outlive_restarts_of_the_ioc_and_the_service(loop):  # noqa: F811
+    """Issue 22 item 13: ml:Auto* as the operator set them, not the IOC's start values."""
+    from edgeloop.ioc import softioc
+    from edgeloop.remote.policy_watcher import SETTINGS_FILE
+
+    lp = loop()
+    service = lp.start_service("local")
+    lp.ctx.put(f"{lp.p}ml:AutoThreshold", 0.5, timeout=5)
+    lp.ctx.put(f"{lp.p}ml:AutoRetrain", {"value.index": 1}, timeout=5)
+    wait_until(lambda: service.policy.settings.threshold == 0.5, 30, "the setting", 0.1)
+    settings = lp.cfg.registry_path / SETTINGS_FILE
+    wait_until(lambda: settings.exists() and "0.5" in settings.read_text(), 30, "saved", 0.1)
+
+    def restart_ioc():
+        old = lp.ioc
+        os.kill(old.pid, signal.SIGKILL)
+        old.wait(10)
+        old.stdin.close()
+        lp.ioc = softioc.start(lp.p)
+
+    restart_ioc()  # it starts with the configuration's 0.08 and Off
+    wait_value(lp, "ml:AutoThreshold", 0.5)
+    assert lp.value("ml:AutoRetrain")["index"] == 1 and service.policy.settings.enabled
+    service.stop()  # both go: the IOC starts with its defaults, a new service restores
+    restart_ioc()
+    assert lp.value("ml:AutoThreshold") == lp.cfg.policy.threshold
+    service = lp.start_service("local")
+    wait_value(lp, "ml:AutoThreshold", 0.5)
+    assert service.policy.settings.threshold == 0.5 and service.policy.settings.enabled

@@ -63,6 +63,9 @@ def _access_flags(p) -> None:
 
 
 def cmd_ioc(args) -> None:
+    """The ML IOC; with --simulate, the simulated beamline too (on loopback unless the
+    EPICS server interface lists say otherwise), which must never stand in for a real
+    detector unasked."""
     from edgeloop.ioc import beamline, softioc
 
     cfg = _config(args)
@@ -73,7 +76,11 @@ def cmd_ioc(args) -> None:
         ml_ioc.append(softioc.start(cfg.prefix, env=env, security=cfg.security, policy=cfg.policy))
 
     try:
-        signals.note(beamline.serve(cfg, on_ready=None if args.no_ml_ioc else start_ml_ioc))
+        if args.simulate or args.no_ml_ioc:
+            signals.note(beamline.serve(cfg, on_ready=None if args.no_ml_ioc else start_ml_ioc))
+        else:
+            start_ml_ioc()
+            ml_ioc[0].wait()
     except KeyboardInterrupt:
         pass
     finally:
@@ -224,6 +231,13 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def _ioc_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also the simulated beamline (caproto CA + p4p PVA), on loopback unless "
+        "EPICS_CAS_INTF_ADDR_LIST / EPICS_PVAS_INTF_ADDR_LIST say otherwise; its file "
+        "plugin writes only under the data directory",
+    )
     p.add_argument("--no-ml-ioc", action="store_true", help="only the simulated beamline")
     _access_flags(p)
 
@@ -379,7 +393,12 @@ def _commands() -> tuple:
     """(name, function, help, options): the commands in the order --help lists them (looked
     up when the parser is built, so a test can replace a command's function)."""
     return (
-        ("ioc", cmd_ioc, "simulated beamline (CA + PVA) and the real ML IOC (db/)", _ioc_options),
+        (
+            "ioc",
+            cmd_ioc,
+            "the ML IOC (db/); with --simulate, a simulated beamline too",
+            _ioc_options,
+        ),
         ("edge", cmd_edge, "edge inference server", _edge_options),
         (
             "retrain-service",

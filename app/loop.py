@@ -116,7 +116,8 @@ class Servers:
     ):
         self.cfg, self.config_path, self.logs = cfg, Path(config_path), Path(logs)
         self.prefix = cfg.prefix
-        self.env, self.edge_args = env, edge_args
+        self.env = env
+        self.loop_args = {"ioc": ("--simulate",), "edge": edge_args}
         self.procs: dict[str, ManagedProcess] = {}
         self.ctx = Context("pva", nt=False)
 
@@ -134,7 +135,7 @@ class Servers:
     def __enter__(self) -> Servers:
         try:
             for name, ready in self.LOOP:
-                self.start(name, *(self.edge_args if name == "edge" else ()), ready_pv=ready)
+                self.start(name, *self.loop_args.get(name, ()), ready_pv=ready)
         except BaseException:
             self.stop()
             raise

@@ -208,7 +208,8 @@ write("reference/commands.md", "Commands", GENERATED, ("", commands()))
 write(
     "reference/beamline-pvs.md",
     "The simulated beamline's PVs",
-    f"{GENERATED} What `edgeloop ioc` serves for the simulated beamline (`ioc/`): CA from its "
+    f"{GENERATED} What `edgeloop ioc --simulate` serves for the simulated beamline "
+    "(`ioc/`): CA from its "
     "caproto groups (stage axes after the motor record, the area detector's `det:cam1:`, "
     "`det:HDF1:`, `det:Codec1:` after ADCore's, the trajectory controller `Prof1:`), and the "
     "frames over PVA. The edge's and the ML IOC's PVs are on [their page](pvs.md).",

@@ -404,6 +404,7 @@ class Beamline(PVGroup):
         self.rot.limit, self.rot.velocity, self.rot.units = 360.0, 180.0, "deg"
         self.codec = Codec(f"{prefix}det:Codec1:", parent=self)
         self.hdf = NDFileHDF5(f"{prefix}det:HDF1:", parent=self)
+        self.hdf.root = cfg.data_path  # its files go nowhere else
         self.cam = Detector(
             f"{prefix}det:cam1:",
             sims=sims,
@@ -419,6 +420,13 @@ class Beamline(PVGroup):
         )
         for group in (self.cam, self.codec, self.hdf, self.profile):
             self.pvdb.update(group.pvdb)
+
+
+LOOPBACK_PVA_SERVER = {
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+}
 
 
 def serve(
@@ -437,12 +445,14 @@ def serve(
     n = cfg.sim.frame_size
     image_pv = SharedPV(initial=ntnd.build(np.zeros((n, n), np.int32), 0))
     beamline = Beamline(cfg.prefix, cfg, image_pv)
-    # like every CA server: the interfaces EPICS_CAS_INTF_ADDR_LIST names, else all
-    interfaces = interfaces or os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "0.0.0.0").split()
+    # the interfaces EPICS_CAS_INTF_ADDR_LIST names, else loopback only: a simulation is
+    # never reachable from the beamline's network unasked
+    interfaces = interfaces or os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "127.0.0.1").split()
+    pva_conf = {} if "EPICS_PVAS_INTF_ADDR_LIST" in os.environ else LOOPBACK_PVA_SERVER
     with contextlib.ExitStack() as stack:
 
         def ca_up() -> None:
-            stack.enter_context(Server(providers=[{image_name: image_pv}]))
+            stack.enter_context(Server(providers=[{image_name: image_pv}], conf=pva_conf))
             log.info(
                 "simulated beamline %s up: %d CA PVs, PVA %s",
                 cfg.prefix,

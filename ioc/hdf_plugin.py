@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import resource
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -309,6 +310,9 @@ class NDFileHDF5(PVGroup):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # a simulation writes only under this folder (a real NDFileHDF5 writes where its
+        # user may; this one runs as whoever started it, and a CA client names the path)
+        self.root: Path | None = None
         self._lock = asyncio.Lock()  # one file operation at a time
         self._last: NDArray | None = None  # what areaDetector keeps as pArrays[0]
         self._capturing = False
@@ -320,10 +324,22 @@ class NDFileHDF5(PVGroup):
     def _choice(self, pair, choices: list[str]) -> str:
         return choices[enum_index(pair.setpoint.value, choices)]
 
+    def outside(self, path: str) -> str | None:
+        """Why ``path`` may not be written here (outside ``root``), or None."""
+        if self.root is None or not path:
+            return None
+        root = os.path.realpath(self.root)
+        if os.path.commonpath([root, os.path.realpath(path)]) == root:
+            return None
+        return f"{path} is outside the simulation's data directory {root}: refused"
+
     async def check_path(self, path: str, create: bool = False) -> bool:
-        if create and path and not os.path.isdir(path):
+        refusal = self.outside(path)
+        if refusal:
+            await self._error(refusal)
+        elif create and path and not os.path.isdir(path):
             create_path(path, int(self.create_directory.setpoint.value))
-        exists = bool(path) and os.path.isdir(path)
+        exists = not refusal and bool(path) and os.path.isdir(path)
         await self.file_path_exists.write(NO_YES[exists])
         return exists
 
@@ -400,6 +416,9 @@ class NDFileHDF5(PVGroup):
         if self._choice(self.auto_increment, NO_YES) == "Yes":
             await self.file_number.setpoint.write(number + 1)
         await self.full_file_name.write(name)
+        refusal = self.outside(name)  # FileName and FileTemplate can climb out, too
+        if refusal:
+            raise PluginError(refusal)
         try:
             return await asyncio.to_thread(HDF5File, name, first)
         except Exception as exc:

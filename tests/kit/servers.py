@@ -94,7 +94,7 @@ def whole_system(tmp: Path, tag: str, request, beamline_ca_port: int = BEAMLINE_
     port = {"EDGELOOP_BEAMLINE_CA_PORT": str(beamline_ca_port)}
     sys_ = System(cfg, path, tmp / "logs", env=port)
     try:
-        sys_.start("ioc", ready_pv="ml:Status")
+        sys_.start("ioc", "--simulate", ready_pv="ml:Status")
         sys_.start("edge", ready_pv="edge:ModelVersion")
         sys_.start("retrain-service")
         yield sys_

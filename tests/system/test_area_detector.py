@@ -40,7 +40,9 @@ def beamline(tmp_path_factory, request):
 def devices(beamline, tmp_path_factory):
     from edgeloop.bluesky_plans import make_ad_devices
 
-    data = tmp_path_factory.mktemp("frames").resolve()
+    data = beamline.cfg.data_path / "frames"  # where the simulation may write
+    data.mkdir(parents=True, exist_ok=True)
+    data = data.resolve()
     det, stage = make_ad_devices(beamline.prefix, data, timeout=15)
     yield det, stage, data
     det.destroy()
@@ -134,7 +136,7 @@ def test_ptycho_step_scan_files_each_frame_with_its_stage_position(beamline, dev
 
 def test_a_path_the_ioc_lacks_fails_staging_with_the_reason(devices, tmp_path):
     det, _, data = devices
-    missing = tmp_path / "not" / "there"
+    missing = data / "not" / "there"
     det.hdf1.write_path_template = f"{missing}/"
     try:
         with pytest.raises(OSError, match="FilePathExists_RBV is 0"):
@@ -147,10 +149,45 @@ def test_a_path_the_ioc_lacks_fails_staging_with_the_reason(devices, tmp_path):
     det.unstage()
 
 
-def test_create_directory_makes_only_the_last_levels(beamline, devices, tmp_path):
+def test_the_simulation_writes_only_under_its_data_directory(devices, tmp_path):
+    """Issue 22 item 9: a CA client naming a path elsewhere (FilePath, or a FileName that
+    climbs out) gets FilePathExists_RBV 0 and a WriteMessage; nothing is made there."""
+    det, _, data = devices
+    hdf = det.hdf1
+    elsewhere = tmp_path / "accepted.json"  # what an overwrite would target
+    elsewhere.write_text("keep me")
+    mode = hdf.file_write_mode.get()
+    try:
+        hdf.file_path.set(f"{tmp_path}/").wait(10)
+        assert hdf.file_path_exists.get(use_monitor=False) == 0
+        assert "outside the simulation's data directory" in whole_text(hdf.write_message)
+        hdf.file_path.set(f"{data}/").wait(10)
+        assert hdf.file_path_exists.get(use_monitor=False) == 1
+        climb = os.path.relpath(elsewhere, data).removesuffix(".json")
+        hdf.file_name.set(climb).wait(10)
+        hdf.file_template.set("%s%s.json").wait(10)
+        hdf.file_write_mode.set(2).wait(10)  # Stream: Capture opens the file at once
+        hdf.capture.put(1)
+        wait_for(
+            lambda: (
+                "outside the simulation's" in whole_text(hdf.write_message)
+                and hdf.capture.get(use_monitor=False) == 0
+            ),
+            what="the capture refused",
+        )
+    finally:
+        hdf.file_template.set("%s%s_%6.6d.h5").wait(10)
+        hdf.file_write_mode.set(mode).wait(10)
+        hdf.file_path.set(f"{data}/").wait(10)
+    assert elsewhere.read_text() == "keep me"
+
+
+def test_create_directory_makes_only_the_last_levels(beamline, devices):
     from ophyd import EpicsSignalWithRBV
 
-    det, _, _ = devices
+    det, _, data = devices
+    tmp_path = data / "created"
+    tmp_path.mkdir()
     create = EpicsSignalWithRBV(f"{beamline.prefix}det:HDF1:CreateDirectory", name="create")
     try:
         create.wait_for_connection(timeout=10)
@@ -199,7 +236,9 @@ def test_capture_before_any_frame_or_in_single_mode_is_refused(tmp_path, request
     from edgeloop.bluesky_plans import AreaDetector
 
     with beamline_ioc(tmp_path, OWN_PORT, request) as ioc:
-        det = AreaDetector(f"{ioc.prefix}det:", name="fresh", write_path_template=f"{tmp_path}/")
+        data = ioc.cfg.data_path.resolve()
+        data.mkdir(parents=True, exist_ok=True)
+        det = AreaDetector(f"{ioc.prefix}det:", name="fresh", write_path_template=f"{data}/")
         hdf = det.hdf1
 
         def message() -> str:

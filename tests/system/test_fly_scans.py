@@ -27,7 +27,7 @@ ATTRIBUTES = "/entry/instrument/NDAttributes"
 
 @pytest.fixture(scope="module")
 def devices(system, tmp_path_factory):
-    det, stage = make_devices(system.prefix, tmp_path_factory.mktemp("fly"), timeout=15)
+    det, stage = make_devices(system.prefix, system.cfg.data_path / "fly", timeout=15)
     yield det, stage
     det.destroy()
     stage.destroy()

@@ -15,6 +15,7 @@ from edgeloop.models import kind as model_kind
 from edgeloop.registry import Registry, model_to_bytes
 from edgeloop.waiting import holds_for, wait_until
 from tests.kit.env import ca_port
+from tests.kit.models import add_approved
 from tests.kit.runs import run_engine
 from tests.kit.servers import whole_system
 
@@ -47,12 +48,13 @@ def bad_model(loop) -> int:
         for p in model.parameters():
             p.add_(0.5 * torch.randn_like(p))
     data = model_to_bytes("ptychonn", arch, model)
-    return Registry(loop.cfg.registry_path).add(data, {"kind": "ptychonn", "val_loss": 1.0})
+    meta = {"kind": "ptychonn", "val_loss": 1.0}  # approved: only the edge's figures tell
+    return add_approved(Registry(loop.cfg.registry_path), data, meta, loop.cfg.security)
 
 
 def scan(loop, tmp_path, num=150):
     """One fly scan through the real RunEngine; returns its run entry's file name."""
-    det, stage = make_devices(loop.prefix, tmp_path / "detector", timeout=15)
+    det, stage = make_devices(loop.prefix, loop.cfg.data_path / "detector", timeout=15)
     try:
         with run_engine() as RE:
             index = RunIndex(loop.cfg.data_path)

@@ -29,7 +29,8 @@ def beamline(tmp_path_factory, request):
 def devices(beamline, tmp_path_factory):
     from edgeloop.bluesky_plans import SimDetector, make_ad_devices
 
-    data = tmp_path_factory.mktemp("frames").resolve()
+    data = beamline.cfg.data_path / "frames"  # where the simulation may write
+    data.mkdir(parents=True, exist_ok=True)
     det, stage = make_ad_devices(beamline.prefix, data, timeout=15, detector_class=SimDetector)
     yield det, stage
     for device in (det, stage):

@@ -86,7 +86,7 @@ def test_sigterm_stops_each_server_and_what_it_started(tmp_path):
     ca_port = free_port()
     servers = System(cfg, path, tmp_path / "logs", env={"EDGELOOP_BEAMLINE_CA_PORT": str(ca_port)})
     try:
-        servers.start("ioc", ready_pv="ml:Status")
+        servers.start("ioc", "--simulate", ready_pv="ml:Status")
         # the ML IOC starts once the beamline's CA server listens: its ml:Status answering
         # means a CA client (caproto's caget here) finds the detector at once
         caget = [

@@ -73,7 +73,15 @@ def cmd_ioc(args) -> None:
     env = dict(os.environ)  # before serve() sets the beamline's own EPICS_CA_SERVER_PORT
 
     def start_ml_ioc() -> None:  # once the beamline answers: ml:Status up means all is up
-        ml_ioc.append(softioc.start(cfg.prefix, env=env, security=cfg.security, policy=cfg.policy))
+        ml_ioc.append(
+            softioc.start(
+                cfg.prefix,
+                env=env,
+                security=cfg.security,
+                policy=cfg.policy,
+                retention=cfg.retention,
+            )
+        )
 
     try:
         if args.simulate or args.no_ml_ioc:

@@ -209,15 +209,16 @@ def _retraining_block(lay: _Layout, x: int, y: int) -> None:
             ("Model version", f"{ML}ModelVersion"),
             ("Validation loss", f"{ML}ValLoss"),
             ("Service", f"{ML}Service"),  # MAJOR "No heartbeat" when the service is gone
+            ("Disk free", f"{ML}DiskFree"),  # MINOR / MAJOR as the data disk fills
         ],
         width=130,
     )
-    lay.label("Progress", x - 10, y + 30 + 4 * ROW)
-    bar = widget.ProgressBar("progress", f"{ML}Progress", x + 145, y + 30 + 4 * ROW, 130, 20)
+    lay.label("Progress", x - 10, y + 30 + 5 * ROW)
+    bar = widget.ProgressBar("progress", f"{ML}Progress", x + 145, y + 30 + 5 * ROW, 130, 20)
     lay.add(bar)
     # the retraining policy (remote/policy.py): its settings, and the live reference error
-    lay.section("Retraining policy", x, y + 30 + 5 * ROW + 10, 280)
-    y += 30 + 6 * ROW + 16
+    lay.section("Retraining policy", x, y + 30 + 6 * ROW + 10, 280)
+    y += 30 + 7 * ROW + 16
     for i, (text, pv) in enumerate(
         (
             ("Auto retrain", "AutoRetrain"),  # Off / On

@@ -33,8 +33,9 @@ from edgeloop.registry import (
 log = logging.getLogger(__name__)
 
 
-class PreviouslyRejected(ModelRejected):
-    """A version marked rejected before: refused again, its first reason kept."""
+class Unservable(ModelRejected):
+    """A version never served again: rejected before (refused again, its first reason
+    kept, not marked again) or pruned by retention (its weights deleted)."""
 
 
 class ModelLoader:
@@ -86,8 +87,10 @@ class ModelLoader:
         self, version: int, expected_kind: str | None = None
     ) -> tuple[str, ServedModel]:
         meta = self.registry.meta(version)
+        if meta.get("pruned"):
+            raise Unservable("its weights were deleted by retention ([retention] keep_best)")
         if meta.get("status") == "rejected":
-            raise PreviouslyRejected(
+            raise Unservable(
                 f"it was rejected ({meta.get('status_reason') or 'no reason recorded'}); "
                 "a rejected version is never served"
             )
@@ -121,7 +124,7 @@ class ModelLoader:
         serving = ", ".join(f"{k} v{s.get().version}" for k, s in self.slots.items())
         if isinstance(exc, ModelUnavailable):
             return f"model v{version} {NOT_NOW} ({exc}); still serving {serving}"
-        if isinstance(exc, PreviouslyRejected):
+        if isinstance(exc, Unservable):
             return f"model v{version} not loaded: {exc}; still serving {serving}"
         try:
             if self.records:

@@ -284,6 +284,21 @@ class PolicyConfig:
 
 
 @dataclass(config=SECTION)
+class RetentionConfig:
+    """What the retraining service keeps over a beamtime (remote/retention.py), pruned after
+    each retraining: the rest is deleted before the disk fills and scans are lost."""
+
+    keep_best: Count = 5  # accepted versions of each kind by validation loss, beside the
+    # serving and the previous one (older versions keep their metadata, not their weights)
+    labels_gb: Positive = 4.0  # labels files of past retrainings (~0.2 GB per 4,000 frames)
+    cache_gb: Positive = 8.0  # the per-scan labels cache, least recently written first
+    parsl_runs: Count = 5  # Parsl run directories
+    disk_check_s: Seconds = 30.0  # how often ml:DiskFree is posted
+    disk_minor_gb: NonNegative = 50.0  # ml:DiskFree MINOR below
+    disk_major_gb: NonNegative = 10.0  # MAJOR below
+
+
+@dataclass(config=SECTION)
 class SecurityConfig:
     """Who may change what is served, and what a model file may hold."""
 
@@ -325,6 +340,7 @@ class Config:
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     # BraggNN trains on thousands of small patches: bigger batches, a higher rate, and only
     # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit).  One
     # thread: its tensors are too small for a second to help, and a busy second core makes

@@ -283,6 +283,11 @@ class Registry:
         meta = dict(self.meta(version), approval=approval)
         atomic_write(self._paths(version)[1], json.dumps(meta, indent=2).encode())
 
+    def set_pruned(self, version: int) -> None:
+        """Its weights are about to be deleted by retention: the metadata stays, so marked."""
+        meta = dict(self.meta(version), pruned=time.time())
+        atomic_write(self._paths(version)[1], json.dumps(meta, indent=2).encode())
+
     def mark_rejected(self, version: int, reason: str) -> None:
         self._set_status(version, "rejected", reason)
 
@@ -356,7 +361,8 @@ class Registry:
         return history[-2] if len(history) >= 2 else None
 
     def ranked(self, kind: str) -> list[int]:
-        """The accepted versions of this kind, lowest validation loss first."""
+        """The accepted versions of this kind that have their weights, lowest validation
+        loss first."""
         found = []
         for v in self.versions():
             try:
@@ -365,7 +371,7 @@ class Registry:
                 self._warn(self._paths(v)[1].name, str(exc))
                 continue
             loss = m.get("val_loss")
-            if m.get("status") != "accepted" or m.get("kind") != kind:
+            if m.get("status") != "accepted" or m.get("kind") != kind or m.get("pruned"):
                 continue
             if type(loss) not in (int, float) or not math.isfinite(loss):
                 self._warn(self._paths(v)[1].name, f"val_loss {loss!r} is not a number")

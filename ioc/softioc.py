@@ -24,7 +24,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from edgeloop.config import PolicyConfig, SecurityConfig
+from edgeloop.config import PolicyConfig, RetentionConfig, SecurityConfig
 
 READY = "iocRun: All initialization complete"
 
@@ -113,8 +113,17 @@ def policy_macros(policy: PolicyConfig | None = None) -> str:
     )
 
 
+def retention_macros(retention: RetentionConfig | None = None) -> str:
+    """Macros of ml:DiskFree's alarm limits."""
+    retention = retention or RetentionConfig()
+    return f"DISK_MINOR_GB={retention.disk_minor_gb:g},DISK_MAJOR_GB={retention.disk_major_gb:g}"
+
+
 def command(
-    prefix: str, security: SecurityConfig | None = None, policy: PolicyConfig | None = None
+    prefix: str,
+    security: SecurityConfig | None = None,
+    policy: PolicyConfig | None = None,
+    retention: RetentionConfig | None = None,
 ) -> list[str]:
     return [
         sys.executable,
@@ -122,7 +131,7 @@ def command(
         "-m",
         "edgeloop.ioc.softioc",
         "-m",
-        f"P={prefix},{policy_macros(policy)}",
+        f"P={prefix},{policy_macros(policy)},{retention_macros(retention)}",
         "-d",
         str(db_dir() / "ml.db"),
         "-a",
@@ -138,12 +147,13 @@ def start(
     timeout: float = 30.0,
     security: SecurityConfig | None = None,
     policy: PolicyConfig | None = None,
+    retention: RetentionConfig | None = None,
 ) -> subprocess.Popen:
     """Start the real IOC and return once it reports initialization complete; only the
     users and hosts of ``security`` may write (db/ml.acf)."""
     # stdin is a pipe we hold: if this process dies, the IOC sees end of input and exits
     proc = subprocess.Popen(
-        command(prefix, security, policy),
+        command(prefix, security, policy, retention),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

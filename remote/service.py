@@ -13,6 +13,7 @@ from p4p.client.thread import Context
 
 from edgeloop.config import MODE_KIND, Config
 from edgeloop.registry import Registry, RegistryCorrupt
+from edgeloop.remote import retention
 from edgeloop.remote.errors import RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.executors import make_executor
@@ -133,6 +134,7 @@ class RetrainService:
                     self.run_once()
                 finally:
                     self._retraining = False
+                self._prune()
                 self.runs_finished += 1
 
     def run_once(self) -> dict | None:
@@ -158,6 +160,20 @@ class RetrainService:
         )
         self.last_result = result
         return result
+
+    def _prune(self) -> None:
+        try:
+            retention.prune(self.cfg, self.registry)
+        except OSError as exc:  # housekeeping never fails a retraining
+            log.error("retention: %s", exc)
+
+    def _watch_disk(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.pvs.put("ml:DiskFree", round(retention.disk_free_gb(self.cfg), 2))
+            except OSError as exc:
+                log.error("ml:DiskFree: %s", exc)
+            self._stop.wait(self.cfg.retention.disk_check_s)
 
     def abort(self) -> None:
         if self._busy.locked():
@@ -242,6 +258,7 @@ class RetrainService:
         threading.Thread(
             target=self.policy.run, args=(self._stop,), name="policy", daemon=True
         ).start()
+        threading.Thread(target=self._watch_disk, name="disk", daemon=True).start()
         self.reference = None
         if self.cfg.remote.reference:
             self.reference = ReferenceMonitor(

@@ -6,7 +6,7 @@ import time
 import pytest
 from p4p.client.thread import Context
 
-from edgeloop.config import PolicyConfig, SecurityConfig
+from edgeloop.config import PolicyConfig, RetentionConfig, SecurityConfig
 from edgeloop.ioc import softioc
 from tests.kit.env import random_prefix
 
@@ -81,6 +81,27 @@ def test_policy_records_start_from_the_configuration_and_refuse_out_of_range_put
             assert seen.count("again") == 2, seen
         finally:
             sub.close()
+    finally:
+        ctx.close()
+        proc.terminate()
+        proc.wait(10)
+        proc.stdin.close()
+
+
+def test_disk_free_raises_minor_and_major_below_the_configured_limits():
+    """Issue 22 item 17: ml:DiskFree (posted by the service) alarms as a beamline's disk
+    fills; its limits come from the configuration's [retention]."""
+    prefix = random_prefix("d")
+    proc = softioc.start(prefix, retention=RetentionConfig(disk_minor_gb=40, disk_major_gb=8))
+    ctx = Context("pva", nt=False)
+    try:
+        severity = {}
+        for free in (100.0, 20.0, 5.0):
+            ctx.put(f"{prefix}ml:DiskFree", free, timeout=5)
+            value = ctx.get(f"{prefix}ml:DiskFree", timeout=5)
+            severity[free] = value["alarm.severity"]
+            assert value["display.units"] == "GB"
+        assert severity == {100.0: 0, 20.0: 1, 5.0: 2}
     finally:
         ctx.close()
         proc.terminate()

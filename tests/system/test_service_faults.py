@@ -257,6 +257,7 @@ def test_a_button_set_while_the_service_was_down_is_ignored_and_said(loop):  # n
         0.1,
     )
     assert lp.service.runs_finished == 0 and not lp.service._busy.locked()
+    wait_until(lambda: lp.value("ml:DiskFree") > 0, 30, "ml:DiskFree posted", 0.1)
     assert lp.retrain(timeout=30) == "Error"  # a press now is acted on (no scans: Error)
 
 

@@ -154,17 +154,30 @@ def stoppable(executor) -> bool:
 
 def globus_compute_executor(cfg: RemoteConfig) -> Executor:
     """``globus_compute_sdk.Executor`` for the configured endpoint.  Authentication is the
-    SDK's: a stored login token (``globus-compute-endpoint login`` / the first use opens a
-    browser flow) or client credentials in GLOBUS_COMPUTE_CLIENT_ID / _SECRET."""
+    SDK's: the tokens a login stored on this host (``globus-compute-endpoint login``,
+    refreshed by the SDK) or client credentials in GLOBUS_COMPUTE_CLIENT_ID / _SECRET. With
+    neither it fails at once: the SDK would prompt for a login, and the service's stdin is
+    a pipe or a pty under procServ, so it would wait forever."""
     if not cfg.globus_endpoint_id:
         raise ValueError(
             "executor 'globus-compute' needs remote.globus_endpoint_id (the UUID "
             "`globus-compute-endpoint list` shows)"
         )
     require("globus_compute_sdk", "globus")
+    from globus_compute_sdk import Client
     from globus_compute_sdk import Executor as ComputeExecutor
+    from globus_compute_sdk.sdk.auth.globus_app import get_globus_app
+    from globus_sdk import UserApp
 
-    return ComputeExecutor(endpoint_id=cfg.globus_endpoint_id)
+    app = get_globus_app()
+    client = Client(app=app, do_version_check=False)  # its scopes, asked of the app
+    if isinstance(app, UserApp) and app.login_required():
+        raise ValueError(
+            "executor 'globus-compute': no Globus login stored on this host; run "
+            "`globus-compute-endpoint login` once as this user (or set "
+            "GLOBUS_COMPUTE_CLIENT_ID and GLOBUS_COMPUTE_CLIENT_SECRET)"
+        )
+    return ComputeExecutor(endpoint_id=cfg.globus_endpoint_id, client=client)
 
 
 def make_executor(

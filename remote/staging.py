@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import subprocess
 from pathlib import Path, PurePosixPath
 
@@ -49,14 +50,27 @@ def code_version() -> str:
     return f"{edgeloop.__version__}+g{commit}" if commit else edgeloop.__version__
 
 
+def relative(path: str | Path, base: Path) -> str:
+    """Where a file goes under the destination folder: its path under ``base`` (the data
+    directory), so that two files of one name in two folders stay two; one elsewhere under
+    ``external/`` with its whole path."""
+    path = Path(path)
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(PurePosixPath("external", *path.parts[1:]))
+
+
 def transfer_data(
     source_collection: str,
     dest_collection: str,
     paths: list[str],
     dest_dir: str,
+    base: Path,
     label: str = "edgeloop scans",
 ):
-    """The Globus Transfer request: every scan file to ``dest_dir``, checksummed."""
+    """The Globus Transfer request: every scan file to ``dest_dir``, at its path relative
+    to ``base``, checksummed."""
     globus_sdk = require("globus_sdk", "globus")
 
     tdata = globus_sdk.TransferData(
@@ -67,7 +81,7 @@ def transfer_data(
         verify_checksum=True,
     )
     for path in paths:
-        tdata.add_item(str(path), str(PurePosixPath(dest_dir) / Path(path).name))
+        tdata.add_item(str(path), str(PurePosixPath(dest_dir) / relative(path, base)))
     return tdata
 
 
@@ -107,20 +121,20 @@ def stage(scans: list[str], cfg: Config, client=None) -> list[str]:
                 "globus staging needs a Transfer access token in GLOBUS_TRANSFER_TOKEN"
             )
         client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer(token))
-    sent, files = portable(scans, cfg.data_path / STAGED)
+    base = cfg.data_path
+    sent, files = portable(scans, base / STAGED, base)
     tdata = transfer_data(
-        r.globus_source_collection, r.globus_dest_collection, files, r.globus_dest_dir
+        r.globus_source_collection, r.globus_dest_collection, files, r.globus_dest_dir, base
     )
     globus_transfer(client, tdata, r.transfer_timeout_s)
-    return [str(PurePosixPath(r.globus_dest_dir) / Path(p).name) for p in sent]
+    return [str(PurePosixPath(r.globus_dest_dir) / relative(p, base)) for p in sent]
 
 
-def portable(scans: list[str], folder: Path) -> tuple[list[str], list[str]]:
-    """What to send so that the scans read the same in one flat folder elsewhere: (the scan
-    paths to hand the task, every file to copy).  A run entry refers to the detector's files
-    by where they are here, so a copy of it in ``folder`` refers to them by name, and the
-    files go with it."""
-    folder.mkdir(parents=True, exist_ok=True)
+def portable(scans: list[str], folder: Path, base: Path) -> tuple[list[str], list[str]]:
+    """What to send so that the scans read the same under one folder elsewhere, each file at
+    its path relative to ``base``: (the scan paths to hand the task, every file to copy).  A
+    run entry refers to the detector's files by where they are here, so a copy of it in
+    ``folder`` refers to them relative to itself, and the files go with it."""
     sent, files = [], []
     for scan in map(Path, scans):
         if scan.suffix != ".json":
@@ -128,10 +142,15 @@ def portable(scans: list[str], folder: Path) -> tuple[list[str], list[str]]:
             files.append(str(scan))
             continue
         entry = read_run_entry(scan)
-        for resource in entry["resources"]:
-            files.append(str(resource_file(scan, resource)))
-            resource["root"], resource["resource_path"] = "", Path(resource["resource_path"]).name
+        folder.mkdir(parents=True, exist_ok=True)
         copy = folder / scan.name
+        for resource in entry["resources"]:
+            file = resource_file(scan, resource)
+            files.append(str(file))
+            where = posixpath.relpath(
+                relative(file, base), posixpath.dirname(relative(copy, base))
+            )
+            resource["root"], resource["resource_path"] = "", where
         copy.write_text(json.dumps(entry))
         sent.append(str(copy))
         files.append(str(copy))

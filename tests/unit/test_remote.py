@@ -67,12 +67,13 @@ def test_globus_transfer_request_wait_and_timeout():
     from edgeloop.remote.staging import StagingError, globus_transfer, stage, transfer_data
 
     src, dst = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
-    tdata = transfer_data(src, dst, ["/data/scan_1_ab.h5", "/data/scan_2_cd.h5"], "/inbox")
+    paths = ["/data/scan_1_ab.h5", "/data/b/scan_1_ab.h5"]
+    tdata = transfer_data(src, dst, paths, "/inbox", Path("/data"))
     assert tdata["source_endpoint"] == src and tdata["destination_endpoint"] == dst
     assert tdata["sync_level"] in ("checksum", 3) and tdata["verify_checksum"] is True
     assert [(i["source_path"], i["destination_path"]) for i in tdata["DATA"]] == [
         ("/data/scan_1_ab.h5", "/inbox/scan_1_ab.h5"),
-        ("/data/scan_2_cd.h5", "/inbox/scan_2_cd.h5"),
+        ("/data/b/scan_1_ab.h5", "/inbox/b/scan_1_ab.h5"),  # one name, two folders
     ]
 
     class TransferAPI:  # the network boundary: records calls, answers like the service
@@ -107,7 +108,8 @@ def test_globus_transfer_request_wait_and_timeout():
         stage(["/data/a.h5"], cfg)
     cfg.remote.globus_source_collection, cfg.remote.globus_dest_collection = src, dst
     cfg.remote.globus_dest_dir = "/inbox"
-    assert stage(["/data/a.h5"], cfg, client=TransferAPI(True)) == ["/inbox/a.h5"]
+    cfg.data_dir = "/data"
+    assert stage(["/data/x/a.h5"], cfg, client=TransferAPI(True)) == ["/inbox/x/a.h5"]
 
 
 @pytest.mark.parametrize("example", ["slurm.py", "pbs.py"])
@@ -125,3 +127,22 @@ def test_cluster_parsl_examples_build_a_config(example):
     assert htex.label == "edgeloop"
     assert isinstance(htex.provider, SlurmProvider if example == "slurm.py" else PBSProProvider)
     assert "activate" in htex.provider.worker_init
+
+
+def test_globus_compute_without_a_stored_login_fails_at_once_naming_the_login(
+    tmp_path, monkeypatch
+):
+    """Issue 22 item 16: the SDK would prompt for a login (stdin a pipe under procServ:
+    forever); the service says what to run instead, in seconds."""
+    import time
+
+    from edgeloop.config import RemoteConfig
+    from edgeloop.remote.executors import make_executor
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.globus_compute/storage.db here
+    monkeypatch.delenv("GLOBUS_COMPUTE_CLIENT_ID", raising=False)
+    monkeypatch.delenv("GLOBUS_COMPUTE_CLIENT_SECRET", raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="run `globus-compute-endpoint login` once"):
+        make_executor("globus-compute", RemoteConfig(globus_endpoint_id="abc"))
+    assert time.monotonic() - t0 < 10

@@ -259,23 +259,32 @@ def test_read_scan_of_an_entry_gives_what_scanwriter_files_give(tmp_path):
 
 
 def test_globus_staging_sends_the_detectors_files_with_a_portable_entry(tmp_path):
-    """Globus staging copies each scan into one flat folder: a run entry goes with the
-    files it refers to, as a copy that names them relative to itself."""
-    from edgeloop.remote.staging import portable
+    """Globus staging copies each scan under one folder at its path relative to the data
+    directory (issue 22 item 16: two files of one name in two folders stay two): a run
+    entry goes with the files it refers to, as a copy that names them relative to itself."""
+    from edgeloop.remote.staging import portable, relative
 
-    detector = tmp_path / "detector"
-    detector.mkdir()
-    ad = write_ad_file(detector / "frames_000000.h5", 6)
-    entry = index_run(tmp_path / "data", run_docs("ptychography", [(ad, 6)]))
-    sent, files = portable([str(entry)], tmp_path / "data" / ".staged")
-    assert files == [str(ad), sent[0]] and Path(sent[0]).name == entry.name
-    # what the destination holds: the files side by side, the entry readable there
+    base = tmp_path / "data"
+    entries, frames = [], []
+    for k, folder in enumerate((base / "detector" / "a", tmp_path / "elsewhere" / "b")):
+        folder.mkdir(parents=True)
+        ad = write_ad_file(folder / "frames_000000.h5", 5 + k)  # one name, two folders
+        frames.append(5 + k)
+        entries.append(index_run(base, run_docs("ptychography", [(ad, 5 + k)], scan_id=k)))
+    sent, files = portable([str(e) for e in entries], base / ".staged", base)
+    dests = [relative(f, base) for f in files]
+    assert len(set(dests)) == len(dests) == 4  # nothing collides
+    assert "detector/a/frames_000000.h5" in dests
+    assert any(d.startswith("external/") and d.endswith("b/frames_000000.h5") for d in dests)
+    # what the destination holds: each file at its relative path, the entries readable there
     dest = tmp_path / "dest"
-    dest.mkdir()
-    for f in files:
-        shutil.copy(f, dest / Path(f).name)
-    check_rows(read_scan(dest / entry.name), 6)
-    assert read_scan(entry)["uid"] == read_scan(dest / entry.name)["uid"]
+    for f, d in zip(files, dests):
+        (dest / d).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dest / d)
+    for entry, copy, n in zip(entries, sent, frames):
+        there = dest / relative(copy, base)
+        check_rows(read_scan(there), n)
+        assert read_scan(entry)["uid"] == read_scan(there)["uid"]
 
 
 def test_a_file_being_written_is_never_read_half_written(tmp_path):

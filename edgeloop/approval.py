@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from edgeloop.config import SecurityConfig
 from edgeloop.registry import atomic_write
-from edgeloop.signing import secret_problem, write_secret
+from edgeloop.signing import secret_problem
 
 APPROVED_FIELDS = (
     "version",
@@ -99,8 +99,8 @@ def public_key(security: SecurityConfig) -> Ed25519PublicKey:
 
 
 def _create(private: Path, public: Path) -> None:
-    """A new pair: the private key written whole with mode 0600 in a directory of mode 0700
-    (signing.write_secret); never overwrites."""
+    """A new pair: the private key written whole with mode 0600 in a directory of mode 0700;
+    never overwrites."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -108,7 +108,7 @@ def _create(private: Path, public: Path) -> None:
         serialization.NoEncryption(),
     )
     try:
-        write_secret(private, pem)
+        atomic_write(private, pem, overwrite=False, dir_mode=0o700)
     except FileExistsError:  # another process made one meanwhile: theirs stays
         return
     atomic_write(

@@ -67,18 +67,26 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write(
+    path: Path, data: bytes, *, overwrite: bool = True, dir_mode: int = 0o777
+) -> None:
+    """``data`` written whole to ``path`` (a temp file of mode 0600, then renamed in: no
+    reader sees part of it). ``overwrite`` False: FileExistsError if ``path`` exists, which
+    is kept (a key file made by another process meanwhile); ``dir_mode``: of the folders
+    made for it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_to_bytes(kind: str, arch: dict, model: nn.Module) -> bytes:

@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from edgeloop.config import SecurityConfig
+from edgeloop.registry import atomic_write
 
 DEFAULT_KEY_FILE = SecurityConfig().signing_key_file
 # the request id, the labels' and the initial model's checksums: a result signed for another
@@ -44,22 +45,6 @@ def _how_to(path: Path) -> str:
     )
 
 
-def write_secret(path: Path, data: bytes) -> None:
-    """``data`` in a new file ``path`` of mode 0600, written whole (a temp file, then linked
-    in: no reader ever sees part of it); FileExistsError if ``path`` exists (kept)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)
-    finally:
-        tmp.unlink()
-
-
 def secret_problem(path: Path, st: os.stat_result) -> str | None:
     """Why a key file cannot be trusted: readable by group or others, owned by another user,
     or in a directory that others may write (they could replace it); None if it can."""
@@ -82,7 +67,7 @@ def secret_problem(path: Path, st: os.stat_result) -> str | None:
 def create_key(path: str | os.PathLike) -> bytes:
     """Write a new random key (32 bytes, hex) to ``path``, mode 0600; never overwrites."""
     path = Path(path).expanduser()
-    write_secret(path, (secrets.token_hex(32) + "\n").encode())
+    atomic_write(path, (secrets.token_hex(32) + "\n").encode(), overwrite=False, dir_mode=0o700)
     return load_key(path)
 
 

@@ -1,6 +1,7 @@
 """Only the right people change what is served: the ML IOC's ACF (CA and PVA) and the edge's
 own check on edge:LoadModel, exercised by real clients running as other Unix users."""
 
+import dataclasses
 import getpass
 import json
 import os
@@ -16,6 +17,7 @@ from p4p.client.thread import Context
 from edgeloop.config import Config, SecurityConfig
 from edgeloop.ioc import softioc
 from tests.kit.env import KIT, TEST_ENV, free_port, random_prefix
+from tests.kit.models import add_approved
 
 OPERATOR = "edgeloop_op"  # a second account, created here when absent (never removed)
 STRANGER = "nobody"  # an account that is neither operator nor service
@@ -47,7 +49,8 @@ class Servers:
             prefix=random_prefix("x"),
             data_dir=str(tmp / "data"),
             registry_dir=str(tmp / "models"),
-            security=security,
+            # keys (the gate's too) beside the test's files, never in ~/.edgeloop
+            security=dataclasses.replace(security, signing_key_file=str(tmp / "signing.key")),
         )
         self.p = self.cfg.prefix
         port = free_port()
@@ -126,7 +129,8 @@ def test_edge_load_model_only_for_operators(servers, caplog):
 
     arch = servers.cfg.arch("ptychonn")
     data = model_to_bytes("ptychonn", arch, model_kind("ptychonn").build(**arch))
-    version = Registry(servers.cfg.registry_path).add(data, {"kind": "ptychonn", "val_loss": 0.1})
+    registry, meta = Registry(servers.cfg.registry_path), {"kind": "ptychonn", "val_loss": 0.1}
+    version = add_approved(registry, data, meta, servers.cfg.security)
     serving = servers.value("edge:ModelVersion")
     refused = servers.put(STRANGER, "pva", "edge:LoadModel", version)
     assert not refused["ok"]

@@ -121,6 +121,14 @@ class RetrainService:
         return True
 
     def _run_queued(self) -> None:
+        try:
+            self._run_triggers()
+        except BaseException:  # a bug: the next trigger must still start a thread
+            with self._triggers:
+                self._worker_alive = False
+            raise
+
+    def _run_triggers(self) -> None:
         while True:
             with self._triggers:
                 trigger, self._pending_trigger = self._pending_trigger, None
@@ -164,8 +172,8 @@ class RetrainService:
     def _prune(self) -> None:
         try:
             retention.prune(self.cfg, self.registry)
-        except OSError as exc:  # housekeeping never fails a retraining
-            log.error("retention: %s", exc)
+        except Exception:  # housekeeping never stops the retraining thread
+            log.exception("retention failed")
 
     def _watch_disk(self) -> None:
         while not self._stop.is_set():

@@ -177,6 +177,7 @@ def globus_compute_executor(cfg: RemoteConfig) -> Executor:
             "`globus-compute-endpoint login` once as this user (or set "
             "GLOBUS_COMPUTE_CLIENT_ID and GLOBUS_COMPUTE_CLIENT_SECRET)"
         )
+    client.version_check()  # reaches the service now: a switch fails at once, not a task
     return ComputeExecutor(endpoint_id=cfg.globus_endpoint_id, client=client)
 
 

@@ -76,8 +76,10 @@ def tutorial_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", TUTORIAL.read_text(), flags=re.S)
 
 
-def test_the_tutorials_snippets_run_as_written(loop, tmp_path, monkeypatch):
+def test_the_tutorials_snippets_run_as_written(loop, monkeypatch):
     snippets = tutorial_snippets()
+    data = loop.cfg.data_path / "tutorial"  # under the simulation's data directory, as
+    # ~/.edgeloop/data/detector is under a user's (its file plugin writes nowhere else)
     assert snippets, "the tutorial has Python snippets"
     monkeypatch.setenv("BLUESKY_DEBUG_CALLBACKS", "1")  # a callback's error fails the run
     namespace: dict = {}
@@ -85,11 +87,11 @@ def test_the_tutorials_snippets_run_as_written(loop, tmp_path, monkeypatch):
         with draws_coalesced():
             for code in snippets:
                 code = code.replace('"SIM:"', repr(loop.prefix))
-                code = code.replace("~/.edgeloop/data", str(tmp_path / "data"))
+                code = code.replace("~/.edgeloop/data", str(data))
                 exec(compile(code, str(TUTORIAL), "exec"), namespace)
-        runs = sorted((tmp_path / "data").glob("run_*.json"))
+        runs = sorted(data.glob("run_*.json"))
         assert len(runs) == 3  # the two fly scans and the step scan, each pointing at
-        assert len(list((tmp_path / "data" / "detector").glob("*.h5"))) == 3  # its file
+        assert len(list((data / "detector").glob("*.h5"))) == 3  # its file
         live = namespace["live"]
         live.redraw()
         assert live.technique == "hedm" and len(live.peak_counts) >= 100

@@ -262,11 +262,13 @@ class Registry:
             )
         return model, dict(meta, **info)
 
-    def _set_status(self, version: int, status: str, reason: str = "") -> None:
-        meta = dict(
-            self.meta(version), status=status, status_reason=reason, status_time=time.time()
-        )
+    def _update_meta(self, version: int, **fields) -> None:
+        """Rewrite a version's metadata with ``fields`` set (whole: atomic_write)."""
+        meta = dict(self.meta(version), **fields)
         atomic_write(self._paths(version)[1], json.dumps(meta, indent=2).encode())
+
+    def _set_status(self, version: int, status: str, reason: str = "") -> None:
+        self._update_meta(version, status=status, status_reason=reason, status_time=time.time())
 
     def mark_accepted(self, version: int) -> None:
         """Record ``version`` as its kind's accepted one: in accepted.json (and its copy),
@@ -288,13 +290,11 @@ class Registry:
 
     def set_approval(self, version: int, approval: dict) -> None:
         """Store the gate's signed approval (edgeloop/approval.py) in the version's metadata."""
-        meta = dict(self.meta(version), approval=approval)
-        atomic_write(self._paths(version)[1], json.dumps(meta, indent=2).encode())
+        self._update_meta(version, approval=approval)
 
     def set_pruned(self, version: int) -> None:
         """Its weights are about to be deleted by retention: the metadata stays, so marked."""
-        meta = dict(self.meta(version), pruned=time.time())
-        atomic_write(self._paths(version)[1], json.dumps(meta, indent=2).encode())
+        self._update_meta(version, pruned=time.time())
 
     def mark_rejected(self, version: int, reason: str) -> None:
         self._set_status(version, "rejected", reason)
@@ -348,16 +348,13 @@ class Registry:
             "from no accepted model"
         )
 
-    def _history(self, kind: str) -> list[int]:
+    def accepted_history(self, kind: str) -> list[int]:
+        """The versions of this kind accepted so far, oldest first, the serving one last."""
         entry = self._accepted_all().get(kind)
         if entry is None:
             return []
-        history = entry.get("history", [])
+        history = list(entry.get("history", []))
         return history if history[-1:] == [entry["version"]] else [*history, entry["version"]]
-
-    def accepted_history(self, kind: str) -> list[int]:
-        """The versions of this kind accepted so far, oldest first, the serving one last."""
-        return list(self._history(kind))
 
     def accepted(self, kind: str) -> int | None:
         """The version of this kind the edge accepted last (served after a restart)."""
@@ -365,7 +362,7 @@ class Registry:
 
     def previous(self, kind: str) -> int | None:
         """The version of this kind accepted before the one serving now (rollback target)."""
-        history = self._history(kind)
+        history = self.accepted_history(kind)
         return history[-2] if len(history) >= 2 else None
 
     def ranked(self, kind: str) -> list[int]:

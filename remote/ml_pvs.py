@@ -44,6 +44,24 @@ FIGURES = {
 }
 
 
+def fresh_values(callback: Callable[[object, bool], None]):
+    """Monitor callback calling ``callback(value, first)``: ``first`` for the value a PV
+    holds when the monitor (re)connects, which nobody wrote while it was watched;
+    disconnections and errors are dropped."""
+    fresh = [True]
+
+    def on_value(value) -> None:
+        if isinstance(value, Disconnected):
+            fresh[0] = True
+            return
+        if isinstance(value, Exception):
+            return
+        first, fresh[0] = fresh[0], False
+        callback(value, first)
+
+    return on_value
+
+
 class MlPvs:
     def __init__(self, ctx: Context, prefix: str):
         self.ctx, self.p = ctx, prefix
@@ -131,15 +149,8 @@ class MlPvs:
         """Monitor callback of a bo 'button': on 1, reset it and run ``action``. A 1 the
         button held when the service (re)connected was written while nobody watched it
         (the service down, the IOC restarting): reset, said in ml:Message, not acted on."""
-        fresh = [True]
 
-        def on_value(value) -> None:
-            if isinstance(value, Disconnected):
-                fresh[0] = True
-                return
-            if isinstance(value, Exception):
-                return
-            latched, fresh[0] = fresh[0], False
+        def on_value(value, latched: bool) -> None:
             if int(value["value.index"]) != 1:
                 return
             threading.Thread(target=self.put, args=(name, {"value.index": 0}), daemon=True).start()
@@ -152,7 +163,7 @@ class MlPvs:
                 return
             action()
 
-        return on_value
+        return fresh_values(on_value)
 
     def executor_watcher(self, current: Callable[[], str], choose: Callable[[str], None]):
         """Monitor callback of ``ml:Endpoint``: a write naming another executor than
@@ -180,22 +191,13 @@ class MlPvs:
     def request_watcher(self, request: Callable[[str], object]):
         """Monitor callback of ``ml:Request``: any write of a non-empty reason is a trigger
         with that source; what the record held before we connected is not a request."""
-        fresh = [True]
 
-        def on_value(value) -> None:
-            if isinstance(value, Disconnected):
-                fresh[0] = True
-                return
-            if isinstance(value, Exception):
-                return
-            if fresh[0]:
-                fresh[0] = False
-                return
+        def on_value(value, first: bool) -> None:
             reason = str(value["value"]).strip()
-            if reason:
+            if reason and not first:
                 request(f"{reason} (ml:Request)")
 
-        return on_value
+        return fresh_values(on_value)
 
     def close(self) -> None:
         for sub in self._subs:

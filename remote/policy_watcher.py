@@ -13,11 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from p4p.client.thread import Disconnected
-
 from edgeloop import ntnd
 from edgeloop.config import Config
 from edgeloop.registry import Registry, RegistryCorrupt, atomic_write
+from edgeloop.remote.ml_pvs import fresh_values
 from edgeloop.remote.pipeline import fmt
 from edgeloop.remote.policy import RetrainPolicy, Settings, quality_during
 from edgeloop.remote.scan_index import ScanIndex
@@ -91,15 +90,8 @@ class PolicyWatcher:
         The first value after a (re)connection is what the IOC started with: where the
         operator set another, that one stays (and is written back)."""
         name, convert, raw = SETTINGS[record]
-        fresh = [True]
 
-        def on_value(value) -> None:
-            if isinstance(value, Disconnected):
-                fresh[0] = True
-                return
-            if isinstance(value, Exception):
-                return
-            first, fresh[0] = fresh[0], False
+        def on_value(value, first: bool) -> None:
             try:
                 written = raw(value)
                 if first and self.saved_settings.get(record, written) != written:
@@ -113,7 +105,7 @@ class PolicyWatcher:
                 self.saved_settings[record] = written
                 self._save_settings()
 
-        return on_value
+        return fresh_values(on_value)
 
     def _load_settings(self) -> dict:
         try:

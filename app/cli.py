@@ -219,6 +219,20 @@ def cmd_status(args) -> None:
     sys.exit(print_status(args.prefix, beamline=args.beamline, timeout=args.timeout))
 
 
+def cmd_globus(args) -> None:
+    from edgeloop.remote import globus_login
+
+    cfg = _config(args)
+    try:
+        if args.action == "login":
+            print(f"Globus tokens stored in {globus_login.login(cfg)}")
+            return
+        globus_login.transfer_client(cfg)
+    except globus_login.GlobusLoginError as exc:
+        sys.exit(f"edgeloop globus {args.action}: {exc}")
+    print(f"Globus Transfer: logged in (tokens in {globus_login.token_file(cfg)})")
+
+
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--prefix", default="SIM:", help="PV prefix (default SIM:)")
@@ -362,6 +376,15 @@ def _screens_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--screen", choices=("overview", "beamline"), default="overview")
 
 
+def _globus_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "action",
+        choices=("login", "status"),
+        help="login: log in once (prints a URL, reads the code it shows) and store the "
+        "tokens; status: exit 1 unless a stored login serves Transfer",
+    )
+
+
 def _status_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beamline", action="store_true", help="also the simulated beamline's PVs")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each PV")
@@ -442,6 +465,13 @@ def _commands() -> tuple:
             "print every edgeloop PV of the prefix (value, units, severity, connected); exit 1 "
             "naming those that do not answer",
             _status_options,
+        ),
+        (
+            "globus",
+            cmd_globus,
+            "log in to Globus Transfer once for remote.staging = globus (tokens stored and "
+            "refreshed), or check the stored login",
+            _globus_options,
         ),
         (
             "bench",

@@ -254,6 +254,14 @@ class RemoteConfig:
     globus_dest_collection: str = ""  # collection UUID the executor reads
     globus_dest_dir: str = ""  # path on the destination collection
     transfer_timeout_s: Seconds = 600.0
+    # who the service is to Globus Transfer (remote/globus_login.py): a native app's client
+    # id, its tokens stored by `edgeloop globus login` (refreshed by globus-sdk); or
+    # GLOBUS_CLIENT_ID / GLOBUS_CLIENT_SECRET of a confidential client in the environment
+    globus_client_id: str = ""
+    globus_token_file: str = "~/.edgeloop/globus_tokens.db"
+    # ask for the collections' data_access consent (Globus Connect Server v5 mapped
+    # collections need it; turn off for Globus Connect Personal)
+    globus_data_access: bool = True
     # ml:ReferenceError: the service phase-retrieves a window of this many consecutive
     # frames at the start of each acquisition and every ``reference_every`` frames after
     # (30 of a 500-point scan: 6 %; of 1000 frames: 3 %), HEDM a few frames' peaks
@@ -310,6 +318,9 @@ class SecurityConfig:
     # HMAC-SHA256 key shared by the service and the training endpoint (a file, mode 0600;
     # created with a random key on first use when it is the default path)
     signing_key_file: str = "~/.edgeloop/signing.key"
+    # where the training endpoint reads its copy of that key on its own machine; "": the
+    # same path (a shared filesystem, or a copy kept at the same path there)
+    endpoint_signing_key_file: str = ""
     # the quality gate's Ed25519 key pair (edgeloop/approval.py): the service signs each
     # version it accepts with the private key; the edge loads only versions whose signature
     # its copy of the public key verifies. "": gate.key / gate.pub beside signing_key_file

@@ -34,7 +34,7 @@ from edgeloop.remote.errors import Aborted, RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.held_out import held_out_losses
 from edgeloop.remote.scan_index import ScanIndex
-from edgeloop.remote.staging import code_version, stage
+from edgeloop.remote.staging import code_version, staging
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,9 @@ def fmt(x) -> str:
 def analysis_request(cfg: Config, kind: str, scans: list[str]) -> tuple[str, dict]:
     """(what the analysis is, in words; its request): what the service asks of its
     executor, and what a demo asks to label a scan the same way."""
-    out = cfg.registry_path / "work" / f"labels_{kind}_{int(time.time())}.h5"
-    request = {"scans": scans, "kind": kind, "out": str(out)}
+    where = staging(cfg)
+    out = where.labels_out(f"labels_{kind}_{int(time.time())}.h5")
+    request = {"scans": scans, "kind": kind, "out": out}
     if kind == "braggnn":
         request.update(
             patch=cfg.model.patch,
@@ -83,11 +84,8 @@ def analysis_request(cfg: Config, kind: str, scans: list[str]) -> tuple[str, dic
         algorithm=cfg.train.recon_algorithm,
         threads=cfg.train.threads,
         input_size=cfg.model.input_size,
-        # labels of scans seen before are reused; with Globus staging the endpoint's
-        # filesystem is not ours, so it labels everything
-        cache_dir=str(cfg.registry_path / "work" / "labels_cache")
-        if cfg.remote.staging == "shared"
-        else None,
+        # labels of scans seen before are reused where the filesystem is shared
+        cache_dir=str(cfg.registry_path / "work" / "labels_cache") if where.cache_labels else None,
     )
     return f"phase retrieval ({cfg.train.recon_algorithm})", request
 
@@ -137,6 +135,7 @@ class RetrainPipeline:
         self.progress, self.deploy, self.on_staged = progress, deploy, on_staged
         self.abort = threading.Event()
         self.scans = ScanIndex()
+        self.where = None  # how the executor gets the files (remote/staging.py), per run
         self.step = "Idle"
         self._step_timeout = step_timeout
 
@@ -149,6 +148,7 @@ class RetrainPipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         key = self.signing_key()  # a missing key fails now, not after the training
+        self.where = staging(self.cfg)
         self.gate_key()
         self.slot.ready()
         technique, kind, train_cfg, scans = self._stage(trigger, timings)
@@ -157,6 +157,7 @@ class RetrainPipeline:
         result, serving = trained.result, trained.serving
         timings["training_s"] = result["seconds"]
         self._enter("Validating", "checking the returned model")
+        labels["here"] = self.where.labels_here(labels["labels"])
         figures = self.validate(trained, kind, key, labels, train_cfg)
         self._check_abort()
         meta = {
@@ -226,7 +227,7 @@ class RetrainPipeline:
         self.on_staged(technique, scans)
         self.progress.record("trigger", trigger)
         log.info("retraining %s on %d scan(s) (%s)", kind, len(scans), trigger)
-        scans = stage(scans, cfg)
+        scans = self.where.scans(scans)
         timings["staging_s"] = time.perf_counter() - t0
         return technique, kind, train_cfg, scans
 
@@ -248,17 +249,20 @@ class RetrainPipeline:
             + (f"(unusable, skipped: {', '.join(skipped)}) " if skipped else "")
             + f"({self.slot.name})",
         )
+        models = {**self.ref("init", best), **self.ref("baseline", serving)}
+        sent = [name for name in ("init", "baseline") if models[name]]
+        models.update(zip(sent, self.where.models([models[name] for name in sent]), strict=True))
         request = {
             "request_id": secrets.token_hex(16),  # signed back with the result: no replay
             "labels": labels["labels"],
             "labels_sha256": labels["sha256"],
-            **self.ref("init", best),
-            **self.ref("baseline", serving),
+            **models,
             "kind": kind,
             "arch": cfg.arch(kind),
             "train": vars(train_cfg),
             # the path, never the key: the executor's machine reads its own copy
-            "signing_key_file": cfg.security.signing_key_file,
+            "signing_key_file": cfg.security.endpoint_signing_key_file
+            or cfg.security.signing_key_file,
             "security": {
                 k: getattr(cfg.security, k) for k in ("max_model_bytes", "max_width", "max_patch")
             },
@@ -375,7 +379,7 @@ class RetrainPipeline:
         try:
             losses = held_out_losses(
                 {"candidate": model, "baseline": baseline},
-                labels["labels"],
+                labels["here"],
                 labels["sha256"],
                 kind,
                 train_cfg,
@@ -419,7 +423,7 @@ class RetrainPipeline:
             "size": meta["size"],
             "parent": trained.best,
             "request_id": trained.request["request_id"],
-            "labels": labels["labels"],
+            "labels": labels["here"],
             "labels_sha256": labels["sha256"],
         }
         self.registry.set_approval(version, approval.approve(self.gate_key(), fields))

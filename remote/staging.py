@@ -5,17 +5,19 @@ the scans get there:
 
 - ``shared`` (default): the executor sees the same filesystem (local pool, a Parsl cluster
   with a shared filesystem); paths are passed as they are;
-- ``globus``: each scan is copied by Globus Transfer from ``globus_source_collection`` to
-  ``globus_dest_collection`` under ``globus_dest_dir`` and the task gets the destination
-  paths.  Authentication: an access token for the Transfer API in ``GLOBUS_TRANSFER_TOKEN``
-  (e.g. from ``globus login`` / a confidential client's client-credentials grant).
+- ``globus``: no shared filesystem; each scan, and each model a task starts from, is copied
+  by Globus Transfer from ``globus_source_collection`` to ``globus_dest_collection`` under
+  ``globus_dest_dir``, the tasks get the destination paths, and the labels come back the
+  same way.  Authentication: remote/globus_login.py (stored, refreshed tokens).
+
+Also here: ``code_version`` and ``portable``/``relative`` (a scan's files as a folder
+elsewhere will hold them).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
 import subprocess
 from pathlib import Path, PurePosixPath
@@ -23,6 +25,8 @@ from pathlib import Path, PurePosixPath
 import edgeloop
 from edgeloop.config import Config
 from edgeloop.optional import require
+from edgeloop.remote.errors import RetrainError
+from edgeloop.remote.globus_login import GlobusLoginError, transfer_client
 from edgeloop.scanfile import read_run_entry, resource_file
 
 log = logging.getLogger(__name__)
@@ -31,8 +35,9 @@ log = logging.getLogger(__name__)
 STAGED = ".staged"  # under the data directory: the run entries as sent by Globus
 
 
-class StagingError(RuntimeError):
-    pass
+class StagingError(RetrainError):
+    """A transfer refused, failed or late, or staging not configured: ends the retraining
+    in Error with this message."""
 
 
 def code_version() -> str:
@@ -62,15 +67,9 @@ def relative(path: str | Path, base: Path) -> str:
 
 
 def transfer_data(
-    source_collection: str,
-    dest_collection: str,
-    paths: list[str],
-    dest_dir: str,
-    base: Path,
-    label: str = "edgeloop scans",
+    source_collection: str, dest_collection: str, items: list[tuple[str, str]], label: str
 ):
-    """The Globus Transfer request: every scan file to ``dest_dir``, at its path relative
-    to ``base``, checksummed."""
+    """The Globus Transfer request: each (source path, destination path), checksummed."""
     globus_sdk = require("globus_sdk", "globus")
 
     tdata = globus_sdk.TransferData(
@@ -80,15 +79,18 @@ def transfer_data(
         sync_level="checksum",
         verify_checksum=True,
     )
-    for path in paths:
-        tdata.add_item(str(path), str(PurePosixPath(dest_dir) / relative(path, base)))
+    for source, dest in items:
+        tdata.add_item(str(source), str(dest))
     return tdata
 
 
 def globus_transfer(client, tdata, timeout_s: float, poll_s: float = 5.0) -> str:
     """Submit and wait; returns the task id, raises StagingError on failure or timeout (the
     task is cancelled then)."""
-    task_id = client.submit_transfer(tdata)["task_id"]
+    try:
+        task_id = client.submit_transfer(tdata)["task_id"]
+    except Exception as exc:  # globus_sdk.GlobusAPIError, a network error
+        raise StagingError(f"Globus transfer not accepted: {exc}") from exc
     log.info("Globus transfer %s submitted (%d files)", task_id, len(tdata["DATA"]))
     if not client.task_wait(task_id, timeout=int(timeout_s), polling_interval=int(poll_s)):
         client.cancel_task(task_id)
@@ -101,33 +103,95 @@ def globus_transfer(client, tdata, timeout_s: float, poll_s: float = 5.0) -> str
     return task_id
 
 
-def stage(scans: list[str], cfg: Config, client=None) -> list[str]:
-    """The scan paths as the executor will see them."""
-    r = cfg.remote
-    if r.staging == "shared":
+class SharedStaging:
+    """The executor sees this filesystem: every path is passed as it is."""
+
+    cache_labels = True
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def scans(self, scans: list[str]) -> list[str]:
         return list(scans)
-    if r.staging != "globus":
-        raise StagingError(f"unknown staging {r.staging!r}: shared or globus")
-    if not (r.globus_source_collection and r.globus_dest_collection and r.globus_dest_dir):
-        raise StagingError(
-            "globus staging needs remote.globus_source_collection, "
-            "globus_dest_collection and globus_dest_dir"
-        )
-    if client is None:
-        globus_sdk = require("globus_sdk", "globus")
-        token = os.environ.get("GLOBUS_TRANSFER_TOKEN")
-        if not token:
+
+    def models(self, paths: list[str]) -> list[str]:
+        return list(paths)
+
+    def labels_out(self, name: str) -> str:
+        return str(self.cfg.registry_path / "work" / name)
+
+    def labels_here(self, path: str) -> str:
+        return path
+
+
+class GlobusStaging:
+    """No shared filesystem: what a retraining's tasks read goes to
+    ``globus_dest_collection`` under ``globus_dest_dir`` by Globus Transfer (the scans, the
+    models it starts from and is compared with), the labels the endpoint writes there come
+    back under the registry's ``work/`` for the service's own held-out check.  The source
+    collection is taken to show this host's paths as they are (a collection rooted at /)."""
+
+    cache_labels = False  # the endpoint's filesystem is not ours: it labels everything
+
+    def __init__(self, cfg: Config, client=None):
+        r = cfg.remote
+        if not (r.globus_source_collection and r.globus_dest_collection and r.globus_dest_dir):
             raise StagingError(
-                "globus staging needs a Transfer access token in GLOBUS_TRANSFER_TOKEN"
+                "globus staging needs remote.globus_source_collection, "
+                "globus_dest_collection and globus_dest_dir"
             )
-        client = globus_sdk.TransferClient(authorizer=globus_sdk.AccessTokenAuthorizer(token))
-    base = cfg.data_path
-    sent, files = portable(scans, base / STAGED, base)
-    tdata = transfer_data(
-        r.globus_source_collection, r.globus_dest_collection, files, r.globus_dest_dir, base
-    )
-    globus_transfer(client, tdata, r.transfer_timeout_s)
-    return [str(PurePosixPath(r.globus_dest_dir) / relative(p, base)) for p in sent]
+        self.cfg, self._client = cfg, client
+        self.dest = PurePosixPath(r.globus_dest_dir)
+
+    @property
+    def client(self):
+        if self._client is None:
+            try:
+                self._client = transfer_client(self.cfg)
+            except GlobusLoginError as exc:
+                raise StagingError(str(exc)) from exc
+        return self._client
+
+    def _send(self, items: list[tuple[str, str]], label: str, back: bool = False) -> None:
+        r = self.cfg.remote
+        ends = (r.globus_source_collection, r.globus_dest_collection)
+        tdata = transfer_data(*(ends[::-1] if back else ends), items, label)
+        globus_transfer(self.client, tdata, r.transfer_timeout_s)
+
+    def scans(self, scans: list[str]) -> list[str]:
+        """Each scan (a run entry with the detector's files) at its path relative to the
+        data directory under the destination folder."""
+        base = self.cfg.data_path
+        sent, files = portable(scans, base / STAGED, base)
+        self._send([(f, self.dest / relative(f, base)) for f in files], "edgeloop scans")
+        return [str(self.dest / relative(p, base)) for p in sent]
+
+    def models(self, paths: list[str]) -> list[str]:
+        """Registry model files under ``models/`` of the destination folder (one copy of a
+        model that is both the start and the baseline)."""
+        there = {p: str(self.dest / "models" / Path(p).name) for p in paths}
+        if there:
+            self._send(list(there.items()), "edgeloop models")
+        return [there[p] for p in paths]
+
+    def labels_out(self, name: str) -> str:
+        return str(self.dest / "work" / name)
+
+    def labels_here(self, path: str) -> str:
+        """The labels file the endpoint wrote, brought back under the registry's work/."""
+        here = self.cfg.registry_path / "work" / PurePosixPath(path).name
+        here.parent.mkdir(parents=True, exist_ok=True)
+        self._send([(path, str(here))], "edgeloop labels", back=True)
+        return str(here)
+
+
+def staging(cfg: Config):
+    """The staging ``remote.staging`` names."""
+    if cfg.remote.staging == "shared":
+        return SharedStaging(cfg)
+    if cfg.remote.staging == "globus":
+        return GlobusStaging(cfg)
+    raise StagingError(f"unknown staging {cfg.remote.staging!r}: shared or globus")
 
 
 def portable(scans: list[str], folder: Path, base: Path) -> tuple[list[str], list[str]]:

@@ -17,21 +17,9 @@ from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.pipeline import RetrainPipeline
 from edgeloop.signing import create_key
 from tests.kit.loops import hedm_scan
+from tests.kit.progress import Recorder
 
 pytestmark = pytest.mark.timeout(300)
-
-
-class Recorder:
-    """A Progress that keeps what it is told."""
-
-    def __init__(self):
-        self.states, self.figures = [], {}
-
-    def enter(self, state, message):
-        self.states.append(state)
-
-    def record(self, name, value):
-        self.figures[name] = value
 
 
 @pytest.fixture

@@ -2,6 +2,9 @@
 serializer, the install hint for a missing SDK, Globus Transfer requests and their time
 limit, and the example Parsl cluster configurations."""
 
+import json
+import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -63,53 +66,106 @@ def test_missing_optional_sdk_names_the_extra_to_install(monkeypatch):
         make_executor("globus-compute", RemoteConfig(globus_endpoint_id="abc"))
 
 
-def test_globus_transfer_request_wait_and_timeout():
-    from edgeloop.remote.staging import StagingError, globus_transfer, stage, transfer_data
+SRC, DST = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
 
-    src, dst = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
-    paths = ["/data/scan_1_ab.h5", "/data/b/scan_1_ab.h5"]
-    tdata = transfer_data(src, dst, paths, "/inbox", Path("/data"))
-    assert tdata["source_endpoint"] == src and tdata["destination_endpoint"] == dst
-    assert tdata["sync_level"] in ("checksum", 3) and tdata["verify_checksum"] is True
-    assert [(i["source_path"], i["destination_path"]) for i in tdata["DATA"]] == [
-        ("/data/scan_1_ab.h5", "/inbox/scan_1_ab.h5"),
-        ("/data/b/scan_1_ab.h5", "/inbox/b/scan_1_ab.h5"),  # one name, two folders
-    ]
 
-    class TransferAPI:  # the network boundary: records calls, answers like the service
-        def __init__(self, finishes, status="SUCCEEDED"):
-            self.finishes, self.status, self.calls = finishes, status, []
-
-        def submit_transfer(self, data):
-            self.calls.append(("submit", len(data["DATA"])))
-            return {"task_id": "task-1"}
-
-        def task_wait(self, task_id, timeout, polling_interval):
-            self.calls.append(("wait", timeout))
-            return self.finishes
-
-        def cancel_task(self, task_id):
-            self.calls.append(("cancel", task_id))
-
-        def get_task(self, task_id):
-            return {"status": self.status}
-
-    ok = TransferAPI(True)
-    assert globus_transfer(ok, tdata, 30) == "task-1"
-    slow = TransferAPI(False)
-    with pytest.raises(StagingError, match="did not finish"):
-        globus_transfer(slow, tdata, 30)
-    assert ("cancel", "task-1") in slow.calls
-    with pytest.raises(StagingError, match="FAILED"):
-        globus_transfer(TransferAPI(True, "FAILED"), tdata, 30)
-    cfg = Config()
+def globus_config(tmp_path) -> Config:
+    cfg = Config(data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "m"))
     cfg.remote.staging = "globus"
-    with pytest.raises(StagingError, match="globus_source_collection"):
-        stage(["/data/a.h5"], cfg)
-    cfg.remote.globus_source_collection, cfg.remote.globus_dest_collection = src, dst
-    cfg.remote.globus_dest_dir = "/inbox"
-    cfg.data_dir = "/data"
-    assert stage(["/data/x/a.h5"], cfg, client=TransferAPI(True)) == ["/inbox/x/a.h5"]
+    cfg.remote.globus_source_collection, cfg.remote.globus_dest_collection = SRC, DST
+    cfg.remote.globus_dest_dir = str(tmp_path / "inbox")
+    cfg.remote.globus_client_id = "6f5b1c5e-0000-4000-8000-000000000001"
+    cfg.remote.globus_token_file = str(tmp_path / "tokens.db")
+    cfg.remote.globus_data_access = False
+    return cfg
+
+
+def test_globus_transfer_request_wait_and_timeout(tmp_path):
+    """Globus staging through globus-sdk's TransferClient with the stored login, against
+    the SDK's own Transfer fixtures: the expired access token is refreshed from storage,
+    one name in two folders stays two, a task still running at its limit is cancelled,
+    one that fails ends the retraining with its status."""
+    from edgeloop.remote.staging import (
+        GlobusStaging,
+        StagingError,
+        globus_transfer,
+        staging,
+        transfer_data,
+    )
+    from tests.kit.globus_transfer import REFRESHED, TransferService, store_login
+
+    items = [("/data/scan_1_ab.h5", "/inbox/scan_1_ab.h5")]
+    tdata = transfer_data(SRC, DST, items, "edgeloop scans")
+    assert tdata["source_endpoint"] == SRC and tdata["destination_endpoint"] == DST
+    assert tdata["sync_level"] in ("checksum", 3) and tdata["verify_checksum"] is True
+
+    cfg = globus_config(tmp_path)
+    for folder in ("a", "b"):
+        scan = cfg.data_path / folder / "scan_1_ab.h5"
+        scan.parent.mkdir(parents=True)
+        scan.write_bytes(folder.encode() * 10)
+    with pytest.raises(StagingError, match="run `edgeloop globus login` once"):
+        staging(cfg).scans([str(cfg.data_path / "a" / "scan_1_ab.h5")])
+    store_login(tmp_path / "tokens.db")
+    me = (os.getuid(), os.getgid())
+    with TransferService({DST: me, SRC: me}) as service:
+        sent = staging(cfg).scans([str(cfg.data_path / f / "scan_1_ab.h5") for f in "ab"])
+        inbox = Path(cfg.remote.globus_dest_dir)
+        assert sent == [str(inbox / "a/scan_1_ab.h5"), str(inbox / "b/scan_1_ab.h5")]
+        assert [Path(p).read_bytes() for p in sent] == [b"a" * 10, b"b" * 10]
+        # the Transfer calls carried the token the SDK refreshed from the stored login
+        assert service.bearers and set(service.bearers) == {f"Bearer {REFRESHED}"}
+    with TransferService({DST: me}, status="ACTIVE") as slow:
+        with pytest.raises(StagingError, match="did not finish in 1 s"):
+            globus_transfer(GlobusStaging(cfg).client, tdata, 1, poll_s=1)
+        assert slow.cancelled == 1
+    with TransferService({DST: me}, status="FAILED"):
+        with pytest.raises(StagingError, match="ended FAILED"):
+            GlobusStaging(cfg).scans([str(cfg.data_path / "a" / "scan_1_ab.h5")])
+    cfg.remote.globus_dest_dir = ""
+    with pytest.raises(StagingError, match="globus_dest_dir"):
+        staging(cfg)
+
+
+def test_globus_login_stores_refreshable_tokens_that_the_service_then_uses(
+    tmp_path, monkeypatch, capsys
+):
+    """`edgeloop globus login` through globus-sdk's login flow (the URL printed, the code
+    read, the id_token checked against Globus Auth's published key), tokens stored 0600
+    where the service finds them; `edgeloop globus status` then passes without a prompt."""
+    from edgeloop.app import cli
+    from tests.kit.globus_transfer import AuthService
+
+    cfg = globus_config(tmp_path)
+    config_file = tmp_path / "edgeloop.json"
+    keys = ("globus_client_id", "globus_token_file", "globus_data_access")
+    config_file.write_text(json.dumps({"remote": {k: getattr(cfg.remote, k) for k in keys}}))
+    with pytest.raises(SystemExit, match="run `edgeloop globus login` once"):
+        cli.main(["globus", "status", "--config", str(config_file)])
+    monkeypatch.setattr("builtins.input", lambda prompt="": AuthService.CODE)
+    with AuthService(cfg.remote.globus_client_id, str(uuid.uuid4())) as auth:
+        cli.main(["globus", "login", "--config", str(config_file)])
+    printed = capsys.readouterr().out
+    assert f"client_id={cfg.remote.globus_client_id}" in printed
+    assert f"Globus tokens stored in {tmp_path / 'tokens.db'}" in printed
+    assert auth.codes == [AuthService.CODE]
+    assert (tmp_path / "tokens.db").stat().st_mode & 0o077 == 0
+    cli.main(["globus", "status", "--config", str(config_file)])
+    assert "Globus Transfer: logged in" in capsys.readouterr().out
+
+
+def test_globus_data_access_consents_are_asked_for_both_collections(tmp_path):
+    from edgeloop.remote.globus_login import transfer_app
+
+    cfg = globus_config(tmp_path)
+    cfg.remote.globus_data_access = True
+    app, _ = transfer_app(cfg)
+    asked = {
+        str(dep).strip("*")
+        for scope in app.scope_requirements["transfer.api.globus.org"]
+        for dep in scope.dependencies
+    }
+    assert asked == {f"https://auth.globus.org/scopes/{c}/data_access" for c in (SRC, DST)}
 
 
 @pytest.mark.parametrize("example", ["slurm.py", "pbs.py"])

@@ -157,7 +157,8 @@ class RetrainPipeline:
         result, serving = trained.result, trained.serving
         timings["training_s"] = result["seconds"]
         self._enter("Validating", "checking the returned model")
-        labels["here"] = self.where.labels_here(labels["labels"])
+        # from here on the labels are the ones the service reads (brought back if need be)
+        labels = dict(labels, labels=self.where.labels_here(labels["labels"]))
         figures = self.validate(trained, kind, key, labels, train_cfg)
         self._check_abort()
         meta = {
@@ -379,7 +380,7 @@ class RetrainPipeline:
         try:
             losses = held_out_losses(
                 {"candidate": model, "baseline": baseline},
-                labels["here"],
+                labels["labels"],
                 labels["sha256"],
                 kind,
                 train_cfg,
@@ -423,7 +424,7 @@ class RetrainPipeline:
             "size": meta["size"],
             "parent": trained.best,
             "request_id": trained.request["request_id"],
-            "labels": labels["here"],
+            "labels": labels["labels"],
             "labels_sha256": labels["sha256"],
         }
         self.registry.set_approval(version, approval.approve(self.gate_key(), fields))

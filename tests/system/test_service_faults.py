@@ -182,7 +182,7 @@ def test_abort_in_each_step_deploys_nothing_and_the_next_trigger_works(
     monkeypatch,
     state,
 ):
-    import edgeloop.remote.pipeline as pipeline_module
+    import edgeloop.remote.staging as staging_module
 
     lp = loop()
     hedm_scan(lp.cfg.data_path, 12)
@@ -198,7 +198,8 @@ def test_abort_in_each_step_deploys_nothing_and_the_next_trigger_works(
 
     with monkeypatch.context() as patch:
         if state == "Staging":
-            patch.setattr(pipeline_module, "stage", slow(pipeline_module.stage))
+            scans = staging_module.SharedStaging.scans
+            patch.setattr(staging_module.SharedStaging, "scans", slow(scans))
         elif state == "Validating":
             patch.setattr(service.pipeline, "validate", slow(service.pipeline.validate))
         else:  # the edge takes its time to load a model

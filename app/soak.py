@@ -7,8 +7,9 @@ every ``retrain_every_s``, a spiral scan runs through the real RunEngine on the 
 beamline (its frames written by the ScanWriter for training), retraining is started with a
 write to ``ml:Retrain`` and the new model is hot-swapped into the edge.  At the end
 ``DIR/soak.json`` says what was sent, answered, dropped and refused, how many swaps, the
-edge's memory and open files at start and end, the training frames lost, and whether every
-frame is accounted for.
+edge's and the retraining service's memory and open files and the registry's size on disk
+at the start, after each cycle and at the end (retention keeps the registry bounded), the
+training frames lost, and whether every frame is accounted for.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from edgeloop.app.loop import (
     wait_drained,
 )
 from edgeloop.config import Config
+from edgeloop.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,34 @@ def _resources(proc: psutil.Process) -> tuple[float, int]:
     return proc.memory_info().rss / 2**20, proc.num_fds()
 
 
+def _tree_mb(folder: Path) -> float:
+    """The bytes of the files under ``folder``, in MB (a file removed meanwhile is skipped)."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:
+            pass
+    return total / 1e6
+
+
+class Watch:
+    """The edge's and the service's memory and open files, and the registry's size."""
+
+    def __init__(self, system, registry: Path):
+        pid = {name: system.procs[name].proc.pid for name in ("edge", "retrain-service")}
+        self.procs = {"edge": psutil.Process(pid["edge"])}
+        self.procs["service"] = psutil.Process(pid["retrain-service"])
+        self.registry = registry
+
+    def sample(self) -> dict:
+        figures = {"registry_mb": round(_tree_mb(self.registry), 1)}
+        for name, proc in self.procs.items():
+            rss, fds = _resources(proc)
+            figures[f"{name}_rss_mb"], figures[f"{name}_fds"] = round(rss, 1), fds
+        return figures
+
+
 def _scan(cfg: Config, RE, det, stage, index, points: int, center) -> int:
     """One spiral scan; the frames the detector's file lacks (training frames lost)."""
     from edgeloop.bluesky_plans import ptycho_scan
@@ -133,9 +163,11 @@ def _ceiling(stream: Stream, ctx, p: str) -> float:
     return (edge_counts(ctx, p)["FramesOut"] - out0) / (time.monotonic() - t0)
 
 
-def _cycles(cfg: Config, ctx, minutes: float, retrain_every_s: float, points: int) -> dict:
+def _cycles(
+    cfg: Config, ctx, minutes: float, retrain_every_s: float, points: int, watch: Watch
+) -> dict:
     """Scans through the real RunEngine, each followed by retraining through ml:Retrain and a
-    swap, every ``retrain_every_s`` for ``minutes``."""
+    swap, every ``retrain_every_s`` for ``minutes``; ``watch`` sampled after each."""
     from bluesky import RunEngine
 
     from edgeloop.app.signals import AbortOnSignal
@@ -158,7 +190,8 @@ def _cycles(cfg: Config, ctx, minutes: float, retrain_every_s: float, points: in
                 seconds, _ = retrain_via_pv(ctx, p, version, protocol="pva")
                 done["swaps"] += 1
                 version = int(ctx.get(f"{p}edge:ModelVersion")["value"])
-                done["cycles"].append({"retrain_s": round(seconds, 1), "version": version})
+                cycle = {"retrain_s": round(seconds, 1), "version": version}
+                done["cycles"].append(dict(cycle, **watch.sample()))
             except (RuntimeError, TimeoutError) as exc:  # reported, and the soak goes on
                 done["errors"].append(str(exc))
                 log.error("retraining during the soak: %s", exc)
@@ -198,33 +231,28 @@ def run_soak(
         ) as system,
     ):
         ctx = system.ctx
-        edge = psutil.Process(system.procs["edge"].proc.pid)
+        watch = Watch(system, cfg.registry_path)
         stream = Stream(source, frames, positions, bad_every)
         ceiling = _ceiling(stream, ctx, p)
         log.info("edge ceiling %.0f frames/s; streaming at %.0f", ceiling, fraction * ceiling)
-        before = _snapshot(edge_counts(ctx, p), stream, edge)
+        before = _snapshot(edge_counts(ctx, p), stream, watch)
         stream.start(fraction * ceiling)
         try:
-            done = _cycles(cfg, ctx, minutes, retrain_every_s, scan_points)
+            done = _cycles(cfg, ctx, minutes, retrain_every_s, scan_points, watch)
         finally:
             stream.stop()
         end = settled_counts(ctx, p, quiet_s=2 * cfg.edge.stats_publish_s + 0.5, timeout=120)
-        after = _snapshot(end, stream, edge)
+        after = _snapshot(end, stream, watch)
+    registry = Registry(cfg.registry_path)
+    done["pruned"] = sum(bool(registry.meta(v).get("pruned")) for v in registry.versions())
     report = _report(minutes, fraction, ceiling, stream.rate, before, after, done)
     (out / "soak.json").write_text(json.dumps(report, indent=2))
     print_report(report, out)
     return report
 
 
-def _snapshot(counts: dict, stream: Stream, edge: psutil.Process) -> dict:
-    rss, fds = _resources(edge)
-    return {
-        "counts": counts,
-        "sent": stream.sent,
-        "malformed": stream.malformed,
-        "rss": rss,
-        "fds": fds,
-    }
+def _snapshot(counts: dict, stream: Stream, watch: Watch) -> dict:
+    return {"counts": counts, "sent": stream.sent, "malformed": stream.malformed, **watch.sample()}
 
 
 def _report(
@@ -239,7 +267,8 @@ def _report(
     """soak.json: the frames counted at the edge between the start and the settled end,
     the retraining cycles, and the edge's resources before and after."""
     start, end = before["counts"], after["counts"]
-    rss0, fds0, rss1, fds1 = before["rss"], before["fds"], after["rss"], after["fds"]
+    rss0, fds0 = before["edge_rss_mb"], before["edge_fds"]
+    rss1, fds1 = after["edge_rss_mb"], after["edge_fds"]
     taken = {k: end[k] - start[k] for k in end}
     sent = after["sent"] - before["sent"]
     report = {
@@ -262,6 +291,13 @@ def _report(
         "rss_growth_bound_mb": RSS_GROWTH_BOUND_MB,
         "open_fds_start": fds0,
         "open_fds_end": fds1,
+        "service_rss_mb_start": before["service_rss_mb"],
+        "service_rss_mb_end": after["service_rss_mb"],
+        "service_fds_start": before["service_fds"],
+        "service_fds_end": after["service_fds"],
+        "registry_mb_start": before["registry_mb"],
+        "registry_mb_end": after["registry_mb"],
+        "versions_pruned": done["pruned"],
         "lost_training_frames": done["lost"],
         # every frame the edge took in is settled, and every frame sent was taken in,
         # refused as a repeat, or counted missed by its uniqueId
@@ -287,6 +323,10 @@ def print_report(r: dict, out: Path) -> None:
         f"  edge RSS                     {r['rss_mb_start']} -> {r['rss_mb_end']} MB "
         f"(bound +{r['rss_growth_bound_mb']:.0f} MB)",
         f"  edge open files              {r['open_fds_start']} -> {r['open_fds_end']}",
+        f"  service RSS, open files      {r['service_rss_mb_start']} -> "
+        f"{r['service_rss_mb_end']} MB, {r['service_fds_start']} -> {r['service_fds_end']}",
+        f"  registry on disk             {r['registry_mb_start']} -> {r['registry_mb_end']} MB "
+        f"({r['versions_pruned']} versions pruned by retention)",
         f"  training frames lost         {r['lost_training_frames']}",
         f"  every frame accounted for    {r['conserved']}",
         f"  report {out / 'soak.json'}",

@@ -27,6 +27,10 @@ KEYS = (
     "open_fds_end",
     "lost_training_frames",
     "conserved",
+    "service_rss_mb_end",
+    "service_fds_end",
+    "registry_mb_end",
+    "versions_pruned",
 )
 
 
@@ -52,4 +56,8 @@ def test_a_short_soak_swaps_a_model_and_accounts_for_every_frame(tmp_path):
     assert report["malformed_sent"] - lost <= report["rejected"] <= report["malformed_sent"]
     assert report["malformed_sent"] > 0
     assert report["frames_out"] > 0 and report["ceiling_fps"] > 0
+    # the registry holds the swapped model now; each cycle samples both processes
+    assert report["registry_mb_end"] > report["registry_mb_start"]
+    (cycle, *_) = report["cycles"]
+    assert cycle["service_rss_mb"] > 0 and cycle["edge_fds"] > 0 and cycle["registry_mb"] > 0
     assert "every frame accounted for    True" in done.stdout

@@ -18,6 +18,7 @@ from edgeloop.remote.errors import RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.executors import make_executor
 from edgeloop.remote.heartbeat import Heartbeat
+from edgeloop.remote.memory import release_freed_memory
 from edgeloop.remote.ml_pvs import MlPvs
 from edgeloop.remote.pipeline import RetrainPipeline
 from edgeloop.remote.policy_watcher import PolicyWatcher
@@ -143,6 +144,7 @@ class RetrainService:
                 finally:
                     self._retraining = False
                 self._prune()
+                release_freed_memory()  # the run's peak, held by malloc otherwise
                 self.runs_finished += 1
 
     def run_once(self) -> dict | None:

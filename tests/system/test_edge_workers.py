@@ -377,6 +377,9 @@ def test_a_version_one_worker_does_not_load_is_withdrawn_from_every_worker(p4p_f
         add_ptychonn(registry, 3, edge.cfg.security),
     )
     edge.ctx.put(f"{edge.prefix}edge:LoadModel", old, timeout=90)
+    # w1's channel up before w2 stops: a search sent while w2 is stopped may reach w2 alone
+    # (unicast to the host's shared UDP port), and a get of w1's PV then times out
+    assert edge.value("edge:w1:ModelVersion") == old
     w2 = worker_process(edge, 2)
     w2.suspend()
     try:

@@ -36,6 +36,7 @@ from edgeloop.app.loop import (
 )
 from edgeloop.config import Config
 from edgeloop.registry import Registry
+from edgeloop.remote.retention import tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -114,28 +115,16 @@ def _resources(proc: psutil.Process) -> tuple[float, int]:
     return proc.memory_info().rss / 2**20, proc.num_fds()
 
 
-def _tree_mb(folder: Path) -> float:
-    """The bytes of the files under ``folder``, in MB (a file removed meanwhile is skipped)."""
-    total = 0
-    for path in folder.rglob("*"):
-        try:
-            total += path.stat().st_size if path.is_file() else 0
-        except FileNotFoundError:
-            pass
-    return total / 1e6
-
-
 class Watch:
     """The edge's and the service's memory and open files, and the registry's size."""
 
     def __init__(self, system, registry: Path):
-        pid = {name: system.procs[name].proc.pid for name in ("edge", "retrain-service")}
-        self.procs = {"edge": psutil.Process(pid["edge"])}
-        self.procs["service"] = psutil.Process(pid["retrain-service"])
+        names = {"edge": "edge", "service": "retrain-service"}
+        self.procs = {key: psutil.Process(system.procs[n].proc.pid) for key, n in names.items()}
         self.registry = registry
 
     def sample(self) -> dict:
-        figures = {"registry_mb": round(_tree_mb(self.registry), 1)}
+        figures = {"registry_mb": round(tree_bytes(self.registry) / 1e6, 1)}
         for name, proc in self.procs.items():
             rss, fds = _resources(proc)
             figures[f"{name}_rss_mb"], figures[f"{name}_fds"] = round(rss, 1), fds

@@ -1,5 +1,6 @@
 """What the retraining service keeps over a beamtime (the configuration's [retention]):
-``prune(cfg, registry)`` after each retraining, ``disk_free_gb(cfg)`` for ml:DiskFree.
+``prune(cfg, registry)`` after each retraining, ``disk_free_gb(cfg)`` for ml:DiskFree,
+``tree_bytes(folder)`` (also the soak's measure of the registry).
 
 Left alone, a beamtime fills the disk the scans go to: a labels file per retraining (~0.2 GB
 per 4,000 frames), the labels cache, Parsl run directories and every model version. Kept:
@@ -113,10 +114,21 @@ def _keep_newest_dirs(root: Path, keep: int, done: Pruned) -> None:
         return
     runs = sorted((p for p in root.iterdir() if p.is_dir()), key=_mtime, reverse=True)
     for run in runs[keep:]:
-        size = sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
+        size = tree_bytes(run)
         shutil.rmtree(run, ignore_errors=True)
         done.files.append(str(run))
         done.freed_bytes += size
+
+
+def tree_bytes(folder: Path) -> int:
+    """The bytes of the files under ``folder`` (a file removed meanwhile is skipped)."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def disk_free_gb(cfg: Config) -> float:

@@ -133,14 +133,14 @@ class GlobusStaging:
 
     cache_labels = False  # the endpoint's filesystem is not ours: it labels everything
 
-    def __init__(self, cfg: Config, client=None):
+    def __init__(self, cfg: Config):
         r = cfg.remote
         if not (r.globus_source_collection and r.globus_dest_collection and r.globus_dest_dir):
             raise StagingError(
                 "globus staging needs remote.globus_source_collection, "
                 "globus_dest_collection and globus_dest_dir"
             )
-        self.cfg, self._client = cfg, client
+        self.cfg, self._client = cfg, None
         self.dest = PurePosixPath(r.globus_dest_dir)
 
     @property

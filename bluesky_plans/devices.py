@@ -321,14 +321,23 @@ class HDF5PluginWithFileStore(HDF5Plugin, FileStoreHDF5IterativeWrite):
     a ``resource`` document (spec ``AD_HDF5``, ``frame_per_point``) and one ``datum``
     (``point_number``) per trigger.
 
-    Added to the stock classes: ophyd checks ``FilePathExists_RBV`` only after setting
-    ``Capture`` = 1 and waiting, without limit, for ``Capture_RBV``, which never comes when
-    the IOC cannot open the file.  Here the path is set and checked first
-    (:meth:`make_filename`), and Capture gets :data:`CAPTURE_TIMEOUT_S`; either failure stops
-    staging with an ``OSError`` that quotes the plugin's ``WriteMessage``.
+    Added to the stock classes: ``LazyOpen`` is staged to No (see ``__init__``); ophyd
+    checks ``FilePathExists_RBV`` only after setting ``Capture`` = 1 and waiting, without
+    limit, for ``Capture_RBV``, which never comes when the IOC cannot open the file.  Here
+    the path is set and checked first (:meth:`make_filename`), and Capture gets
+    :data:`CAPTURE_TIMEOUT_S`; either failure stops staging with an ``OSError`` that quotes
+    the plugin's ``WriteMessage``.
     """
 
     capture = ADCpt(EpicsSignalWithRBV, "Capture", write_timeout=CAPTURE_TIMEOUT_S)
+    lazy_open = ADCpt(EpicsSignalWithRBV, "LazyOpen", string=True, kind="config")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the resource names FileNumber - 1, which is only so once Capture has opened the
+        # file: with LazyOpen Yes (as ophyd-async leaves it) a real NDFileHDF5 opens it at
+        # the first frame. Set first, before Capture.
+        self.stage_sigs = type(self.stage_sigs)([("lazy_open", "No"), *self.stage_sigs.items()])
 
     def make_filename(self):
         filename, read_path, write_path = super().make_filename()

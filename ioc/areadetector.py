@@ -30,7 +30,7 @@ DATA_TYPES = [
     "Float32",
     "Float64",
 ]
-COLOR_MODES = ["Mono", "Bayer", "RGB1", "RGB2", "RGB3", "YUV444", "YUV422", "YUV411"]
+COLOR_MODES = ["Mono", "Bayer", "RGB1", "RGB2", "RGB3", "YUV444", "YUV422", "YUV421"]
 DETECTOR_STATES = [
     "Idle",
     "Acquire",

@@ -32,7 +32,11 @@ from edgeloop.ioc.areadetector import (
     CamRecords,
     NDArray,
     enum_index,
+    enum_pair,
+    enum_readback,
 )
+from edgeloop.ioc.adcore_db import PLUGINS
+from edgeloop.ioc.adcore_served import missing_records
 from edgeloop.ioc.hdf_plugin import NDFileHDF5
 from edgeloop.ioc.hedm_sim import HedmSimulator
 from edgeloop.ioc.physics import PtychoSimulator
@@ -132,27 +136,32 @@ class SimMotor(PVGroup):
         await self.motor.write(self.position)
 
 
+async def _choose_compressor(pair, instance, value):
+    codec = pair.parent
+    name = Codec.CHOICES[enum_index(value, Codec.CHOICES)]
+    simulated = name in Codec.COMPRESSORS.values()
+    await codec.status.write("Success" if simulated else "Error")
+    await codec.error.write("" if simulated else f"{name} is not simulated: frames go raw")
+    await pair.readback.write(value)
+
+
 class Codec(PVGroup):
     """NDPluginCodec-like compression of the frames on ``Pva1:Image``: with callbacks
     enabled and a compressor chosen, each frame goes out compressed as NDPluginCodec sends it
-    (``edgeloop.codecs``)."""
+    (``edgeloop.codecs``).  JPEG and LZ4HDF5 are ADCore choices the simulation does not make:
+    chosen, they are reported in CodecStatus/CodecError and frames go out uncompressed."""
 
-    # codec name -> Compressor choice (areaDetector's spelling)
-    COMPRESSORS = {"": "None", "lz4": "LZ4", "bslz4": "BSLZ4", "blosc": "Blosc", "zlib": "Zlib"}
+    # codec name -> Compressor choice (areaDetector's spelling); None: not simulated
+    COMPRESSORS = {"": "None", "zlib": "Zlib", "blosc": "Blosc", "lz4": "LZ4", "bslz4": "BSLZ4"}
+    CHOICES = ["None", "JPEG", "Zlib", "Blosc", "LZ4", "LZ4HDF5", "BSLZ4"]  # NDCodec.template
 
-    enable = pvproperty(
-        value=0,
+    enable = enum_pair(
+        DISABLE_ENABLE,
         name="EnableCallbacks",
-        dtype=ChannelType.ENUM,
-        enum_strings=["Disable", "Enable"],
         doc="compress the frames (Enable) or pass them through (Disable)",
     )
-    compressor = pvproperty(
-        value=0,
-        name="Compressor",
-        dtype=ChannelType.ENUM,
-        enum_strings=list(COMPRESSORS.values()),
-        doc="codec applied to each frame",
+    compressor = enum_pair(
+        CHOICES, name="Compressor", put=_choose_compressor, doc="codec applied to each frame"
     )
     comp_factor = pvproperty(
         value=1.0,
@@ -161,16 +170,18 @@ class Codec(PVGroup):
         read_only=True,
         doc="uncompressed / compressed size of the last frame",
     )
+    status = enum_readback(["Success", "Warning", "Error"], "CodecStatus")
+    error = pvproperty(
+        value="", name="CodecError", dtype=ChannelType.CHAR, max_length=256, read_only=True
+    )
 
     @property
     def codec(self) -> str:
         """The codec name frames go out with ("" when not compressing)."""
-        if self.enable.value not in (1, "Enable"):
+        if enum_index(self.enable.setpoint.value, DISABLE_ENABLE) != 1:
             return ""
-        choice = self.compressor.value  # caproto holds an enum as its string once written
-        if isinstance(choice, int):
-            return list(self.COMPRESSORS)[choice]
-        return {v: k for k, v in self.COMPRESSORS.items()}[choice]
+        choice = self.CHOICES[enum_index(self.compressor.setpoint.value, self.CHOICES)]
+        return {v: k for k, v in self.COMPRESSORS.items()}.get(choice, "")
 
 
 class Detector(CamRecords):
@@ -227,7 +238,6 @@ class Detector(CamRecords):
         name="StatusMessage_RBV",
         dtype=ChannelType.CHAR,
         max_length=256,
-        report_as_string=True,
         read_only=True,
     )
 
@@ -420,6 +430,9 @@ class Beamline(PVGroup):
         )
         for group in (self.cam, self.codec, self.hdf, self.profile):
             self.pvdb.update(group.pvdb)
+        for plugin in PLUGINS:
+            rest = missing_records(plugin, self.pvdb, f"{prefix}det:{plugin}")
+            self.pvdb.update(rest.pvdb)
 
 
 LOOPBACK_PVA_SERVER = {

@@ -9,7 +9,8 @@ NDFileHDF5 (NDPluginFile.cpp, asynNDArrayDriver.cpp) does for the records that o
   frames kept in memory, written to one file when the last arrives) or Stream (each frame
   appended while ``Capture`` is 1; ``NumCapture`` 0 means no limit).
 - ``Capture`` = 1 opens ``FileTemplate % (FilePath, FileName, FileNumber)`` (``FileNumber``
-  then increments when ``AutoIncrement`` is Yes); capturing ends, and the file is closed, on
+  then increments when ``AutoIncrement`` is Yes), or with ``LazyOpen`` Yes (latched at
+  Capture, Stream mode) at the first frame, which then needs no frame seen before; capturing ends, and the file is closed, on
   ``Capture`` = 0, after ``NumCapture`` frames, or on a write error.  ``Capture`` reads 1
   while capturing; unlike areaDetector's busy record its put completes at once.
 - Errors set ``WriteStatus`` to "Write error" with a ``WriteMessage``, and never stop the
@@ -286,6 +287,7 @@ class NDFileHDF5(PVGroup):
     auto_increment = enum_pair(NO_YES, 1, name="AutoIncrement")
     auto_save = enum_pair(NO_YES, name="AutoSave")
     file_write_mode = enum_pair(WRITE_MODES, name="FileWriteMode")
+    lazy_open = enum_pair(NO_YES, name="LazyOpen", doc="Stream: open the file at the first frame")
     num_capture = rbv_pair(name="NumCapture", value=1, put=_put_count, doc="0: no limit")
     num_captured = pvproperty(value=0, name="NumCaptured_RBV", read_only=True)
     capture = pvproperty(
@@ -316,6 +318,7 @@ class NDFileHDF5(PVGroup):
         self._lock = asyncio.Lock()  # one file operation at a time
         self._last: NDArray | None = None  # what areaDetector keeps as pArrays[0]
         self._capturing = False
+        self._lazy = False  # LazyOpen as latched when Capture started
         self._file: HDF5File | None = None
         self._buffer: list[NDArray] = []
         # files HDF5 failed to write: closing or freeing them would crash the library
@@ -368,14 +371,17 @@ class NDFileHDF5(PVGroup):
         await self.write_status.write("Write OK")
         await self.write_message.write("")
         await self.full_file_name.write("")
+        self._lazy = self._choice(self.lazy_open, NO_YES) == "Yes"
         mode = self._choice(self.file_write_mode, WRITE_MODES)
         if mode == "Single":
             raise PluginError("ERROR: capture not supported in Single mode")
-        if self._last is None:
+        if self._last is None and (mode == "Capture" or not self._lazy):
             raise PluginError("ERROR, must collect an array to get dimensions first")
         self._buffer = []
-        if mode == "Stream":
+        if mode == "Stream" and not self._lazy:
             self._file = await self._open(self._last)
+        elif self._lazy:
+            await self.write_message.write("Lazy Open...")
         await self.num_captured.write(0)
         self._capturing = True
         await self.capture_rbv.write("Capturing")
@@ -475,6 +481,13 @@ class NDFileHDF5(PVGroup):
             await self._end_capture()
 
     async def _stream(self, array: NDArray) -> None:
+        if self._file is None and self._lazy and self.num_captured.value == 0:
+            try:
+                self._file = await self._open(array)
+            except PluginError as exc:
+                await self._error(str(exc))
+                await self._end_capture()
+                return
         file = self._file
         if file is None:  # FileWriteMode changed while capturing
             return

@@ -7,7 +7,7 @@
   whose clients get the port explicitly), ``random_prefix(tag)``;
 - ``DEADLINE_SLACK``: how much longer than on an idle machine a test waits for a condition
   (CI machines are often loaded);
-- ``TEST_ENV``: the EPICS settings every test runs with; ``SHARED_DATA``: ../shared/data.
+- ``TEST_ENV``: the EPICS settings every test runs with; ``SHARED_DATA``: ../shared/data; ``ADCORE_DB``: ADCore's templates (../shared/adsim/db).
 
 Under pytest-xdist each worker has ports of its own (``WORKER_PORT_OFFSET``): the ML IOCs'
 CA port (``EPICS_CA_SERVER_PORT``, the port clients search at addresses without one), the
@@ -32,6 +32,7 @@ if WORKER_PORT_OFFSET:  # the first worker, and a run without xdist, keep the st
 from edgeloop.config import BEAMLINE_CA_PORT, LOOPBACK_ENV  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+ADCORE_DB = SHARED_DATA.parent / "adsim" / "db"  # the templates the real simDetector IOC loaded
 KIT = Path(__file__).resolve().parent  # the scripts tests run as processes live here too
 
 DEADLINE_SLACK = 3

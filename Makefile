@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out/demo
 
-.PHONY: demo test test-unit test-system lint docs benchmark install clean
+.PHONY: demo test test-unit test-system system-deps lint docs benchmark install clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,14 +39,23 @@ docs: $(VENV)/.installed
 TEST_WORKERS ?= 1
 XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
-test: lint
+test: lint system-deps
 	$(PY) -m pytest $(XDIST)
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest $(XDIST) tests/unit
 
-test-system: $(VENV)/.installed
+test-system: $(VENV)/.installed system-deps
 	$(PY) -m pytest $(XDIST) tests/system
+
+# the Debian libraries the real simDetector IOC of ../shared/adsim links to (its README),
+# installed only when one is missing
+ADSIM ?= ../shared/adsim
+ADSIM_LIBS = libhdf5-103-1 libblosc1 libsz2 libtiff6 libxml2 libjpeg62-turbo libreadline8
+system-deps:
+	@if ldd $(ADSIM)/bin/simDetectorApp | grep -q "not found"; then \
+		apt-get install -y -q $(ADSIM_LIBS) || \
+		{ apt-get update -q && apt-get install -y -q $(ADSIM_LIBS); }; fi
 
 benchmark: $(VENV)/.installed
 	$(VENV)/bin/edgeloop bench --out out/bench

@@ -15,14 +15,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# where each plugin of the simulated detector sits under $(P)det: and what ADCore loads there
-# (the real simDetector IOC of ../shared/adsim loads the same: st.cmd)
+# where each plugin of the simulated detector sits under $(P)det:, the template ADCore loads
+# there and the macros it is given beyond P, R, PORT, ADDR, TIMEOUT (the real simDetector IOC
+# of ../shared/adsim loads the same: its st.cmd); simDetector.template includes ADBase's
 PLUGINS = {
-    "cam1:": "ADBase.template",
-    "HDF1:": "NDFileHDF5.template",
-    "Codec1:": "NDCodec.template",
-    "Pva1:": "NDPva.template",
-    "Pva2:": "NDPva.template",
+    "cam1:": ("simDetector.template", {}),
+    "HDF1:": ("NDFileHDF5.template", {"XMLSIZE": "2048", "NDARRAY_PORT": "SIM1"}),
+    "Codec1:": ("NDCodec.template", {"NDARRAY_PORT": "SIM1"}),
+    "Pva1:": ("NDPva.template", {"NDARRAY_PORT": "SIM1"}),
+    "Pva2:": ("NDPva.template", {"NDARRAY_PORT": "CODEC1"}),
 }
 TABLE = Path(__file__).with_name("adcore_records.json")
 
@@ -77,8 +78,10 @@ class Record:
             view.update(type="ENUM", enum_strings=strings)
         elif rtype in ("stringin", "stringout"):
             view.update(type="STRING")
-        elif rtype in ("waveform", "subArray"):
+        elif rtype == "waveform":
             view.update(type=_FTVL[f.get("FTVL", "DOUBLE")], count=int(f.get("NELM", 1)))
+        elif rtype == "subArray":  # CA sees MALM elements (NELM is how many it takes)
+            view.update(type=_FTVL[f.get("FTVL", "DOUBLE")], count=int(f.get("MALM", 1)))
         elif rtype == "asyn":
             view.update(type="LONG", writable=False)
         if "VAL" in f:
@@ -180,17 +183,19 @@ def _add(records: list[Record], record: Record) -> None:
     records.append(record)
 
 
-def plugin_records(db_dir: Path, template: str) -> dict[str, dict]:
+def plugin_records(db_dir: Path, template: str, macros: dict[str, str]) -> dict[str, dict]:
     """Each record of one plugin's template (``$(P)$(R)`` left out of the names) and its CA
     view, in the template's order."""
-    macros = {"P": "", "R": "", "PORT": "PORT", "ADDR": "0", "TIMEOUT": "1", "XMLSIZE": "2048",
-              "NDARRAY_PORT": "CAM1"}  # fmt: skip
+    macros = {"P": "", "R": "", "PORT": "PORT", "ADDR": "0", "TIMEOUT": "1", **macros}
     return {r.name: r.ca() for r in parse(Path(db_dir) / template, macros, [Path(db_dir)])}
 
 
 def table(db_dir: Path) -> dict[str, dict[str, dict]]:
     """The whole table: plugin prefix -> record name -> CA view."""
-    return {prefix: plugin_records(db_dir, template) for prefix, template in PLUGINS.items()}
+    return {
+        prefix: plugin_records(db_dir, template, macros)
+        for prefix, (template, macros) in PLUGINS.items()
+    }
 
 
 def load_table() -> dict[str, dict[str, dict]]:

@@ -31,6 +31,7 @@ DATA_TYPES = [
     "Float64",
 ]
 COLOR_MODES = ["Mono", "Bayer", "RGB1", "RGB2", "RGB3", "YUV444", "YUV422", "YUV421"]
+CAMERA_COLOR_MODES = ["Mono", "RGB1", "RGB2", "RGB3"]  # simDetector.template narrows them
 DETECTOR_STATES = [
     "Idle",
     "Acquire",
@@ -137,7 +138,7 @@ class CamRecords(PVGroup):
     data_type = enum_pair(
         DATA_TYPES, 4, name="DataType", put=_refuse_data_type, readback_kw={"record": "mbbi"}
     )
-    color_mode = enum_pair(COLOR_MODES, name="ColorMode")
+    color_mode = enum_pair(CAMERA_COLOR_MODES, name="ColorMode")
     detector_state = enum_readback(DETECTOR_STATES, "DetectorState_RBV")
     num_images_counter = pvproperty(value=0, name="NumImagesCounter_RBV", read_only=True)
     manufacturer = pvproperty(

@@ -44,6 +44,7 @@ CA_PORTS = {
     "area_detector": BEAMLINE_CA_PORT + 3,
     "area_detector_own": BEAMLINE_CA_PORT + 4,
     "run_index": BEAMLINE_CA_PORT + 5,
+    "adsim": BEAMLINE_CA_PORT + 6,  # the real simDetector IOC (tests/kit/real_ad.py)
 }
 
 TEST_ENV = dict(

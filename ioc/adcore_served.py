@@ -10,6 +10,7 @@ from caproto import ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from edgeloop.ioc.adcore_db import load_table
+from edgeloop.ioc.areadetector import CharWaveform
 
 _TYPES = {
     "DOUBLE": ChannelType.DOUBLE,
@@ -57,6 +58,8 @@ def _property(name: str, view: dict) -> pvproperty:
         kwargs["enum_strings"] = view["enum_strings"]
     elif kind == "CHAR":
         kwargs["max_length"] = view["count"]
+        if view["writable"]:
+            kwargs["dtype"] = CharWaveform
     elif kind in ("DOUBLE", "FLOAT"):
         kwargs.update(precision=view.get("precision", 0), units=view.get("units", ""))
     elif view["count"] > 1:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from caproto import ChannelType
-from caproto.server import PVGroup, get_pv_pair_wrapper, pvproperty
+from caproto.server import PVGroup, PvpropertyChar, get_pv_pair_wrapper, pvproperty
 
 # a setpoint and its readback; writing the setpoint updates the readback
 rbv_pair = get_pv_pair_wrapper(setpoint_suffix="", readback_suffix="_RBV")
@@ -45,6 +45,36 @@ DETECTOR_STATES = [
     "Disconnected",
     "Aborted",
 ]
+
+
+class CharWaveform(PvpropertyChar):
+    """A writable char waveform of text (a path, a file name, an attributes file): a put of
+    the empty string, which a client sends as one NUL, is taken; caproto 1.3's conversion
+    refuses it."""
+
+    async def write_from_dbr(self, data, data_type, metadata, *, flags=0):
+        if data_type == ChannelType.CHAR and not bytes(np.asarray(data, np.uint8)).strip(b"\0"):
+            return await self.write("", flags=flags)
+        return await super().write_from_dbr(data, data_type, metadata, flags=flags)
+
+
+def text(name: str, value: str = "", length: int = 256, **kwargs):
+    """A char-waveform string record (a path is longer than an EPICS string's 40 characters);
+    read-only with ``read_only=True``."""
+    dtype = ChannelType.CHAR if kwargs.get("read_only") else CharWaveform
+    return pvproperty(value=value, name=name, dtype=dtype, max_length=length, **kwargs)
+
+
+def text_pair(name: str, value: str = "", length: int = 256, **kwargs):
+    """A char-waveform string setpoint and its readback."""
+    return rbv_pair(
+        name=name,
+        value=value,
+        dtype=ChannelType.CHAR,
+        max_length=length,
+        setpoint_kw={"dtype": CharWaveform},
+        **kwargs,
+    )
 
 
 def enum_index(value, choices: list[str]) -> int:

@@ -34,6 +34,7 @@ from edgeloop.ioc.areadetector import (
     enum_index,
     enum_pair,
     enum_readback,
+    text,
 )
 from edgeloop.ioc.adcore_db import PLUGINS
 from edgeloop.ioc.adcore_served import missing_records
@@ -171,9 +172,7 @@ class Codec(PVGroup):
         doc="uncompressed / compressed size of the last frame",
     )
     status = enum_readback(["Success", "Warning", "Error"], "CodecStatus")
-    error = pvproperty(
-        value="", name="CodecError", dtype=ChannelType.CHAR, max_length=256, read_only=True
-    )
+    error = text("CodecError", read_only=True)
 
     @property
     def codec(self) -> str:
@@ -233,13 +232,7 @@ class Detector(CamRecords):
     )
     array_size_x = pvproperty(value=0, name="ArraySizeX_RBV", read_only=True, units="pixels")
     array_size_y = pvproperty(value=0, name="ArraySizeY_RBV", read_only=True, units="pixels")
-    status_message = pvproperty(
-        value="Idle",
-        name="StatusMessage_RBV",
-        dtype=ChannelType.CHAR,
-        max_length=256,
-        read_only=True,
-    )
+    status_message = text("StatusMessage_RBV", "Idle", read_only=True)
 
     def __init__(
         self,

@@ -60,6 +60,8 @@ from edgeloop.ioc.areadetector import (
     enum_pair,
     enum_readback,
     rbv_pair,
+    text,
+    text_pair,
 )
 
 log = logging.getLogger(__name__)
@@ -239,15 +241,6 @@ async def _put_count(group, instance, value):
     await group.readback.write(value)
 
 
-def _string(name: str, value: str = "", length: int = 256, **kwargs):
-    """A char-waveform string record (a path is longer than an EPICS string's 40 characters)."""
-    return pvproperty(value=value, name=name, dtype=ChannelType.CHAR, max_length=length, **kwargs)
-
-
-def _string_pair(name: str, value: str = "", **kwargs):
-    return rbv_pair(name=name, value=value, dtype=ChannelType.CHAR, max_length=256, **kwargs)
-
-
 class NDFileHDF5(PVGroup):
     """``$(P)det:HDF1:``; the camera hands it each frame with :meth:`process`."""
 
@@ -272,7 +265,7 @@ class NDFileHDF5(PVGroup):
     unique_id = pvproperty(value=0, name="UniqueId_RBV", read_only=True)
     time_stamp = pvproperty(value=0.0, name="TimeStamp_RBV", precision=3, read_only=True)
 
-    file_path = _string_pair("FilePath", put=_put_file_path)
+    file_path = text_pair("FilePath", put=_put_file_path)
     file_path_exists = pvproperty(
         value=NO_YES[0],
         name="FilePathExists_RBV",
@@ -281,8 +274,8 @@ class NDFileHDF5(PVGroup):
         read_only=True,
     )
     create_directory = rbv_pair(name="CreateDirectory", value=0, doc="see createFilePath")
-    file_name = _string_pair("FileName")
-    file_template = _string_pair("FileTemplate", "%s%s_%3.3d.h5")
+    file_name = text_pair("FileName")
+    file_template = text_pair("FileTemplate", "%s%s_%3.3d.h5")
     file_number = rbv_pair(name="FileNumber", value=1, put=_put_count)
     auto_increment = enum_pair(NO_YES, 1, name="AutoIncrement")
     auto_save = enum_pair(NO_YES, name="AutoSave")
@@ -300,7 +293,7 @@ class NDFileHDF5(PVGroup):
         enum_strings=["Done", "Capturing"],
         read_only=True,
     )
-    full_file_name = _string("FullFileName_RBV", length=512, read_only=True)
+    full_file_name = text("FullFileName_RBV", length=512, read_only=True)
     write_status = pvproperty(
         value="Write OK",
         name="WriteStatus",
@@ -308,7 +301,7 @@ class NDFileHDF5(PVGroup):
         enum_strings=["Write OK", "Write error"],
         read_only=True,
     )
-    write_message = _string("WriteMessage", read_only=True)
+    write_message = text("WriteMessage", read_only=True)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -5,7 +5,9 @@ simulation does not act on shows on its readback."""
 
 import asyncio
 
+import numpy as np
 import pytest
+from caproto import ChannelType
 from p4p.server.thread import SharedPV
 
 from edgeloop.config import Config
@@ -62,6 +64,17 @@ def test_a_setpoint_the_simulation_does_not_use_shows_on_its_readback(beamline):
         )
 
     assert asyncio.run(put_and_read()) == (2, 1)
+
+
+def test_an_empty_text_put_as_a_ca_client_sends_it_is_taken(beamline):
+    async def put_nul(plugin: str, name: str):
+        pv = served(beamline, plugin, name)
+        await pv.write("something")
+        await pv.write_from_dbr(np.zeros(1, np.uint8), ChannelType.CHAR, None)
+        return pv.value, served(beamline, plugin, name + "_RBV").value
+
+    assert asyncio.run(put_nul("HDF1:", "XMLFileName")) == ("", "")  # served from the table
+    assert asyncio.run(put_nul("HDF1:", "FileName")) == ("", "")  # the file plugin's own
 
 
 def test_a_compressor_the_simulation_cannot_apply_is_reported_and_frames_go_raw(beamline):

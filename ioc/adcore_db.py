@@ -139,7 +139,9 @@ def _call(tokens, where: str) -> list[str]:
     raise TemplateError(f"{where}: unterminated '('")
 
 
-def parse(path: Path, macros: dict[str, str], include_path: list[Path] | None = None) -> list[Record]:
+def parse(
+    path: Path, macros: dict[str, str], include_path: list[Path] | None = None
+) -> list[Record]:
     """The records of one template with its includes, macros expanded."""
     path = Path(path)
     include_path = include_path or [path.parent]

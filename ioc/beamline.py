@@ -25,6 +25,8 @@ from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
 from edgeloop.config import BEAMLINE_CA_PORT, MODES, Config, check_mode
+from edgeloop.ioc.adcore_db import PLUGINS
+from edgeloop.ioc.adcore_served import missing_records
 from edgeloop.ioc.areadetector import (
     DISABLE_ENABLE,
     IMAGE_MODES,
@@ -36,8 +38,6 @@ from edgeloop.ioc.areadetector import (
     enum_readback,
     text,
 )
-from edgeloop.ioc.adcore_db import PLUGINS
-from edgeloop.ioc.adcore_served import missing_records
 from edgeloop.ioc.hdf_plugin import NDFileHDF5
 from edgeloop.ioc.hedm_sim import HedmSimulator
 from edgeloop.ioc.physics import PtychoSimulator

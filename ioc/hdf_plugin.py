@@ -10,8 +10,9 @@ NDFileHDF5 (NDPluginFile.cpp, asynNDArrayDriver.cpp) does for the records that o
   appended while ``Capture`` is 1; ``NumCapture`` 0 means no limit).
 - ``Capture`` = 1 opens ``FileTemplate % (FilePath, FileName, FileNumber)`` (``FileNumber``
   then increments when ``AutoIncrement`` is Yes), or with ``LazyOpen`` Yes (latched at
-  Capture, Stream mode) at the first frame, which then needs no frame seen before; capturing ends, and the file is closed, on
-  ``Capture`` = 0, after ``NumCapture`` frames, or on a write error.  ``Capture`` reads 1
+  Capture, Stream mode) at the first frame, which then needs no frame seen before;
+  capturing ends, and the file is closed, on ``Capture`` = 0, after ``NumCapture`` frames,
+  or on a write error.  ``Capture`` reads 1
   while capturing; unlike areaDetector's busy record its put completes at once.
 - Errors set ``WriteStatus`` to "Write error" with a ``WriteMessage``, and never stop the
   IOC: Capture before the plugin has seen a frame (areaDetector needs one to know the

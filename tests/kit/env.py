@@ -7,7 +7,8 @@
   whose clients get the port explicitly), ``random_prefix(tag)``;
 - ``DEADLINE_SLACK``: how much longer than on an idle machine a test waits for a condition
   (CI machines are often loaded);
-- ``TEST_ENV``: the EPICS settings every test runs with; ``SHARED_DATA``: ../shared/data; ``ADCORE_DB``: ADCore's templates (../shared/adsim/db).
+- ``TEST_ENV``: the EPICS settings every test runs with; ``SHARED_DATA``: ../shared/data;
+  ``ADCORE_DB``: ADCore's templates the real IOC loaded (../shared/adsim/db).
 
 Under pytest-xdist each worker has ports of its own (``WORKER_PORT_OFFSET``): the ML IOCs'
 CA port (``EPICS_CA_SERVER_PORT``, the port clients search at addresses without one), the

@@ -103,8 +103,7 @@ def test_a_template_that_does_not_parse_names_its_file(tmp_path):
 
 def test_macros_take_their_defaults_and_a_later_definition_adds_fields(tmp_path):
     (tmp_path / "a.template").write_text(
-        'record(longout, "$(P)$(R=cam1:)N") { field(VAL, "$(N=5)") }\n'
-        'include "b.template"\n'
+        'record(longout, "$(P)$(R=cam1:)N") { field(VAL, "$(N=5)") }\ninclude "b.template"\n'
     )
     (tmp_path / "b.template").write_text('record(longout, "$(P)cam1:N") { field(DRVH, "9") }')
     (record,) = adcore_db.parse(tmp_path / "a.template", {"P": "X:"})

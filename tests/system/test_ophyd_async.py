@@ -1,0 +1,81 @@
+"""ophyd-async's stock ``SimDetector`` (HDF writer through ``ADWriterFactory.hdf``) on the
+simulated beamline's ``det:``, unchanged, with the real RunEngine: ``bluesky.plans.count`` and
+edgeloop's ``ptycho_scan`` run, their ``stream_resource``/``stream_datum`` documents point
+into the file the simulated NDFileHDF5 wrote, and the frames read back there are the ones the
+edge answered (by uniqueId)."""
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import h5py
+import numpy as np
+import pytest
+
+from edgeloop.app.answers import AnswerCollector
+from edgeloop.bluesky_plans import ptycho_scan
+from edgeloop.bluesky_plans.devices import SampleStage
+from tests.kit.env import DEADLINE_SLACK
+from tests.kit.runs import of, run_plan
+
+pytest.importorskip("ophyd_async", reason="edgeloop[async] is not installed")
+
+UIDS = "/entry/instrument/NDAttributes/NDArrayUniqueId"
+
+
+@pytest.fixture(scope="module")
+def async_detector(system):
+    from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
+    from ophyd_async.epics.adcore import ADWriterFactory
+    from ophyd_async.epics.adsimdetector import SimDetector
+
+    folder = Path(system.cfg.data_path, "async")
+    folder.mkdir(parents=True, exist_ok=True)
+    names = StaticFilenameProvider("async_scan")
+    with init_devices(timeout=10 * DEADLINE_SLACK):
+        det = SimDetector(
+            f"{system.prefix}det:", ADWriterFactory.hdf(StaticPathProvider(names, folder))
+        )
+    return det, names
+
+
+def filed_frames(docs) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The file the run's stream_resource names, and the frames and uniqueIds its
+    stream_datum indices cover, read there."""
+    (resource,) = of(docs, "stream_resource")
+    assert resource["mimetype"] == "application/x-hdf5"
+    path = Path(urlparse(resource["uri"]).path)
+    indices = [i for d in of(docs, "stream_datum") for i in range(*d["indices"].values())]
+    with h5py.File(path, "r", swmr=True) as f:
+        frames = f[resource["parameters"]["dataset"]][indices]
+        uids = f[UIDS][indices]
+    return path, frames, uids
+
+
+@pytest.mark.parametrize("plan", ["count", "ptycho_scan"])
+def test_the_stock_async_detector_files_what_the_edge_answers(system, async_detector, plan):
+    from bluesky.plans import count
+
+    det, names = async_detector
+    names._static_filename = f"async_{plan}"
+    phase = AnswerCollector(system.ctx, f"{system.prefix}edge:Phase").wait_connected()
+    pixels = AnswerCollector(system.ctx, f"{system.prefix}det:Pva1:Image").wait_connected()
+    try:
+        if plan == "count":
+            docs = run_plan(count([det], num=4))
+        else:
+            stage = SampleStage(system.prefix, name="stage")
+            stage.wait_for_connection(timeout=10 * DEADLINE_SLACK)
+            docs = run_plan(ptycho_scan(det, stage, num=6, step=0.05))
+        path, frames, uids = filed_frames(docs)
+        expect = {int(u) for u in uids}
+        system.wait_value("edge:FramesOut", lambda _: expect <= set(phase.items), timeout=30)
+        sent = {int(u): pixels.items[int(u)] for u in uids}
+    finally:
+        phase.close(), pixels.close()
+
+    n = 4 if plan == "count" else 6
+    assert path.name == f"async_{plan}.h5" and path.parent.name == "async"
+    assert frames.shape == (n, 64, 64) and len(set(uids)) == n
+    assert len(of(docs, "event")) == n and len(of(docs, "stream_datum")) == n
+    for frame, uid in zip(frames, uids):
+        np.testing.assert_array_equal(frame, sent[int(uid)].data)  # the frame the edge took

@@ -25,15 +25,19 @@ def run_engine():
                 loop.close()
 
 
-def run_plan(plan, docs: list | None = None) -> list[tuple[str, dict]]:
-    """Run ``plan`` on a real RunEngine; its documents (into ``docs`` when given, so they
-    are kept when the plan raises), each checked against its schema."""
+def run_plan(plan, docs: list | None = None, engine=None) -> list[tuple[str, dict]]:
+    """Run ``plan`` on a real RunEngine (``engine``, or a new one stopped after: ophyd-async
+    devices need the engine whose loop they connected in); its documents (into ``docs`` when
+    given, so they are kept when the plan raises), each checked against its schema."""
     from event_model import DocumentNames, schema_validators
 
     docs = [] if docs is None else docs
-    with run_engine() as RE:
-        RE.subscribe(lambda name, doc: docs.append((name, doc)))
-        RE(plan)
+    with contextlib.nullcontext(engine) if engine else run_engine() as RE:
+        token = RE.subscribe(lambda name, doc: docs.append((name, doc)))
+        try:
+            RE(plan)
+        finally:
+            RE.unsubscribe(token)
     for name, doc in docs:
         schema_validators[DocumentNames[name]].validate(doc)
     return docs

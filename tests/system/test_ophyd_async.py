@@ -15,7 +15,7 @@ from edgeloop.app.answers import AnswerCollector
 from edgeloop.bluesky_plans import ptycho_scan
 from edgeloop.bluesky_plans.devices import SampleStage
 from tests.kit.env import DEADLINE_SLACK
-from tests.kit.runs import of, run_plan
+from tests.kit.runs import of, run_engine, run_plan
 
 pytest.importorskip("ophyd_async", reason="edgeloop[async] is not installed")
 
@@ -23,7 +23,13 @@ UIDS = "/entry/instrument/NDAttributes/NDArrayUniqueId"
 
 
 @pytest.fixture(scope="module")
-def async_detector(system):
+def engine():
+    with run_engine() as RE:  # ophyd-async connects its devices in this engine's loop
+        yield RE
+
+
+@pytest.fixture(scope="module")
+def async_detector(system, engine):
     from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
     from ophyd_async.epics.adcore import ADWriterFactory
     from ophyd_async.epics.adsimdetector import SimDetector
@@ -52,7 +58,9 @@ def filed_frames(docs) -> tuple[Path, np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("plan", ["count", "ptycho_scan"])
-def test_the_stock_async_detector_files_what_the_edge_answers(system, async_detector, plan):
+def test_the_stock_async_detector_files_what_the_edge_answers(
+    system, engine, async_detector, plan
+):
     from bluesky.plans import count
 
     det, names = async_detector
@@ -61,11 +69,11 @@ def test_the_stock_async_detector_files_what_the_edge_answers(system, async_dete
     pixels = AnswerCollector(system.ctx, f"{system.prefix}det:Pva1:Image").wait_connected()
     try:
         if plan == "count":
-            docs = run_plan(count([det], num=4))
+            docs = run_plan(count([det], num=4), engine=engine)
         else:
             stage = SampleStage(system.prefix, name="stage")
             stage.wait_for_connection(timeout=10 * DEADLINE_SLACK)
-            docs = run_plan(ptycho_scan(det, stage, num=6, step=0.05))
+            docs = run_plan(ptycho_scan(det, stage, num=6, step=0.05), engine=engine)
         path, frames, uids = filed_frames(docs)
         expect = {int(u) for u in uids}
         system.wait_value("edge:FramesOut", lambda _: expect <= set(phase.items), timeout=30)

@@ -92,7 +92,12 @@ def beamline_pvs() -> list[str]:
     image = SharedPV(initial=ntnd.build(np.zeros((4, 4), np.int32), 0))
     pvdb = Beamline("$(P)", Config(), image).pvdb
     rows = ["| PV | type | choices / units | what |", "| --- | --- | --- | --- |"]
+    from_table = {}  # plugin -> how many of ADCore's records it serves without a role here
     for name, channel in pvdb.items():
+        if getattr(channel.group, "from_adcore_table", False):
+            plugin = channel.group.prefix.removeprefix("$(P)")
+            from_table[plugin] = from_table.get(plugin, 0) + 1
+            continue
         spec = getattr(channel, "pvspec", None)
         doc = (spec.doc if spec is not None else None) or ""
         if not doc and name.endswith("_RBV") and name[: -len("_RBV")] in pvdb:
@@ -100,6 +105,12 @@ def beamline_pvs() -> list[str]:
         choices = ", ".join(getattr(channel, "enum_strings", None) or ())
         units = choices or getattr(channel, "units", "") or ""
         rows.append(f"| `{name}` | {_pv_type(channel)} | {_cell(units)} | {_cell(doc)} |")
+    for plugin, count in from_table.items():
+        rows.append(
+            f"| `$(P){plugin}*` | as ADCore | | {count} more records of ADCore's templates "
+            "(`ioc/adcore_records.json`), each with ADCore's type and choices; a setpoint is "
+            "stored and shown on its `_RBV` |"
+        )
     rows.append(
         "| `$(P)det:Pva1:Image` | PVA NTNDArray | | frames (uniqueId, timeStamp, dimension, "
         "codec, NDAttributes Mode and SampleX/SampleY or SampleRot) |"

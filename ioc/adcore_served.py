@@ -80,6 +80,7 @@ def missing_records(plugin: str, served: dict, prefix: str) -> PVGroup:
         if prefix + name not in served
     }
     group_class = type(f"ADCore_{plugin.rstrip(':')}", (PVGroup,), attrs)
+    group_class.from_adcore_table = True
     group = group_class(prefix)
     group.served = served
     return group

@@ -108,6 +108,12 @@ async def _refuse_data_type(group, instance, value):
     raise ValueError("the simulated detector's data type follows its Mode")
 
 
+async def _mono_only(group, instance, value):
+    if enum_index(value, CAMERA_COLOR_MODES) != 0:
+        raise ValueError("the simulated detector's frames are Mono")
+    await group.readback.write(value)
+
+
 async def _one_exposure(group, instance, value):
     if value != 1:
         raise ValueError("the simulated detector takes one exposure per frame")
@@ -168,7 +174,7 @@ class CamRecords(PVGroup):
     data_type = enum_pair(
         DATA_TYPES, 4, name="DataType", put=_refuse_data_type, readback_kw={"record": "mbbi"}
     )
-    color_mode = enum_pair(CAMERA_COLOR_MODES, name="ColorMode")
+    color_mode = enum_pair(CAMERA_COLOR_MODES, name="ColorMode", put=_mono_only)
     detector_state = enum_readback(DETECTOR_STATES, "DetectorState_RBV")
     num_images_counter = pvproperty(value=0, name="NumImagesCounter_RBV", read_only=True)
     manufacturer = pvproperty(

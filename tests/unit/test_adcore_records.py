@@ -66,6 +66,14 @@ def test_a_setpoint_the_simulation_does_not_use_shows_on_its_readback(beamline):
     assert asyncio.run(put_and_read()) == (2, 1)
 
 
+def test_a_value_the_simulation_cannot_honour_is_refused(beamline):
+    color = served(beamline, "cam1:", "ColorMode")
+    with pytest.raises(ValueError, match="frames are Mono"):
+        asyncio.run(color.write("RGB1"))
+    asyncio.run(color.write("Mono"))
+    assert served(beamline, "cam1:", "ColorMode_RBV").value == "Mono"
+
+
 def test_an_empty_text_put_as_a_ca_client_sends_it_is_taken(beamline):
     async def put_nul(plugin: str, name: str):
         pv = served(beamline, plugin, name)

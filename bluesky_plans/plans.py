@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
+from bluesky.run_engine import call_in_bluesky_event_loop, in_bluesky_event_loop
 from bluesky.utils import MsgGenerator
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,21 @@ def _check_center(center) -> tuple[float, float]:
 
 
 def _limits(motor) -> tuple[float, float] | None:
-    """A motor's (low, high) user limits, or None when unknown or unset (low == high)."""
+    """A motor's (low, high) user limits, or None when unknown or unset (low == high): an
+    ophyd v1 motor's ``limits``, an ophyd-async motor's limit signals (read in the bluesky
+    event loop, unless this plan is built inside it, where the motor checks them itself)."""
     try:
-        low, high = motor.limits
+        if hasattr(getattr(motor, "low_limit_travel", None), "get_value"):  # ophyd-async
+            if in_bluesky_event_loop():
+                return None
+            low, high = (
+                call_in_bluesky_event_loop(signal.get_value(), timeout=10)
+                for signal in (motor.low_limit_travel, motor.high_limit_travel)
+            )
+        else:
+            low, high = motor.limits
         low, high = float(low), float(high)
-    except Exception:  # no ``limits`` attribute, not connected, ...
+    except Exception:  # no limits, not connected, no bluesky event loop, ...
         return None
     if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
         return None

@@ -87,3 +87,24 @@ def test_the_stock_async_detector_files_what_the_edge_answers(
     assert len(of(docs, "event")) == n and len(of(docs, "stream_datum")) == n
     for frame, uid in zip(frames, uids):
         np.testing.assert_array_equal(frame, sent[int(uid)].data)  # the frame the edge took
+
+
+def test_edgeloops_async_devices_take_both_techniques_and_refuse_out_of_range(system, engine):
+    from edgeloop.bluesky_plans import hedm_rotation_scan
+    from edgeloop.bluesky_plans.async_devices import make_async_devices
+
+    det, stage = make_async_devices(system.prefix, Path(system.cfg.data_path, "async2"), 15)
+    with pytest.raises(ValueError, match="outside the limits of stage-x"):
+        ptycho_scan(det, stage, num=50, step=5.0)  # refused before any message
+
+    filed = {}
+    for name, plan in (
+        ("hedm", hedm_rotation_scan(det, stage.rot, 0.0, 3.0, 4)),
+        ("ptycho", ptycho_scan(det, stage, num=5, step=0.05)),  # leaves the loop in ptycho
+    ):
+        docs = run_plan(plan, engine=engine)
+        path, frames, _ = filed_frames(docs)
+        with h5py.File(path, "r", swmr=True) as f:
+            modes = set(f["/entry/instrument/NDAttributes/Mode"][()])
+        filed[name] = (frames.shape[0], modes, path.parent.name)
+    assert filed == {"hedm": (4, {b"hedm"}, "async2"), "ptycho": (5, {b"ptycho"}, "async2")}

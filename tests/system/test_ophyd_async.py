@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from edgeloop.app.answers import AnswerCollector
-from edgeloop.bluesky_plans import ptycho_scan
+from edgeloop.bluesky_plans import RunIndex, ptycho_scan
 from edgeloop.bluesky_plans.devices import SampleStage
+from edgeloop.scanfile import read_scan
 from tests.kit.env import DEADLINE_SLACK
 from tests.kit.runs import of, run_engine, run_plan
 
@@ -97,14 +98,28 @@ def test_edgeloops_async_devices_take_both_techniques_and_refuse_out_of_range(sy
     with pytest.raises(ValueError, match="outside the limits of stage-x"):
         ptycho_scan(det, stage, num=50, step=5.0)  # refused before any message
 
-    filed = {}
-    for name, plan in (
-        ("hedm", hedm_rotation_scan(det, stage.rot, 0.0, 3.0, 4)),
-        ("ptycho", ptycho_scan(det, stage, num=5, step=0.05)),  # leaves the loop in ptycho
-    ):
-        docs = run_plan(plan, engine=engine)
-        path, frames, _ = filed_frames(docs)
-        with h5py.File(path, "r", swmr=True) as f:
-            modes = set(f["/entry/instrument/NDAttributes/Mode"][()])
-        filed[name] = (frames.shape[0], modes, path.parent.name)
+    filed, entries = {}, Path(system.cfg.data_path, "async_runs")
+    index = engine.subscribe(RunIndex(entries))  # what the retraining finds runs by
+    try:
+        for name, plan in (
+            ("hedm", hedm_rotation_scan(det, stage.rot, 0.0, 3.0, 4)),
+            ("ptycho", ptycho_scan(det, stage, num=5, step=0.05)),  # leaves the loop in ptycho
+        ):
+            docs = run_plan(plan, engine=engine)
+            path, frames, uids = filed_frames(docs)
+            with h5py.File(path, "r", swmr=True) as f:
+                modes = set(f["/entry/instrument/NDAttributes/Mode"][()])
+            filed[name] = (frames.shape[0], modes, path.parent.name)
+    finally:
+        engine.unsubscribe(index)
     assert filed == {"hedm": (4, {b"hedm"}, "async2"), "ptycho": (5, {b"ptycho"}, "async2")}
+
+    # the retraining reads the run whose frames came by stream_resource
+    (scan,) = [
+        s for s in map(read_scan, entries.glob("run_*.json")) if s["technique"] == "ptychography"
+    ]
+    events = of(docs, "event")
+    positions = [[e["data"]["stage-x"], e["data"]["stage-y"]] for e in events]
+    assert scan["complete"] and scan["frames"].shape == (5, 64, 64)
+    np.testing.assert_array_equal(scan["unique_id"], uids)
+    np.testing.assert_allclose(scan["positions_um"], positions, atol=1e-3)

@@ -24,7 +24,7 @@ LIBRARIES = ("libhdf5_serial.so.103", "libblosc.so.1", "libsz.so.2")
 @dataclass
 class RealIoc:
     prefix: str  # e.g. "Tr1a2b3c:det:"
-    pva_env: dict  # what a PVA client needs to reach it
+    pva_address: str  # where a PVA client searches for it (add to EPICS_PVA_ADDR_LIST)
     log: Path
 
 
@@ -71,8 +71,7 @@ def real_sim_detector(tmp: Path, prefix: str, size: tuple[int, int] = (64, 64), 
             return True
 
         wait_until(answers, 20 * DEADLINE_SLACK, f"{prefix}cam1:Acquire", 0.2)
-        pva_env = {"EPICS_PVA_ADDR_LIST": f"127.0.0.1:{pva_udp}", "EPICS_PVA_AUTO_ADDR_LIST": "NO"}
-        yield RealIoc(prefix, pva_env, log)
+        yield RealIoc(prefix, f"127.0.0.1:{pva_udp}", log)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

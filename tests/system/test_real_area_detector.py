@@ -3,13 +3,19 @@
 table with the table's type, count and enum strings, and the simulation serves each of them
 the same way."""
 
+from pathlib import Path
+from urllib.parse import urlparse
+
+import h5py
+import numpy as np
 import pytest
 
 from edgeloop.ioc.adcore_db import load_table
 from edgeloop.waiting import wait_until
-from tests.kit.areadetector import beamline_ioc
-from tests.kit.env import TEST_ENV, ca_port, random_prefix
+from tests.kit.areadetector import beamline_ioc, read_back
+from tests.kit.env import DEADLINE_SLACK, TEST_ENV, ca_port, random_prefix
 from tests.kit.real_ad import real_sim_detector, served_records
+from tests.kit.runs import of, run_engine, run_plan
 from tests.kit.servers import System, small_config
 
 
@@ -96,3 +102,46 @@ def test_the_edge_answers_every_frame_of_the_real_ioc(real, tmp_path, compressor
     grew = {name: counts[name] - before[name] for name in ("FramesIn", "FramesOut")}
     assert grew == {"FramesIn": 20, "FramesOut": 20}, (before, counts)
     assert counts["BadFrames"] == counts["Dropped"] == counts["MissedFrames"] == 0, counts
+
+
+def test_ophyd_v1_detector_files_on_the_real_ioc_even_after_lazy_open(real, tmp_path):
+    """edgeloop's ophyd v1 AreaDetector on the real NDFileHDF5, left with LazyOpen Yes (as
+    ophyd-async leaves it): staging sets what the resource's file name relies on."""
+    from bluesky.plans import count
+    from caproto.sync.client import write
+
+    from edgeloop.bluesky_plans import AreaDetector
+
+    write(f"{real.prefix}HDF1:LazyOpen", 1, notify=True, timeout=5)
+    det = AreaDetector(real.prefix, name="det", write_path_template=f"{tmp_path}/")
+    try:
+        det.wait_for_connection(timeout=10 * DEADLINE_SLACK)
+        if not any(det.hdf1.array_size.get()):
+            det.hdf1.warmup()
+        docs = run_plan(count([det], num=3))
+        path, frames = read_back(docs)
+    finally:
+        det.destroy()
+    assert path.parent == tmp_path and path.exists() and frames.shape == (3, 64, 64)
+    assert frames.dtype == np.uint16
+
+
+def test_ophyd_async_stock_detector_files_on_the_real_ioc(real, tmp_path):
+    from bluesky.plans import count
+
+    pytest.importorskip("ophyd_async", reason="edgeloop[async] is not installed")
+    from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
+    from ophyd_async.epics.adcore import ADWriterFactory
+    from ophyd_async.epics.adsimdetector import SimDetector
+
+    with run_engine() as engine:
+        path_provider = StaticPathProvider(StaticFilenameProvider("real"), tmp_path)
+        with init_devices(timeout=10 * DEADLINE_SLACK):
+            det = SimDetector(real.prefix, ADWriterFactory.hdf(path_provider))
+        docs = run_plan(count([det], num=3), engine=engine)
+    (resource,) = of(docs, "stream_resource")
+    path = Path(urlparse(resource["uri"]).path)
+    indices = [i for d in of(docs, "stream_datum") for i in range(*d["indices"].values())]
+    with h5py.File(path, "r", swmr=True) as f:
+        frames = f[resource["parameters"]["dataset"]][indices]
+    assert path == tmp_path / "real.h5" and frames.shape == (3, 64, 64)

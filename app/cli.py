@@ -199,7 +199,7 @@ def cmd_ipython_profile(args) -> None:
     from edgeloop.app.ipython_profile import PROFILE, write_profile
 
     cfg = _config(args)
-    path = write_profile(cfg.prefix, cfg.data_dir, args.simulated, args.ipython_dir)
+    path = write_profile(cfg.prefix, cfg.data_dir, args.simulated, args.ipython_dir, cfg.positions)
     print(f"wrote {path}\nstart the session with: ipython --profile={PROFILE}", flush=True)
 
 

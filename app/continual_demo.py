@@ -138,7 +138,11 @@ def _one_scan(cfg, ctx, RE, index, det, stage, sim, collector, i, centre, points
     reference_before = str(_value(ctx, f"{p}ml:ReferenceInfo"))
     log.info("scan %d at %s with model v%d", i + 1, centre, version)
     started = time.time()
-    RE(ptycho_fly_scan(det, stage, num=points, step=step, center=centre, rate_hz=rate))
+    RE(
+        ptycho_fly_scan(
+            det, stage, points, step, center=centre, rate_hz=rate, positions=cfg.positions
+        )
+    )
     outputs = collector.take(points, 60)
     phase_map = stitched_map(ctx, p, len(outputs), started)
     consistency = float(_value(ctx, f"{p}edge:ScanConsistency"))

@@ -57,7 +57,7 @@ def run_demo(
             det, stage = make_devices(cfg.prefix, cfg.data_path / "detector")
             devices += [det, stage]
             RE = RunEngine({}, context_managers=[AbortOnSignal])  # not pause on Ctrl-C
-            index = RunIndex(cfg.data_path)
+            index = RunIndex(cfg.data_path, cfg.positions)
             RE.subscribe(index)
             rate = rate_hz or FLY_RATE_HZ[cfg.mode]
             if scans:

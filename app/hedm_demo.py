@@ -85,7 +85,7 @@ def hedm_demo(cfg, out, ctx, RE, index, det, stage, frames: int, rate_hz: float)
                 retrain_s, states = retrain_via_pv(ctx, p, versions[0])
             log.info("rotation scan %d: %d frames %.0f..%.0f deg", i + 1, frames, start, stop)
             t0 = time.perf_counter()
-            RE(hedm_fly_scan(det, stage, start, stop, frames, rate_hz))
+            RE(hedm_fly_scan(det, stage, start, stop, frames, rate_hz, positions=cfg.positions))
             seconds.append(time.perf_counter() - t0)
             scans.append(read_scan(index.last_path))  # what the detector wrote
             tables.append(collector.take(scans[-1]["unique_id"], 60))

@@ -59,7 +59,11 @@ def _scan(
 
     p = cfg.prefix
     t0, started = time.perf_counter(), time.time()
-    RE(ptycho_fly_scan(det, stage, num=num, step=step, center=center, rate_hz=rate_hz))
+    RE(
+        ptycho_fly_scan(
+            det, stage, num, step, center=center, rate_hz=rate_hz, positions=cfg.positions
+        )
+    )
     seconds = time.perf_counter() - t0
     outputs = collector.take(num, 60)
     phase_map = stitched_map(ctx, p, len(outputs), started)

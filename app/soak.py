@@ -165,7 +165,7 @@ def _cycles(
     p = cfg.prefix
     det, stage = make_devices(p, cfg.data_path / "detector")
     RE = RunEngine({}, context_managers=[AbortOnSignal])
-    index = RunIndex(cfg.data_path)
+    index = RunIndex(cfg.data_path, cfg.positions)
     RE.subscribe(index)
     done: dict = {"swaps": 0, "lost": 0, "cycles": [], "errors": []}
     deadline = time.monotonic() + minutes * 60

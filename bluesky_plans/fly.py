@@ -29,14 +29,14 @@ from edgeloop.bluesky_plans.plans import (
     _set_mode,
     spiral_positions,
 )
+from edgeloop.config import PositionsConfig
 from edgeloop.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrajectoryFlyer", "hedm_fly_scan", "ptycho_fly_scan"]
 
-# stage axis -> the NDAttribute the detector stamps its position in
-AXIS_ATTRIBUTES = {"x": "SampleX", "y": "SampleY", "rot": "SampleRot"}
+AXES = ("x", "y", "rot")  # the stage's axes a path may name
 MAX_RATE_HZ = 10_000.0
 
 
@@ -70,6 +70,9 @@ class TrajectoryFlyer:
         Ophyd name of the flyer.
     timeout : float
         Seconds allowed beyond the path's own duration for the frames to be written.
+    positions : PositionsConfig, optional
+        The NDAttributes the detector stamps the positions in (default SampleX, SampleY,
+        SampleRot).
 
     Notes
     -----
@@ -90,13 +93,16 @@ class TrajectoryFlyer:
         *,
         name: str = "flyer",
         timeout: float = 30.0,
+        positions: PositionsConfig | None = None,
     ):
         lengths = {len(v) for v in path.values()}
         if len(lengths) != 1 or not path:
             raise ValueError(f"path needs positions of one length per axis, got {lengths}")
-        unknown = set(path) - set(AXIS_ATTRIBUTES)
+        unknown = set(path) - set(AXES)
         if unknown:
-            raise ValueError(f"unknown stage axes {sorted(unknown)}; known {AXIS_ATTRIBUTES}")
+            raise ValueError(f"unknown stage axes {sorted(unknown)}; known {list(AXES)}")
+        names = positions or PositionsConfig()
+        self.attributes = {"x": names.x, "y": names.y, "rot": names.rotation}
         self.det, self.sample_stage, self.name, self.parent = det, stage, name, None
         self.path = {axis: np.asarray(v, float) for axis, v in path.items()}
         self.num = lengths.pop()
@@ -252,7 +258,7 @@ class TrajectoryFlyer:
         }
         for axis, key in self._keys().items():
             keys[key] = {
-                "source": f"{source}{AXIS_ATTRIBUTES[axis]}",
+                "source": f"{source}{self.attributes[axis]}",
                 "dtype": "number",
                 "shape": [],
             }
@@ -295,12 +301,13 @@ class TrajectoryFlyer:
         technique = "hedm" if "rot" in self.path else "ptychography"
         with adfile.open_file(self._file, f"{self.det.name}'s file") as f:
             # a partial collect (an aborted fly) may find the IOC writing: whole rows only
-            n = min(self.num, adfile.whole_rows(f, technique)[0])
+            names = [self.attributes[a] for a in (("rot",) if technique == "hedm" else ("x", "y"))]
+            n = min(self.num, adfile.whole_rows(f, technique, positions=names)[0])
             frames = {
                 "uid": f[adfile.UNIQUE_ID][:n],
                 "time": f[adfile.TIMESTAMP][:n] + adfile.EPICS_EPOCH,
                 "positions": {
-                    key: f[f"{adfile.ATTRIBUTES}/{AXIS_ATTRIBUTES[axis]}"][:n]
+                    key: f[f"{adfile.ATTRIBUTES}/{self.attributes[axis]}"][:n]
                     for axis, key in self._keys().items()
                 },
             }
@@ -343,13 +350,16 @@ def ptycho_fly_scan(
     center: Sequence[float] = (0.0, 0.0),
     *,
     md: dict | None = None,
+    positions: PositionsConfig | None = None,
 ) -> MsgGenerator:
     """Fly the sample over a Fermat spiral, one frame per point, ``rate_hz`` frames/s.
 
     Parameters are those of :func:`~edgeloop.bluesky_plans.ptycho_scan`, plus ``rate_hz``
-    (points per second).  The stage first moves to the spiral's first point; the run then
-    kicks off the :class:`TrajectoryFlyer`, waits for it to complete and collects one event
-    per frame into the ``primary`` stream: ``det_image`` (a datum in the detector's file),
+    (points per second) and ``positions`` (the NDAttributes the detector stamps the
+    positions in: the configuration's ``[positions]``; default SampleX, SampleY).  The
+    stage first moves to the spiral's first point; the run then kicks off the
+    :class:`TrajectoryFlyer`, waits for it to complete and collects one event per frame
+    into the ``primary`` stream: ``det_image`` (a datum in the detector's file),
     ``det_unique_id`` and the stage positions stamped on the frame.  The start document
     carries the keys of :func:`ptycho_scan` plus ``rate_hz`` and ``fly: True``.
 
@@ -359,10 +369,11 @@ def ptycho_fly_scan(
         Before any message, for invalid ``num``, ``step``, ``center``, ``rate_hz`` or
         positions outside the motors' limits.
     """
-    positions = spiral_positions(num, step, center)
+    attributes, positions = positions, spiral_positions(num, step, center)
     _check_limits(stage.x, positions[:, 0], "x")
     _check_limits(stage.y, positions[:, 1], "y")
-    flyer = TrajectoryFlyer(det, stage, {"x": positions[:, 0], "y": positions[:, 1]}, rate_hz)
+    path = {"x": positions[:, 0], "y": positions[:, 1]}
+    flyer = TrajectoryFlyer(det, stage, path, rate_hz, positions=attributes)
     cx, cy = _check_center(center)
     _md = {
         "plan_name": "ptycho_fly_scan",
@@ -399,6 +410,7 @@ def hedm_fly_scan(
     rate_hz: float = 100.0,
     *,
     md: dict | None = None,
+    positions: PositionsConfig | None = None,
 ) -> MsgGenerator:
     """Rotate the sample from ``start`` to ``stop`` degrees without stopping, one HEDM frame
     at each of ``num`` evenly spaced angles, ``rate_hz`` frames/s.
@@ -409,7 +421,7 @@ def hedm_fly_scan(
     """
     angles = _check_angles(stage.rot, start, stop, num)
     start, stop, num = float(angles[0]), float(angles[-1]), len(angles)
-    flyer = TrajectoryFlyer(det, stage, {"rot": angles}, rate_hz)
+    flyer = TrajectoryFlyer(det, stage, {"rot": angles}, rate_hz, positions=positions)
     _md = {
         "plan_name": "hedm_fly_scan",
         "plan_args": {

@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlparse
 from bluesky.callbacks.core import CallbackBase
 
 from edgeloop.bluesky_plans.callbacks import _fsync
+from edgeloop.config import PositionsConfig
 from edgeloop.scanfile import POSITIONS, run_entry_name
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class RunIndex(CallbackBase):
     ----------
     data_dir : str or os.PathLike
         Directory of the entries (created if missing; ``~`` is expanded).
+    positions : PositionsConfig, optional
+        The NDAttributes holding the stage positions in the detector's files (the
+        configuration's ``[positions]``; default ``SampleX``, ``SampleY``, ``SampleRot``),
+        recorded in each entry as ``position_attributes``.
 
     Attributes
     ----------
@@ -69,9 +74,10 @@ class RunIndex(CallbackBase):
         Write errors.
     """
 
-    def __init__(self, data_dir: str | os.PathLike):
+    def __init__(self, data_dir: str | os.PathLike, positions: PositionsConfig | None = None):
         super().__init__()
         self.data_dir = Path(data_dir).expanduser()
+        self.positions = positions or PositionsConfig()
         self.last_path: Path | None = None
         self.paths: list[Path] = []
         self.errors: list[str] = []
@@ -200,6 +206,8 @@ class RunIndex(CallbackBase):
             "start": run.start,
             "stop": stop,
             "resources": resources,
+            # the NDAttributes the positions are in, as the beamline's attributes file named them
+            "position_attributes": list(self.positions.of(run.start["technique"])),
         }
         text = json.dumps(entry, indent=1, default=repr)
         self.data_dir.mkdir(parents=True, exist_ok=True)

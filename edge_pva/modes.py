@@ -84,9 +84,11 @@ class PtychoFrames:
     def _place(self, frame, amp, ph, placed: list) -> None:
         if not (np.isfinite(amp).all() and np.isfinite(ph).all()):
             raise ModelRejected("the model gave NaN/Inf for this frame")
-        xy = finite_position(frame.attributes)
-        if xy is None and any(frame.attributes.get(k) is not None for k in ("SampleX", "SampleY")):
-            self.edge.stats.note("SampleX/SampleY not finite numbers: answered, not stitched")
+        names = self.edge.cfg.positions.of("ptychography")
+        xy = finite_position(frame.attributes, names)
+        if xy is None and any(frame.attributes.get(k) is not None for k in names):
+            x, y = names
+            self.edge.stats.note(f"{x}/{y} not finite numbers: answered, not stitched")
         if frame.new_acquisition:
             self.edge.stitcher.new_acquisition()
         overlap, surround = self.edge.stitcher.place(ph, xy) if xy is not None else (None, None)

@@ -4,7 +4,7 @@
 - ``ScanConsistency``: an acquisition's per-frame figures (last, mean);
 - ``Stitcher``: a map and its acquisition's figures under one lock, what the edge and the
   workers' aggregate both publish (edge:PhaseMap, :Consistency, :ScanConsistency);
-- ``finite_position``: a frame's (SampleX, SampleY), if both are finite numbers."""
+- ``finite_position``: a frame's (x, y) position, if both are finite numbers."""
 
 from __future__ import annotations
 
@@ -130,9 +130,11 @@ def _finite(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def finite_position(attributes: dict) -> tuple[float, float] | None:
-    """The frame's (SampleX, SampleY) if both are finite numbers, else None."""
-    xy = attributes.get("SampleX"), attributes.get("SampleY")
+def finite_position(attributes: dict, names=("SampleX", "SampleY")) -> tuple[float, float] | None:
+    """The frame's (x, y) if both are finite numbers, else None; ``names``: the NDAttributes
+    that hold them (the configuration's ``positions.x``/``y``; the edge's own answers carry
+    SampleX/SampleY)."""
+    xy = attributes.get(names[0]), attributes.get(names[1])
     return (float(xy[0]), float(xy[1])) if all(_finite(v) for v in xy) else None
 
 

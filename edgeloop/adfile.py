@@ -7,7 +7,9 @@ layout::
     /entry/instrument/NDAttributes/<name>          (N,) one series per NDAttribute
 
 The stage positions come from the NDAttributes the beamline attaches to each frame:
-``SampleX``, ``SampleY`` (micrometres) for ptychography, ``SampleRot`` (degrees) for HEDM.
+``SampleX``, ``SampleY`` (micrometres) for ptychography, ``SampleRot`` (degrees) for HEDM,
+unless the beamline's attributes file names them otherwise (``positions`` in the readers:
+what a run entry recorded, from the configuration's ``[positions]``).
 
 A file may still be written (SWMR) while it is read (:func:`open_hdf5`): the writer appends a
 frame and then one row to each attribute series, and a reader may see the frames one row
@@ -19,6 +21,7 @@ holds.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -97,12 +100,17 @@ def open_file(path: str | Path, what: str = "") -> h5py.File:
         raise ValueError(f"{path}{where} is not a readable HDF5 file: {exc}") from exc
 
 
-def _datasets(f: h5py.File, technique: str, data: str) -> dict[str, h5py.Dataset]:
+def _datasets(
+    f: h5py.File, technique: str, data: str, positions: Sequence[str] | None = None
+) -> dict[str, h5py.Dataset]:
     names = {
         "frames": data,
         "unique_id": UNIQUE_ID,
         "timestamps": TIMESTAMP,
-        **{name: f"{ATTRIBUTES}/{name}" for name in POSITION_ATTRIBUTES[technique]},
+        **{
+            f"position {i}": f"{ATTRIBUTES}/{n}"
+            for i, n in enumerate(_names(technique, positions))
+        },
     }
     found = {key: f.get(name) for key, name in names.items()}
     missing = [names[key] for key, ds in found.items() if not isinstance(ds, h5py.Dataset)]
@@ -126,19 +134,38 @@ def _whole(datasets: dict[str, h5py.Dataset]) -> int:
     return n
 
 
-def whole_rows(f: h5py.File, technique: str, data: str = DATA) -> tuple[int, tuple[int, ...]]:
+def _names(technique: str, positions: Sequence[str] | None) -> tuple[str, ...]:
+    """The NDAttributes holding a technique's positions: ``positions`` (what a run entry
+    recorded), else areaDetector's names in the simulated beamline."""
+    names = tuple(positions) if positions else POSITION_ATTRIBUTES[technique]
+    if len(names) != len(POSITION_ATTRIBUTES[technique]):
+        raise ValueError(f"a {technique} scan has {len(POSITION_ATTRIBUTES[technique])} "
+                         f"position attributes, not {list(names)}")  # fmt: skip
+    return names
+
+
+def whole_rows(
+    f: h5py.File, technique: str, data: str = DATA, positions: Sequence[str] | None = None
+) -> tuple[int, tuple[int, ...]]:
     """How many rows every dataset of the file holds now (the frames written whole), and the
-    frame shape (ny, nx), without reading the frames.
+    frame shape (ny, nx), without reading the frames; ``positions``: the NDAttributes that
+    hold the positions (default :data:`POSITION_ATTRIBUTES`).
 
     Raises
     ------
     ValueError
         If a dataset of the layout is missing."""
-    datasets = _datasets(f, technique, data)
+    datasets = _datasets(f, technique, data, positions)
     return _whole(datasets), datasets["frames"].shape[1:]
 
 
-def read_rows(f: h5py.File, technique: str, limit: int, data: str = DATA) -> dict:
+def read_rows(
+    f: h5py.File,
+    technique: str,
+    limit: int,
+    data: str = DATA,
+    positions: Sequence[str] | None = None,
+) -> dict:
     """The first rows (at most ``limit``) that every dataset holds: ``frames`` (n, ny, nx),
     ``unique_id`` (n,), ``timestamps`` (n,; unix seconds) and ``positions`` — (n, 2) as
     (x, y) micrometres for ptychography, (n,) degrees for HEDM.
@@ -147,9 +174,11 @@ def read_rows(f: h5py.File, technique: str, limit: int, data: str = DATA) -> dic
     ------
     ValueError
         If a dataset of the layout is missing."""
-    datasets = _datasets(f, technique, data)
+    datasets = _datasets(f, technique, data, positions)
     n = min(limit, _whole(datasets))
-    axes = [datasets[name][:n].astype(np.float64) for name in POSITION_ATTRIBUTES[technique]]
+    axes = [
+        ds[:n].astype(np.float64) for key, ds in datasets.items() if key.startswith("position")
+    ]
     return {
         "frames": datasets["frames"][:n],
         "unique_id": datasets["unique_id"][:n].astype(np.int64),

@@ -58,6 +58,8 @@ Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Seconds = Annotated[float, Field(gt=0)]
+# an NDAttribute's name as an attributes file gives it (and HDF5 a dataset's)
+AttributeName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")]
 
 
 def _ordered(section, *names: str) -> None:
@@ -307,6 +309,21 @@ class RetentionConfig:
 
 
 @dataclass(config=SECTION)
+class PositionsConfig:
+    """The NDAttributes that carry the sample stage's position in each detector frame and
+    file: the names the beamline's attributes file gives them (an EPICS_PV attribute per
+    axis). Runs recorded by RunIndex keep the names they were taken with."""
+
+    x: AttributeName = "SampleX"  # micrometres
+    y: AttributeName = "SampleY"  # micrometres
+    rotation: AttributeName = "SampleRot"  # degrees (HEDM)
+
+    def of(self, technique: str) -> tuple[str, ...]:
+        """The names of a technique's positions: (x, y) for ptychography, (rotation,)."""
+        return (self.rotation,) if technique == "hedm" else (self.x, self.y)
+
+
+@dataclass(config=SECTION)
 class SecurityConfig:
     """Who may change what is served, and what a model file may hold."""
 
@@ -352,6 +369,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    positions: PositionsConfig = field(default_factory=PositionsConfig)
     # BraggNN trains on thousands of small patches: bigger batches, a higher rate, and only
     # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit).  One
     # thread: its tensors are too small for a second to help, and a busy second core makes

@@ -195,6 +195,12 @@ def _open_resource(path: Path, resource: dict) -> h5py.File:
     return adfile.open_file(file, f"resource {resource.get('uid')} of {path}")
 
 
+def _positions(entry: dict) -> list[str] | None:
+    """The NDAttributes the run's positions are in, as RunIndex recorded them (entries
+    written before it did: areaDetector's defaults)."""
+    return entry.get("position_attributes") or None
+
+
 def _resource_dataset(resource: dict) -> str:
     return (resource.get("resource_kwargs") or {}).get("dataset", adfile.DATA)
 
@@ -206,7 +212,9 @@ def _read_run(path: Path) -> dict:
     for resource in entry["resources"]:
         expected = int(resource["frames"])
         with _open_resource(path, resource) as f:
-            rows = adfile.read_rows(f, technique, expected, _resource_dataset(resource))
+            rows = adfile.read_rows(
+                f, technique, expected, _resource_dataset(resource), _positions(entry)
+            )
             if len(rows["frames"]) < expected:
                 short.append(f"{f.filename} holds {len(rows['frames'])} of {expected} frames")
         parts.append(rows)
@@ -320,7 +328,9 @@ def _run_summary(path: Path) -> tuple[str, int]:
     for resource in entry["resources"]:
         expected = int(resource["frames"])
         with _open_resource(path, resource) as f:
-            n, shape = adfile.whole_rows(f, technique, _resource_dataset(resource))
+            n, shape = adfile.whole_rows(
+                f, technique, _resource_dataset(resource), _positions(entry)
+            )
             if n < expected:
                 raise ValueError(
                     f"incomplete: {f.filename} holds {n} of the {expected} frames of the run "

@@ -24,7 +24,7 @@ from p4p.server import Server
 from p4p.server.thread import SharedPV
 
 from edgeloop import ntnd
-from edgeloop.config import BEAMLINE_CA_PORT, MODES, Config, check_mode
+from edgeloop.config import BEAMLINE_CA_PORT, MODES, Config, PositionsConfig, check_mode
 from edgeloop.ioc.adcore_db import PLUGINS
 from edgeloop.ioc.adcore_served import missing_records
 from edgeloop.ioc.areadetector import (
@@ -195,8 +195,8 @@ class Detector(CamRecords):
     ``hedm``: each frame is a detector image of Bragg peaks at the rotation angle SampleRot.
     With ArrayCallbacks enabled, frames go out over PVA and to the file plugin (``hdf``)
     with uniqueId = ArrayCounter and NDAttributes Mode plus SampleX/SampleY (um) or SampleRot
-    (deg).  The put to Acquire completes when the frames are out (and written).  Mode cannot
-    change while acquiring.
+    (deg), named as the configuration's ``[positions]`` says.  The put to Acquire completes
+    when the frames are out (and written).  Mode cannot change while acquiring.
     """
 
     acquire = pvproperty(
@@ -243,9 +243,11 @@ class Detector(CamRecords):
         stage,
         codec,
         hdf: NDFileHDF5 | None = None,
+        positions: PositionsConfig | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.positions = positions or PositionsConfig()  # the NDAttributes' names
         self.codec = codec
         self.hdf = hdf
         self.sims = sims
@@ -317,14 +319,14 @@ class Detector(CamRecords):
             omega = pulse.positions.get("rot") if pulse else None
             omega = self.stage.rot.position if omega is None else omega
             frame, _ = await asyncio.to_thread(self.sims["hedm"].frame, omega)
-            attrs = {"Mode": "hedm", "SampleRot": omega}
+            attrs = {"Mode": "hedm", self.positions.rotation: omega}
             where = f"omega {omega:.4f} deg"
         else:
             at = pulse.positions if pulse else {}
             x = at.get("x", self.stage.x.position)
             y = at.get("y", self.stage.y.position)
             frame = await asyncio.to_thread(self.sims["ptycho"].frame, x, y)
-            attrs = {"Mode": "ptycho", "SampleX": x, "SampleY": y}
+            attrs = {"Mode": "ptycho", self.positions.x: x, self.positions.y: y}
             where = f"({x:.4f}, {y:.4f}) um"
         array = NDArray(frame, uid, stamp, {"ColorMode": 0, **attrs})
         await self.array_info(array)
@@ -416,6 +418,7 @@ class Beamline(PVGroup):
             stage=self,
             codec=self.codec,
             hdf=self.hdf,
+            positions=cfg.positions,
             parent=self,
         )
         self.profile = ProfileMove(

@@ -172,12 +172,9 @@ class ReferenceMonitor:
         if mode == "hedm":
             result = hedm_reference(data, model, self.cfg)
         else:
+            names = self.cfg.positions.of("ptychography")
             pos = np.array(
-                [
-                    [f.attributes.get("SampleX", np.nan), f.attributes.get("SampleY", np.nan)]
-                    for f in frames
-                ],
-                np.float64,
+                [[f.attributes.get(n, np.nan) for n in names] for f in frames], np.float64
             )
             if not np.isfinite(pos).all():
                 return  # frames without positions cannot be phase-retrieved together

@@ -62,3 +62,29 @@ def test_unknown_mode_is_a_bad_frame_and_modes_switch_per_frame(fed_edge):
     system.wait_value("edge:FramesOut", lambda v: v == out + 2, 10)
     assert system.value("edge:Mode") == "hedm" and system.value("edge:PeakCount") == 0
     assert system.value("edge:BadFrames") == bad + 1
+
+
+def test_positions_come_from_the_attributes_the_configuration_names(tmp_path):
+    """A beamline whose attributes file names the stage StageX/StageY: those place a frame
+    in the map; SampleX/SampleY, not configured there, do not."""
+    from edgeloop.app.answers import AnswerCollector
+    from tests.kit.isolated import IsolatedEdge
+    from tests.kit.servers import small_config
+
+    cfg, _ = small_config(tmp_path, "Tpos:")
+    cfg.positions.x, cfg.positions.y = "StageX", "StageY"
+    edge = IsolatedEdge(cfg)
+    try:
+        phase = AnswerCollector(edge.ctx, f"{cfg.prefix}edge:Phase").wait_connected()
+        frame = np.ones((64, 64), np.uint16)
+        post(edge.source, ntnd.build(frame, 1, {"Mode": "ptycho", "StageX": 0.25, "StageY": -0.5}))
+        post(
+            edge.source, ntnd.build(frame, 2, {"Mode": "ptycho", "SampleX": 0.25, "SampleY": 0.5})
+        )
+        answers = phase.take({1, 2}, 30)
+        phase.close()
+    finally:
+        edge.close()
+    placed = answers[1].attributes
+    assert (placed["SampleX"], placed["SampleY"]) == (0.25, -0.5)  # the edge's own names
+    assert "SampleX" not in answers[2].attributes  # answered, not placed

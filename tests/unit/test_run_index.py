@@ -19,6 +19,7 @@ import pytest
 
 from edgeloop.adfile import EPICS_EPOCH
 from edgeloop.bluesky_plans import RunIndex
+from edgeloop.config import Config, ConfigError, PositionsConfig
 from edgeloop.remote.scan_index import usable_scans
 from edgeloop.scanfile import list_scans, read_scan, scan_summary, write_scan
 
@@ -39,8 +40,10 @@ class ADWriter:
     IOC's plugin writes it: SWMR, and per frame the data row first, then one row for each
     NDAttribute series; :meth:`steps` yields after each dataset's row (flushed)."""
 
-    def __init__(self, path: Path, technique: str, skip: tuple[str, ...] = ()):
+    def __init__(self, path: Path, technique: str, skip: tuple[str, ...] = (), names: tuple = ()):
         self.technique = technique
+        # the position series' names (a beamline's attributes file may name them otherwise)
+        self.names = names or PositionsConfig().of(technique)
         self.file = h5py.File(path, "w", libver="latest")
         detector = self.file.create_group("entry/instrument/detector")
         self.data = detector.create_dataset(
@@ -49,8 +52,7 @@ class ADWriter:
         self.file["entry/data/data"] = self.data
         attributes = self.file.create_group(ATTRIBUTES)
         names = {"NDArrayUniqueId": np.int32, "NDArrayTimeStamp": np.float64, "Mode": "S40"}
-        positions = ("SampleX", "SampleY") if technique == "ptychography" else ("SampleRot",)
-        names.update(dict.fromkeys(positions, np.float64))
+        names.update(dict.fromkeys(self.names, np.float64))
         self.series = {
             name: attributes.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(64,))
             for name, dtype in names.items()
@@ -66,10 +68,7 @@ class ADWriter:
             "NDArrayTimeStamp": 1000.0 + uid,  # seconds since 1990
             "Mode": b"ptycho" if self.technique == "ptychography" else b"hedm",
         }
-        if self.technique == "ptychography":
-            values.update(SampleX=position[0], SampleY=position[1])
-        else:
-            values.update(SampleRot=position)
+        values.update(zip(self.names, np.atleast_1d(position)))
         return values
 
     def steps(self, uid: int):
@@ -144,8 +143,8 @@ def run_docs(technique, files, scan_id=7, frame_per_point=1, pages=False):
     return docs
 
 
-def index_run(data_dir: Path, docs) -> Path:
-    index = RunIndex(data_dir)
+def index_run(data_dir: Path, docs, positions: PositionsConfig | None = None) -> Path:
+    index = RunIndex(data_dir, positions)
     for name, doc in docs:
         index(name, doc)
     assert not index.errors
@@ -380,3 +379,24 @@ def test_unreadable_files_give_clear_errors_and_retraining_skips_them(tmp_path, 
     )
     for path in (missing, layout, broken, short, not_json):
         assert f"skipping scan {path}" in caplog.text
+
+
+@pytest.mark.parametrize("technique", ["ptychography", "hedm"])
+def test_positions_under_a_beamlines_own_attribute_names_are_read(tmp_path, technique):
+    positions = PositionsConfig(x="StageX", y="StageY", rotation="Omega")
+    names = positions.of(technique)
+    path = write_ad_file(tmp_path / "own.h5", 5, technique, names=names)
+    entry = index_run(tmp_path, run_docs(technique, [(path, 5)]), positions)
+    assert json.loads(entry.read_text())["position_attributes"] == list(names)
+    check_rows(read_scan(entry), 5, technique)
+
+    recorded = json.loads(entry.read_text())
+    del recorded["position_attributes"]  # an entry of before: areaDetector's names
+    entry.write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="missing.*Sample"):
+        read_scan(entry)
+
+
+def test_an_attribute_name_an_attributes_file_cannot_hold_is_refused():
+    with pytest.raises(ConfigError, match="positions.x"):
+        Config.from_dict({"positions": {"x": "Stage X"}})

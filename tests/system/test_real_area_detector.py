@@ -3,6 +3,7 @@
 table with the table's type, count and enum strings, and the simulation serves each of them
 the same way."""
 
+import json
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -145,3 +146,79 @@ def test_ophyd_async_stock_detector_files_on_the_real_ioc(real, tmp_path):
     with h5py.File(path, "r", swmr=True) as f:
         frames = f[resource["parameters"]["dataset"]][indices]
     assert path == tmp_path / "real.h5" and frames.shape == (3, 64, 64)
+
+
+ATTRIBUTES_XML = """<?xml version="1.0" standalone="no" ?>
+<Attributes>
+  <Attribute name="StageX" type="EPICS_PV" source="{p}SampleX.RBV" dbrtype="DBR_DOUBLE"
+             description="sample stage x (um)"/>
+  <Attribute name="StageY" type="EPICS_PV" source="{p}SampleY.RBV" dbrtype="DBR_DOUBLE"
+             description="sample stage y (um)"/>
+</Attributes>
+"""
+
+
+def test_a_scan_on_the_real_ioc_with_a_beamlines_attributes_file_is_retrained_from(
+    real, tmp_path, request
+):
+    """The real camera stamps each frame with the simulated stage's position through an
+    NDAttributes file of EPICS_PV attributes named as a beamline might (StageX, StageY);
+    with [positions] saying so, the run is recorded, read with its positions and retrained
+    from (the real pipeline: phase retrieval for labels, training, gate, deploy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from caproto.sync.client import read, write
+
+    from edgeloop.bluesky_plans import AreaDetector, RunIndex, ptycho_scan
+    from edgeloop.bluesky_plans.devices import SampleStage
+    from edgeloop.registry import Registry
+    from edgeloop.remote.executor_slot import ExecutorSlot
+    from edgeloop.remote.pipeline import RetrainPipeline
+    from edgeloop.scanfile import read_scan
+    from tests.kit.progress import Recorder
+
+    with beamline_ioc(tmp_path / "stage", ca_port("area_detector_own"), request) as sim:
+        attributes = tmp_path / "stage_attributes.xml"
+        attributes.write_text(ATTRIBUTES_XML.format(p=sim.prefix))
+        write(f"{real.prefix}cam1:NDAttributesFile", str(attributes), notify=True, timeout=5)
+        status = read(f"{real.prefix}cam1:NDAttributesStatus", timeout=5).data[0]
+        assert status == b"Attributes file OK", f"the real IOC refused {attributes}: {status}"
+
+        cfg, _ = small_config(tmp_path / "loop", random_prefix("n"))
+        cfg.positions.x, cfg.positions.y = "StageX", "StageY"
+        cfg.data_path.mkdir(parents=True)
+        det = AreaDetector(real.prefix, name="det", write_path_template=f"{cfg.data_path}/")
+        stage = SampleStage(sim.prefix, name="stage")
+        try:
+            for device in (det, stage):
+                device.wait_for_connection(timeout=10 * DEADLINE_SLACK)
+            det.hdf1.warmup()  # a frame, so the plugin knows its size (and the attributes)
+            with run_engine() as engine:
+                engine.subscribe(RunIndex(cfg.data_path, cfg.positions))
+                docs = run_plan(ptycho_scan(det, stage, num=12, step=0.05), engine=engine)
+        finally:
+            det.destroy(), stage.destroy()
+
+    (entry,) = cfg.data_path.glob("run_*.json")
+    scan = read_scan(entry)
+    events = of(docs, "event")
+    moved = [[e["data"]["stage_x"], e["data"]["stage_y"]] for e in events]
+    np.testing.assert_allclose(scan["positions_um"], moved, atol=1e-3)
+    assert scan["frames"].shape == (12, 64, 64)
+
+    registry = Registry(cfg.registry_path)
+    slot = ExecutorSlot("threads", lambda name: ThreadPoolExecutor(1), ThreadPoolExecutor(1))
+    deployed = []
+    try:
+        pipeline = RetrainPipeline(
+            cfg,
+            registry,
+            slot,
+            Recorder(),
+            lambda v: (deployed.append(v), registry.mark_accepted(v)),
+        )
+        result = pipeline.run("a scan on the real IOC")
+    finally:
+        slot.shutdown()
+    assert deployed == [result["version"]] and result["kind"] == "ptychonn"
+    assert str(entry) in json.dumps(registry.meta(result["version"]))  # trained from this run

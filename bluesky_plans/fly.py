@@ -4,7 +4,8 @@ pulse latched.  :class:`TrajectoryFlyer` is an ophyd flyer (kickoff / complete /
 describe_collect / collect / collect_asset_docs) that bluesky's ``kickoff``, ``complete``
 and ``collect`` messages drive; the plans :func:`ptycho_fly_scan` and :func:`hedm_fly_scan`
 emit one event per frame whose image is a datum in the detector's HDF5 file and whose
-positions and uniqueId are those the file holds for that frame."""
+positions and uniqueId are those the file holds for that frame.  Given ophyd-async devices,
+the plans fly them as ophyd-async does (:mod:`edgeloop.bluesky_plans.async_fly`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from bluesky.utils import MsgGenerator
 from ophyd.status import Status
 
 from edgeloop import adfile
+from edgeloop.bluesky_plans.async_fly import fly_async, is_async
 from edgeloop.bluesky_plans.plans import (
     _check_angles,
     _check_center,
@@ -338,6 +340,8 @@ def _fly(flyer: TrajectoryFlyer, det, md: dict, mode: str) -> MsgGenerator:
         yield from bpp.finalize_wrapper(bps.complete(flyer, wait=True), bps.collect(flyer))
 
     yield from _set_mode(det, mode)
+    if is_async(det):  # ophyd-async's own flying: prepare, kickoff, collect while completing
+        return (yield from fly_async(det, flyer.sample_stage, flyer.path, flyer.rate_hz, md))
     return (yield from inner())
 
 

@@ -94,7 +94,9 @@ def test_edgeloops_async_devices_take_both_techniques_and_refuse_out_of_range(sy
     from edgeloop.bluesky_plans import hedm_rotation_scan
     from edgeloop.bluesky_plans.async_devices import make_async_devices
 
-    det, stage = make_async_devices(system.prefix, Path(system.cfg.data_path, "async2"), 15)
+    det, stage = make_async_devices(
+        system.prefix, Path(system.cfg.data_path, "async2"), 10 * DEADLINE_SLACK
+    )
     with pytest.raises(ValueError, match="outside the limits of stage-x"):
         ptycho_scan(det, stage, num=50, step=5.0)  # refused before any message
 
@@ -123,3 +125,36 @@ def test_edgeloops_async_devices_take_both_techniques_and_refuse_out_of_range(sy
     assert scan["complete"] and scan["frames"].shape == (5, 64, 64)
     np.testing.assert_array_equal(scan["unique_id"], uids)
     np.testing.assert_allclose(scan["positions_um"], positions, atol=1e-3)
+
+
+def test_fly_scans_with_async_devices_file_every_frame_at_its_position(system, engine):
+    from edgeloop.bluesky_plans import hedm_fly_scan, ptycho_fly_scan, spiral_positions
+    from edgeloop.bluesky_plans.async_devices import make_async_devices
+
+    det, stage = make_async_devices(
+        system.prefix, Path(system.cfg.data_path, "async3"), 10 * DEADLINE_SLACK
+    )
+    entries = Path(system.cfg.data_path, "async_fly_runs")
+    phase = AnswerCollector(system.ctx, f"{system.prefix}edge:Phase").wait_connected()
+    index = engine.subscribe(RunIndex(entries))
+    try:
+        hedm = run_plan(hedm_fly_scan(det, stage, 0.0, 4.5, 10, rate_hz=20), engine=engine)
+        ptycho = run_plan(ptycho_fly_scan(det, stage, 30, 0.05, rate_hz=50), engine=engine)
+        _, frames, uids = filed_frames(ptycho)
+        system.wait_value("edge:FramesOut", lambda _: set(map(int, uids)) <= set(phase.items), 30)
+    finally:
+        engine.unsubscribe(index)
+        phase.close()
+    assert frames.shape == (30, 64, 64) and len(set(uids)) == 30
+    assert filed_frames(hedm)[1].shape[0] == 10 and not of(ptycho, "event")  # datums only
+    scans = {s["technique"]: s for s in map(read_scan, entries.glob("run_*.json"))}
+    np.testing.assert_allclose(scans["hedm"]["omega_deg"], np.linspace(0, 4.5, 10), atol=1e-6)
+    positions = scans["ptychography"]["positions_um"]
+    np.testing.assert_allclose(positions, spiral_positions(30, 0.05), atol=1e-6)
+    assert await_trigger_mode(det) == "Internal"  # left as a step scan needs it
+
+
+def await_trigger_mode(det) -> str:
+    from bluesky.run_engine import call_in_bluesky_event_loop
+
+    return call_in_bluesky_event_loop(det.trigger_mode.get_value())

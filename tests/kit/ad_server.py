@@ -113,6 +113,7 @@ class HDF(PVGroup):
     auto_increment = choice("AutoIncrement", ["No", "Yes"])
     auto_save = choice("AutoSave", ["No", "Yes"])
     file_write_mode = choice("FileWriteMode", ["Single", "Capture", "Stream"])
+    lazy_open = choice("LazyOpen", ["No", "Yes"])  # stored: a capture opens its file at once
     num_capture = pair(name="NumCapture", value=0)
     capture = pair(name="Capture", value=0, put=_capture)
     file = None  # the open h5py.File while capturing

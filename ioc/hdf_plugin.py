@@ -12,8 +12,8 @@ NDFileHDF5 (NDPluginFile.cpp, asynNDArrayDriver.cpp) does for the records that o
   then increments when ``AutoIncrement`` is Yes), or with ``LazyOpen`` Yes (latched at
   Capture, Stream mode) at the first frame, which then needs no frame seen before;
   capturing ends, and the file is closed, on ``Capture`` = 0, after ``NumCapture`` frames,
-  or on a write error.  ``Capture`` reads 1
-  while capturing; unlike areaDetector's busy record its put completes at once.
+  or on a write error.  ``Capture`` reads 1 while capturing; unlike areaDetector's busy
+  record its put completes at once.
 - Errors set ``WriteStatus`` to "Write error" with a ``WriteMessage``, and never stop the
   IOC: Capture before the plugin has seen a frame (areaDetector needs one to know the
   dimensions: ophyd's ``HDF5Plugin.warmup``), Capture in Single mode, a file that cannot be

@@ -12,16 +12,6 @@ from caproto.server import PVGroup, pvproperty
 from edgeloop.ioc.adcore_db import load_table
 from edgeloop.ioc.areadetector import CharWaveform
 
-_TYPES = {
-    "DOUBLE": ChannelType.DOUBLE,
-    "LONG": ChannelType.LONG,
-    "ENUM": ChannelType.ENUM,
-    "STRING": ChannelType.STRING,
-    "CHAR": ChannelType.CHAR,
-    "INT": ChannelType.INT,
-    "FLOAT": ChannelType.FLOAT,
-}
-
 
 def _initial(view: dict):
     raw, kind = view.get("value", ""), view["type"]
@@ -53,7 +43,7 @@ async def _echo_to_readback(group, instance, value):
 
 def _property(name: str, view: dict) -> pvproperty:
     kind = view["type"]
-    kwargs: dict = {"name": name, "dtype": _TYPES[kind], "value": _initial(view)}
+    kwargs: dict = {"name": name, "dtype": ChannelType[kind], "value": _initial(view)}
     if kind == "ENUM":
         kwargs["enum_strings"] = view["enum_strings"]
     elif kind == "CHAR":

@@ -2,6 +2,8 @@
 ``run_plan(plan)`` (the documents, each checked against its schema), ``of(docs, kind)``."""
 
 import contextlib
+from pathlib import Path
+from urllib.parse import urlparse
 
 
 @contextlib.contextmanager
@@ -41,6 +43,19 @@ def run_plan(plan, docs: list | None = None, engine=None) -> list[tuple[str, dic
     for name, doc in docs:
         schema_validators[DocumentNames[name]].validate(doc)
     return docs
+
+
+def filed_frames(docs, *datasets: str) -> tuple:
+    """The file a run's one ``stream_resource`` names, and what its ``stream_datum`` indices
+    cover there: the resource's dataset (the frames), then each of ``datasets``."""
+    import h5py
+
+    (resource,) = of(docs, "stream_resource")
+    path = Path(urlparse(resource["uri"]).path)
+    indices = [i for d in of(docs, "stream_datum") for i in range(*d["indices"].values())]
+    with h5py.File(path, "r", swmr=True) as f:
+        names = (resource["parameters"]["dataset"], *datasets)
+        return (path, *(f[name][indices] for name in names))
 
 
 def of(docs, kind: str) -> list[dict]:

@@ -5,7 +5,6 @@ into the file the simulated NDFileHDF5 wrote, and the frames read back there are
 edge answered (by uniqueId)."""
 
 from pathlib import Path
-from urllib.parse import urlparse
 
 import h5py
 import numpy as np
@@ -16,6 +15,7 @@ from edgeloop.bluesky_plans import RunIndex, ptycho_scan
 from edgeloop.bluesky_plans.devices import SampleStage
 from edgeloop.scanfile import read_scan
 from tests.kit.env import DEADLINE_SLACK
+from tests.kit.runs import filed_frames as read_stream
 from tests.kit.runs import of, run_engine, run_plan
 
 pytest.importorskip("ophyd_async", reason="edgeloop[async] is not installed")
@@ -50,12 +50,7 @@ def filed_frames(docs) -> tuple[Path, np.ndarray, np.ndarray]:
     stream_datum indices cover, read there."""
     (resource,) = of(docs, "stream_resource")
     assert resource["mimetype"] == "application/x-hdf5"
-    path = Path(urlparse(resource["uri"]).path)
-    indices = [i for d in of(docs, "stream_datum") for i in range(*d["indices"].values())]
-    with h5py.File(path, "r", swmr=True) as f:
-        frames = f[resource["parameters"]["dataset"]][indices]
-        uids = f[UIDS][indices]
-    return path, frames, uids
+    return read_stream(docs, UIDS)
 
 
 @pytest.mark.parametrize("plan", ["count", "ptycho_scan"])

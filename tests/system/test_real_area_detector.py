@@ -4,10 +4,7 @@ table with the table's type, count and enum strings, and the simulation serves e
 the same way."""
 
 import json
-from pathlib import Path
-from urllib.parse import urlparse
 
-import h5py
 import numpy as np
 import pytest
 
@@ -16,7 +13,7 @@ from edgeloop.waiting import wait_until
 from tests.kit.areadetector import beamline_ioc, read_back
 from tests.kit.env import DEADLINE_SLACK, TEST_ENV, ca_port, random_prefix
 from tests.kit.real_ad import real_sim_detector, served_records
-from tests.kit.runs import of, run_engine, run_plan
+from tests.kit.runs import filed_frames, of, run_engine, run_plan
 from tests.kit.servers import System, small_config
 
 
@@ -139,11 +136,7 @@ def test_ophyd_async_stock_detector_files_on_the_real_ioc(real, tmp_path):
         with init_devices(timeout=10 * DEADLINE_SLACK):
             det = SimDetector(real.prefix, ADWriterFactory.hdf(path_provider))
         docs = run_plan(count([det], num=3), engine=engine)
-    (resource,) = of(docs, "stream_resource")
-    path = Path(urlparse(resource["uri"]).path)
-    indices = [i for d in of(docs, "stream_datum") for i in range(*d["indices"].values())]
-    with h5py.File(path, "r", swmr=True) as f:
-        frames = f[resource["parameters"]["dataset"]][indices]
+    path, frames = filed_frames(docs)
     assert path == tmp_path / "real.h5" and frames.shape == (3, 64, 64)
 
 

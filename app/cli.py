@@ -133,6 +133,12 @@ def cmd_retrain_service(args) -> None:
     RetrainService(_config(args), input_pv=args.input_pv).serve_forever()
 
 
+def cmd_tiled(args) -> None:
+    from edgeloop.app.tiled_server import serve
+
+    serve(_config(args))
+
+
 def cmd_soak(args) -> None:
     from edgeloop.app.soak import run_soak
 
@@ -199,7 +205,9 @@ def cmd_ipython_profile(args) -> None:
     from edgeloop.app.ipython_profile import PROFILE, write_profile
 
     cfg = _config(args)
-    path = write_profile(cfg.prefix, cfg.data_dir, args.simulated, args.ipython_dir, cfg.positions)
+    path = write_profile(
+        cfg.prefix, cfg.data_dir, args.simulated, args.ipython_dir, cfg.positions, cfg.tiled
+    )
     print(f"wrote {path}\nstart the session with: ipython --profile={PROFILE}", flush=True)
 
 
@@ -404,6 +412,10 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _tiled_options(p: argparse.ArgumentParser) -> None:
+    pass  # --data-dir and --config (common) say where and on which port
+
+
 def _hedm_accuracy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="edgeloop-hedm-accuracy", help="output directory")
     p.add_argument("--train-peaks", type=int, default=20000)
@@ -436,6 +448,13 @@ def _commands() -> tuple:
             cmd_retrain_service,
             "watch $(P)ml:Retrain and run retraining on the configured executor",
             _service_options,
+        ),
+        (
+            "tiled",
+            cmd_tiled,
+            "the embedded Tiled server where runs are stored (under DATA_DIR/tiled, at the "
+            "config's tiled.port), unless tiled.uri names a facility's",
+            _tiled_options,
         ),
         ("demo", cmd_demo, "run the whole loop once and report", _demo_options),
         (

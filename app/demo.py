@@ -49,15 +49,15 @@ def run_demo(
         try:
             from bluesky import RunEngine
 
-            from edgeloop.bluesky_plans import RunIndex, make_devices
+            from edgeloop.bluesky_plans import make_devices
 
             if codec:
                 set_codec(cfg.prefix, codec)
-            # the IOC writes the frames here; the run index points the retraining at them
+            # the IOC writes the frames here; Tiled (or a run index) points the retraining there
             det, stage = make_devices(cfg.prefix, cfg.data_path / "detector")
             devices += [det, stage]
             RE = RunEngine({}, context_managers=[AbortOnSignal])  # not pause on Ctrl-C
-            index = RunIndex(cfg.data_path, cfg.positions)
+            index = run_store(cfg)
             RE.subscribe(index)
             rate = rate_hz or FLY_RATE_HZ[cfg.mode]
             if scans:
@@ -87,6 +87,17 @@ def run_demo(
     printer = continual_demo if scans else hedm_demo if cfg.mode == "hedm" else ptycho_demo
     printer.print_report(report, out)
     return report
+
+
+def run_store(cfg: Config):
+    """Where the demo's runs are recorded (a callback whose ``last_path`` is the latest
+    run's reference): TiledWriter on the Tiled server, else run entries in data_dir."""
+    from edgeloop.bluesky_plans import RunIndex, tiled_writer
+    from edgeloop.tiled_runs import connect
+
+    if cfg.tiled.enabled:
+        return tiled_writer(connect(cfg.tiled, cfg.data_path), cfg.positions)
+    return RunIndex(cfg.data_path, cfg.positions)
 
 
 def continual_settings(cfg: Config, scan_points: int) -> None:

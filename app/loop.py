@@ -102,7 +102,8 @@ def _wait_retrained(ctx: Context, p: str, old_version: int, timeout: float) -> l
 class Servers:
     """edgeloop servers as subprocesses, each ready once its PV answers (the retraining
     service: once it beats, processes.readiness), stopped by PID in reverse order.  As a
-    context manager: the loop (ioc, edge with ``edge_args``, retrain-service)."""
+    context manager: the loop (ioc, edge with ``edge_args``, retrain-service), after the
+    embedded Tiled server where ``[tiled]`` asks for it."""
 
     LOOP = (("ioc", "ml:Status"), ("edge", "edge:ModelVersion"), ("retrain-service", None))
 
@@ -132,8 +133,20 @@ class Servers:
         wait_for_pv(self.ctx, pv, timeout, proc, until)
         return proc
 
+    def start_tiled(self) -> ManagedProcess:
+        """The embedded Tiled server (``edgeloop tiled``), once it answers."""
+        from edgeloop.app.tiled_server import wait_ready
+
+        args = ["tiled", "--prefix", self.prefix, "--config", str(self.config_path)]
+        proc = ManagedProcess("tiled", args, self.logs / "tiled.log", env=self.env)
+        self.procs["tiled"] = proc
+        wait_ready(self.cfg, proc=proc)
+        return proc
+
     def __enter__(self) -> Servers:
         try:
+            if self.cfg.tiled.enabled and not self.cfg.tiled.uri:
+                self.start_tiled()
             for name, ready in self.LOOP:
                 self.start(name, *self.loop_args.get(name, ()), ready_pv=ready)
         except BaseException:

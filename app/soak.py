@@ -205,6 +205,7 @@ def run_soak(
     from edgeloop.ioc.physics import PtychoSimulator
 
     cfg.train.epochs = min(cfg.train.epochs, 8)  # a retraining every few minutes on 2 cores
+    cfg.tiled.enabled = False  # runs as run entries: the soak's subject is the frame path
     cfg.train.recon_epochs = min(cfg.train.recon_epochs, 10)
     out = prepare(cfg, out, None)
     p = cfg.prefix

@@ -13,6 +13,7 @@ from edgeloop.bluesky_plans.fly import TrajectoryFlyer, hedm_fly_scan, ptycho_fl
 from edgeloop.bluesky_plans.live import EdgeLivePlot, ScanProgress
 from edgeloop.bluesky_plans.plans import hedm_rotation_scan, ptycho_scan, spiral_positions
 from edgeloop.bluesky_plans.run_index import RunIndex
+from edgeloop.bluesky_plans.tiled_store import FileAttributes, tiled_writer
 
 _DEVICE_NAMES = (
     "AreaDetector",
@@ -31,6 +32,7 @@ __all__ = [
     "AreaDetector",
     "HDF5PluginWithFileStore",
     "EdgeLivePlot",
+    "FileAttributes",
     "ScanProgress",
     "ProfileMove",
     "PtychoDetector",
@@ -49,6 +51,7 @@ __all__ = [
     "ptycho_scan",
     "read_scan",
     "spiral_positions",
+    "tiled_writer",
 ]
 
 

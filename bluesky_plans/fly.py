@@ -255,6 +255,7 @@ class TrajectoryFlyer:
                 "dtype": "array",
                 "shape": [1, ny, nx],
                 "external": "FILESTORE:",
+                **({"dtype_numpy": self.det.dtype_numpy} if self.det.dtype_numpy else {}),
             },
             f"{self.det.name}_unique_id": {"source": source, "dtype": "integer", "shape": []},
         }

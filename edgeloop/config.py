@@ -18,6 +18,8 @@ from pydantic.dataclasses import dataclass
 # and clients search both; the real ML IOC keeps the standard 5064.  A second simulated
 # system on the same host sets EDGELOOP_BEAMLINE_CA_PORT to another port.
 BEAMLINE_CA_PORT = int(os.environ.get("EDGELOOP_BEAMLINE_CA_PORT", "5066"))
+# the embedded Tiled server's default port ([tiled] port); EDGELOOP_TILED_PORT moves it
+TILED_PORT = int(os.environ.get("EDGELOOP_TILED_PORT", "8437"))
 
 LOOPBACK_ENV = {
     "EPICS_CA_ADDR_LIST": f"127.0.0.1 127.0.0.1:{BEAMLINE_CA_PORT}",
@@ -123,6 +125,8 @@ Mode = Literal["ptycho", "hedm"]
 MODES = get_args(Mode)
 MODE_KIND = {"ptycho": "ptychonn", "hedm": "braggnn"}
 MODE_TECHNIQUE = {"ptycho": "ptychography", "hedm": "hedm"}
+# technique -> (the key of its positions in a scan, as scanfile.read_scan returns it; axes)
+SCAN_POSITIONS = {"ptychography": ("positions_um", 2), "hedm": ("omega_deg", 1)}
 
 
 def check_mode(mode: str) -> str:
@@ -324,6 +328,20 @@ class PositionsConfig:
 
 
 @dataclass(config=SECTION)
+class TiledConfig:
+    """Where Bluesky runs are stored and found: a Tiled server (TiledWriter records each
+    run; the retraining and its policy find runs there and read their frames through it).
+    With no ``uri``, the embedded one: a SimpleTiledServer under ``<data_dir>/tiled``,
+    which the demo and the IPython profile start."""
+
+    enabled: bool = True  # false: runs as files in data_dir (RunIndex entries, scan files)
+    uri: str = ""  # a facility's server, e.g. "https://tiled.example.org/api/v1"
+    # "": $TILED_API_KEY, else (the embedded server) the key kept in <data_dir>/tiled
+    api_key: str = ""
+    port: Annotated[int, Field(ge=1, le=65535)] = TILED_PORT  # the embedded server's
+
+
+@dataclass(config=SECTION)
 class SecurityConfig:
     """Who may change what is served, and what a model file may hold."""
 
@@ -370,6 +388,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     positions: PositionsConfig = field(default_factory=PositionsConfig)
+    tiled: TiledConfig = field(default_factory=TiledConfig)
     # BraggNN trains on thousands of small patches: bigger batches, a higher rate, and only
     # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit).  One
     # thread: its tensors are too small for a second to help, and a busy second core makes

@@ -38,12 +38,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from edgeloop import adfile
+from edgeloop import adfile, tiled_runs
+from edgeloop.config import SCAN_POSITIONS
 
 SCAN_DATASETS = ("frames", "unique_id", "timestamps")
 SCAN_ATTRS = ("start_json", "plan_name", "uid", "scan_id", "exit_status", "num_events")
-# technique -> (positions dataset, number of motor axes)
-POSITIONS = {"ptychography": ("positions_um", 2), "hedm": ("omega_deg", 1)}
+POSITIONS = SCAN_POSITIONS  # technique -> (positions dataset, number of motor axes)
 PART = ".part"  # suffix of a scan file while it is written
 SCAN_GLOB, RUN_GLOB = "scan_*.h5", "run_*.json"
 RUN_SUFFIX = ".json"
@@ -69,7 +69,8 @@ def read_scan(path: str | os.PathLike) -> dict:
     Parameters
     ----------
     path : str or os.PathLike
-        The ``scan_*.h5`` file or the ``run_*.json`` entry.
+        The ``scan_*.h5`` file, the ``run_*.json`` entry, or a run stored in Tiled (its
+        URL: :mod:`edgeloop.tiled_runs`).
 
     Returns
     -------
@@ -92,6 +93,8 @@ def read_scan(path: str | os.PathLike) -> dict:
         attributes; if a file a run entry refers to is not readable or lacks a dataset of
         areaDetector's layout.
     """
+    if tiled_runs.is_ref(path):
+        return tiled_runs.read_run(str(path))
     if Path(path).suffix == RUN_SUFFIX:
         return _read_run(Path(path))
     return _read_scan_file(Path(path))

@@ -33,7 +33,7 @@ from edgeloop.remote import tasks
 from edgeloop.remote.errors import Aborted, RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.held_out import held_out_losses
-from edgeloop.remote.scan_index import ScanIndex
+from edgeloop.remote.scan_index import scan_index
 from edgeloop.remote.staging import code_version, staging
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class RetrainPipeline:
         self.cfg, self.registry, self.slot = cfg, registry, slot
         self.progress, self.deploy, self.on_staged = progress, deploy, on_staged
         self.abort = threading.Event()
-        self.scans = ScanIndex()
+        self.scans = scan_index(cfg)
         self.where = None  # how the executor gets the files (remote/staging.py), per run
         self.step = "Idle"
         self._step_timeout = step_timeout
@@ -216,11 +216,11 @@ class RetrainPipeline:
 
     def _stage(self, trigger: str, timings: dict) -> tuple[str, str, object, list[str]]:
         cfg = self.cfg
-        self._enter("Staging", f"staging scans from {cfg.data_path}; trigger: {trigger}")
+        self._enter("Staging", f"staging scans from {self.scans.where}; trigger: {trigger}")
         t0 = time.perf_counter()
         available = self.scans.usable(cfg.data_path)
         if not available:
-            raise RetrainError(f"no scans to train on in {cfg.data_path}")
+            raise RetrainError(f"no scans to train on in {self.scans.where}")
         technique = available[0][1]
         kind = MODE_KIND[TECHNIQUE_MODE[technique]]
         train_cfg = cfg.training(kind)

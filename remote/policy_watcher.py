@@ -19,7 +19,7 @@ from edgeloop.registry import Registry, RegistryCorrupt, atomic_write
 from edgeloop.remote.ml_pvs import fresh_values
 from edgeloop.remote.pipeline import fmt
 from edgeloop.remote.policy import RetrainPolicy, Settings, quality_during
-from edgeloop.remote.scan_index import ScanIndex
+from edgeloop.remote.scan_index import scan_index
 from edgeloop.scanfile import POSITIONS, read_scan
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class PolicyWatcher:
         # edge:ScanConsistency as posted: (time stamp, value), newest last
         self._edge_quality: collections.deque = collections.deque(maxlen=4000)
         self.known_scans: set[str] = set()
-        self.scans = ScanIndex()  # each scan read once, not at every poll
+        self.scans = scan_index(cfg)  # each scan read once, not at every poll
 
     def callbacks(self) -> dict:
         """PV name -> monitor callback, for what the policy watches."""

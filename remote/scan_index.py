@@ -1,4 +1,6 @@
-"""Which scans of the data directory can be trained on: ``ScanIndex.usable(data_dir)``.
+"""Which scans can be trained on: ``ScanIndex.usable(data_dir)`` of the data directory's
+files, ``TiledScans`` of the runs stored in Tiled; :func:`scan_index` picks by the
+configuration.
 
 The retraining policy asks every poll (2 s) over a beamtime of thousands of scans, so each
 scan file or run entry is read once (again only when its size or time changes), one that
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeloop import tiled_runs
 from edgeloop.scanfile import list_scans, scan_summary
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ class _Seen:
 class ScanIndex:
     def __init__(self, retry_s: float = 60.0):
         self.retry_s = retry_s
+        self.where = "the data directory"
         self.reads = 0  # files read so far (what the index saves)
         self._seen: dict[str, _Seen] = {}
         self._warned: set[tuple[str, str]] = set()
@@ -73,3 +77,45 @@ class ScanIndex:
 def usable_scans(data_dir) -> list[tuple[str, str, int]]:
     """:meth:`ScanIndex.usable` once, with an index of its own."""
     return ScanIndex().usable(data_dir)
+
+
+class TiledScans:
+    """:meth:`ScanIndex.usable` for runs stored in Tiled (``[tiled]`` enabled): the runs
+    :class:`edgeloop.tiled_runs.TiledRuns` finds, by reference.  While the server does not
+    answer (starting, restarting, down), the runs found before are what there is; the
+    outage is logged once, and its end."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.where = f"Tiled at {tiled_runs.server_uri(cfg.tiled)}"
+        self._runs: tiled_runs.TiledRuns | None = None
+        self._last: list[tuple[str, str, int]] = []
+        self._down: str | None = None
+
+    def usable(self, data_dir=None) -> list[tuple[str, str, int]]:
+        try:
+            if self._runs is None:
+                self._runs = tiled_runs.TiledRuns(
+                    tiled_runs.connect(self.cfg.tiled, self.cfg.data_path)
+                )
+            self._last = self._runs.usable()
+        except Exception as exc:  # httpx's and Tiled's errors: the server is not there now
+            if self._down is None:
+                log.warning("%s does not answer (%s); runs found before: %d",
+                            self.where, exc, len(self._last))  # fmt: skip
+            self._down = str(exc)
+            return self._last
+        if self._down is not None:
+            log.info("%s answers again", self.where)
+            self._down = None
+        return self._last
+
+
+def scan_index(cfg) -> ScanIndex | TiledScans:
+    """Where the retraining and its policy find runs: Tiled when ``[tiled]`` is enabled,
+    else the data directory's scan files and run entries."""
+    if cfg.tiled.enabled:
+        return TiledScans(cfg)
+    index = ScanIndex()
+    index.where = str(cfg.data_path)
+    return index

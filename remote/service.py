@@ -7,10 +7,12 @@ policy (policy_watcher.PolicyWatcher) together, and decides when a retraining ru
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from p4p.client.thread import Context
 
+from edgeloop import tiled_runs
 from edgeloop.config import MODE_KIND, Config
 from edgeloop.registry import Registry, RegistryCorrupt
 from edgeloop.remote import retention
@@ -55,6 +57,10 @@ class RetrainService:
         self.cfg = cfg
         self.input_pv = input_pv
         self.p = cfg.prefix
+        if cfg.tiled.enabled:  # the tasks read runs through Tiled with the key, as its client does
+            key = tiled_runs.api_key(cfg.tiled, cfg.data_path, create=not cfg.tiled.uri)
+            if key:
+                os.environ["TILED_API_KEY"] = key
         self.registry = Registry(cfg.registry_path)
         self.ctx = Context("pva", nt=False)
         self.pvs = MlPvs(self.ctx, self.p)

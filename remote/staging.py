@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path, PurePosixPath
 
 import edgeloop
+from edgeloop import tiled_runs
 from edgeloop.config import Config
 from edgeloop.optional import require
 from edgeloop.remote.errors import RetrainError
@@ -198,9 +199,14 @@ def portable(scans: list[str], folder: Path, base: Path) -> tuple[list[str], lis
     """What to send so that the scans read the same under one folder elsewhere, each file at
     its path relative to ``base``: (the scan paths to hand the task, every file to copy).  A
     run entry refers to the detector's files by where they are here, so a copy of it in
-    ``folder`` refers to them relative to itself, and the files go with it."""
+    ``folder`` refers to them relative to itself, and the files go with it.  A run stored
+    in Tiled is sent as it is: the task reads it from the server."""
     sent, files = [], []
-    for scan in map(Path, scans):
+    for ref in scans:
+        if tiled_runs.is_ref(ref):  # read through the Tiled server from there too
+            sent.append(ref)
+            continue
+        scan = Path(ref)
         if scan.suffix != ".json":
             sent.append(str(scan))
             files.append(str(scan))

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from edgeloop import registry as reg
-from edgeloop import signing
+from edgeloop import signing, tiled_runs
 from edgeloop.config import SecurityConfig, TrainConfig
 from edgeloop.models import kind as model_kind
 from edgeloop.optics import illuminated_mask, make_probe
@@ -147,14 +147,16 @@ LABEL_KEYS = ("pixel_um", "probe", "epochs", "algorithm", "input_size")
 
 def labels_cache_file(path, request: dict) -> Path | None:
     """Where the labels of one scan are cached: named by the scan file (its path, size and
-    modification time) and every analysis setting that changes them; None: no cache."""
+    modification time) or the Tiled run, and every analysis setting that changes them;
+    None: no cache."""
     if not request.get("cache_dir"):
         return None
-    st = Path(path).stat()
-    key = json.dumps(
-        [str(Path(path).resolve()), st.st_size, st.st_mtime_ns] + [request[k] for k in LABEL_KEYS],
-        sort_keys=True,
-    )
+    if tiled_runs.is_ref(path):  # a finished run stored in Tiled does not change
+        name = [str(path)]
+    else:
+        st = Path(path).stat()
+        name = [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    key = json.dumps(name + [request[k] for k in LABEL_KEYS], sort_keys=True)
     return Path(request["cache_dir"]) / f"labels_{reg.sha256_bytes(key.encode())[:24]}.h5"
 
 

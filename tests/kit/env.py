@@ -12,7 +12,8 @@
 
 Under pytest-xdist each worker has ports of its own (``WORKER_PORT_OFFSET``): the ML IOCs'
 CA port (``EPICS_CA_SERVER_PORT``, the port clients search at addresses without one), the
-simulated beamline's (``EDGELOOP_BEAMLINE_CA_PORT``; children inherit both) and every port
+simulated beamline's (``EDGELOOP_BEAMLINE_CA_PORT``; children inherit both), the embedded
+Tiled server's (``EDGELOOP_TILED_PORT``) and every port
 in ``CA_PORTS`` move by 100 per worker.  Within a worker the ML IOCs share their port, as on
 one host outside the tests: a unicast search reaches the IOC that bound it last, so a test
 talks CA only to the newest loop's IOC or to one on a port of its own (test_access)."""
@@ -27,6 +28,7 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw<N>" under xdist
 WORKER_PORT_OFFSET = 100 * int(WORKER.removeprefix("gw") or 0)
 assert "edgeloop.config" not in sys.modules, "the worker's CA port is set before edgeloop.config"
 os.environ["EDGELOOP_BEAMLINE_CA_PORT"] = str(5066 + WORKER_PORT_OFFSET)
+os.environ["EDGELOOP_TILED_PORT"] = str(8437 + WORKER_PORT_OFFSET)  # embedded Tiled servers
 if WORKER_PORT_OFFSET:  # the first worker, and a run without xdist, keep the standard 5064
     os.environ["EPICS_CA_SERVER_PORT"] = str(5064 + WORKER_PORT_OFFSET)
 

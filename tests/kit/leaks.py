@@ -41,7 +41,8 @@ def _children() -> dict[int, str]:
 
 def _process_wide_threads() -> set[int]:
     """Threads a library starts once per process and keeps by design: ophyd's dispatcher,
-    p4p's default work queues (SharedPV callbacks), tqdm's monitor, and the thread
+    p4p's default work queues (SharedPV callbacks), tqdm's monitor, dask's default pool (a
+    Tiled client's array reads), and the thread
     globus_compute_sdk starts on import to shut its executors down at exit."""
     keep = {
         t.ident
@@ -54,6 +55,10 @@ def _process_wide_threads() -> set[int]:
     if dispatcher is not None:
         threads = (*dispatcher._threads.values(), dispatcher._debug_monitor_thread)
         keep |= {t.ident for t in threads}
+    dask_threaded = sys.modules.get("dask.threaded")  # Tiled's client reads arrays with it
+    pool = getattr(dask_threaded, "default_pool", None)
+    if pool is not None:
+        keep |= {t.ident for t in pool._threads}
     p4p_util = sys.modules.get("p4p.util")
     if p4p_util is not None:
         queues = [q for q in p4p_util._defaultWorkQueue.W if q is not None]

@@ -60,6 +60,7 @@ class Loop:
         )
         self.cfg.security.signing_key_file = str(tmp / "signing.key")  # never ~/.edgeloop
         create_key(tmp / "signing.key")
+        self.cfg.tiled.enabled = False  # the scans are files in data_dir
         self.cfg.hedm.frame_size = 256
         self.cfg.train_hedm.epochs = 4
         for key, value in remote.items():

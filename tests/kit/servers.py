@@ -12,11 +12,12 @@ from edgeloop.app.loop import Servers, edge_counts, settled_counts
 from edgeloop.config import BEAMLINE_CA_PORT, Config
 from edgeloop.signing import create_key
 from edgeloop.waiting import wait_until
-from tests.kit.env import DEADLINE_SLACK, TEST_ENV, random_prefix
+from tests.kit.env import DEADLINE_SLACK, TEST_ENV, free_port, random_prefix
 
 
 def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
     cfg = Config(prefix=prefix, data_dir=str(tmp / "data"), registry_dir=str(tmp / "models"))
+    cfg.tiled.enabled = False  # runs as files: a test of Tiled turns it on
     cfg.train.epochs = 2
     cfg.train_hedm.epochs = 40
     cfg.train.recon_epochs = 8
@@ -88,12 +89,20 @@ class System(Servers, PvReader):
 
 
 @contextlib.contextmanager
-def whole_system(tmp: Path, tag: str, request, beamline_ca_port: int = BEAMLINE_CA_PORT):
-    """ioc (beamline + ML IOC) + edge + retrain-service, with small training settings."""
+def whole_system(
+    tmp: Path, tag: str, request, beamline_ca_port: int = BEAMLINE_CA_PORT, tiled: bool = False
+):
+    """ioc (beamline + ML IOC) + edge + retrain-service, with small training settings; with
+    ``tiled``, after an embedded Tiled server where runs are stored and found."""
     cfg, path = small_config(tmp, random_prefix(tag))
+    if tiled:
+        cfg.tiled.enabled, cfg.tiled.port = True, free_port()
+        cfg.dump(path)
     port = {"EDGELOOP_BEAMLINE_CA_PORT": str(beamline_ca_port)}
     sys_ = System(cfg, path, tmp / "logs", env=port)
     try:
+        if tiled:
+            sys_.start_tiled()
         sys_.start("ioc", "--simulate", ready_pv="ml:Status")
         sys_.start("edge", ready_pv="edge:ModelVersion")
         sys_.start("retrain-service")

@@ -52,6 +52,7 @@ class Servers:
             # keys (the gate's too) beside the test's files, never in ~/.edgeloop
             security=dataclasses.replace(security, signing_key_file=str(tmp / "signing.key")),
         )
+        self.cfg.tiled.enabled = False  # the scans are files in data_dir
         self.p = self.cfg.prefix
         port = free_port()
         self.env = dict(

@@ -43,6 +43,7 @@ def endpoint_home():
 def test_a_retraining_without_a_shared_filesystem_runs_end_to_end(tmp_path, endpoint_home):
     home, owner = endpoint_home, (os.getuid(), os.getgid())
     cfg = Config(mode="hedm", data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "m"))
+    cfg.tiled.enabled = False  # the scans are files in data_dir
     cfg.hedm.frame_size = 256
     cfg.train_hedm.epochs = 4
     cfg.remote.quality_margin = 10.0  # the second run is to start from v1, not to beat it

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture
 def pipeline(tmp_path):
     cfg = Config(mode="hedm", data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "m"))
+    cfg.tiled.enabled = False  # the scans are files in data_dir
     cfg.security.signing_key_file = str(tmp_path / "signing.key")
     create_key(tmp_path / "signing.key")
     cfg.hedm.frame_size = 256

@@ -105,6 +105,7 @@ def test_a_retraining_that_fails_before_staging_is_asked_again_only_after_the_in
     from edgeloop.scanfile import write_scan
 
     cfg = Config(data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "models"))
+    cfg.tiled.enabled = False  # the scans are files in data_dir
     cfg.data_path.mkdir()
     write_scan(
         cfg.data_path / "scan_1_aaaa.h5", "ptychography", np.zeros((8, 8, 8)), grid(0, 3)[:8]

@@ -17,6 +17,7 @@ def service(tmp_path):
     from edgeloop.remote.service import RetrainService
 
     cfg = Config(data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "models"))
+    cfg.tiled.enabled = False  # the scans are files in data_dir
     cfg.security.signing_key_file = str(tmp_path / "signing.key")
     svc = RetrainService(cfg, executor=object())
     svc.said = []

@@ -68,6 +68,7 @@ def train_cfg(epochs: int = 12) -> TrainConfig:
 
 def config(tmp: Path) -> Config:
     cfg = Config(mode="hedm", data_dir=str(tmp / "data"), registry_dir=str(tmp / "models"))
+    cfg.tiled.enabled = False  # the scans are files in data_dir
     cfg.security.signing_key_file = str(tmp / "signing.key")
     cfg.model.braggnn_width = ARCH["width"]
     return cfg

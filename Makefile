@@ -56,6 +56,9 @@ system-deps:
 	@if ldd $(ADSIM)/bin/simDetectorApp | grep -q "not found"; then \
 		apt-get install -y -q $(ADSIM_LIBS) || \
 		{ apt-get update -q && apt-get install -y -q $(ADSIM_LIBS); }; fi
+	@# the Queue Server's store (the tests start their own, on loopback)
+	@command -v redis-server >/dev/null || apt-get install -y -q redis-server || \
+		{ apt-get update -q && apt-get install -y -q redis-server; }
 
 benchmark: $(VENV)/.installed
 	$(VENV)/bin/edgeloop bench --out out/bench

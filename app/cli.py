@@ -211,6 +211,18 @@ def cmd_ipython_profile(args) -> None:
     print(f"wrote {path}\nstart the session with: ipython --profile={PROFILE}", flush=True)
 
 
+def cmd_queueserver_profile(args) -> None:
+    from edgeloop.app.queueserver_profile import write_profile
+
+    _config(args)  # a configuration that does not load fails here, not in the manager
+    try:
+        where = write_profile(args.directory, args.config, args.prefix, args.simulated)
+    except RuntimeError as exc:
+        sys.exit(f"edgeloop queueserver-profile: {exc}")
+    print(f"wrote the Queue Server profile in {where}\nstart a Redis server, then: "
+          f"{where / 'start-re-manager.sh'}", flush=True)  # fmt: skip
+
+
 def cmd_screens(args) -> None:
     from edgeloop.app import screens
 
@@ -412,6 +424,15 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _queueserver_profile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", type=Path, help="where to write the profile")
+    p.add_argument(
+        "--simulated",
+        action="store_true",
+        help="the simulated beamline on this host: pin EPICS traffic to loopback",
+    )
+
+
 def _tiled_options(p: argparse.ArgumentParser) -> None:
     pass  # --data-dir and --config (common) say where and on which port
 
@@ -470,6 +491,14 @@ def _commands() -> tuple:
             "write the IPython profile 'edgeloop': a Bluesky session with the devices, plans, RE, "
             "live table, progress bar, live plot of the edge, ScanWriter and RetrainTrigger",
             _ipython_profile_options,
+        ),
+        (
+            "queueserver-profile",
+            cmd_queueserver_profile,
+            "write DIR: the Bluesky Queue Server's startup code (devices, annotated plans, the "
+            "RunEngine recording runs with the RetrainTrigger), user group permissions and "
+            "the list of plans and devices",
+            _queueserver_profile_options,
         ),
         (
             "screens",

@@ -115,18 +115,9 @@ class FileAttributes:
         kwargs = doc.get("resource_kwargs") or {}
         if kwargs.get("dataset", DATA) != DATA:
             return None
-        made, extra = {}, []
-        for role, path in self._series.items():
-            uid = str(uuid.uuid4())
-            made[role] = uid
-            extra.append(
-                (
-                    "resource",
-                    dict(doc, uid=uid, resource_kwargs=dict(kwargs, dataset=path)),
-                )
-            )
-        self._resources[doc["uid"]] = made
-        return extra
+        return self._companions("resource", doc, lambda role, path: {
+            "resource_kwargs": dict(kwargs, dataset=path)
+        })  # fmt: skip
 
     def _datum(self, doc):
         made = self._resources.get(doc["resource"])
@@ -158,21 +149,17 @@ class FileAttributes:
         series = dict(parameters)
         if "chunk_shape" in series:  # (frames per chunk, ny, nx) of the frames
             series["chunk_shape"] = list(series["chunk_shape"])[:-2]
+        return self._companions("stream_resource", doc, lambda role, path: {
+            "data_key": companion(doc["data_key"], role),
+            "parameters": dict(series, dataset=path),
+        })  # fmt: skip
+
+    def _companions(self, name: str, doc: dict, change) -> list:
+        """A copy of the resource ``doc`` for each series, ``change(role, path)`` applied."""
         made, extra = {}, []
         for role, path in self._series.items():
-            uid = str(uuid.uuid4())
-            made[role] = uid
-            extra.append(
-                (
-                    "stream_resource",
-                    dict(
-                        doc,
-                        uid=uid,
-                        data_key=companion(doc["data_key"], role),
-                        parameters=dict(series, dataset=path),
-                    ),
-                )
-            )
+            made[role] = uid = str(uuid.uuid4())
+            extra.append((name, dict(doc, uid=uid, **change(role, path))))
         self._resources[doc["uid"]] = made
         return extra
 

@@ -34,10 +34,15 @@ from bluesky import RunEngine
 from bluesky.plans import count  # noqa: F401  (a plan operators may run)
 from bluesky_queueserver import is_re_worker_active
 from ophyd import Component, Device, EpicsSignal
+from ophyd.signal import EpicsSignalBase
 
 from edgeloop import bluesky_plans as plans
 from edgeloop.bluesky_plans import RetrainTrigger, RunIndex, SampleStage, SimDetector
 from edgeloop.config import Config, pin_loopback
+
+# as beamline profiles do: ophyd's 1 s to connect a signal is short on a busy host (the
+# areaDetector reads cam1:Acquire_RBV when it is made)
+EpicsSignalBase.set_defaults(connection_timeout=10.0)
 
 CFG = Config.load({config!r})
 CFG.prefix = {prefix!r}

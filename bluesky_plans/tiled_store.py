@@ -78,7 +78,7 @@ class FileAttributes:
         extra = None
         if handler and (self._series or name == "start"):
             # the RunEngine hands every callback the same documents: change copies only
-            doc = copy.deepcopy(doc) if name in ("descriptor", "event") else doc
+            doc = copy.deepcopy(doc) if name in ("descriptor", "event", "resource") else doc
             extra = handler(doc)
         self.downstream(name, doc)
         for item in extra or ():
@@ -99,6 +99,12 @@ class FileAttributes:
         for key, info in list(keys.items()):
             if info.get("external") and len(info.get("shape") or ()) >= 2:
                 self._images.add(key)
+                if len(info["shape"]) == 3 and info["shape"][0] == 1:
+                    # ophyd's (NumImages, ny, nx) for one frame a point: as (ny, nx), the
+                    # array Tiled serves has the file's rank, and a file that holds more
+                    # frames than the run (the detector ran on after an abort) is read to
+                    # the run's frames; with the extra axis Tiled refuses the reshape
+                    info["shape"] = list(info["shape"][1:])
                 for role, path in self._series.items():
                     dtype, numpy = ROLE_TYPES.get(role, POSITION_TYPE)
                     keys[companion(key, role)] = {
@@ -112,9 +118,11 @@ class FileAttributes:
     def _resource(self, doc):
         if doc.get("spec") not in AD_HDF5_SPECS:
             return None
-        kwargs = doc.get("resource_kwargs") or {}
+        kwargs = doc.setdefault("resource_kwargs", {})
         if kwargs.get("dataset", DATA) != DATA:
             return None
+        if kwargs.get("frame_per_point") == 1:  # with it, Tiled adds the axis taken off above
+            del kwargs["frame_per_point"]
         return self._companions("resource", doc, lambda role, path: {
             "resource_kwargs": dict(kwargs, dataset=path)
         })  # fmt: skip

@@ -12,7 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgeloop.scanfile import list_scans, read_scan
+from edgeloop import tiled_runs
+from edgeloop.app.processes import ManagedProcess
+from edgeloop.app.tiled_server import wait_ready
+from edgeloop.config import Config
+from edgeloop.scanfile import list_scans
 from edgeloop.waiting import wait_until
 from tests.kit.env import TEST_ENV, free_port, random_prefix
 from tests.kit.servers import System, small_config
@@ -74,9 +78,19 @@ def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path
     assert "Deferred pause" not in text
     _assert_all_gone(children)
     # the interrupted run was aborted cleanly: bluesky collected the frames flown so far,
-    # and the run entry points at them in the detector's file, marked as aborted
-    (scan,) = list_scans(out / "data")
-    data = read_scan(scan)
+    # and the run, stored in the demo's Tiled server, points at them in the detector's
+    # file, marked as aborted (read through the server, started again on its catalog)
+    assert not list_scans(out / "data")  # no run entries: runs live in Tiled
+    cfg = Config.load(out / "config.json")
+    server = ManagedProcess("tiled", ["tiled", "--config", str(out / "config.json")],
+                            tmp_path / "tiled.log", env=TEST_ENV)  # fmt: skip
+    try:
+        wait_ready(cfg, 120, server)
+        client = tiled_runs.connect(cfg.tiled, cfg.data_path)
+        (run,) = client.values()
+        data = tiled_runs.read_run(tiled_runs.run_ref(client, run.metadata["start"]["uid"]), run)
+    finally:
+        server.stop()
     assert data["exit_status"] == "abort" and 0 < data["num_events"] < 400
     assert len(data["frames"]) == data["num_events"]
 

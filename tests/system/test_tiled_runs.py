@@ -151,6 +151,12 @@ def test_a_v1_run_is_read_through_tiled_as_its_files_hold_it(tiled, catalog, per
     assert {"det_image", "det_image_unique_id", "det_image_x", "det_image_y"} <= set(stream)
 
 
+def test_a_file_with_more_frames_than_the_run_is_read_to_the_runs_frames(tiled, catalog):
+    """The detector ran on after the run stopped (an aborted fly scan): 12 rows, 8 datums."""
+    path = write_ad_file(tiled.cfg.data_path / "more.h5", 12)
+    check_rows(read_scan(record(catalog, v1_docs(path, 8))), 8)
+
+
 @pytest.mark.parametrize("technique", ["ptychography", "hedm"])
 def test_an_ophyd_async_run_is_read_through_tiled(tiled, catalog, technique):
     path = write_ad_file(tiled.cfg.data_path / f"b_{technique}.h5", 10, technique)
@@ -274,7 +280,7 @@ def test_a_scan_stored_in_tiled_is_retrained_from_after_the_server_restarts(loop
     np.testing.assert_array_equal(scan["unique_id"], np.arange(1, 41))
 
     version = int(loop.value("edge:ModelVersion"))
-    _, states = retrain_via_pv(loop.ctx, loop.prefix, version)
+    _, states = retrain_via_pv(loop.ctx, loop.prefix, version, protocol="pva")
     new = int(loop.value("edge:ModelVersion"))
     assert "Training" in states and new > version
     assert Registry(cfg.registry_path).meta(new)["trained_on"] == [store.last_path]

@@ -34,7 +34,6 @@ POSITION_ROLES = {"ptychography": ("x", "y"), "hedm": ("rotation",)}
 STREAM = "primary"
 METADATA = "/api/v1/metadata/"
 KEY_FILE = "api_key"  # of the embedded server, under its directory (mode 0600)
-MIN_FRAMES = 4  # as remote.scan_index: fewer cannot be labelled nor split
 
 
 def companion(image: str, role: str) -> str:
@@ -198,10 +197,9 @@ class TiledRuns:
             return min(pending) - 1e-3
         return max((s.started for s in self._seen.values()), default=0.0)
 
-    def usable(self, data_dir=None) -> list[tuple[str, str, int]]:
+    def usable(self, min_frames: int = 1) -> list[tuple[str, str, int]]:
         """(reference, technique, frames) of the finished runs of a known technique with
-        at least MIN_FRAMES frames, newest first (``data_dir`` is not read: the signature
-        of :meth:`edgeloop.remote.scan_index.ScanIndex.usable`)."""
+        at least ``min_frames`` frames, newest first."""
         from tiled.queries import In, Key
 
         found = self.client.search(In("start.technique", list(POSITIONS))).search(
@@ -216,7 +214,7 @@ class TiledRuns:
         return [
             (self.ref(uid), technique, n)
             for _, uid, (technique, n) in sorted(done, reverse=True)
-            if n >= MIN_FRAMES
+            if n >= min_frames
         ]
 
     def _look(self, uid: str, node) -> _Seen:

@@ -98,7 +98,7 @@ class TiledScans:
                 self._runs = tiled_runs.TiledRuns(
                     tiled_runs.connect(self.cfg.tiled, self.cfg.data_path)
                 )
-            self._last = self._runs.usable()
+            self._last = self._runs.usable(MIN_FRAMES)
         except Exception as exc:  # httpx's and Tiled's errors: the server is not there now
             if self._down is None:
                 log.warning("%s does not answer (%s); runs found before: %d",

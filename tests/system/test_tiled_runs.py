@@ -19,7 +19,7 @@ from edgeloop.app.tiled_server import wait_ready
 from edgeloop.bluesky_plans import tiled_writer
 from edgeloop.config import Config, PositionsConfig
 from edgeloop.registry import Registry
-from edgeloop.remote.scan_index import TiledScans
+from edgeloop.remote.scan_index import MIN_FRAMES, TiledScans
 from edgeloop.scanfile import read_scan
 from tests.kit.env import TEST_ENV, free_port
 from tests.kit.runs import run_engine, run_plan
@@ -186,7 +186,8 @@ def test_runs_are_found_newest_first_with_one_query_per_poll(tiled, catalog):
     writer(*docs[-1])
     assert runs.usable() == [(writer.last_path, "hedm", 6), (first, "ptychography", 8)]
     few = record(catalog, v1_docs(write_ad_file(tiled.cfg.data_path / "3.h5", 3), 3))
-    assert few not in [r for r, *_ in runs.usable()]  # too few frames to train on
+    assert (few, "ptychography", 3) in runs.usable()
+    assert few not in [r for r, *_ in runs.usable(MIN_FRAMES)]  # too few to train on
 
 
 def test_a_run_without_its_files_series_is_skipped_with_a_reason(tiled, catalog, caplog):
@@ -246,9 +247,14 @@ def loop(tmp_path, request):
 def test_a_scan_stored_in_tiled_is_retrained_from_after_the_server_restarts(loop):
     """Item 3's test: a fly scan recorded by TiledWriter, the server restarted, and the
     retraining finds the run by querying Tiled and reads its frames through it."""
+    from ophyd.signal import EpicsSignalBase
+
     from edgeloop.app.loop import retrain_via_pv
     from edgeloop.bluesky_plans import make_devices, ptycho_fly_scan
 
+    # as the IPython profile does: ophyd's areaDetector connects cam1:Acquire_RBV when it
+    # is made, with ophyd's 1 s by default (too short once, on a loaded machine)
+    EpicsSignalBase.set_defaults(connection_timeout=5.0)
     cfg = loop.cfg
     det, stage = make_devices(loop.prefix, cfg.data_path / "detector", timeout=15)
     store = tiled_writer(tiled_runs.connect(cfg.tiled, cfg.data_path), cfg.positions)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgeloop.app.ipython_profile import PIN
 from edgeloop.config import LOOPBACK_ENV
 
 STARTUP = '''\
@@ -38,7 +39,7 @@ from ophyd.signal import EpicsSignalBase
 
 from edgeloop import bluesky_plans as plans
 from edgeloop.bluesky_plans import RetrainTrigger, RunIndex, SampleStage, SimDetector
-from edgeloop.config import Config, pin_loopback
+from edgeloop.config import Config
 
 # as beamline profiles do: ophyd's 1 s to connect a signal is short on a busy host (the
 # areaDetector reads cam1:Acquire_RBV when it is made)
@@ -136,8 +137,6 @@ user_groups:
     allowed_functions: [null]
     forbidden_functions: [":^_"]
 """
-
-PIN = "pin_loopback()  # the simulated beamline on this host: EPICS traffic stays on loopback"
 
 # the manager's own addresses: loopback (0MQ) and a Redis server of its own
 CONTROL_PORT, INFO_PORT, REDIS_PORT = 60615, 60625, 6379

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from edgeloop.config import Config
 from edgeloop.tiled_runs import api_key, server_dir, server_uri
+from edgeloop.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def serve(cfg: Config, stop: threading.Event | None = None) -> None:
         raise ValueError(f"[tiled] uri is {cfg.tiled.uri!r}: that server is not started here")
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     key = api_key(cfg.tiled, cfg.data_path, create=True)
-    where = server_dir(cfg.tiled, cfg.data_path)
+    where = server_dir(cfg.data_path)
     with SimpleTiledServer(
         directory=where, api_key=key, port=cfg.tiled.port, readable_storage=[cfg.data_path]
     ):
@@ -40,17 +40,17 @@ def wait_ready(cfg: Config, timeout: float = 60.0, proc=None) -> None:
     import httpx
 
     url = server_uri(cfg.tiled).removesuffix("/api/v1") + "/healthz"
-    deadline = time.monotonic() + timeout
-    with httpx.Client(trust_env=False) as client:
-        while True:
-            try:
+
+    def answers() -> bool:
+        try:
+            with httpx.Client(trust_env=False) as client:
                 if client.get(url, timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if proc is not None and not proc.alive():
-                raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}")
-            if time.monotonic() > deadline:
-                tail = proc.output()[-3000:] if proc else ""
-                raise TimeoutError(f"Tiled at {url} did not answer within {timeout} s\n{tail}")
-            time.sleep(0.2)
+                    return True
+        except httpx.HTTPError:
+            pass
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-3000:]}")
+        return False
+
+    tail = (lambda: proc.output()[-3000:]) if proc is not None else (lambda: "")
+    wait_until(answers, timeout, f"Tiled at {url}", 0.2, tail)

@@ -46,7 +46,7 @@ def is_ref(path) -> bool:
     return str(path).startswith(("http://", "https://"))
 
 
-def server_dir(tiled_cfg, data_path: Path) -> Path:
+def server_dir(data_path: Path) -> Path:
     """The embedded server's directory (catalog, logs, key): ``<data_dir>/tiled``."""
     return Path(data_path) / "tiled"
 
@@ -65,7 +65,7 @@ def api_key(tiled_cfg, data_path: Path, create: bool = False) -> str | None:
         return os.environ["TILED_API_KEY"]
     if tiled_cfg.uri:
         return None  # a facility server that takes no key (or a login)
-    path = server_dir(tiled_cfg, data_path) / KEY_FILE
+    path = server_dir(data_path) / KEY_FILE
     if not path.exists() and create:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}")

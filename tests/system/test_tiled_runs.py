@@ -224,7 +224,7 @@ def test_runs_survive_a_restart_and_an_outage_loses_none(tmp_path, caplog, monke
 
 
 def test_the_embedded_servers_key_is_made_once_and_kept_private(tiled, catalog):
-    key_file = tiled_runs.server_dir(tiled.cfg.tiled, tiled.cfg.data_path) / tiled_runs.KEY_FILE
+    key_file = tiled_runs.server_dir(tiled.cfg.data_path) / tiled_runs.KEY_FILE
     assert os.stat(key_file).st_mode & 0o077 == 0
     assert tiled_runs.api_key(tiled.cfg.tiled, tiled.cfg.data_path, create=True) == (
         key_file.read_text().strip()

@@ -36,7 +36,7 @@ from edgeloop.edge_pva.backend_base import (
     gpu_missing,
     kind_of,
 )
-from edgeloop.edge_pva.onnx_export import INPUT, export_onnx
+from edgeloop.onnx_export import INPUT, export_onnx
 from edgeloop.edge_pva.tolerance import resolve_precision
 from edgeloop.registry import atomic_write, sha256_bytes
 

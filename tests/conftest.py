@@ -48,6 +48,11 @@ def _unit_tests_start_no_process(request, monkeypatch):
 
 def pytest_configure(config):
     os.environ.update(TEST_ENV)  # before any EPICS client reads its settings
+    from ophyd.signal import EpicsSignalBase
+
+    # as the profiles edgeloop writes do, before any test makes a signal: ophyd's 1 s to
+    # connect a lazy signal (cam1:Acquire_RBV, say) is short on a loaded machine
+    EpicsSignalBase.set_defaults(connection_timeout=10.0)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
 
@@ -99,7 +104,7 @@ def RE():
 @pytest.fixture(scope="session")
 def system(tmp_path_factory, request):
     """The whole loop, shared by the tests of test_loop.py."""
-    with whole_system(tmp_path_factory.mktemp("system"), "s", request) as sys_:
+    with whole_system(tmp_path_factory.mktemp("system"), "s", request, "beamline") as sys_:
         SESSION_PIDS.update(proc.proc.pid for proc in sys_.procs.values())
         yield sys_
 

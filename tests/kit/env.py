@@ -14,9 +14,13 @@ Under pytest-xdist each worker has ports of its own (``WORKER_PORT_OFFSET``): th
 CA port (``EPICS_CA_SERVER_PORT``, the port clients search at addresses without one), the
 simulated beamline's (``EDGELOOP_BEAMLINE_CA_PORT``; children inherit both), the embedded
 Tiled server's (``EDGELOOP_TILED_PORT``) and every port
-in ``CA_PORTS`` move by 100 per worker.  Within a worker the ML IOCs share their port, as on
-one host outside the tests: a unicast search reaches the IOC that bound it last, so a test
-talks CA only to the newest loop's IOC or to one on a port of its own (test_access)."""
+in ``CA_PORTS`` move by 100 per worker.  Within a worker the ML IOCs share their port: CA
+servers on one port (SO_REUSEPORT, caproto's and the IOC's alike) each get a share of the
+unicast searches by a hash of the client's address, so a client may find one and never the
+other. The tests reach those ML IOCs over PVA (pvxs passes unicast searches on to every
+server on the host); a CA client of an ML IOC talks to the session's loop, to a loop beside
+it on ports of its own (``LOOP_CA_PORTS``, ``loop_ca_env``), or to one on a port of its own
+(test_access)."""
 
 import os
 import secrets
@@ -48,6 +52,12 @@ CA_PORTS = {
     "area_detector_own": BEAMLINE_CA_PORT + 4,
     "run_index": BEAMLINE_CA_PORT + 5,
     "adsim": BEAMLINE_CA_PORT + 6,  # the real simDetector IOC (tests/kit/real_ad.py)
+    "second_ml": BEAMLINE_CA_PORT + 7,  # the ML IOC of the loop beside the session's
+}
+# a whole loop's (beamline, ML IOC) ports: None is the worker's EPICS_CA_SERVER_PORT
+LOOP_CA_PORTS = {
+    "beamline": ("beamline", None),
+    "second_beamline": ("second_beamline", "second_ml"),
 }
 
 TEST_ENV = dict(
@@ -62,6 +72,16 @@ TEST_ENV = dict(
 def ca_port(name: str) -> int:
     """The CA port reserved for ``name`` (a key of ``CA_PORTS``)."""
     return CA_PORTS[name]
+
+
+def loop_ca_env(loop: str) -> dict[str, str]:
+    """The environment that puts a whole loop's IOCs on the ports ``LOOP_CA_PORTS[loop]``
+    (its clients, started with it, search there)."""
+    beamline, ml = LOOP_CA_PORTS[loop]
+    env = {"EDGELOOP_BEAMLINE_CA_PORT": str(CA_PORTS[beamline])}
+    if ml is not None:
+        env["EPICS_CA_SERVER_PORT"] = str(CA_PORTS[ml])
+    return env
 
 
 def free_port() -> int:

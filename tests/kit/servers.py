@@ -9,10 +9,10 @@ from pathlib import Path
 from p4p.client.thread import Context
 
 from edgeloop.app.loop import Servers, edge_counts, settled_counts
-from edgeloop.config import BEAMLINE_CA_PORT, Config
+from edgeloop.config import Config
 from edgeloop.signing import create_key
 from edgeloop.waiting import wait_until
-from tests.kit.env import DEADLINE_SLACK, TEST_ENV, free_port, random_prefix
+from tests.kit.env import DEADLINE_SLACK, TEST_ENV, free_port, loop_ca_env, random_prefix
 
 
 def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
@@ -89,17 +89,20 @@ class System(Servers, PvReader):
 
 
 @contextlib.contextmanager
-def whole_system(
-    tmp: Path, tag: str, request, beamline_ca_port: int = BEAMLINE_CA_PORT, tiled: bool = False
-):
+def whole_system(tmp: Path, tag: str, request, beamline: str, tiled: bool = False):
     """ioc (beamline + ML IOC) + edge + retrain-service, with small training settings; with
-    ``tiled``, after an embedded Tiled server where runs are stored and found."""
+    ``tiled``, after an embedded Tiled server where runs are stored and found.
+
+    ``beamline`` names the CA ports of ``tests.kit.env.LOOP_CA_PORTS`` this loop's two IOCs
+    take: ``"beamline"`` is the session's loop, ``"second_beamline"`` a loop beside it. Two
+    CA servers on one UDP port (SO_REUSEPORT) each get a share of the unicast searches, by
+    a hash of the client's address: a client finds the PVs of one of them and never the
+    other's, so two loops at once must not share either port."""
     cfg, path = small_config(tmp, random_prefix(tag))
     if tiled:
         cfg.tiled.enabled, cfg.tiled.port = True, free_port()
         cfg.dump(path)
-    port = {"EDGELOOP_BEAMLINE_CA_PORT": str(beamline_ca_port)}
-    sys_ = System(cfg, path, tmp / "logs", env=port)
+    sys_ = System(cfg, path, tmp / "logs", env=loop_ca_env(beamline))
     try:
         if tiled:
             sys_.start_tiled()

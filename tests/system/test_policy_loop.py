@@ -14,7 +14,6 @@ from edgeloop.bluesky_plans import RunIndex, make_devices, ptycho_fly_scan
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import Registry, model_to_bytes
 from edgeloop.waiting import holds_for, wait_until
-from tests.kit.env import ca_port
 from tests.kit.models import add_approved
 from tests.kit.runs import run_engine
 from tests.kit.servers import whole_system
@@ -24,9 +23,7 @@ pytestmark = [pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory, request):
-    with whole_system(
-        tmp_path_factory.mktemp("policy"), "a", request, ca_port("second_beamline")
-    ) as s:
+    with whole_system(tmp_path_factory.mktemp("policy"), "a", request, "second_beamline") as s:
         yield s
 
 

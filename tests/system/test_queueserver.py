@@ -29,7 +29,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory, request):
-    with whole_system(tmp_path_factory.mktemp("qs"), "q", request, tiled=True) as sys_:
+    qs = tmp_path_factory.mktemp("qs")
+    with whole_system(qs, "q", request, "second_beamline", tiled=True) as sys_:
         yield sys_
 
 

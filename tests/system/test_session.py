@@ -21,7 +21,6 @@ from edgeloop.bluesky_plans import (
     ptycho_scan,
 )
 from edgeloop.waiting import holds_for, wait_until
-from tests.kit.env import ca_port
 from tests.kit.figures import draws_coalesced
 from tests.kit.servers import whole_system
 
@@ -34,7 +33,7 @@ TUTORIAL = Path(__file__).resolve().parents[2] / "docs" / "tutorial.md"
 def loop(tmp_path_factory, request):
     """A whole loop of this module's own: the session's RetrainTrigger retrains it."""
     tmp = tmp_path_factory.mktemp("session")
-    with whole_system(tmp, "i", request, ca_port("second_beamline")) as sys_:
+    with whole_system(tmp, "i", request, "second_beamline") as sys_:
         yield sys_
 
 

@@ -240,21 +240,16 @@ def test_the_embedded_servers_key_is_made_once_and_kept_private(tiled, catalog):
 def loop(tmp_path, request):
     """A whole loop whose runs live in an embedded Tiled server, as the demo's do (the
     test's own: it restarts the server)."""
-    with whole_system(tmp_path, "t", request, tiled=True) as sys_:
+    with whole_system(tmp_path, "t", request, "second_beamline", tiled=True) as sys_:
         yield sys_
 
 
 def test_a_scan_stored_in_tiled_is_retrained_from_after_the_server_restarts(loop):
     """Item 3's test: a fly scan recorded by TiledWriter, the server restarted, and the
     retraining finds the run by querying Tiled and reads its frames through it."""
-    from ophyd.signal import EpicsSignalBase
-
     from edgeloop.app.loop import retrain_via_pv
     from edgeloop.bluesky_plans import make_devices, ptycho_fly_scan
 
-    # as the IPython profile does: ophyd's areaDetector connects cam1:Acquire_RBV when it
-    # is made, with ophyd's 1 s by default (too short once, on a loaded machine)
-    EpicsSignalBase.set_defaults(connection_timeout=5.0)
     cfg = loop.cfg
     det, stage = make_devices(loop.prefix, cfg.data_path / "detector", timeout=15)
     store = tiled_writer(tiled_runs.connect(cfg.tiled, cfg.data_path), cfg.positions)

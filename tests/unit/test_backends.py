@@ -24,7 +24,7 @@ from edgeloop.edge_pva.inference import (
     resolve_backend,
     unavailable_reason,
 )
-from edgeloop.edge_pva.onnx_export import export_onnx
+from edgeloop.onnx_export import export_onnx
 from edgeloop.edge_pva.tensorrt_backend import (
     EngineKey,
     batch_profile,

@@ -24,7 +24,6 @@ from edgeloop.edge_pva.inference import (
     resolve_backend,
     unavailable_reason,
 )
-from edgeloop.onnx_export import export_onnx
 from edgeloop.edge_pva.tensorrt_backend import (
     EngineKey,
     batch_profile,
@@ -34,6 +33,7 @@ from edgeloop.edge_pva.tensorrt_backend import (
 )
 from edgeloop.edge_pva.tolerance import TOLERANCES, resolve_precision, violations
 from edgeloop.models import kind as model_kind
+from edgeloop.onnx_export import export_onnx
 from edgeloop.registry import ModelUnavailable
 from tests.kit.networks import SIZE, network
 

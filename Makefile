@@ -39,6 +39,15 @@ docs: $(VENV)/.installed
 TEST_WORKERS ?= 1
 XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
+# a stock MLflow tracking server for the tests of records.mlflow_uri, in an environment of
+# its own as a facility runs one: its graphene pins graphql-core below what Tiled's server
+# needs, so it cannot live beside edgeloop (edgeloop[mlflow] is the client, mlflow-skinny)
+MLFLOW_VENV ?= .venv-mlflow
+$(MLFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q 'mlflow==3.17.2'
+	touch $@
+
 test: lint system-deps
 	$(PY) -m pytest $(XDIST)
 
@@ -52,7 +61,7 @@ test-system: $(VENV)/.installed system-deps
 # installed only when one is missing
 ADSIM ?= ../shared/adsim
 ADSIM_LIBS = libhdf5-103-1 libblosc1 libsz2 libtiff6 libxml2 libjpeg62-turbo libreadline8
-system-deps:
+system-deps: $(MLFLOW_VENV)/.installed
 	@if ldd $(ADSIM)/bin/simDetectorApp | grep -q "not found"; then \
 		apt-get install -y -q $(ADSIM_LIBS) || \
 		{ apt-get update -q && apt-get install -y -q $(ADSIM_LIBS); }; fi
@@ -66,4 +75,4 @@ benchmark: $(VENV)/.installed
 	$(PY) benchmarks/monitor_load.py
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(MLFLOW_VENV) out

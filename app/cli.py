@@ -253,6 +253,18 @@ def cmd_globus(args) -> None:
     print(f"Globus Transfer: logged in (tokens in {globus_login.token_file(cfg)})")
 
 
+def cmd_models(args) -> None:
+    from edgeloop.app import models_cli
+
+    models_cli.run(_config(args), args)
+
+
+def _models_options(p: argparse.ArgumentParser) -> None:
+    from edgeloop.app import models_cli
+
+    models_cli.add_options(p)
+
+
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--prefix", default="SIM:", help="PV prefix (default SIM:)")
@@ -520,6 +532,14 @@ def _commands() -> tuple:
             "log in to Globus Transfer once for remote.staging = globus (tokens stored and "
             "refreshed), or check the stored login",
             _globus_options,
+        ),
+        (
+            "models",
+            cmd_models,
+            "the model records (ONNX graph, weights, model card, checksums, the gate's "
+            "signature): list and filter the versions, show a card, export a record as one "
+            "archive, verify records",
+            _models_options,
         ),
         (
             "bench",

@@ -29,11 +29,11 @@ from edgeloop.edge_pva.backend_base import (
     gpu_missing,
     kind_of,
 )
-from edgeloop.onnx_export import INPUT, export_onnx
 from edgeloop.edge_pva.tensorrt_backend import TensorRTBackend
 from edgeloop.edge_pva.tolerance import resolve_precision
 from edgeloop.models import ModelKind
 from edgeloop.models import kind as model_kind
+from edgeloop.onnx_export import INPUT, export_onnx
 from edgeloop.optional import require
 from edgeloop.registry import is_transient
 

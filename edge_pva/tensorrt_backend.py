@@ -36,8 +36,8 @@ from edgeloop.edge_pva.backend_base import (
     gpu_missing,
     kind_of,
 )
-from edgeloop.onnx_export import INPUT, export_onnx
 from edgeloop.edge_pva.tolerance import resolve_precision
+from edgeloop.onnx_export import INPUT, export_onnx
 from edgeloop.registry import atomic_write, sha256_bytes
 
 log = logging.getLogger(__name__)

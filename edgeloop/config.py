@@ -342,6 +342,20 @@ class TiledConfig:
 
 
 @dataclass(config=SECTION)
+class RecordsConfig:
+    """A model record (edgeloop/model_records.py: ONNX graph, weights, model card,
+    checksums, the gate's signature) written for each version the edge accepts, under
+    ``<registry_dir>/records``; optionally pushed to an MLflow model registry too."""
+
+    enabled: bool = True
+    licence: str = "CC-BY-4.0"  # the licence the cards state for the trained weights
+    # an MLflow tracking server ("http://127.0.0.1:5000", "sqlite:///mlflow.db"): each
+    # record is registered there as well, its version's alias and tags following the
+    # edge's accepted/rejected states (pip install 'edgeloop[mlflow]'); "": none
+    mlflow_uri: str = ""
+
+
+@dataclass(config=SECTION)
 class SecurityConfig:
     """Who may change what is served, and what a model file may hold."""
 
@@ -389,6 +403,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     positions: PositionsConfig = field(default_factory=PositionsConfig)
     tiled: TiledConfig = field(default_factory=TiledConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
     # BraggNN trains on thousands of small patches: bigger batches, a higher rate, and only
     # the newest frames (each gives ~20 peaks, each peak a ~5 ms pseudo-Voigt fit).  One
     # thread: its tensors are too small for a second to help, and a busy second core makes

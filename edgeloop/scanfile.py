@@ -361,3 +361,18 @@ __all__ = [
     "list_scans",
     "scan_summary",
 ]
+
+
+def run_uid(ref: str | Path) -> str | None:
+    """The Bluesky run uid of a scan (a Tiled run's URL, a run entry or a scan file) from
+    its metadata alone; None if it cannot be read."""
+    if tiled_runs.is_ref(ref):
+        return str(ref).rstrip("/").rsplit("/", 1)[-1]
+    path = Path(ref)
+    try:
+        if path.suffix == RUN_SUFFIX:
+            return str(json.loads(path.read_text())["start"]["uid"])
+        with _open(path) as f:
+            return str(f.attrs["uid"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from edgeloop import approval, signing
+from edgeloop import approval, model_records, scanfile, signing
 from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config
 from edgeloop.registry import (
     NOT_NOW,
@@ -136,6 +136,8 @@ class RetrainPipeline:
         self.abort = threading.Event()
         self.scans = scan_index(cfg)
         self.where = None  # how the executor gets the files (remote/staging.py), per run
+        self.runs: list[dict] = []  # what the run trains on: ref, uid, frames
+        self.on_recorded: Callable[[int, object], None] = lambda version, folder: None
         self.step = "Idle"
         self._step_timeout = step_timeout
 
@@ -169,7 +171,10 @@ class RetrainPipeline:
             "skipped_frames": labels.get("skipped_frames", 0),
             "signature": result.get("signature"),
             "trained_on": scans,
+            "runs": self.runs,
             "labels_sha256": labels["sha256"],
+            "labels_method": labels["method"],
+            "train_settings": vars(train_cfg),
             "n_frames": result["n_frames"],
             "parent": trained.best,
             "history": result["history"],
@@ -183,6 +188,7 @@ class RetrainPipeline:
         self.quality_gate(version, figures)
         self.approve(version, trained, labels)
         self._deploy(version, serving)
+        self.record(version)
         # return: from the end of training (remote) to serving here; the task's own clock
         # does not see queueing and result transfer, so that is included
         trained_for = trained.returned - trained.submitted
@@ -225,6 +231,8 @@ class RetrainPipeline:
         kind = MODE_KIND[TECHNIQUE_MODE[technique]]
         train_cfg = cfg.training(kind)
         scans = stage_scans(available, technique, train_cfg.max_frames)
+        frames = {path: n for path, _, n in available}
+        self.runs = [{"ref": s, "uid": scanfile.run_uid(s), "frames": frames[s]} for s in scans]
         self.on_staged(technique, scans)
         self.progress.record("trigger", trigger)
         log.info("retraining %s on %d scan(s) (%s)", kind, len(scans), trigger)
@@ -237,7 +245,8 @@ class RetrainPipeline:
         self._enter("Analyzing", f"{what} on {len(scans)} {technique} scan(s)")
         labels = self._result(tasks.analyze, request, what)
         timings["analysis_s"] = labels["seconds"]
-        return labels
+        settings = {k: v for k, v in request.items() if k not in ("scans", "out", "cache_dir")}
+        return dict(labels, method={"method": what, "settings": settings})
 
     def _train(self, kind: str, labels: dict, train_cfg) -> Trained:
         cfg = self.cfg
@@ -292,6 +301,19 @@ class RetrainPipeline:
                     raise Aborted(f"deploying v{version} aborted by ml:Abort") from exc
         if self.abort.is_set():  # came while the edge was loading it
             raise Aborted(f"deploying aborted by ml:Abort: {self.withdraw(version, serving)}")
+
+    def record(self, version: int) -> None:
+        """The model record of a version the edge accepted (edgeloop/model_records.py);
+        one that cannot be written is logged and leaves the version serving."""
+        if not self.cfg.records.enabled:
+            return
+        try:
+            folder = model_records.write_record(self.cfg, version, self.registry)
+        except (model_records.RecordError, OSError, ValueError, RuntimeError) as exc:
+            log.error("model v%d serves, but its record was not written: %s", version, exc)
+            return
+        log.info("model v%d: record in %s", version, folder)
+        self.on_recorded(version, folder)
 
     def withdraw(self, version: int, serving: int | None) -> str:
         """Take a model the edge loaded before an abort out of service again: the one

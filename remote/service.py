@@ -15,7 +15,7 @@ from p4p.client.thread import Context
 from edgeloop import tiled_runs
 from edgeloop.config import MODE_KIND, Config
 from edgeloop.registry import Registry, RegistryCorrupt
-from edgeloop.remote import retention
+from edgeloop.remote import mlflow_registry, retention
 from edgeloop.remote.errors import RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.executors import make_executor
@@ -150,6 +150,7 @@ class RetrainService:
                 finally:
                     self._retraining = False
                 self._prune()
+                self._sync_mlflow()
                 release_freed_memory()  # the run's peak, held by malloc otherwise
                 self.runs_finished += 1
 
@@ -176,6 +177,16 @@ class RetrainService:
         )
         self.last_result = result
         return result
+
+    def _sync_mlflow(self) -> None:
+        """MLflow's registry made to agree with the records (records.mlflow_uri), after
+        each retraining, whatever its outcome; one that fails is caught up with next time."""
+        if not self.cfg.records.mlflow_uri:
+            return
+        try:
+            mlflow_registry.sync(self.cfg)
+        except Exception as exc:  # the model serves either way
+            log.error("MLflow at %s not updated: %s", self.cfg.records.mlflow_uri, exc)
 
     def _prune(self) -> None:
         try:

@@ -1,6 +1,7 @@
 """Integration: the real servers on loopback, through real clients (p4p, pvapy, caproto,
 ophyd, bluesky)."""
 
+import json
 import time
 
 import numpy as np
@@ -307,6 +308,26 @@ def test_pv_write_retrains_and_hot_swaps_without_dropping_frames(system, ptycho_
     assert r["old"] in r["versions"] and r["new"] in r["versions"]  # the stream crossed the swap
     assert r["versions"] == sorted(r["versions"])  # never back to the old model
     assert Registry(system.cfg.registry_path).accepted("ptychonn") == r["new"]
+
+
+def test_the_accepted_version_has_a_record_that_verifies(system, ptycho_retrained):
+    """Issue 24, item 2: the record written once the edge accepted the version, its card
+    tracing it to the run it was trained on and the labels."""
+    from edgeloop import approval
+    from edgeloop import model_records as records
+
+    folder = records.find(system.cfg, ptycho_retrained["new"])
+    gate_pub = approval.key_paths(system.cfg.security)[1].read_bytes()
+    verdict = records.verify_record(folder, gate_pub)
+    assert verdict.ok, verdict.problems
+    card = json.loads((folder / "card.json").read_text())
+    meta = Registry(system.cfg.registry_path).meta(ptycho_retrained["new"])
+    assert card["weights_sha256"] == meta["sha256"] and card["status"] == "accepted"
+    (run,) = card["training_data"]["runs"]
+    assert run["uid"] and run["frames"] == 40, run
+    labels = card["training_data"]["labels"]
+    assert labels["sha256"] == meta["labels_sha256"] and "phase retrieval" in labels["method"]
+    assert card["metrics"]["held_out_loss"] == meta["val_loss"]
 
 
 def test_restarted_edge_serves_the_last_accepted_model(system, ptycho_retrained, tmp_path):

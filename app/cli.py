@@ -245,12 +245,53 @@ def cmd_globus(args) -> None:
     cfg = _config(args)
     try:
         if args.action == "login":
+            if cfg.executor == "globus-flows":
+                from edgeloop.remote import flows
+
+                flows.login(cfg)
+                print(f"Globus tokens stored in {globus_login.token_file(cfg)}")
+                return
             print(f"Globus tokens stored in {globus_login.login(cfg)}")
             return
         globus_login.transfer_client(cfg)
     except globus_login.GlobusLoginError as exc:
         sys.exit(f"edgeloop globus {args.action}: {exc}")
     print(f"Globus Transfer: logged in (tokens in {globus_login.token_file(cfg)})")
+
+
+def cmd_flows(args) -> None:
+    import json
+
+    from edgeloop.remote import flows
+
+    cfg = _config(args)
+    transfer = cfg.remote.staging == "globus"
+    if args.action == "show":
+        definition = flows.flow_definition(transfer)
+        print(json.dumps({"definition": definition, "input_schema": flows.INPUT_SCHEMA}, indent=2))
+        problems = flows.check_definition(definition)
+        if problems:
+            sys.exit(f"edgeloop flows show: the definition is wrong: {problems}")
+        return
+    from edgeloop.remote.globus_login import GlobusLoginError
+
+    try:
+        _, flows_client, _ = flows.clients(cfg)
+        kept = flows.deploy(cfg, flows_client, flows.compute_client())
+    except (GlobusLoginError, ImportError, RuntimeError) as exc:
+        sys.exit(f"edgeloop flows deploy: {exc}")
+    print(f"flow {kept['flow_id']} deployed; kept in {flows.flow_file(cfg)}")
+    print("now `edgeloop globus login` once more (the flow's own consent)")
+
+
+def _flows_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "action",
+        choices=("deploy", "show"),
+        help="deploy: register the task functions with Globus Compute and create the flow "
+        "(once; its id kept in REGISTRY_DIR/flow.json); show: print the definition and its "
+        "input schema, checked",
+    )
 
 
 def cmd_models(args) -> None:
@@ -532,6 +573,13 @@ def _commands() -> tuple:
             "log in to Globus Transfer once for remote.staging = globus (tokens stored and "
             "refreshed), or check the stored login",
             _globus_options,
+        ),
+        (
+            "flows",
+            cmd_flows,
+            "the retraining's remote steps as one Globus Flow (executor globus-flows): deploy "
+            "it once, or show its definition",
+            _flows_options,
         ),
         (
             "models",

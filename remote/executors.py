@@ -4,7 +4,9 @@ in configuration (``executor``, or a write to ``$(P)ml:Endpoint``) map to one he
 - ``local``: one spawned worker process on this machine (the default);
 - ``parsl``: a Parsl ``HighThroughputExecutor`` (``LocalProvider`` here; Slurm / PBS
   through ``remote.parsl_config_file``, examples in ``remote/parsl_examples/``);
-- ``globus-compute``: ``globus_compute_sdk.Executor`` on a Globus Compute endpoint.
+- ``globus-compute``: ``globus_compute_sdk.Executor`` on a Globus Compute endpoint;
+- ``globus-flows``: the analysis and the training as one Globus Flow on that endpoint
+  (remote/flows.py; the service builds it, it needs the whole configuration).
 
 The tasks (``remote/tasks.py``) take and return small dicts of references and checksums, so
 the same call runs on all three.
@@ -194,4 +196,4 @@ def make_executor(
     raise ValueError(f"unknown executor {name!r}; available: {sorted(EXECUTORS)}")
 
 
-EXECUTORS = ("local", "parsl", "globus-compute")
+EXECUTORS = ("local", "parsl", "globus-compute", "globus-flows")

@@ -56,6 +56,13 @@ def stage_scans(scans: list[tuple[str, str, int]], technique: str, max_frames: i
     return list(reversed(chosen))
 
 
+def labels_method(what: str, request: dict) -> dict:
+    """How the labels were made, for the model card: the method in words and its settings
+    (the analysis request without its files)."""
+    settings = {k: v for k, v in request.items() if k not in ("scans", "out", "cache_dir")}
+    return {"method": what, "settings": settings}
+
+
 def is_number(x) -> bool:
     return type(x) in (int, float) and math.isfinite(x)
 
@@ -150,12 +157,15 @@ class RetrainPipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         key = self.signing_key()  # a missing key fails now, not after the training
-        self.where = staging(self.cfg)
+        self.where = staging(self.cfg, getattr(self.slot.executor, "runs_whole_retraining", False))
         self.gate_key()
         self.slot.ready()
         technique, kind, train_cfg, scans = self._stage(trigger, timings)
-        labels = self._analyse(technique, kind, scans, timings)
-        trained = self._train(kind, labels, train_cfg)
+        if getattr(self.slot.executor, "runs_whole_retraining", False):
+            labels, trained = self._flow(technique, kind, scans, train_cfg, timings)
+        else:
+            labels = self._analyse(technique, kind, scans, timings)
+            trained = self._train(kind, labels, train_cfg)
         result, serving = trained.result, trained.serving
         timings["training_s"] = result["seconds"]
         self._enter("Validating", "checking the returned model")
@@ -245,13 +255,26 @@ class RetrainPipeline:
         self._enter("Analyzing", f"{what} on {len(scans)} {technique} scan(s)")
         labels = self._result(tasks.analyze, request, what)
         timings["analysis_s"] = labels["seconds"]
-        settings = {k: v for k, v in request.items() if k not in ("scans", "out", "cache_dir")}
-        return dict(labels, method={"method": what, "settings": settings})
+        return dict(labels, method=labels_method(what, request))
+
+    def _flow(self, technique: str, kind: str, scans: list[str], train_cfg, timings: dict):
+        """Analysis and training as one run of the executor's flow (remote/flows.py)."""
+        what, analysis = analysis_request(self.cfg, kind, scans)
+        self._enter("Analyzing", f"{what} and training in one Globus flow run")
+        best, _ = self.usable_best(kind)
+        request, serving, baseline = self._train_request(kind, None, train_cfg, best)
+        submitted = time.perf_counter()
+        labels, result = self.slot.executor.retrain(
+            analysis, request, self.where, self.progress, self.abort, 2 * self.step_timeout
+        )
+        timings["analysis_s"] = labels["seconds"]
+        labels = dict(labels, method=labels_method(what, analysis))
+        request = dict(request, labels=labels["labels"], labels_sha256=labels["sha256"])
+        trained = Trained(best, serving, baseline, request, result, submitted, time.perf_counter())
+        return labels, trained
 
     def _train(self, kind: str, labels: dict, train_cfg) -> Trained:
-        cfg = self.cfg
         best, skipped = self.usable_best(kind)
-        serving, baseline = self.serving(kind)
         self._enter(
             "Training",
             f"training {kind} on {labels['n_frames']} samples from "
@@ -259,13 +282,23 @@ class RetrainPipeline:
             + (f"(unusable, skipped: {', '.join(skipped)}) " if skipped else "")
             + f"({self.slot.name})",
         )
+        request, serving, baseline = self._train_request(kind, labels, train_cfg, best)
+        submitted = time.perf_counter()
+        result = self._result(tasks.train_model, request, "training")
+        return Trained(best, serving, baseline, request, result, submitted, time.perf_counter())
+
+    def _train_request(self, kind: str, labels: dict | None, train_cfg, best: int | None):
+        """(the training's request from version ``best``, the serving version and its
+        model); without ``labels``, a flow's Train state adds Analyze's."""
+        cfg = self.cfg
+        serving, baseline = self.serving(kind)
         models = {**self.ref("init", best), **self.ref("baseline", serving)}
         sent = [name for name in ("init", "baseline") if models[name]]
         models.update(zip(sent, self.where.models([models[name] for name in sent]), strict=True))
         request = {
             "request_id": secrets.token_hex(16),  # signed back with the result: no replay
-            "labels": labels["labels"],
-            "labels_sha256": labels["sha256"],
+            "labels": labels and labels["labels"],
+            "labels_sha256": labels and labels["sha256"],
             **models,
             "kind": kind,
             "arch": cfg.arch(kind),
@@ -277,9 +310,7 @@ class RetrainPipeline:
                 k: getattr(cfg.security, k) for k in ("max_model_bytes", "max_width", "max_patch")
             },
         }
-        submitted = time.perf_counter()
-        result = self._result(tasks.train_model, request, "training")
-        return Trained(best, serving, baseline, request, result, submitted, time.perf_counter())
+        return request, serving, baseline
 
     def _deploy(self, version: int, serving: int | None) -> None:
         """The edge loads the version; one it cannot load now (out of memory, an I/O error:

@@ -15,7 +15,7 @@ from p4p.client.thread import Context
 from edgeloop import tiled_runs
 from edgeloop.config import MODE_KIND, Config
 from edgeloop.registry import Registry, RegistryCorrupt
-from edgeloop.remote import mlflow_registry, retention
+from edgeloop.remote import flows, mlflow_registry, retention
 from edgeloop.remote.errors import RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.executors import make_executor
@@ -93,6 +93,8 @@ class RetrainService:
         self._heartbeat: Heartbeat | None = None
 
     def _make_executor(self, name: str):
+        if name == "globus-flows":
+            return flows.flows_executor(self.cfg)
         return make_executor(
             name, self.cfg.remote, run_dir=str(self.cfg.registry_path / "work" / "parsl")
         )

@@ -186,12 +186,33 @@ class GlobusStaging:
         return str(here)
 
 
-def staging(cfg: Config):
-    """The staging ``remote.staging`` names."""
+class FlowStaging(GlobusStaging):
+    """Globus staging whose transfers the flow makes: the items are collected for its
+    TransferIn and TransferBack states instead of being sent by the service."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.transfer_in: list[dict] = []
+        self.transfer_back: list[dict] = []
+
+    def _send(self, items, label: str, back: bool = False) -> None:
+        to = self.transfer_back if back else self.transfer_in
+        to += [{"source_path": str(s), "destination_path": str(d)} for s, d in items]
+
+    def labels_here(self, path: str) -> str:
+        return str(self.cfg.registry_path / "work" / Path(path).name)  # TransferBack put it
+
+    def bring_back(self, path: str) -> None:
+        super().labels_here(path)  # records the item (and makes the folder)
+
+
+def staging(cfg: Config, by_flow: bool = False):
+    """The staging ``remote.staging`` names (``by_flow``: the executor's Globus Flow makes
+    the transfers)."""
     if cfg.remote.staging == "shared":
         return SharedStaging(cfg)
     if cfg.remote.staging == "globus":
-        return GlobusStaging(cfg)
+        return FlowStaging(cfg) if by_flow else GlobusStaging(cfg)
     raise StagingError(f"unknown staging {cfg.remote.staging!r}: shared or globus")
 
 

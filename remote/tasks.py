@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -280,6 +281,14 @@ def train_model(request: dict) -> dict:
     }
     result["signature"] = signing.sign(key, blob, result)
     return result
+
+
+def train_on_labels(request: dict, labels: dict) -> dict:
+    """:func:`train_model` on the labels :func:`analyze` returned just before (a Globus
+    Flow's Train state gets its Analyze state's output), its result JSON-safe: the model as
+    base64 in ``model_b64`` (a flow's output is JSON)."""
+    result = train_model(dict(request, labels=labels["labels"], labels_sha256=labels["sha256"]))
+    return dict(result, model=None, model_b64=base64.b64encode(result["model"]).decode())
 
 
 def _checkpoint(path: str, sha256: str, kind: str, security: SecurityConfig):

@@ -2,13 +2,14 @@
 
 
 class Recorder:
-    """The states entered, in order, and the last value of each figure."""
+    """The states entered and their messages, in order, and the last value of each figure."""
 
     def __init__(self):
-        self.states, self.figures = [], {}
+        self.states, self.messages, self.figures = [], [], {}
 
     def enter(self, state, message):
         self.states.append(state)
+        self.messages.append(message)
 
     def record(self, name, value):
         self.figures[name] = value

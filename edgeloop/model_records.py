@@ -31,6 +31,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from edgeloop.models import count_parameters
 from edgeloop.onnx_export import INPUT, export_onnx, output_names
 from edgeloop.registry import ModelFileError, Registry, model_from_bytes, sha256_bytes
 
+_WRITING = threading.Lock()  # the retraining and the reference monitor both write records
 RECORDS = "records"
 CARD_SCHEMA = "edgeloop.model-card/1"
 SUMS, SUMS_SIG = "SHA256SUMS", "SHA256SUMS.sig"
@@ -145,8 +147,13 @@ def gate_fingerprint(public_pem: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def card(meta: dict, model, input_size: int, licence: str, public_pem: bytes) -> dict:
-    """The model card of a version, from its registry metadata."""
+def card(
+    meta: dict, model, input_size: int, licence: str, public_pem: bytes,
+    reference: dict | None = None,
+) -> dict:  # fmt: skip
+    """The model card of a version, from its registry metadata; ``reference``: the first
+    reference error measured of it (error, info, time), if one was."""
+    reference = reference or {}
     kind, version = meta["kind"], meta["version"]
     about = PURPOSE[kind]
     inputs, outputs = tensors(kind, input_size, len(about["outputs"]))
@@ -187,7 +194,9 @@ def card(meta: dict, model, input_size: int, licence: str, public_pem: bytes) ->
             else "MSE of the centre, patch units",
             "serving_model_held_out_loss": meta.get("baseline_val_loss"),
             "executor_reported_held_out_loss": meta.get("endpoint_val_loss"),
-            "reference_error": meta.get("reference_error"),  # None: not measured
+            "reference_error": reference.get("error"),  # None: not measured (yet)
+            "reference_measured": reference.get("info"),
+            "reference_time": iso(reference.get("time")),
             "epochs": len(history),
         },
         "training": {
@@ -250,7 +259,10 @@ Labels: {data["labels"]["method"]}, sha256 `{data["labels"]["sha256"]}`; setting
 
 - Held-out loss ({m["loss"]}): {m["held_out_loss"]} (the model it replaced:
   {m["serving_model_held_out_loss"]})
-- Reference error: {m["reference_error"] if m["reference_error"] is not None else "not measured"}
+- Reference error (the network against the conventional analysis of the same frames,
+  first measured after acceptance): {
+        m["reference_error"] if m["reference_error"] is not None else "not measured yet"
+    }{f" ({m['reference_measured']})" if m["reference_measured"] else ""}
 
 ## Checking it
 
@@ -278,11 +290,30 @@ def _sums(folder: Path, names) -> bytes:
     return "".join(lines).encode()
 
 
-def write_record(cfg: Config, version: int, registry: Registry | None = None) -> Path:
-    """Write (or rewrite) the record of ``version`` from the registry; its folder.
+def write_record(
+    cfg: Config, version: int, registry: Registry | None = None, reference: dict | None = None
+) -> Path:
+    """Write (or rewrite) the record of ``version`` from the registry; its folder. A
+    rewrite keeps the reference error the record held unless ``reference`` is given.
 
     Raises RecordError if the version cannot be read, or has no approval of the gate."""
-    registry = registry or Registry(cfg.registry_path)
+    with _WRITING:
+        return _write_record(cfg, version, registry or Registry(cfg.registry_path), reference)
+
+
+def _previous_reference(folder: Path) -> dict | None:
+    try:
+        m = json.loads((folder / "card.json").read_text())["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if m.get("reference_error") is None:
+        return None
+    when = m.get("reference_time")
+    t = dt.datetime.fromisoformat(when).timestamp() if when else None
+    return {"error": m["reference_error"], "info": m.get("reference_measured"), "time": t}
+
+
+def _write_record(cfg: Config, version: int, registry: Registry, reference) -> Path:
     try:
         meta = registry.meta(version)
         data = registry.read_verified(version, cfg.security)
@@ -295,8 +326,9 @@ def write_record(cfg: Config, version: int, registry: Registry | None = None) ->
     size = info["arch"].get("patch") if kind == "braggnn" else cfg.model.input_size
     public_pem = approval.key_paths(cfg.security)[1].read_bytes()
     graph, _ = onnx_graph(model, kind, version, size)
-    c = card(dict(meta, kind=kind), model, size, cfg.records.licence, public_pem)
     target = record_path(cfg.registry_path, kind, version)
+    reference = reference or _previous_reference(target)
+    c = card(dict(meta, kind=kind), model, size, cfg.records.licence, public_pem, reference)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -447,12 +479,13 @@ def listing(
             "status": meta.get("status") or "candidate",
             "created": meta.get("created"),
             "val_loss": meta.get("val_loss"),
-            "reference_error": meta.get("reference_error"),
             "parent": meta.get("parent"),
             "runs": len(meta.get("trained_on") or []),
         }
         folder = record_path(cfg.registry_path, str(row["kind"]), version)
         row["record"] = str(folder) if (folder / SUMS).exists() else None
+        reference = _previous_reference(folder) if row["record"] else None
+        row["reference_error"] = reference and reference["error"]
         if kind and row["kind"] != kind or status and row["status"] != status:
             continue
         created = row["created"] or 0.0

@@ -34,8 +34,12 @@ FAILED = "reference failed"  # how ml:ReferenceInfo begins when an analysis rais
 
 
 class ReferenceMonitor:
-    def __init__(self, cfg: Config, ctx, registry: Registry, put, input_pv: str | None = None):
+    def __init__(
+        self, cfg: Config, ctx, registry: Registry, put, input_pv: str | None = None,
+        on_measured=lambda version, error, info: None,
+    ):  # fmt: skip
         self.cfg, self.ctx, self.registry, self._put = cfg, ctx, registry, put
+        self.on_measured = on_measured  # (model version, error, what was measured)
         self.input_pv = input_pv or f"{cfg.prefix}det:Pva1:Image"
         self._ids = FrameIds()  # the uniqueId rules the edge applies
         self._first_uid: int | None = None
@@ -192,3 +196,4 @@ class ReferenceMonitor:
         log.info("reference: %s", info)
         self._put("ml:ReferenceError", float(error))
         self._put("ml:ReferenceInfo", info[:250])
+        self.on_measured(version, float(error), info)

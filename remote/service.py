@@ -6,13 +6,15 @@ policy (policy_watcher.PolicyWatcher) together, and decides when a retraining ru
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+import time
 
 from p4p.client.thread import Context
 
-from edgeloop import tiled_runs
+from edgeloop import model_records, tiled_runs
 from edgeloop.config import MODE_KIND, Config
 from edgeloop.registry import Registry, RegistryCorrupt
 from edgeloop.remote import flows, mlflow_registry, retention
@@ -180,6 +182,20 @@ class RetrainService:
         self.last_result = result
         return result
 
+    def _reference_into_record(self, version: int, error: float, info: str) -> None:
+        """The first reference error measured of a version goes into its model card (the
+        record is written again and signed; later measurements stay in the PVs)."""
+        if not self.cfg.records.enabled:
+            return
+        try:
+            folder = model_records.find(self.cfg, version)
+            if json.loads((folder / "card.json").read_text())["metrics"]["reference_error"]:
+                return
+            reference = {"error": error, "info": info, "time": time.time()}
+            model_records.write_record(self.cfg, version, self.registry, reference)
+        except (model_records.RecordError, OSError, ValueError, KeyError) as exc:
+            log.warning("model v%d: reference error not put in its record: %s", version, exc)
+
     def _sync_mlflow(self) -> None:
         """MLflow's registry made to agree with the records (records.mlflow_uri), after
         each retraining, whatever its outcome; one that fails is caught up with next time."""
@@ -291,8 +307,9 @@ class RetrainService:
         self.reference = None
         if self.cfg.remote.reference:
             self.reference = ReferenceMonitor(
-                self.cfg, self.ctx, self.registry, self.pvs.put, self.input_pv
-            )
+                self.cfg, self.ctx, self.registry, self.pvs.put, self.input_pv,
+                on_measured=self._reference_into_record,
+            )  # fmt: skip
             self.reference.start()
         # last: a beating service has made all of the above and its monitors are connected
         # (what starters wait for)

@@ -5,11 +5,13 @@ retrains by itself on that scan; the trigger is recorded in ml:Trigger, ml:Messa
 new model's metadata.
 The service's live reference then measures the new model on the next scan."""
 
+import json
 import time
 
 import pytest
 import torch
 
+from edgeloop import approval, model_records
 from edgeloop.bluesky_plans import RunIndex, make_devices, ptycho_fly_scan
 from edgeloop.models import kind as model_kind
 from edgeloop.registry import Registry, model_to_bytes
@@ -128,3 +130,13 @@ def test_bad_model_raises_the_consistency_alarm_and_the_policy_retrains(loop, tm
     # the new model trained 2 epochs from the noise weights (the best checkpoint there is):
     # its error is large, whatever it is, the PV and the info agree on it
     assert 0 < error < 100 and f"{error:.4g} rad" in info
+
+    # and into the new model's card (issue 24): its record, written again, still verifies
+    def carded():
+        card = json.loads((model_records.find(loop.cfg, new) / "card.json").read_text())
+        return card["metrics"]["reference_error"]
+
+    assert wait(carded, 60, "the reference error in the model card") == pytest.approx(error)
+    gate_pub = approval.key_paths(loop.cfg.security)[1].read_bytes()
+    verdict = model_records.verify_record(model_records.find(loop.cfg, new), gate_pub)
+    assert verdict.ok, verdict.problems

@@ -178,3 +178,20 @@ def test_bad_filters_are_refused_clearly(reg):
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["models", "--config", str(path), "show", "99"])
+
+
+def test_a_reference_error_goes_into_the_card_and_stays_through_a_rewrite(reg):
+    cfg, _, registry, _, versions = reg
+    v = versions["ptychonn"]
+    folder = records.write_record(cfg, v, registry)
+    assert json.loads((folder / "card.json").read_text())["metrics"]["reference_error"] is None
+    measured = {"error": 0.041, "info": "ptycho: 0.041 rad on 30 frames", "time": time.time()}
+    records.write_record(cfg, v, registry, measured)
+    records.write_record(cfg, v, registry)  # e.g. `edgeloop models record`
+    metrics = json.loads((folder / "card.json").read_text())["metrics"]
+    assert metrics["reference_error"] == 0.041 and "30 frames" in metrics["reference_measured"]
+    assert "0.041" in (folder / "README.md").read_text()
+    gate_pub = records.approval.key_paths(cfg.security)[1].read_bytes()
+    assert records.verify_record(folder, gate_pub).ok
+    (row,) = records.listing(cfg, kind="ptychonn")
+    assert row["reference_error"] == 0.041

@@ -109,3 +109,16 @@ class Loop:
         self.edge.stop()
         self.ioc.stdin.close()
         self.ioc.wait(10)
+
+
+def hedm_pipeline_config(tmp: Path) -> Config:
+    """A small HEDM retraining with no EPICS (the pipeline's tests): one 12-frame scan as
+    files in data_dir, a signing key, 4 epochs."""
+    cfg = Config(mode="hedm", data_dir=str(tmp / "data"), registry_dir=str(tmp / "m"))
+    cfg.tiled.enabled = False  # the scans are files in data_dir
+    cfg.security.signing_key_file = str(tmp / "signing.key")
+    create_key(tmp / "signing.key")
+    cfg.hedm.frame_size = 256
+    cfg.train_hedm.epochs = 4
+    hedm_scan(cfg.data_path, 12)
+    return cfg

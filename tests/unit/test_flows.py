@@ -23,8 +23,7 @@ from edgeloop.remote import flows, tasks
 from edgeloop.remote.errors import Aborted, RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.pipeline import RetrainPipeline
-from edgeloop.signing import create_key
-from tests.kit.loops import hedm_scan
+from tests.kit.loops import hedm_pipeline_config
 from tests.kit.progress import Recorder
 
 pytestmark = pytest.mark.timeout(300)
@@ -68,15 +67,9 @@ class ComputeRegistrar:
 
 @pytest.fixture
 def flow_pipeline(tmp_path):
-    cfg = Config(mode="hedm", data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "m"))
-    cfg.tiled.enabled = False
+    cfg = hedm_pipeline_config(tmp_path)
     cfg.executor = "globus-flows"
     cfg.remote.globus_endpoint_id = str(uuid.uuid4())
-    cfg.security.signing_key_file = str(tmp_path / "signing.key")
-    create_key(tmp_path / "signing.key")
-    cfg.hedm.frame_size = 256
-    cfg.train_hedm.epochs = 4
-    hedm_scan(cfg.data_path, 12)
     registry = Registry(cfg.registry_path)
     deployed = []
 

@@ -8,15 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from edgeloop import approval
-from edgeloop.config import Config
 from edgeloop.edge_pva.inference import ModelRejected
 from edgeloop.registry import NOT_NOW, Registry
 from edgeloop.remote import pipeline as pipeline_module
 from edgeloop.remote.errors import Aborted, RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
 from edgeloop.remote.pipeline import RetrainPipeline
-from edgeloop.signing import create_key
-from tests.kit.loops import hedm_scan
+from tests.kit.loops import hedm_pipeline_config
 from tests.kit.progress import Recorder
 
 pytestmark = pytest.mark.timeout(300)
@@ -24,13 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture
 def pipeline(tmp_path):
-    cfg = Config(mode="hedm", data_dir=str(tmp_path / "data"), registry_dir=str(tmp_path / "m"))
-    cfg.tiled.enabled = False  # the scans are files in data_dir
-    cfg.security.signing_key_file = str(tmp_path / "signing.key")
-    create_key(tmp_path / "signing.key")
-    cfg.hedm.frame_size = 256
-    cfg.train_hedm.epochs = 4
-    hedm_scan(cfg.data_path, 12)
+    cfg = hedm_pipeline_config(tmp_path)
     registry = Registry(cfg.registry_path)
     deployed = []
 

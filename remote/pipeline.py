@@ -198,7 +198,7 @@ class RetrainPipeline:
         self.quality_gate(version, figures)
         self.approve(version, trained, labels)
         self._deploy(version, serving)
-        self.record(version)
+        record_problem = self.record(version)
         # return: from the end of training (remote) to serving here; the task's own clock
         # does not see queueing and result transfer, so that is included
         trained_for = trained.returned - trained.submitted
@@ -212,6 +212,7 @@ class RetrainPipeline:
             "val_loss": figures["val_loss"],
             "timings": timings,
             "trigger": trigger,
+            "record_problem": record_problem,
         }
 
     # ---- the steps -----------------------------------------------------------------------
@@ -333,18 +334,20 @@ class RetrainPipeline:
         if self.abort.is_set():  # came while the edge was loading it
             raise Aborted(f"deploying aborted by ml:Abort: {self.withdraw(version, serving)}")
 
-    def record(self, version: int) -> None:
+    def record(self, version: int) -> str | None:
         """The model record of a version the edge accepted (edgeloop/model_records.py);
-        one that cannot be written is logged and leaves the version serving."""
+        one that cannot be written leaves the version serving: why, for ml:Message."""
         if not self.cfg.records.enabled:
-            return
+            return None
         try:
             folder = model_records.write_record(self.cfg, version, self.registry)
-        except (model_records.RecordError, OSError, ValueError, RuntimeError) as exc:
+        except (model_records.RecordError, ImportError, OSError, ValueError, RuntimeError) as exc:
+            # ImportError: the ONNX export needs edgeloop[onnx]
             log.error("model v%d serves, but its record was not written: %s", version, exc)
-            return
+            return f"no model record: {exc}"
         log.info("model v%d: record in %s", version, folder)
         self.on_recorded(version, folder)
+        return None
 
     def withdraw(self, version: int, serving: int | None) -> str:
         """Take a model the edge loaded before an abort out of service again: the one

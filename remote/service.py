@@ -177,7 +177,8 @@ class RetrainService:
             f"{result['kind']} model v{result['version']} serving; val loss "
             f"{result['val_loss']:.4g}; "
             + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
-            + f"; triggered by {self.trigger}",
+            + f"; triggered by {self.trigger}"
+            + (f"; {result['record_problem']}" if result.get("record_problem") else ""),
         )
         self.last_result = result
         return result
@@ -193,7 +194,7 @@ class RetrainService:
                 return
             reference = {"error": error, "info": info, "time": time.time()}
             model_records.write_record(self.cfg, version, self.registry, reference)
-        except (model_records.RecordError, OSError, ValueError, KeyError) as exc:
+        except (model_records.RecordError, ImportError, OSError, ValueError, KeyError) as exc:
             log.warning("model v%d: reference error not put in its record: %s", version, exc)
 
     def _sync_mlflow(self) -> None:

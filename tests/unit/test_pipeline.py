@@ -129,3 +129,25 @@ def test_a_rejection_or_a_refusal_that_lasts_ends_the_run(pipeline, monkeypatch)
     with pytest.raises(RetrainError, match="edge refused model v2: .*NaN"):
         pipeline.run("a bad model")
     assert tries == [2]  # not retried
+
+
+def test_the_accepted_version_gets_its_record_and_one_that_fails_only_says_so(
+    pipeline, monkeypatch
+):
+    from edgeloop import model_records
+
+    result = pipeline.run("records")
+    assert result["record_problem"] is None
+    assert model_records.verify_record(model_records.find(pipeline.cfg, 1)).ok
+
+    def no_onnx(*args, **kwargs):
+        raise ImportError("onnx is not installed; it comes with pip install 'edgeloop[onnx]'")
+
+    monkeypatch.setattr(model_records, "onnx_graph", no_onnx)
+    pipeline.cfg.remote.quality_margin = 10.0  # whatever its loss, v2 passes the gate
+    result = pipeline.run("no onnx")
+    assert result["version"] == 2 and pipeline.registry.accepted("braggnn") == 2  # it serves
+    assert (
+        "no model record" in result["record_problem"]
+        and "edgeloop[onnx]" in result["record_problem"]
+    )

@@ -144,7 +144,6 @@ class RetrainPipeline:
         self.scans = scan_index(cfg)
         self.where = None  # how the executor gets the files (remote/staging.py), per run
         self.runs: list[dict] = []  # what the run trains on: ref, uid, frames
-        self.on_recorded: Callable[[int, object], None] = lambda version, folder: None
         self.step = "Idle"
         self._step_timeout = step_timeout
 
@@ -346,7 +345,6 @@ class RetrainPipeline:
             log.error("model v%d serves, but its record was not written: %s", version, exc)
             return f"no model record: {exc}"
         log.info("model v%d: record in %s", version, folder)
-        self.on_recorded(version, folder)
         return None
 
     def withdraw(self, version: int, serving: int | None) -> str:

@@ -194,3 +194,27 @@ def test_no_deployed_flow_is_refused_naming_the_command(tmp_path):
     cfg = Config(registry_dir=str(tmp_path / "m"))
     with pytest.raises(RetrainError, match="edgeloop flows deploy"):
         flows.GlobusFlows(cfg, None, None)
+
+
+def test_with_globus_staging_the_flow_makes_the_transfers(tmp_path):
+    """FlowStaging hands the flow its TransferIn and TransferBack items; nothing is sent by
+    the service (it has no Transfer client here)."""
+    from edgeloop.remote.staging import FlowStaging, staging
+
+    cfg = hedm_pipeline_config(tmp_path)
+    cfg.remote.staging = "globus"
+    cfg.remote.globus_source_collection = str(uuid.uuid4())
+    cfg.remote.globus_dest_collection = str(uuid.uuid4())
+    cfg.remote.globus_dest_dir = "/scratch/edgeloop"
+    where = staging(cfg, by_flow=True)
+    assert isinstance(where, FlowStaging)
+    (scan,) = [str(p) for p in cfg.data_path.glob("*.h5")]
+    there = where.scans([scan])
+    assert there[0].startswith("/scratch/edgeloop/")
+    out = where.labels_out("labels_braggnn_1.h5")
+    where.bring_back(out)
+    assert {i["destination_path"] for i in where.transfer_in} >= set(there)
+    assert where.transfer_back == [
+        {"source_path": out, "destination_path": where.labels_here(out)}
+    ]
+    assert flows.check_definition(flows.flow_definition(True)) == []

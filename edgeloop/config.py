@@ -147,6 +147,9 @@ class ModelConfig:
     input_size: Annotated[int, Field(ge=8)] = 64
     width: Count = 8  # channels of the first encoder block (published PtychoNN: 32, 1.15 M
     # parameters); 8 keeps CPU training of the demo within minutes
+    # PtychoNN's decoders: "plain" (published) or "skip" (U-Net skip connections: the
+    # encoder's features joined at each scale; same widths)
+    decoder: Literal["plain", "skip"] = "plain"
     patch: Annotated[int, Field(ge=3)] = 11  # BraggNN: patch side cropped around each peak
     # BraggNN's first conv channels: the published 64 is 35x faster per peak than the fit on
     # one core, 16 (trained 60+ epochs) 131x at the same error (edgeloop hedm-accuracy)
@@ -424,6 +427,8 @@ class Config:
         """Constructor arguments of a model kind's network."""
         if kind == "braggnn":
             return {"patch": self.model.patch, "width": self.model.braggnn_width}
+        if self.model.decoder == "skip":
+            return {"width": self.model.width, "skip": 1}
         return {"width": self.model.width}
 
     def input_size(self, kind: str) -> int:

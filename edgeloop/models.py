@@ -31,12 +31,23 @@ class PtychoNN(nn.Module):
 
     Input (B, 1, N, N) normalised diffraction; outputs amplitude in (0, 1) and phase in
     (-pi, pi), each (B, 1, N, N).  ``width=32`` is the published size (about 1.15 M
-    parameters at N = 64).
+    parameters at N = 64).  ``skip=1``: U-Net decoders (Ronneberger et al. 2015), each
+    upsampling step joined by the encoder's features at that scale (concatenated), the
+    usual cure for fine detail lost in the bottleneck; same blocks and widths.
     """
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, skip: int = 0):
         super().__init__()
         w = width
+        self.skip = bool(skip)
+        if self.skip:
+            self.stages = nn.ModuleList(
+                [nn.Sequential(*_block(1, w)), nn.Sequential(*_block(w, 2 * w)),
+                 nn.Sequential(*_block(2 * w, 4 * w))]
+            )  # fmt: skip
+            self.amplitude = _SkipDecoder(w, nn.Sigmoid())
+            self.phase = _SkipDecoder(w, nn.Tanh())
+            return
         self.encoder = nn.Sequential(
             *_block(1, w),
             nn.MaxPool2d(2),
@@ -62,8 +73,38 @@ class PtychoNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.skip:
+            features = []
+            for stage in self.stages:
+                x = stage(x)
+                features.append(x)  # at N, N/2, N/4
+                x = nn.functional.max_pool2d(x, 2)
+            return self.amplitude(x, features), self.phase(x, features) * np.pi
         z = self.encoder(x)
         return self.amplitude(z), self.phase(z) * np.pi
+
+
+class _SkipDecoder(nn.Module):
+    """PtychoNN's decoder with the encoder's features joined at each scale: the same blocks
+    at the same scales (wider inputs only), the full-scale features joined before the last
+    convolution, so its cost per frame stays near the plain decoder's."""
+
+    def __init__(self, w: int, out: nn.Module):
+        super().__init__()
+        self.bottom = nn.Sequential(*_block(4 * w, 4 * w))
+        self.ups = nn.ModuleList(
+            [nn.Sequential(*_block(8 * w, 2 * w)), nn.Sequential(*_block(4 * w, w))]
+        )
+        self.head = nn.Sequential(nn.Conv2d(2 * w, 1, 3, padding=1), out)
+
+    def forward(self, z: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        x = self.bottom(z)
+        full, *coarse = features  # at N; at N/2, N/4
+        for up, skip in zip(self.ups, reversed(coarse), strict=True):
+            x = nn.functional.interpolate(x, scale_factor=2, mode="bilinear")
+            x = up(torch.cat([x, skip], dim=1))
+        x = nn.functional.interpolate(x, scale_factor=2, mode="bilinear")
+        return self.head(torch.cat([x, full], dim=1))
 
 
 class NonLocalBlock(nn.Module):

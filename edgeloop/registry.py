@@ -104,6 +104,7 @@ def model_to_bytes(kind: str, arch: dict, model: nn.Module) -> bytes:
 
 # architecture key -> the SecurityConfig field that bounds it
 ARCH_BOUNDS = {"width": "max_width", "patch": "max_patch"}
+ARCH_FLAGS = {"skip"}  # 0 or 1: a variant of the same size
 
 
 def check_arch(kind: str, arch, security: SecurityConfig | None = None) -> dict:
@@ -114,13 +115,17 @@ def check_arch(kind: str, arch, security: SecurityConfig | None = None) -> dict:
     spec = model_kind(kind)
     if not isinstance(arch, dict):
         raise ModelFileError(f"architecture is a {type(arch).__name__}, not a dict")
-    takes = set(inspect.signature(spec.build).parameters) & set(ARCH_BOUNDS)
+    takes = set(inspect.signature(spec.build).parameters) & (set(ARCH_BOUNDS) | ARCH_FLAGS)
     for key, value in arch.items():
         if key not in takes:
             known = sorted(takes)
             raise ModelFileError(f"unknown {kind} architecture key {key!r}; known: {known}")
         if type(value) is not int:
             raise ModelFileError(f"architecture {key}={value!r} is not an integer")
+        if key in ARCH_FLAGS:
+            if value not in (0, 1):
+                raise ModelFileError(f"architecture {key}={value} is not 0 or 1")
+            continue
         limit = getattr(bounds, ARCH_BOUNDS[key])
         if not 1 <= value <= limit:
             raise ModelFileError(

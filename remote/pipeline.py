@@ -378,14 +378,19 @@ class RetrainPipeline:
             raise RetrainError(str(exc)) from exc
 
     def usable_best(self, kind: str) -> tuple[int | None, list[str]]:
-        """The accepted model of this kind with the lowest validation loss that loads here
-        (checksum, bounds, builds): (version or None, the better ones skipped, as "vN")."""
+        """The accepted model of this kind and of the configured architecture with the
+        lowest validation loss that loads here (checksum, bounds, builds): (version or
+        None, the better ones skipped, as "vN"). One of another architecture (the width or
+        the decoder changed in the config) is not trained from: the next model is the
+        configured one, trained from scratch."""
         skipped = []
         public = self.gate_key().public_key()
         for version in self.registry.ranked(kind):
             try:  # only what the gate approved: its weights go into the next model
                 approval.check(public, self.registry.meta(version), version)
-                self.registry.load(version, self.cfg.security)
+                _, info = self.registry.load(version, self.cfg.security)
+                if info["arch"] != self.cfg.arch(kind):
+                    raise ModelFileError(f"it is a {info['arch']}, not the configured network")
                 return version, skipped
             except (ModelFileError, approval.ApprovalError) as exc:
                 log.warning("not training from %s v%d: %s", kind, version, exc)

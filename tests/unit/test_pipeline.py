@@ -151,3 +151,15 @@ def test_the_accepted_version_gets_its_record_and_one_that_fails_only_says_so(
         "no model record" in result["record_problem"]
         and "edgeloop[onnx]" in result["record_problem"]
     )
+
+
+def test_a_changed_architecture_trains_from_scratch(pipeline):
+    """The configured network wins: after the width changes, the accepted model of the old
+    width is not the next one's starting point (its arch would win over the config's)."""
+    assert pipeline.run("first")["version"] == 1
+    pipeline.cfg.model.braggnn_width = 8
+    pipeline.cfg.remote.quality_margin = 10.0
+    result = pipeline.run("narrower")
+    meta = pipeline.registry.meta(result["version"])
+    assert meta["arch"]["width"] == 8 and meta["parent"] is None
+    assert any("v1" in m and "skipped" in m for m in pipeline.progress.messages)

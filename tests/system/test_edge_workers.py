@@ -7,6 +7,7 @@ answered once, the copies counted in Repeats and said in Message."""
 
 import contextlib
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -377,24 +378,56 @@ def test_a_version_one_worker_does_not_load_is_withdrawn_from_every_worker(p4p_f
         add_ptychonn(registry, 3, edge.cfg.security),
     )
     edge.ctx.put(f"{edge.prefix}edge:LoadModel", old, timeout=90)
-    # w1's channel up before w2 stops: a search sent while w2 is stopped may reach w2 alone
-    # (unicast to the host's shared UDP port), and a get of w1's PV then times out
-    assert edge.value("edge:w1:ModelVersion") == old
-    w2 = worker_process(edge, 2)
-    w2.suspend()
+    # w1's version watched by a monitor, opened before w2 stops: a search sent while w2 is
+    # stopped may reach w2 alone (unicast to the host's shared UDP port), and a get's
+    # channel is dropped from the client's cache after a while unused (CI: a get of w1's
+    # PV after the minute-long put below timed out); a monitor keeps its channel
+    seen = queue.Queue()
+    sub = edge.ctx.monitor(f"{edge.prefix}edge:w1:ModelVersion", seen.put)
     try:
-        with pytest.raises(Exception, match=f"v{new} {NOT_NOW}.*w2: no answer") as refused:
-            edge.ctx.put(f"{edge.prefix}edge:LoadModel", new, timeout=WORKER_LOAD_TIMEOUT_S + 60)
-        assert "w1:" not in str(refused.value)  # worker 1 loaded it, and withdrew it
-        assert edge.value("edge:w1:ModelVersion") == old
+        w1_versions = [wait_until(lambda: _latest(seen), 30, "w1's ModelVersion")]
+        assert w1_versions == [old]
+        w2 = worker_process(edge, 2)
+        w2.suspend()
+        try:
+            with pytest.raises(Exception, match=f"v{new} {NOT_NOW}.*w2: no answer") as refused:
+                edge.ctx.put(
+                    f"{edge.prefix}edge:LoadModel", new, timeout=WORKER_LOAD_TIMEOUT_S + 60
+                )
+            assert "w1:" not in str(refused.value)  # worker 1 loaded it, and withdrew it
+
+            def w1_back() -> bool:  # its withdrawal may still be on its way to the monitor
+                w1_versions.extend(_drain(seen))
+                return w1_versions[-1] == old
+
+            wait_until(w1_back, 30, f"w1 serving v{old} again (saw {w1_versions})")
+        finally:
+            w2.resume()
     finally:
-        w2.resume()
+        sub.close()
     edge.wait_value("edge:w2:ModelVersion", lambda v: v == old, timeout=60)  # answers again
     assert registry.accepted("ptychonn") == old
     assert registry.meta(new).get("status") is None  # not the model's fault
     edge.ctx.put(f"{edge.prefix}edge:LoadModel", new, timeout=90)
     assert [edge.value(f"edge:w{k}:ModelVersion") for k in (1, 2)] == [new, new]
     assert registry.accepted("ptychonn") == new and registry.meta(new)["status"] == "accepted"
+
+
+def _latest(updates: queue.Queue):
+    """The newest value a monitor delivered (None if none yet)."""
+    values = _drain(updates)
+    return values[-1] if values else None
+
+
+def _drain(updates: queue.Queue) -> list:
+    out = []
+    while True:
+        try:
+            value = updates.get_nowait()
+        except queue.Empty:
+            return out
+        if not isinstance(value, Exception):
+            out.append(int(value["value"]))
 
 
 def test_a_killed_worker_is_restarted_and_reported(p4p_fed):

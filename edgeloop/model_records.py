@@ -301,7 +301,8 @@ def write_record(
         return _write_record(cfg, version, registry or Registry(cfg.registry_path), reference)
 
 
-def _previous_reference(folder: Path) -> dict | None:
+def recorded_reference(folder: Path) -> dict | None:
+    """The reference error a record's card holds (error, info, time); None if none."""
     try:
         m = json.loads((folder / "card.json").read_text())["metrics"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -327,7 +328,7 @@ def _write_record(cfg: Config, version: int, registry: Registry, reference) -> P
     public_pem = approval.key_paths(cfg.security)[1].read_bytes()
     graph, _ = onnx_graph(model, kind, version, size)
     target = record_path(cfg.registry_path, kind, version)
-    reference = reference or _previous_reference(target)
+    reference = reference or recorded_reference(target)
     c = card(dict(meta, kind=kind), model, size, cfg.records.licence, public_pem, reference)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -484,7 +485,7 @@ def listing(
         }
         folder = record_path(cfg.registry_path, str(row["kind"]), version)
         row["record"] = str(folder) if (folder / SUMS).exists() else None
-        reference = _previous_reference(folder) if row["record"] else None
+        reference = recorded_reference(folder) if row["record"] else None
         row["reference_error"] = reference and reference["error"]
         if kind and row["kind"] != kind or status and row["status"] != status:
             continue

@@ -6,7 +6,6 @@ policy (policy_watcher.PolicyWatcher) together, and decides when a retraining ru
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -189,12 +188,11 @@ class RetrainService:
         if not self.cfg.records.enabled:
             return
         try:
-            folder = model_records.find(self.cfg, version)
-            if json.loads((folder / "card.json").read_text())["metrics"]["reference_error"]:
+            if model_records.recorded_reference(model_records.find(self.cfg, version)):
                 return
             reference = {"error": error, "info": info, "time": time.time()}
             model_records.write_record(self.cfg, version, self.registry, reference)
-        except (model_records.RecordError, ImportError, OSError, ValueError, KeyError) as exc:
+        except (model_records.RecordError, ImportError, OSError, ValueError) as exc:
             log.warning("model v%d: reference error not put in its record: %s", version, exc)
 
     def _sync_mlflow(self) -> None:

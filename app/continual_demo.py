@@ -164,6 +164,7 @@ def _one_scan(cfg, ctx, RE, index, det, stage, sim, collector, i, centre, points
         "phase_error": float(errs.mean()),
         "map_error": float(map_err.mean()),
         "recon_error": None,  # once every retraining has labelled
+        "map_ratio": None,
         "consistency": consistency,
         "frame_consistency": [
             (f.attributes["Consistency"], float(e))
@@ -202,6 +203,7 @@ def continual_demo(cfg, out: Path, ctx, RE, index, det, stage, n_scans, points, 
         scan = read_scan(m[3])
         phase, obj = recon_labels(cfg, scan)
         s["recon_error"] = float(patch_errors(phase, scan["positions_um"], sim).mean())
+        s["map_ratio"] = s["map_error"] / s["recon_error"]  # the aim: 2.5 or less
         m[3], m[4] = scan["positions_um"], obj
     pooled = [pair for s in scans for pair in s.pop("frame_consistency")]
     report = {
@@ -321,7 +323,7 @@ def print_report(r: dict, out: Path) -> None:
     lines = ["edgeloop demo --scans report"]
     lines.append(
         f"  {'scan':>4} {'model':>5} {'phase err':>9} {'map err':>8} {'recon err':>9} "
-        f"{'consist.':>8} {'ref err':>8}  trigger after the scan"
+        f"{'map/rec':>7} {'consist.':>8} {'ref err':>8}  trigger after the scan"
     )
 
     def f(x):
@@ -330,7 +332,9 @@ def print_report(r: dict, out: Path) -> None:
     for s in r["scans"]:
         lines.append(
             f"  {s['scan']:>4} v{s['model_version']:<4} {f(s['phase_error']):>9} "
-            f"{f(s['map_error']):>8} {f(s['recon_error']):>9} {f(s['consistency']):>8} "
+            f"{f(s['map_error']):>8} {f(s['recon_error']):>9} "
+            f"{'-' if s['map_ratio'] is None else format(s['map_ratio'], '.2f'):>7} "
+            f"{f(s['consistency']):>8} "
             f"{f(s['reference_error']):>8}  {s['trigger'] or '-'}"
         )
     rho = r["consistency_error_spearman"]

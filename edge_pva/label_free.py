@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import fft, stats
 
-from edgeloop.optics import illuminated_mask, make_probe
+from edgeloop.optics import centring_sign, illuminated_mask, make_probe
 
 
 def _sqrt_poisson_deviation(lam: np.ndarray) -> np.ndarray:
@@ -100,11 +100,7 @@ class DataResidual:
             raise ValueError(f"the probe must be square with an even side, got {probe.shape}")
         self.probe = probe
         self.lit = illuminated_mask(probe, lit)
-        # (-1)^(row + col) moves zero frequency to the centre of an even-sided FFT: the
-        # detector's fftshift folded into the probe
-        n = probe.shape[0]
-        sign = 1 - 2 * ((np.arange(n)[:, None] + np.arange(n)[None, :]) % 2)
-        self._shifted_probe = (probe * sign).astype(np.complex64)
+        self._shifted_probe = (probe * centring_sign(probe.shape[0])).astype(np.complex64)
         self.gain = float(gain)
 
     @property

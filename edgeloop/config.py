@@ -237,6 +237,19 @@ class TrainConfig:
     sample_budget: Annotated[int, Field(ge=0)] = 0
     seed: Seed = 0
     threads: Count = 2
+    # stop a training this many seconds after it starts (the best epoch so far is kept);
+    # 0: no limit
+    time_budget_s: NonNegative = 0.0
+    # PtychoNN's loss (remote/physics.py): "labels" (against phase retrieval's labels),
+    # "physics" (the predicted object through the probe and the far-field model against
+    # the measured frame; trains before the labels exist), "both" (labels +
+    # physics_weight x physics)
+    loss: Literal["labels", "physics", "both"] = "labels"
+    physics_weight: NonNegative = 1.0
+    # neighbouring points' predicted phases must agree where both are lit (a term of the
+    # physics loss): ties the frames' phase offsets together, but slowed learning where
+    # measured (docs/explanations/training.md), so off by default
+    overlap_weight: NonNegative = 0.0
     keep_initial: bool = False  # set when training from a checkpoint (remote/tasks.py)
 
     def __post_init__(self):
@@ -422,6 +435,13 @@ class Config:
             threads=1,
         )
     )
+
+    def __post_init__(self):
+        if self.train_hedm.loss != "labels":
+            raise ValueError(
+                f"train_hedm.loss {self.train_hedm.loss!r}: BraggNN trains on labels only "
+                "(the physics loss is PtychoNN's)"
+            )
 
     def arch(self, kind: str) -> dict:
         """Constructor arguments of a model kind's network."""

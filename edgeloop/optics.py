@@ -18,6 +18,16 @@ def make_probe(frame_size: int, radius_px: float, defocus: float) -> np.ndarray:
     return probe.astype(np.complex64)
 
 
+def centring_sign(n: int) -> np.ndarray:
+    """(-1)^(row + col) on an even n x n grid: multiplied into the exit wave, it moves the
+    zero frequency of its FFT to the centre, as the detector sees it (fftshift folded into
+    the probe); the far-field model of the edge's data residual and of physics-informed
+    training."""
+    if n % 2:
+        raise ValueError(f"the centred far field needs an even side, got {n}")
+    return (1 - 2 * ((np.arange(n)[:, None] + np.arange(n)[None, :]) % 2)).astype(np.float32)
+
+
 def illuminated_mask(probe: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     power = np.abs(probe) ** 2
     return power > fraction * power.max()

@@ -14,6 +14,7 @@ from torch import nn
 from edgeloop import registry as reg
 from edgeloop.config import TrainConfig
 from edgeloop.models import kind as model_kind
+from edgeloop.remote.physics import TrainingLoss, partners
 from edgeloop.remote.training import LossFn, centre_loss, evaluate, ptycho_loss, split
 
 
@@ -33,6 +34,40 @@ def read_labels(path: str, sha256: str, kind: str) -> tuple[np.ndarray, tuple, L
         amp = f["amplitude"][()]
         weight = f["weight"][()] if "weight" in f else None
         return inputs, (amp, f["phase"][()]), ptycho_loss(weight, amp.shape[-2:])
+
+
+def read_training_set(
+    path: str, sha256: str, kind: str, cfg: TrainConfig
+) -> tuple[np.ndarray, tuple, LossFn]:
+    """(inputs, targets, loss) that ``train()`` minimises for ``cfg.loss``: a labels file as
+    :func:`read_labels` reads it; with the physics loss (PtychoNN only) the measured moduli,
+    each frame's partner (its nearest neighbour of the scan, within half a frame) and the
+    shift to it join the targets, read from a labels file (``both``) or from a file of
+    frames without labels (``physics``: ``tasks.prepare_frames``)."""
+    if cfg.loss == "labels":
+        return read_labels(path, sha256, kind)
+    if kind != "ptychonn":
+        raise ValueError(f"the {cfg.loss!r} loss is PtychoNN's; {kind} trains on labels")
+    data = Path(path).read_bytes()
+    if reg.sha256_bytes(data) != sha256:
+        raise ValueError(f"training file {path} fails its checksum")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("kind") != kind:
+            raise ValueError(f"training file {path} is for {f.attrs.get('kind')!r}, not {kind!r}")
+        missing = [k for k in ("inputs", "positions_px", "scan", "probe") if k not in f]
+        if cfg.loss == "both":
+            missing += [k for k in ("amplitude", "phase") if k not in f]
+        if missing:
+            raise ValueError(
+                f"training file {path} lacks {', '.join(missing)} for the {cfg.loss!r} loss"
+            )
+        inputs = f["inputs"][()]
+        positions, probe = f["positions_px"][()], f["probe"][()]
+        pair = partners(positions, f["scan"][()], max_shift=inputs.shape[-1] / 2)
+        shifts = np.round(positions[pair] - positions).astype(np.float32)
+        labels = (f["amplitude"][()], f["phase"][()]) if cfg.loss == "both" else ()
+    loss = TrainingLoss(cfg.loss, probe, pair, cfg.physics_weight, cfg.overlap_weight)
+    return inputs, (*labels, inputs[:, 0], shifts), loss
 
 
 def held_out_losses(

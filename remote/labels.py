@@ -127,6 +127,12 @@ def label_patches(
     return amplitude, np.angle(patches).astype(np.float32)
 
 
+def positions_px(positions_um: np.ndarray, pixel_um: float) -> np.ndarray:
+    """Stage positions (x, y) in um -> object (row, col) in pixels."""
+    positions_um = np.asarray(positions_um, np.float64)
+    return np.stack([positions_um[:, 1], positions_um[:, 0]], axis=1) / pixel_um
+
+
 def make_labels(
     frames: np.ndarray,
     positions_um: np.ndarray,
@@ -144,11 +150,11 @@ def make_labels(
     m = frames.shape[-1]
     if probe.shape != (m, m):
         raise ValueError(f"probe {probe.shape} does not match frames {frames.shape[1:]}")
-    pos_px = np.stack([positions_um[:, 1], positions_um[:, 0]], axis=1) / pixel_um
+    pos_px = positions_px(positions_um, pixel_um)
     obj, prb, origin = reconstruct(frames, pos_px, probe, epochs, algorithm, threads)
     if recon is not None:
         recon.update(object=obj, probe=prb, origin=origin, positions_px=pos_px)
     return label_patches(obj, origin, pos_px, m, prb)
 
 
-__all__ = ["reconstruct", "label_patches", "make_labels"]
+__all__ = ["reconstruct", "label_patches", "make_labels", "positions_px"]

@@ -162,6 +162,8 @@ class RetrainPipeline:
         technique, kind, train_cfg, scans = self._stage(trigger, timings)
         if getattr(self.slot.executor, "runs_whole_retraining", False):
             labels, trained = self._flow(technique, kind, scans, train_cfg, timings)
+        elif train_cfg.loss == "physics":
+            labels, trained = self._physics_first(kind, scans, train_cfg, timings)
         else:
             labels = self._analyse(technique, kind, scans, timings)
             trained = self._train(kind, labels, train_cfg)
@@ -272,6 +274,43 @@ class RetrainPipeline:
         request = dict(request, labels=labels["labels"], labels_sha256=labels["sha256"])
         trained = Trained(best, serving, baseline, request, result, submitted, time.perf_counter())
         return labels, trained
+
+    def _physics_first(self, kind: str, scans: list[str], train_cfg, timings: dict):
+        """Physics-informed training needs no labels: it is submitted on the scans' frames
+        first, and the labels that the gate, the reference and the model card need are
+        made beside it (after it, on a one-worker executor); both cover the same frames in
+        the same order, so the gate's held-out split is the one training kept out."""
+        what, analysis = analysis_request(self.cfg, kind, scans)
+        best, skipped = self.usable_best(kind)
+        self._enter(
+            "Training",
+            f"training {kind} with the physics loss on the frames of {len(scans)} scan(s) "
+            f"from {f'v{best}' if best else 'scratch'} "
+            + (f"(unusable, skipped: {', '.join(skipped)}) " if skipped else "")
+            + f"({self.slot.name}); {what} beside it for the gate",
+        )
+        out = self.where.labels_out(f"frames_{kind}_{int(time.time())}.h5")
+        frames = self._result(tasks.prepare_frames, dict(analysis, out=out), "reading frames")
+        training_set = {"labels": frames["frames"], "sha256": frames["sha256"]}
+        request, serving, baseline = self._train_request(kind, training_set, train_cfg, best)
+        submitted = time.perf_counter()
+        training = self.slot.submit(tasks.train_model, request)
+        labelling = self.slot.submit(tasks.analyze, analysis)
+        try:
+            result = self.slot.result(training, "training", self.step_timeout, self.abort)
+        except BaseException:
+            self.slot.cancel(labelling)  # no labels for a model that never came
+            raise
+        returned = time.perf_counter()
+        labels = self.slot.result(labelling, what, self.step_timeout, self.abort)
+        if labels["n_frames"] != frames["n_frames"]:
+            raise RetrainError(
+                f"{what} labelled {labels['n_frames']} frames, training read "
+                f"{frames['n_frames']}: the gate's held-out split would not be training's"
+            )
+        timings["analysis_s"] = labels["seconds"]
+        labels = dict(labels, method=labels_method(what, analysis))
+        return labels, Trained(best, serving, baseline, request, result, submitted, returned)
 
     def _train(self, kind: str, labels: dict, train_cfg) -> Trained:
         best, skipped = self.usable_best(kind)
@@ -451,8 +490,10 @@ class RetrainPipeline:
             ) from exc
         if not math.isfinite(losses["candidate"]):
             raise RetrainError(f"held-out loss of the returned model is {losses['candidate']}")
-        reported = result["val_loss"]
-        if not (is_number(reported) and math.isclose(reported, losses["candidate"], rel_tol=0.01)):
+        reported = result["val_loss"]  # None: trained without labels (the physics loss)
+        if reported is not None and not (
+            is_number(reported) and math.isclose(reported, losses["candidate"], rel_tol=0.01)
+        ):
             log.warning(
                 "the executor reported held-out loss %r, the service measures %.6g",
                 reported,

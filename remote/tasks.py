@@ -17,7 +17,7 @@ from edgeloop import signing, tiled_runs
 from edgeloop.config import SecurityConfig, TrainConfig
 from edgeloop.models import kind as model_kind
 from edgeloop.optics import illuminated_mask, make_probe
-from edgeloop.remote.labels import make_labels
+from edgeloop.remote.labels import make_labels, positions_px
 from edgeloop.scanfile import read_scan
 
 log = logging.getLogger(__name__)
@@ -120,27 +120,91 @@ def _analyze_ptycho(request: dict, f: h5py.File) -> tuple[int, int]:
 
     request: scans, pixel_um, probe {radius_px, defocus}, epochs, algorithm, threads,
     input_size, and optionally cache_dir: each scan's labels (and reconstruction) are kept
-    there, so a growing training set re-labels only its new scans.  Writes inputs,
-    amplitude, phase, weight (where a frame informs).
+    there, so a growing training set re-labels only its new scans.  Writes what
+    :func:`prepare_frames` writes, and amplitude, phase.
     """
-    inputs, amp_all, phase_all, skipped = [], [], [], 0
+    parts, skipped = [], 0
     for path in request["scans"]:
         labels = scan_labels(path, request)
         skipped += labels["skipped"]
-        if labels["inputs"] is None:
-            continue
-        inputs.append(labels["inputs"])
-        amp_all.append(labels["amplitude"])
-        phase_all.append(labels["phase"])
-    if not inputs:
+        if labels["inputs"] is not None:
+            parts.append(labels)
+    n = _write_frames(f, request, parts)
+    f["amplitude"] = np.concatenate([p["amplitude"] for p in parts])
+    f["phase"] = np.concatenate([p["phase"] for p in parts])
+    return n, skipped
+
+
+def prepare_frames(request: dict) -> dict:
+    """The staged scans as PtychoNN's training inputs without labels (what physics-informed
+    training needs, in seconds instead of phase retrieval's minutes): the same frames in
+    the same order as :func:`analyze` labels them, so both share one held-out split.
+
+    request: as :func:`analyze`'s for ``ptychonn``.  Returns: frames (path), sha256,
+    n_frames, skipped_frames, seconds."""
+    t0 = time.perf_counter()
+    out = Path(request["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    parts, skipped = [], 0
+    for path in request["scans"]:
+        inputs = scan_inputs(path, request)
+        skipped += inputs["skipped"]
+        if inputs["inputs"] is not None:
+            parts.append(inputs)
+    with h5py.File(tmp, "w") as f:
+        n = _write_frames(f, request, parts)
+        f.attrs["skipped_frames"] = skipped
+        f.attrs["scans"] = json.dumps(list(map(str, request["scans"])))
+        f.attrs["kind"] = "ptychonn"
+    tmp.replace(out)
+    return {
+        "frames": str(out),
+        "sha256": reg.sha256_bytes(out.read_bytes()),
+        "n_frames": n,
+        "skipped_frames": skipped,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _write_frames(f: h5py.File, request: dict, parts: list[dict]) -> int:
+    """inputs, positions_px (row, col), scan (0, 1, ... per scan with frames), probe (the
+    nominal one, complex) and weight (where it lights the sample) of a training set."""
+    if not parts:
         raise ValueError(f"no finite frames in {len(request['scans'])} scan(s) to train on")
-    f["inputs"] = np.concatenate(inputs)
-    f["amplitude"] = np.concatenate(amp_all)
-    f["phase"] = np.concatenate(phase_all)
+    f["inputs"] = np.concatenate([p["inputs"] for p in parts])
+    f["positions_px"] = np.concatenate([p["positions_px"] for p in parts])
+    f["scan"] = np.concatenate(
+        [np.full(len(p["inputs"]), i, np.int32) for i, p in enumerate(parts)]
+    )
     pr = request["probe"]
     probe = make_probe(request["input_size"], pr["radius_px"], pr["defocus"])
+    f["probe"] = probe
     f["weight"] = illuminated_mask(probe).astype(np.float32)
-    return int(sum(len(a) for a in amp_all)), skipped
+    return len(f["inputs"])
+
+
+def scan_inputs(path, request: dict) -> dict:
+    """inputs (None if no finite frame), positions_px, skipped and the finite frames of
+    one scan: the frames a training set takes and their order."""
+    scan = read_scan(path)
+    ok = _finite(path, scan["frames"], scan["positions_um"])
+    out = {"inputs": None, "skipped": int((~ok).sum())}
+    if ok.any():
+        frames = scan["frames"][ok].astype(np.float32)
+        if frames.shape[-1] != request["input_size"]:
+            raise ValueError(
+                f"{path}: frames {frames.shape[-1]} px but the network takes "
+                f"{request['input_size']} px"
+            )
+        positions_um = scan["positions_um"][ok]
+        out.update(
+            inputs=model_kind("ptychonn").preprocess(list(frames), request["input_size"]),
+            positions_px=positions_px(positions_um, request["pixel_um"]),
+            positions_um=positions_um,
+            frames=frames,
+        )
+    return out
 
 
 LABEL_KEYS = ("pixel_um", "probe", "epochs", "algorithm", "input_size")
@@ -162,7 +226,8 @@ def labels_cache_file(path, request: dict) -> Path | None:
 
 
 def scan_labels(path, request: dict) -> dict:
-    """inputs, amplitude, phase (None if no finite frame), skipped, and ``object`` (the
+    """inputs, amplitude, phase, positions_px (None if no finite frame), skipped, and
+    ``object`` (the
     reconstruction, when there is one) of one scan: the one way a scan is labelled by
     phase retrieval (ptychi), from the cache when it holds them (it keeps the object too)."""
     cached = labels_cache_file(path, request)
@@ -173,23 +238,22 @@ def scan_labels(path, request: dict) -> dict:
                     return {"inputs": None, "skipped": int(c.attrs["skipped"])}
                 log.info("labels for %s: %d frames (cached)", path, c.attrs["n"])
                 return {
-                    **{k: c[k][()] for k in ("inputs", "amplitude", "phase")},
+                    **{k: c[k][()] for k in ("inputs", "amplitude", "phase", "positions_px")},
                     "skipped": int(c.attrs["skipped"]),
                     "object": c["recon/object"][()] if "recon/object" in c else None,
                 }
         except (OSError, KeyError) as exc:  # a torn or foreign file: label again
             log.warning("labels cache %s unreadable (%s): labelling again", cached, exc)
-    scan = read_scan(path)
-    ok = _finite(path, scan["frames"], scan["positions_um"])
-    out = {"inputs": None, "skipped": int((~ok).sum())}
+    scanned = scan_inputs(path, request)
+    out = {k: scanned[k] for k in ("inputs", "skipped")}
     recon = {}
-    if ok.any():
-        frames = scan["frames"][ok].astype(np.float32)
+    if scanned["inputs"] is not None:
+        frames = scanned["frames"]
         pr = request["probe"]
         probe = make_probe(frames.shape[-1], pr["radius_px"], pr["defocus"])
         amp, phase = make_labels(
             frames,
-            scan["positions_um"][ok],
+            scanned["positions_um"],
             request["pixel_um"],
             probe,
             request["epochs"],
@@ -197,17 +261,7 @@ def scan_labels(path, request: dict) -> dict:
             request["threads"],
             recon,
         )
-        if amp.shape[-1] != request["input_size"]:
-            raise ValueError(
-                f"{path}: frames {frames.shape[-1]} px but the network takes "
-                f"{request['input_size']} px labels"
-            )
-        spec = model_kind("ptychonn")
-        out.update(
-            inputs=spec.preprocess(list(frames), request["input_size"]),
-            amplitude=amp,
-            phase=phase,
-        )
+        out.update(amplitude=amp, phase=phase, positions_px=scanned["positions_px"])
         log.info("labels for %s: %d frames", path, len(frames))
     if cached is not None:
         _write_cache(cached, path, out, recon)
@@ -222,7 +276,7 @@ def _write_cache(cached: Path, path, labels: dict, recon: dict) -> None:
         c.attrs["skipped"] = labels["skipped"]
         c.attrs["n"] = 0 if labels["inputs"] is None else len(labels["inputs"])
         if labels["inputs"] is not None:
-            for k in ("inputs", "amplitude", "phase"):
+            for k in ("inputs", "amplitude", "phase", "positions_px"):
                 c[k] = labels[k]
         for k, v in recon.items():  # the reconstruction, for pictures and comparisons
             c[f"recon/{k}"] = v
@@ -233,13 +287,14 @@ def train_model(request: dict) -> dict:
     """Train from the given checkpoint (or fresh); returns the model as bytes + metrics,
     signed with the key in ``request["signing_key_file"]`` on this machine.
 
-    request: labels, labels_sha256, init (checkpoint path or None), init_sha256, kind,
+    request: labels, labels_sha256 (with ``train.loss = "physics"``: a file of frames,
+    ``prepare_frames``), init (checkpoint path or None), init_sha256, kind,
     arch, train (TrainConfig fields), signing_key_file, and optionally security (the model
     bounds, SecurityConfig fields), baseline / baseline_sha256 (the serving model: its loss
     on the same held-out split is returned as ``baseline_val_loss``).
     """
     t0 = time.perf_counter()
-    from edgeloop.remote.held_out import read_labels
+    from edgeloop.remote.held_out import read_labels, read_training_set
     from edgeloop.remote.training import evaluate, split, train
 
     if not request.get("signing_key_file"):
@@ -247,28 +302,42 @@ def train_model(request: dict) -> dict:
     key = signing.load_key(request["signing_key_file"])  # before hours of training
     security = SecurityConfig(**request.get("security", {}))
     spec = model_kind(request["kind"])
-    inputs, targets, loss = read_labels(request["labels"], request["labels_sha256"], spec.name)
+    cfg = TrainConfig(**dict(request["train"], keep_initial=bool(request.get("init"))))
+    inputs, targets, loss = read_training_set(
+        request["labels"], request["labels_sha256"], spec.name, cfg
+    )
+    # the figures reported are the label loss's (the gate's) where the file has labels
+    judge = None
+    if cfg.loss == "labels":
+        judge = (inputs, targets, loss)
+    elif cfg.loss == "both":
+        judge = read_labels(request["labels"], request["labels_sha256"], spec.name)
     if request.get("init"):
         model, info = _checkpoint(request["init"], request["init_sha256"], spec.name, security)
         arch = info["arch"]
     else:
         arch = reg.check_arch(spec.name, request["arch"], security)
         model = spec.build(**arch)
-    cfg = TrainConfig(**dict(request["train"], keep_initial=bool(request.get("init"))))
+    _, val_idx = split(len(inputs), cfg.val_fraction, cfg.seed)  # train()'s split
     baseline_val_loss = None
-    if request.get("baseline"):
+    if request.get("baseline") and judge is not None:
         baseline, _ = _checkpoint(
             request["baseline"], request["baseline_sha256"], spec.name, security
         )
-        _, val_idx = split(len(inputs), cfg.val_fraction, cfg.seed)  # train()'s split
-        baseline_val_loss = evaluate(baseline, inputs, targets, loss, val_idx)
-    model, val_loss, history = train(model, inputs, targets, loss, cfg)
+        baseline_val_loss = evaluate(baseline, *judge, val_idx)
+    model, objective, history = train(model, inputs, targets, loss, cfg)
+    val_loss = None
+    if judge is not None:
+        val_loss = objective if cfg.loss == "labels" else evaluate(model, *judge, val_idx)
     blob = reg.model_to_bytes(spec.name, arch, model)
     result = {
         "model": blob,
         "sha256": reg.sha256_bytes(blob),
         "kind": spec.name,
-        "val_loss": float(val_loss),
+        # the held-out label loss; None when trained on frames without labels (physics)
+        "val_loss": None if val_loss is None else float(val_loss),
+        "loss": cfg.loss,
+        "objective_val_loss": float(objective),
         "baseline_val_loss": baseline_val_loss,
         "history": history,
         "n_frames": int(len(inputs)),

@@ -73,6 +73,13 @@ def _scheduler(opt, cfg: TrainConfig, steps_per_epoch: int, epochs: int):
     raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}: cyclic or cosine")
 
 
+def with_partners(loss_fn: LossFn, idx: torch.Tensor) -> torch.Tensor:
+    """The samples of a batch, followed by their partners where the loss pairs frames
+    (remote/physics.py: neighbouring scan points)."""
+    partners = getattr(loss_fn, "partners", None)
+    return idx if partners is None else torch.cat([idx, torch.from_numpy(partners)[idx]])
+
+
 def evaluate(
     model: nn.Module,
     inputs: np.ndarray,
@@ -82,7 +89,7 @@ def evaluate(
 ) -> float:
     """The loss of a model on the samples ``idx`` (e.g. the held-out split)."""
     model.eval()
-    i = torch.from_numpy(np.asarray(idx))
+    i = with_partners(loss_fn, torch.from_numpy(np.asarray(idx)))
     with torch.no_grad():
         x = torch.from_numpy(np.ascontiguousarray(inputs, np.float32))[i]
         ys = [torch.from_numpy(np.ascontiguousarray(t, np.float32))[i] for t in targets]
@@ -96,8 +103,12 @@ def train(
     loss_fn: LossFn,
     cfg: TrainConfig,
     progress=None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[nn.Module, float, list[dict]]:
-    """Train in place from the given weights; returns (best model, best val loss, history)."""
+    """Train in place from the given weights; returns (best model, best val loss, history).
+    With ``cfg.time_budget_s`` the run ends at the first batch past the budget by ``clock``
+    (wall time; ``time.process_time`` compares trainings at equal CPU time), after that
+    epoch's validation."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     train_idx, val_idx = split(len(inputs), cfg.val_fraction, cfg.seed)
@@ -112,7 +123,9 @@ def train(
     if cfg.keep_initial:
         best_loss = evaluate(model, inputs, targets, loss_fn, val_idx)
         best_state = copy.deepcopy(model.state_dict())
-    vi = torch.from_numpy(val_idx)
+    vi = with_partners(loss_fn, torch.from_numpy(val_idx))
+    t_start = clock()
+    out_of_time = False
     for epoch in range(epochs):
         t0 = time.perf_counter()
         model.train()
@@ -122,12 +135,17 @@ def train(
             b = order[start : start + cfg.batch_size]
             if len(b) < 2:  # batch norm needs two samples
                 continue
+            n_b = len(b)
+            b = with_partners(loss_fn, b)
             opt.zero_grad()
             loss = loss_fn(model(x[b]), [y[b] for y in ys])
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(b)
+            total += loss.item() * n_b
+            if cfg.time_budget_s and clock() - t_start > cfg.time_budget_s:
+                out_of_time = True
+                break
         model.eval()
         with torch.no_grad():
             val = loss_fn(model(x[vi]), [y[vi] for y in ys]).item()
@@ -150,6 +168,11 @@ def train(
         )
         if progress is not None:
             progress(epoch + 1, epochs, val)
+        if out_of_time:
+            log.info(
+                "training time budget %.0f s spent after %d epochs", cfg.time_budget_s, epoch + 1
+            )
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval(), best_loss, history

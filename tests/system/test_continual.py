@@ -38,6 +38,7 @@ def test_demo_scans_lets_the_policy_retrain_and_reports_each_scan(tmp_path):
     for scan in report["scans"]:
         assert scan["frames"] == 80 and 0 < scan["phase_error"] < 1
         assert 0 < scan["consistency"] < 1 and 0 < scan["recon_error"] < scan["phase_error"]
+        assert scan["map_ratio"] == pytest.approx(scan["map_error"] / scan["recon_error"])
     assert first["reference_error"] is None  # no trained model yet: nothing to check
     log = (out / "logs" / "retrain-service.log").read_text()
     assert second["reference_error"] is not None, (second["reference_info"], log[-4000:])
@@ -46,4 +47,4 @@ def test_demo_scans_lets_the_policy_retrain_and_reports_each_scan(tmp_path):
     assert report["frames_in"] == report["frames_out"] + report["dropped"] + report["bad_frames"]
     for png in ("learning_curve.png", "scan_maps.png"):
         assert (out / png).stat().st_size > 10_000
-    assert "trigger after the scan" in done.stdout
+    assert "trigger after the scan" in done.stdout and "map/rec" in done.stdout

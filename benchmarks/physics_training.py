@@ -200,12 +200,13 @@ def main(argv=None) -> None:
     ap.add_argument("--points", type=int, default=500)
     ap.add_argument("--step", type=float, default=0.05, help="um between spiral points")
     ap.add_argument("--variants", default="labels,physics,both,skip,both+skip")
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
     ap.add_argument("--out", default="out/physics-bench")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = Config.from_dict({"registry_dir": str(out / "registry")})
+    cfg = Config.from_dict({"registry_dir": str(out / "registry"), "train": {"seed": args.seed}})
     sim = PtychoSimulator(cfg.sim)
     t0 = time.perf_counter()
     *train_scans, eval_scan = simulate(cfg, sim, out, args.scans, args.points, args.step)
@@ -236,13 +237,15 @@ def main(argv=None) -> None:
             f"{row['parameters']} parameters",
             flush=True,
         )
-    picture(out / "maps.png", cfg, sim, maps, eval_scan)
-    (out / "results.json").write_text(
+    picture(out / f"maps_seed{args.seed}.png", cfg, sim, maps, eval_scan)
+    (out / f"results_seed{args.seed}.json").write_text(
         json.dumps(
             {"ptychi_error": ref["frame_error"], "args": vars(args), "rows": rows}, indent=1
         )
     )
-    print(f"maps: {out / 'maps.png'}; figures: {out / 'results.json'}")
+    print(
+        f"maps: {out / f'maps_seed{args.seed}.png'}; figures: {out}/results_seed{args.seed}.json"
+    )
 
 
 if __name__ == "__main__":

@@ -148,8 +148,10 @@ class ModelConfig:
     width: Count = 8  # channels of the first encoder block (published PtychoNN: 32, 1.15 M
     # parameters); 8 keeps CPU training of the demo within minutes
     # PtychoNN's decoders: "plain" (published) or "skip" (U-Net skip connections: the
-    # encoder's features joined at each scale; same widths)
-    decoder: Literal["plain", "skip"] = "plain"
+    # encoder's features joined at each scale; same widths). "skip" with train.loss "both"
+    # gave the stitched map nearest ptychi's at equal training time
+    # (docs/explanations/training.md)
+    decoder: Literal["plain", "skip"] = "skip"
     patch: Annotated[int, Field(ge=3)] = 11  # BraggNN: patch side cropped around each peak
     # BraggNN's first conv channels: the published 64 is 35x faster per peak than the fit on
     # one core, 16 (trained 60+ epochs) 131x at the same error (edgeloop hedm-accuracy)
@@ -240,7 +242,8 @@ class TrainConfig:
     # stop a training this many seconds after it starts (the best epoch so far is kept);
     # 0: no limit
     time_budget_s: NonNegative = 0.0
-    # PtychoNN's loss (remote/physics.py): "labels" (against phase retrieval's labels),
+    # PtychoNN's loss (remote/physics.py; ``train`` defaults to "both", ``train_hedm``
+    # trains on labels only): "labels" (against phase retrieval's labels),
     # "physics" (the predicted object through the probe and the far-field model against
     # the measured frame; trains before the labels exist), "both" (labels +
     # physics_weight x physics)
@@ -412,7 +415,8 @@ class Config:
     hedm: HedmConfig = field(default_factory=HedmConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    # PtychoNN: labels + physics (docs/explanations/training.md)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(loss="both"))
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

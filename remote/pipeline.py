@@ -285,9 +285,7 @@ class RetrainPipeline:
         self._enter(
             "Training",
             f"training {kind} with the physics loss on the frames of {len(scans)} scan(s) "
-            f"from {f'v{best}' if best else 'scratch'} "
-            + (f"(unusable, skipped: {', '.join(skipped)}) " if skipped else "")
-            + f"({self.slot.name}); {what} beside it for the gate",
+            f"{self._start(best, skipped)}; {what} beside it for the gate",
         )
         out = self.where.labels_out(f"frames_{kind}_{int(time.time())}.h5")
         frames = self._result(tasks.prepare_frames, dict(analysis, out=out), "reading frames")
@@ -312,14 +310,19 @@ class RetrainPipeline:
         labels = dict(labels, method=labels_method(what, analysis))
         return labels, Trained(best, serving, baseline, request, result, submitted, returned)
 
+    def _start(self, best: int | None, skipped: list[str]) -> str:
+        """Where a training starts, for ml:Message: "from v3 (unusable, skipped: v5) (local)"."""
+        return (
+            f"from {f'v{best}' if best else 'scratch'} "
+            + (f"(unusable, skipped: {', '.join(skipped)}) " if skipped else "")
+            + f"({self.slot.name})"
+        )
+
     def _train(self, kind: str, labels: dict, train_cfg) -> Trained:
         best, skipped = self.usable_best(kind)
         self._enter(
             "Training",
-            f"training {kind} on {labels['n_frames']} samples from "
-            f"{f'v{best}' if best else 'scratch'} "
-            + (f"(unusable, skipped: {', '.join(skipped)}) " if skipped else "")
-            + f"({self.slot.name})",
+            f"training {kind} on {labels['n_frames']} samples {self._start(best, skipped)}",
         )
         request, serving, baseline = self._train_request(kind, labels, train_cfg, best)
         submitted = time.perf_counter()

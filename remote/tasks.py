@@ -123,12 +123,7 @@ def _analyze_ptycho(request: dict, f: h5py.File) -> tuple[int, int]:
     there, so a growing training set re-labels only its new scans.  Writes what
     :func:`prepare_frames` writes, and amplitude, phase.
     """
-    parts, skipped = [], 0
-    for path in request["scans"]:
-        labels = scan_labels(path, request)
-        skipped += labels["skipped"]
-        if labels["inputs"] is not None:
-            parts.append(labels)
+    parts, skipped = _per_scan(scan_labels, request)
     n = _write_frames(f, request, parts)
     f["amplitude"] = np.concatenate([p["amplitude"] for p in parts])
     f["phase"] = np.concatenate([p["phase"] for p in parts])
@@ -146,12 +141,7 @@ def prepare_frames(request: dict) -> dict:
     out = Path(request["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    parts, skipped = [], 0
-    for path in request["scans"]:
-        inputs = scan_inputs(path, request)
-        skipped += inputs["skipped"]
-        if inputs["inputs"] is not None:
-            parts.append(inputs)
+    parts, skipped = _per_scan(scan_inputs, request)
     with h5py.File(tmp, "w") as f:
         n = _write_frames(f, request, parts)
         f.attrs["skipped_frames"] = skipped
@@ -165,6 +155,17 @@ def prepare_frames(request: dict) -> dict:
         "skipped_frames": skipped,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _per_scan(read, request: dict) -> tuple[list[dict], int]:
+    """``read(path, request)`` of each scan that has finite frames, and the frames left out."""
+    parts, skipped = [], 0
+    for path in request["scans"]:
+        part = read(path, request)
+        skipped += part["skipped"]
+        if part["inputs"] is not None:
+            parts.append(part)
+    return parts, skipped
 
 
 def _write_frames(f: h5py.File, request: dict, parts: list[dict]) -> int:

@@ -3,9 +3,10 @@
 Simulates the continual demo's scans (``--scans`` regions of ``--points`` spiral points, as
 ``edgeloop demo --scans`` walks them) and one more scan, the evaluation scan the next model
 serves.  The training scans are labelled as the retraining service labels them (ptychi,
-cached under ``--out``); each variant then trains from scratch for the same wall time
-(``--seconds`` of CPU time, ``train.time_budget_s`` on the process clock, so a busy machine
-shortchanges no variant) on the same frames, on ``train.threads`` threads:
+cached under ``--out``); each variant then trains from scratch for the same CPU time
+(``--seconds``, ``train.time_budget_s`` on the process clock, so a busy machine
+shortchanges no variant; 240 s on the 2 threads of ``train.threads`` is about the two
+minutes of wall time a retraining is aimed at) on the same frames:
 
 - ``labels``: today's loss against ptychi's labels, plain decoder
 - ``physics``: the forward model only (remote/physics.py), no labels; ``physics+overlap``
@@ -20,8 +21,11 @@ truth (offset removed, lit pixels), the error of the stitched map as the edge st
 same scan, the inference cost per frame (torch, one thread, batches of 16), the epochs run;
 a PNG of the maps beside the truth and ptychi's object.
 
-    python benchmarks/physics_training.py [--seconds 120] [--scans 6] [--points 500]
-        [--variants labels,physics,both,skip,both+skip] [--out out/physics-bench]
+    python benchmarks/physics_training.py [--seconds 240] [--scans 6] [--points 500]
+        [--variants labels,physics,both,skip,both+skip] [--seed 0] [--out out/physics-bench]
+
+(about 35 min the first time, most of it ptychi labelling the 7 scans; 2 min a variant
+after that)
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ def picture(path: Path, cfg: Config, sim, maps: list[tuple[str, np.ndarray]], sc
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=120.0, help="training CPU time per variant")
+    ap.add_argument("--seconds", type=float, default=240.0, help="training CPU time per variant")
     ap.add_argument("--epochs", type=int, default=1000, help="epoch cap (the time binds first)")
     ap.add_argument("--scans", type=int, default=6)
     ap.add_argument("--points", type=int, default=500)

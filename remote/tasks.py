@@ -228,9 +228,9 @@ def labels_cache_file(path, request: dict) -> Path | None:
 
 def scan_labels(path, request: dict) -> dict:
     """inputs, amplitude, phase, positions_px (None if no finite frame), skipped, and
-    ``object`` (the
-    reconstruction, when there is one) of one scan: the one way a scan is labelled by
-    phase retrieval (ptychi), from the cache when it holds them (it keeps the object too)."""
+    ``object`` (the reconstruction, when there is one) of one scan: the one way a scan is
+    labelled by phase retrieval (ptychi), from the cache when it holds them (it keeps the
+    object too)."""
     cached = labels_cache_file(path, request)
     if cached is not None and cached.exists():
         try:

@@ -238,11 +238,15 @@ def scan_labels(path, request: dict) -> dict:
                 if c.attrs["n"] == 0:
                     return {"inputs": None, "skipped": int(c.attrs["skipped"])}
                 log.info("labels for %s: %d frames (cached)", path, c.attrs["n"])
-                return {
-                    **{k: c[k][()] for k in ("inputs", "amplitude", "phase", "positions_px")},
+                out = {
+                    **{k: c[k][()] for k in ("inputs", "amplitude", "phase")},
                     "skipped": int(c.attrs["skipped"]),
                     "object": c["recon/object"][()] if "recon/object" in c else None,
                 }
+                if "positions_px" in c:
+                    return dict(out, positions_px=c["positions_px"][()])
+            # a cache of before the positions were kept: read them, not ptychi again
+            return dict(out, positions_px=scan_inputs(path, request)["positions_px"])
         except (OSError, KeyError) as exc:  # a torn or foreign file: label again
             log.warning("labels cache %s unreadable (%s): labelling again", cached, exc)
     scanned = scan_inputs(path, request)

@@ -61,6 +61,15 @@ def test_each_scan_is_labelled_once_and_the_set_grows(tmp_path, caplog):
         with h5py.File(path) as c:
             recons[c.attrs["scan"]] = c["recon/object"].shape
     assert set(recons) == {a, b} and all(len(s) == 2 for s in recons.values())
+    # a cache written before the positions were kept is used, its positions read afresh
+    for path in cache.glob("labels_*.h5"):
+        with h5py.File(path, "a") as c:
+            del c["positions_px"]
+    caplog.clear()
+    again = tasks.analyze(request([a, b], tmp_path / "l3.h5", cache))
+    assert caplog.text.count("frames (cached)") == 2 and "labelling again" not in caplog.text
+    with h5py.File(tmp_path / "l2.h5") as two, h5py.File(again["labels"]) as three:
+        np.testing.assert_array_equal(two["positions_px"][()], three["positions_px"][()])
 
 
 def test_other_settings_or_a_changed_scan_label_again(tmp_path):

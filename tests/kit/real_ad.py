@@ -65,7 +65,7 @@ def real_sim_detector(tmp: Path, prefix: str, size: tuple[int, int] = (64, 64), 
         def answers() -> bool:
             assert proc.poll() is None, f"the real IOC exited:\n{log.read_text()[-3000:]}"
             try:
-                read(f"{prefix}cam1:Acquire", timeout=1)
+                read(f"{prefix}cam1:Acquire", timeout=1, repeater=False)
             except TimeoutError:
                 return False
             return True

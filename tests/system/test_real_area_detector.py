@@ -59,16 +59,20 @@ def test_the_simulation_serves_each_record_as_the_real_ioc_does(real, tmp_path, 
 
 def acquire(prefix: str, frames: int, period_s: float = 0.05) -> int:
     """Take ``frames`` (none: only read) on the real camera (ImageMode Multiple, put with
-    completion); its ArrayCounter after them."""
+    completion); its ArrayCounter after them. (``repeater=False`` in every caproto call
+    here: else caproto spawns a CA repeater where none is bound yet, a process that
+    outlives the test.)"""
     from caproto.sync.client import read, write
 
     settings = {"ImageMode": 1, "NumImages": frames, "AcquireTime": 0.001}
     settings.update(AcquirePeriod=period_s, ArrayCallbacks=1)
     for name, value in settings.items() if frames else ():
-        write(f"{prefix}cam1:{name}", value, notify=True, timeout=5)
+        write(f"{prefix}cam1:{name}", value, notify=True, timeout=5, repeater=False)
     if frames:
-        write(f"{prefix}cam1:Acquire", 1, notify=True, timeout=frames * period_s + 30)
-    return int(read(f"{prefix}cam1:ArrayCounter_RBV", timeout=5).data[0])
+        write(
+            f"{prefix}cam1:Acquire", 1, notify=True, timeout=frames * period_s + 30, repeater=False
+        )
+    return int(read(f"{prefix}cam1:ArrayCounter_RBV", timeout=5, repeater=False).data[0])
 
 
 @pytest.mark.parametrize("compressor", ["", "LZ4", "BSLZ4", "Blosc"])
@@ -79,7 +83,9 @@ def test_the_edge_answers_every_frame_of_the_real_ioc(real, tmp_path, compressor
 
     image = "Pva2:Image" if compressor else "Pva1:Image"
     if compressor:
-        write(f"{real.prefix}Codec1:Compressor", compressor, notify=True, timeout=5)
+        write(
+            f"{real.prefix}Codec1:Compressor", compressor, notify=True, timeout=5, repeater=False
+        )
     cfg, path = small_config(tmp_path, random_prefix("e"))
     pva = {"EPICS_PVA_ADDR_LIST": f"{TEST_ENV['EPICS_PVA_ADDR_LIST']} {real.pva_address}"}
     edge = System(cfg, path, tmp_path / "logs", env=pva)
@@ -109,7 +115,7 @@ def test_ophyd_v1_detector_files_on_the_real_ioc_even_after_lazy_open(real, tmp_
 
     from edgeloop.bluesky_plans import AreaDetector
 
-    write(f"{real.prefix}HDF1:LazyOpen", 1, notify=True, timeout=5)
+    write(f"{real.prefix}HDF1:LazyOpen", 1, notify=True, timeout=5, repeater=False)
     det = AreaDetector(real.prefix, name="det", write_path_template=f"{tmp_path}/")
     try:
         det.wait_for_connection(timeout=10 * DEADLINE_SLACK)
@@ -172,8 +178,14 @@ def test_a_scan_on_the_real_ioc_with_a_beamlines_attributes_file_is_retrained_fr
     with beamline_ioc(tmp_path / "stage", ca_port("area_detector_own"), request) as sim:
         attributes = tmp_path / "stage_attributes.xml"
         attributes.write_text(ATTRIBUTES_XML.format(p=sim.prefix))
-        write(f"{real.prefix}cam1:NDAttributesFile", str(attributes), notify=True, timeout=5)
-        status = read(f"{real.prefix}cam1:NDAttributesStatus", timeout=5).data[0]
+        write(
+            f"{real.prefix}cam1:NDAttributesFile",
+            str(attributes),
+            notify=True,
+            timeout=5,
+            repeater=False,
+        )
+        status = read(f"{real.prefix}cam1:NDAttributesStatus", timeout=5, repeater=False).data[0]
         assert status == b"Attributes file OK", f"the real IOC refused {attributes}: {status}"
 
         cfg, _ = small_config(tmp_path / "loop", random_prefix("n"))

@@ -4,6 +4,7 @@ endpoint's."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -18,16 +19,22 @@ from edgeloop.remote.physics import TrainingLoss, partners
 from edgeloop.remote.training import LossFn, centre_loss, evaluate, ptycho_loss, split
 
 
+@contextmanager
+def _checked(path: str, sha256: str, kind: str, what: str):
+    """The HDF5 file at ``path``, open, once its sha256 and its ``kind`` are the expected."""
+    if reg.sha256_bytes(Path(path).read_bytes()) != sha256:
+        raise ValueError(f"{what} {path} fails its checksum")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("kind") != kind:
+            raise ValueError(f"{what} {path} is for {f.attrs.get('kind')!r}, not {kind!r}")
+        yield f
+
+
 def read_labels(path: str, sha256: str, kind: str) -> tuple[np.ndarray, tuple, LossFn]:
     """(inputs, targets, loss) of a labels file written by ``tasks.analyze`` for ``kind``,
     after checking its sha256."""
-    data = Path(path).read_bytes()
-    if reg.sha256_bytes(data) != sha256:
-        raise ValueError(f"labels file {path} fails its checksum")
     spec = model_kind(kind)
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("kind") != spec.name:
-            raise ValueError(f"labels file {path} is for {f.attrs.get('kind')!r}, not {kind!r}")
+    with _checked(path, sha256, spec.name, "labels file") as f:
         inputs = f["inputs"][()]
         if spec.name == "braggnn":
             return inputs, (f["center"][()],), centre_loss
@@ -48,12 +55,7 @@ def read_training_set(
         return read_labels(path, sha256, kind)
     if kind != "ptychonn":
         raise ValueError(f"the {cfg.loss!r} loss is PtychoNN's; {kind} trains on labels")
-    data = Path(path).read_bytes()
-    if reg.sha256_bytes(data) != sha256:
-        raise ValueError(f"training file {path} fails its checksum")
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("kind") != kind:
-            raise ValueError(f"training file {path} is for {f.attrs.get('kind')!r}, not {kind!r}")
+    with _checked(path, sha256, kind, "training file") as f:
         missing = [k for k in ("inputs", "positions_px", "scan", "probe") if k not in f]
         if cfg.loss == "both":
             missing += [k for k in ("amplitude", "phase") if k not in f]

@@ -299,7 +299,7 @@ def train_model(request: dict) -> dict:
     on the same held-out split is returned as ``baseline_val_loss``).
     """
     t0 = time.perf_counter()
-    from edgeloop.remote.held_out import read_labels, read_training_set
+    from edgeloop.remote.held_out import read_training_set
     from edgeloop.remote.training import evaluate, split, train
 
     if not request.get("signing_key_file"):
@@ -311,12 +311,13 @@ def train_model(request: dict) -> dict:
     inputs, targets, loss = read_training_set(
         request["labels"], request["labels_sha256"], spec.name, cfg
     )
-    # the figures reported are the label loss's (the gate's) where the file has labels
+    # the figures reported are the label loss's (the gate's) where the file has labels:
+    # with "both", its labels (the targets' first two) and label term, from the same read
     judge = None
     if cfg.loss == "labels":
         judge = (inputs, targets, loss)
     elif cfg.loss == "both":
-        judge = read_labels(request["labels"], request["labels_sha256"], spec.name)
+        judge = (inputs, targets[:2], loss.labels_term)
     if request.get("init"):
         model, info = _checkpoint(request["init"], request["init_sha256"], spec.name, security)
         arch = info["arch"]

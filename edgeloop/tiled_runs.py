@@ -11,7 +11,7 @@ takes, so the retraining's tasks read a run wherever they run, given the server'
 (``TILED_API_KEY`` in their environment, as Tiled's client reads it).
 
 Also here: where the embedded server lives and its key (:func:`server_uri`,
-:func:`api_key`), and :func:`connect`.
+:func:`api_key`, :func:`use_key`), and :func:`connect`.
 """
 
 from __future__ import annotations
@@ -81,11 +81,22 @@ def api_key(tiled_cfg, data_path: Path, create: bool = False) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+def use_key(tiled_cfg, data_path: Path, create: bool = False) -> str | None:
+    """The key (:func:`api_key`), put in this process's environment as ``TILED_API_KEY``,
+    where Tiled's client reads it: so :func:`read_run` of a run's reference and the worker
+    processes started after find it."""
+    key = api_key(tiled_cfg, data_path, create)
+    if key:
+        os.environ["TILED_API_KEY"] = key
+    return key
+
+
 def connect(tiled_cfg, data_path: Path):
-    """A client of the configured (or embedded) server's root container."""
+    """A client of the configured (or embedded) server's root container; the key also in
+    this process's environment (:func:`use_key`), for the runs' references it records."""
     from tiled.client import from_uri
 
-    return from_uri(server_uri(tiled_cfg), api_key=api_key(tiled_cfg, data_path))
+    return from_uri(server_uri(tiled_cfg), api_key=use_key(tiled_cfg, data_path))
 
 
 def run_ref(client, uid: str) -> str:

@@ -7,7 +7,6 @@ policy (policy_watcher.PolicyWatcher) together, and decides when a retraining ru
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -59,9 +58,7 @@ class RetrainService:
         self.input_pv = input_pv
         self.p = cfg.prefix
         if cfg.tiled.enabled:  # the tasks read runs through Tiled with the key, as its client does
-            key = tiled_runs.api_key(cfg.tiled, cfg.data_path, create=not cfg.tiled.uri)
-            if key:
-                os.environ["TILED_API_KEY"] = key
+            tiled_runs.use_key(cfg.tiled, cfg.data_path, create=not cfg.tiled.uri)
         self.registry = Registry(cfg.registry_path)
         self.ctx = Context("pva", nt=False)
         self.pvs = MlPvs(self.ctx, self.p)

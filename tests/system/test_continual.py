@@ -6,9 +6,10 @@ import pytest
 
 @pytest.mark.timeout(900)
 def test_demo_scans_lets_the_policy_retrain_and_reports_each_scan(tmp_path):
-    """``edgeloop demo --scans 2`` end to end on small settings: the policy retrains after
-    each scan by itself (the untrained model's consistency, then new unlike data), and the
-    report, the learning curve and the maps are written."""
+    """``edgeloop demo --scans 2`` end to end on small settings, its runs in the embedded
+    Tiled server as by default: the policy retrains after each scan by itself (the
+    untrained model's consistency, then new unlike data), and the report, the learning
+    curve and the maps are written."""
     import json
     import os
     import subprocess
@@ -17,7 +18,9 @@ def test_demo_scans_lets_the_policy_retrain_and_reports_each_scan(tmp_path):
     from tests.kit.env import TEST_ENV, free_port, random_prefix
     from tests.kit.servers import small_config
 
-    _, config = small_config(tmp_path, random_prefix("d"))
+    cfg, config = small_config(tmp_path, random_prefix("d"))
+    cfg.tiled.enabled, cfg.tiled.port = True, free_port()  # the demo's runs, as a user's
+    cfg.dump(config)
     out = tmp_path / "demo"
     env = dict(os.environ, **TEST_ENV, EDGELOOP_BEAMLINE_CA_PORT=str(free_port()))
     args = ["demo", "--scans", "2", "--points", "80", "--epochs", "2", "--out", str(out)]

@@ -100,12 +100,19 @@ def run_store(cfg: Config):
     return RunIndex(cfg.data_path, cfg.positions)
 
 
+# seconds of training in a retraining of the continual demo: with staging and ptychi's
+# labels of the new scan (15-40 s), about the two minutes a retraining is aimed at on 2 cores
+CONTINUAL_TRAIN_S = 80.0
+
+
 def continual_settings(cfg: Config, scan_points: int) -> None:
     """The policy retrains by itself, as soon as a new scan calls for it; warm-started
     retrainings see a fixed number of samples (scratch: 40 epochs of one scan), so they
-    do not grow with the buffer."""
+    do not grow with the buffer, and a training stops after :data:`CONTINUAL_TRAIN_S`
+    unless the configuration sets its own ``train.time_budget_s``."""
     cfg.policy.enabled = True
     cfg.policy.min_interval_s = 0.0
     cfg.policy.min_new_frames = max(1, scan_points // 4)
     train = cfg.train
     train.sample_budget = train.sample_budget or train.epochs * scan_points
+    train.time_budget_s = train.time_budget_s or CONTINUAL_TRAIN_S

@@ -96,3 +96,16 @@ def test_sample_budget_shrinks_epochs_as_the_buffer_grows_only_from_a_checkpoint
     assert [epochs_for(budget, n) for n in (100, 450, 900, 2700, 10_000)] == [40, 20, 10, 4, 3]
     assert epochs_for(TrainConfig(epochs=40, sample_budget=9000), 2700) == 40  # from scratch
     assert epochs_for(TrainConfig(epochs=40, keep_initial=True), 2700) == 40  # no budget
+
+
+def test_the_continual_demo_bounds_each_retraining_unless_configured():
+    from edgeloop.app.demo import CONTINUAL_TRAIN_S, continual_settings
+
+    cfg = Config()
+    continual_settings(cfg, 500)
+    assert cfg.train.sample_budget == 40 * 500 and cfg.train.time_budget_s == CONTINUAL_TRAIN_S
+    assert cfg.policy.enabled and cfg.policy.min_new_frames == 125
+    own = Config()
+    own.train.time_budget_s, own.train.sample_budget = 30.0, 1000
+    continual_settings(own, 500)
+    assert (own.train.time_budget_s, own.train.sample_budget) == (30.0, 1000)

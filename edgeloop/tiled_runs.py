@@ -11,7 +11,7 @@ takes, so the retraining's tasks read a run wherever they run, given the server'
 (``TILED_API_KEY`` in their environment, as Tiled's client reads it).
 
 Also here: where the embedded server lives and its key (:func:`server_uri`,
-:func:`api_key`, :func:`use_key`), and :func:`connect`.
+:func:`api_key`, :func:`use_key`), and :func:`connect`, whose keys :func:`read_run` uses.
 """
 
 from __future__ import annotations
@@ -83,20 +83,27 @@ def api_key(tiled_cfg, data_path: Path, create: bool = False) -> str | None:
 
 def use_key(tiled_cfg, data_path: Path, create: bool = False) -> str | None:
     """The key (:func:`api_key`), put in this process's environment as ``TILED_API_KEY``,
-    where Tiled's client reads it: so :func:`read_run` of a run's reference and the worker
-    processes started after find it."""
+    where Tiled's client reads it: for a process whose workers read runs (the service)."""
     key = api_key(tiled_cfg, data_path, create)
     if key:
         os.environ["TILED_API_KEY"] = key
     return key
 
 
+# the key each server was connected with in this process, by its API root: a run's
+# reference is read with its own server's key (else $TILED_API_KEY, as Tiled's client reads)
+_KEYS: dict[str, str] = {}
+
+
 def connect(tiled_cfg, data_path: Path):
-    """A client of the configured (or embedded) server's root container; the key also in
-    this process's environment (:func:`use_key`), for the runs' references it records."""
+    """A client of the configured (or embedded) server's root container; its key is
+    remembered for :func:`read_run` of the references of that server's runs."""
     from tiled.client import from_uri
 
-    return from_uri(server_uri(tiled_cfg), api_key=use_key(tiled_cfg, data_path))
+    uri, key = server_uri(tiled_cfg), api_key(tiled_cfg, data_path)
+    if key:
+        _KEYS[uri] = key
+    return from_uri(uri, api_key=key)
 
 
 def run_ref(client, uid: str) -> str:
@@ -107,7 +114,8 @@ def run_ref(client, uid: str) -> str:
 def _node(ref: str):
     from tiled.client import from_uri
 
-    return from_uri(ref)  # the key from $TILED_API_KEY, as Tiled's client does
+    key = next((k for uri, k in _KEYS.items() if ref.startswith(f"{uri}/")), None)
+    return from_uri(ref, api_key=key)  # None: $TILED_API_KEY, as Tiled's client reads it
 
 
 def _image_key(stream) -> str:

@@ -125,15 +125,20 @@ def cpu_s(proc) -> float:
 
 
 def training_worker(service):
-    """The Parsl worker once it is busy training: a second of CPU ahead of every other
-    child of the pool (they all spent a little starting)."""
+    """The Parsl worker once it is busy training (call it in state Training: the labels
+    are done, training is the one task left): the worker whose CPU time grows by a second
+    from the call on. Not the one with the most CPU: the worker that made the labels has
+    the most while it waits for the training task (a run killed it there, idle, under load,
+    and the training ran on its restarted successor)."""
+    _, pool = parsl_worker(service)
+    before = {p.pid: cpu_s(p) for p in pool}
 
-    def ahead():
-        worker, pool = parsl_worker(service)
-        others = [cpu_s(p) for p in pool if p.pid != worker.pid] or [0.0]
-        return cpu_s(worker) > max(others) + 1.0 and worker
+    def busy():
+        _, now = parsl_worker(service)
+        grown = [p for p in now if p.pid in before and cpu_s(p) > before[p.pid] + 1.0]
+        return grown[0] if grown else None
 
-    return wait_until(ahead, 120, "a Parsl worker busy training", 0.2)
+    return wait_until(busy, 120, "a Parsl worker busy training", 0.2)
 
 
 def test_parsl_worker_killed_and_abort_then_the_next_trigger_works(loop):  # noqa: F811

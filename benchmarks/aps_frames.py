@@ -6,12 +6,12 @@ geometry, from the repository that published them (mdw771/probe_position_correct
 8.8 keV, detector 2.2 m from the sample, 75 um pixels, so an object pixel of
 lambda z / (512 x 75 um) = 8.07 nm. The edge sum-bins a 512-pixel frame to the model's 64
 (``to_input_size``): binning keeps that object pixel and narrows the field of view to 64
-pixels (0.52 um), which the 0.1-0.2 um steps between these points overlap by far more than
-ptychography needs.
+pixels (0.52 um); the points are about 17 pixels apart.
 
-1. ptychi reconstructs object and probe from the binned frames (LSQML, the probe started
-   from the inverse FFT of the mean measured modulus: no probe was published); its amplitude
-   R-factor against the data says whether it converged.
+1. ptychi reconstructs object and probe from the binned frames (LSQML). No probe was
+   published: it starts from the measured pupil (the mean pattern's bright region, a zone
+   plate's annulus here) with a quadratic phase, the defocus the one of :data:`DEFOCI`
+   after which ptychi's amplitude R-factor against the data is lowest.
 2. The served model (the latest accepted PtychoNN of ``--registry``, e.g. the continual
    demo's) answers every frame as the edge does.
 3. Per frame, the network's phase against ptychi's patch of the same point (lit pixels,

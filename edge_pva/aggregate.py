@@ -313,6 +313,11 @@ class EdgeAggregate:
             for kind in ANSWERS:
                 self._subscribe(prefix + kind, partial(self._on_answer, k, kind), ANSWER_REQUEST)
             self._subscribe(prefix + "Message", partial(self._on_message, k), "field()")
+            # the deploy's channels held open from the start: a put that first searches
+            # while one worker is stopped may not find the others (the workers share the
+            # host's UDP search port; a unicast search is hashed to one of them)
+            for field in ("LoadModel", "RevertModel"):
+                self._subscribe(prefix + field, lambda value: None, "field(value)")
         self._subscribe(self.input_pv, self._on_source, WITNESS_REQUEST)
         loader = partial(self.loads.serve, self.load_version, self._stop)
         for name, target in (("stats", self._stats_loop), ("loader", loader)):

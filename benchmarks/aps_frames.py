@@ -41,10 +41,10 @@ from edgeloop.config import Config
 from edgeloop.edge_pva.stitch import PhaseMap
 from edgeloop.models import kind as model_kind
 from edgeloop.models import to_input_size
-from edgeloop.optics import centring_sign, extract_patch, illuminated_mask
+from edgeloop.optics import centring_sign, extract_patch, illuminated_mask, make_probe
 from edgeloop.registry import Registry
 from edgeloop.remote.labels import label_patches, reconstruct
-from edgeloop.remote.physics import TrainingLoss, amplitude_error, far_field, partners
+from edgeloop.remote.physics import amplitude_error, far_field, training_set
 from edgeloop.remote.training import train
 
 APS = Path(__file__).resolve().parents[2] / "shared" / "data" / "aps-ptycho-test235.npz"
@@ -66,16 +66,6 @@ def pupil(intensities: np.ndarray, edge_fraction: float = 0.01) -> tuple[np.ndar
     k = np.hypot(*np.meshgrid(np.arange(n) - n // 2, np.arange(n) - n // 2, indexing="ij"))
     bright = mean > edge_fraction * mean.max()
     return np.where(bright, np.sqrt(mean), 0.0), float(k[bright].max())
-
-
-def probe_for(pupil_modulus: np.ndarray, radius_px: float, defocus: float) -> np.ndarray:
-    """The probe of a pupil with a quadratic phase of ``defocus`` radians at its edge (as
-    ``optics.make_probe``), unit power; its zero frequency at the centre."""
-    n = pupil_modulus.shape[0]
-    k2 = sum(g**2 for g in np.meshgrid(np.arange(n) - n // 2, np.arange(n) - n // 2))
-    field = pupil_modulus * np.exp(1j * defocus * k2 / radius_px**2)
-    probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(field)))
-    return (probe / np.sqrt(np.sum(np.abs(probe) ** 2))).astype(np.complex64)
 
 
 def r_factor(amplitude: np.ndarray, phase: np.ndarray, probe: np.ndarray, inputs: np.ndarray):
@@ -144,13 +134,10 @@ def adapt(cfg: Config, model, inputs, positions_px, probe, seconds: float):
         keep_initial=True,
         val_fraction=0.2,
     )
-    pair = partners(positions_px, np.zeros(len(inputs), int), max_shift=inputs.shape[-1] / 2)
-    shifts = np.round(positions_px[pair] - positions_px).astype(np.float32)
-    loss = TrainingLoss("physics", probe, pair, tc.physics_weight, tc.overlap_weight)
+    one_scan = np.zeros(len(inputs), int)
+    inputs, targets, loss = training_set(inputs, positions_px, one_scan, probe, tc)
     model.train()
-    tuned, objective, history = train(
-        model, inputs, (inputs[:, 0], shifts), loss, tc, clock=time.process_time
-    )
+    tuned, objective, history = train(model, inputs, targets, loss, tc, clock=time.process_time)
     return tuned.eval(), objective, len(history)
 
 
@@ -210,23 +197,18 @@ def main(argv=None) -> None:
     )
 
     modulus, radius = pupil(intensities)
-    fits = {}
+    scores = {}
     for defocus in DEFOCI:
-        fit = phase_retrieval(
-            intensities,
-            positions_px,
-            probe_for(modulus, radius, defocus),
-            inputs,
-            args.search_epochs,
-        )
-        fits[defocus] = fit
+        probe = make_probe(size, radius, defocus, modulus)
+        fit = phase_retrieval(intensities, positions_px, probe, inputs, args.search_epochs)
+        scores[defocus] = fit["r"].mean()
         print(
-            f"  defocus {defocus:4.0f} rad: R-factor {fit['r'].mean():.3f} "
+            f"  defocus {defocus:4.0f} rad: R-factor {scores[defocus]:.3f} "
             f"after {args.search_epochs} epochs"
         )
-    defocus = min(fits, key=lambda d: fits[d]["r"].mean())
+    defocus = min(scores, key=scores.get)
     fit = phase_retrieval(
-        intensities, positions_px, probe_for(modulus, radius, defocus), inputs, args.epochs
+        intensities, positions_px, make_probe(size, radius, defocus, modulus), inputs, args.epochs
     )
     obj, probe, origin, ptychi_r = fit["object"], fit["probe"], fit["origin"], fit["r"]
     lit = illuminated_mask(probe)

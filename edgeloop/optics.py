@@ -7,12 +7,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def make_probe(frame_size: int, radius_px: float, defocus: float) -> np.ndarray:
-    """Complex illumination at the sample: a defocused circular aperture, unit total power."""
+def make_probe(
+    frame_size: int, radius_px: float, defocus: float, modulus: np.ndarray | None = None
+) -> np.ndarray:
+    """Complex illumination at the sample: a defocused circular aperture, unit total power.
+    ``defocus``: the pupil's quadratic phase, radians at ``radius_px``; ``modulus``: a
+    measured pupil's modulus (frame_size x frame_size, zero frequency at the centre) in
+    place of the aperture's disc."""
     k = np.fft.fftshift(np.fft.fftfreq(frame_size)) * frame_size
     ky, kx = np.meshgrid(k, k, indexing="ij")
     rho2 = (ky**2 + kx**2) / radius_px**2
-    pupil = (rho2 <= 1.0) * np.exp(1j * defocus * rho2)
+    aperture = (rho2 <= 1.0) if modulus is None else modulus
+    pupil = aperture * np.exp(1j * defocus * rho2)
     probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(pupil)))
     probe /= np.sqrt(np.sum(np.abs(probe) ** 2))
     return probe.astype(np.complex64)

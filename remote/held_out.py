@@ -15,7 +15,7 @@ from torch import nn
 from edgeloop import registry as reg
 from edgeloop.config import TrainConfig
 from edgeloop.models import kind as model_kind
-from edgeloop.remote.physics import TrainingLoss, partners
+from edgeloop.remote.physics import training_set
 from edgeloop.remote.training import LossFn, centre_loss, evaluate, ptycho_loss, split
 
 
@@ -63,13 +63,10 @@ def read_training_set(
             raise ValueError(
                 f"training file {path} lacks {', '.join(missing)} for the {cfg.loss!r} loss"
             )
-        inputs = f["inputs"][()]
-        positions, probe = f["positions_px"][()], f["probe"][()]
-        pair = partners(positions, f["scan"][()], max_shift=inputs.shape[-1] / 2)
-        shifts = np.round(positions[pair] - positions).astype(np.float32)
+        inputs, positions = f["inputs"][()], f["positions_px"][()]
+        scans, probe = f["scan"][()], f["probe"][()]
         labels = (f["amplitude"][()], f["phase"][()]) if cfg.loss == "both" else ()
-    loss = TrainingLoss(cfg.loss, probe, pair, cfg.physics_weight, cfg.overlap_weight)
-    return inputs, (*labels, inputs[:, 0], shifts), loss
+    return training_set(inputs, positions, scans, probe, cfg, labels)
 
 
 def held_out_losses(

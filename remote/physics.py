@@ -14,6 +14,7 @@ terms that need no labels, only the measured frames, the probe and the scan posi
   shared object does) instead of leaving it to chance.
 - :func:`partners`: each frame's nearest neighbour of its scan and the shift between them.
 - :class:`TrainingLoss`: the loss ``train()`` minimises for a ``TrainConfig.loss``.
+- :func:`training_set`: the inputs, targets and that loss for frames and their positions.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgeloop.config import TrainConfig
 from edgeloop.optics import centring_sign, illuminated_mask
 from edgeloop.remote.training import ptycho_loss
 
@@ -140,3 +142,21 @@ class TrainingLoss:
         if self.loss == "physics":
             return physics
         return self.labels_term(outputs, targets[:2]) + self.physics_weight * physics
+
+
+def training_set(
+    inputs: np.ndarray,
+    positions_px: np.ndarray,
+    scans: np.ndarray,
+    probe: np.ndarray,
+    cfg: TrainConfig,
+    labels: tuple = (),
+) -> tuple[np.ndarray, tuple, TrainingLoss]:
+    """(inputs, targets, loss) that ``train()`` minimises for ``cfg.loss`` (physics or
+    both): the targets are ``labels`` (amplitude, phase: with ``both``), the measured
+    moduli (the inputs) and each frame's shift to its partner, its nearest neighbour of the
+    scan within half a frame."""
+    pair = partners(positions_px, scans, max_shift=inputs.shape[-1] / 2)
+    shifts = np.round(positions_px[pair] - positions_px).astype(np.float32)
+    loss = TrainingLoss(cfg.loss, probe, pair, cfg.physics_weight, cfg.overlap_weight)
+    return inputs, (*labels, inputs[:, 0], shifts), loss

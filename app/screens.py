@@ -334,9 +334,15 @@ def pv_names(path: Path, prefix: str) -> set[str]:
     return {e.text.replace("$(P)", prefix) for e in root.iter("pv_name") if e.text}
 
 
+@functools.cache
 def _tags(cls) -> set[str]:
-    """The XML elements a phoebusgen property class writes."""
-    return set(re.findall(r"self\.root,\s*'([a-z_]+)'", inspect.getsource(cls)))
+    """The XML elements a phoebusgen property class writes: read from its methods' source
+    (a method's source is found by its line number; a class's would parse its whole module
+    on every call), once per class."""
+    methods = [f for f in vars(cls).values() if inspect.isfunction(f)]
+    return {
+        t for f in methods for t in re.findall(r"self\.root,\s*'([a-z_]+)'", inspect.getsource(f))
+    }
 
 
 @functools.cache

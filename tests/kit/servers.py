@@ -21,6 +21,8 @@ def small_config(tmp: Path, prefix: str) -> tuple[Config, Path]:
     cfg.train.epochs = 2
     cfg.train_hedm.epochs = 40
     cfg.train.recon_epochs = 8
+    # one: beside the loop's servers on a loaded machine two threads train many times slower
+    cfg.train.threads = 1
     cfg.edge.stats_publish_s = 0.2
     cfg.edge.map_publish_s = 0.2
     cfg.security.signing_key_file = str(tmp / "signing.key")

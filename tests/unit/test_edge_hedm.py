@@ -31,7 +31,7 @@ def braggnn():
         braggnn_preprocess(patches[ok], 11),
         (labels[ok] / 11,),
         centre_loss,
-        TrainConfig(epochs=12, batch_size=64, lr=2e-3, lr_min=2e-4),
+        TrainConfig(epochs=12, batch_size=64, lr=2e-3, lr_min=2e-4, threads=1),
     )
     return ServedModel(1, kind("braggnn"), 11, TorchBackend(model)).infer
 

@@ -400,7 +400,9 @@ def test_a_version_one_worker_does_not_load_is_withdrawn_from_every_worker(p4p_f
                 w1_versions.extend(_drain(seen))
                 return w1_versions[-1] == old
 
-            wait_until(w1_back, 30, f"w1 serving v{old} again (saw {w1_versions})")
+            wait_until(
+                w1_back, 30, f"w1 serving v{old} again", detail=lambda: f"saw {w1_versions}"
+            )
         finally:
             w2.resume()
     finally:

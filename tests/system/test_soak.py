@@ -1,5 +1,6 @@
-"""`edgeloop soak` as a user runs it, briefly: one retraining and hot swap while frames stream
-with malformed ones mixed in; soak.json accounts for every frame.  (The 30-minute soak is
+"""`edgeloop soak` as a user runs it, briefly and on the tests' small training settings: one
+retraining and hot swap while frames stream with malformed ones mixed in; soak.json accounts
+for every frame.  (The 30-minute soak is
 a documented command, reported in the README, not a test.)"""
 
 import json
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from tests.kit.env import TEST_ENV, ca_port, random_prefix
+from tests.kit.servers import small_config
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -40,8 +42,11 @@ def test_a_short_soak_swaps_a_model_and_accounts_for_every_frame(tmp_path):
     port = ca_port("soak")
     env = dict(os.environ, **TEST_ENV, EDGELOOP_BEAMLINE_CA_PORT=str(port))
     env["EPICS_CA_ADDR_LIST"] = f"127.0.0.1 127.0.0.1:{port}"
+    prefix = random_prefix("k")
+    _, config = small_config(tmp_path, prefix)
     cmd = [sys.executable, "-m", "edgeloop.app.cli", "soak", "--minutes", "0.1"]
-    cmd += ["--prefix", random_prefix("k"), "--out", str(out), "--bad-every", "20"]
+    cmd += ["--prefix", prefix, "--config", str(config)]
+    cmd += ["--out", str(out), "--bad-every", "20"]
     done = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=540, start_new_session=True
     )

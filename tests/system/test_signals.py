@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from p4p.client.thread import Context
 
 from edgeloop import tiled_runs
 from edgeloop.app.processes import ManagedProcess
@@ -45,7 +46,8 @@ def _wait_for_line(log, text: str, proc: subprocess.Popen, timeout: float) -> No
 def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path):
     out, log = tmp_path / "demo", tmp_path / "demo.log"
     env = dict(os.environ, **TEST_ENV, EDGELOOP_BEAMLINE_CA_PORT=str(free_port()))
-    args = ["demo", "--out", str(out), "--prefix", random_prefix("c"), "--points", "400"]
+    prefix = random_prefix("c")
+    args = ["demo", "--out", str(out), "--prefix", prefix, "--points", "400"]
     args += ["--rate-hz", "20"]  # a fly scan of 20 s
     with open(log, "w") as sink:
         demo = subprocess.Popen(
@@ -59,7 +61,14 @@ def test_ctrl_c_during_a_demo_scan_stops_the_demo_and_all_its_processes(tmp_path
     children = []
     try:
         _wait_for_line(log, "ptycho_fly_scan: 400 points", demo, timeout=120)
-        time.sleep(4.0)  # well inside the scan
+        with Context("pva", nt=False) as ctx:  # well inside the scan: 40 of its 400 frames in
+            wait_until(
+                lambda: ctx.get(f"{prefix}edge:FramesIn", timeout=5)["value"] >= 40,
+                60,
+                "40 frames at the edge",
+                poll=0.2,
+                detail=lambda: log.read_text()[-2000:],
+            )
         children = _descendants(demo.pid)
         assert len(children) >= 4  # ioc (+ its ML IOC), edge, retrain-service
         t0 = time.monotonic()

@@ -1,7 +1,7 @@
 """`edgeloop soak` as a user runs it, briefly and on the tests' small training settings: one
 retraining and hot swap while frames stream with malformed ones mixed in; soak.json accounts
-for every frame.  (The 30-minute soak is
-a documented command, reported in the README, not a test.)"""
+for every frame.  (The 30-minute soak is a documented command, reported in the README, not
+a test.)"""
 
 import json
 import os

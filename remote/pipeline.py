@@ -1,38 +1,29 @@
 """One retraining, free of EPICS: ``RetrainPipeline.run`` stages the scans, has the
-executor analyse them (labels) and train, validates the returned model here, gates it
-against the serving one and deploys it, telling a ``Progress`` each step.
+executor analyse them (labels) and train, has its ``ModelGate`` (remote/gate.py) validate
+the returned model and gate it against the serving one, and deploys it, telling a
+``Progress`` each step.
 
 Also here: ``stage_scans`` (which of the usable scans, remote/scan_index.py, a retraining
-takes).  The technique of the newest scan decides
-what is retrained: PtychoNN on phase-retrieval labels for ptychography, BraggNN on
-pseudo-Voigt-fit labels for HEDM."""
+takes) and ``analysis_request`` (what labelling a scan asks of an executor).  The technique
+of the newest scan decides what is retrained: PtychoNN on phase-retrieval labels for
+ptychography, BraggNN on pseudo-Voigt-fit labels for HEDM."""
 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
-from edgeloop import approval, model_records, scanfile, signing
+from edgeloop import model_records, scanfile
 from edgeloop.config import MODE_KIND, MODE_TECHNIQUE, Config
-from edgeloop.registry import (
-    NOT_NOW,
-    ModelFileError,
-    ModelUnavailable,
-    Registry,
-    RegistryCorrupt,
-    model_from_bytes,
-    sha256_bytes,
-)
+from edgeloop.registry import NOT_NOW, Registry
 from edgeloop.remote import tasks
 from edgeloop.remote.errors import Aborted, RetrainError
 from edgeloop.remote.executor_slot import ExecutorSlot
-from edgeloop.remote.held_out import held_out_losses
+from edgeloop.remote.gate import ModelGate, Trained
 from edgeloop.remote.scan_index import scan_index
 from edgeloop.remote.staging import code_version, staging
 
@@ -61,14 +52,6 @@ def labels_method(what: str, request: dict) -> dict:
     (the analysis request without its files)."""
     settings = {k: v for k, v in request.items() if k not in ("scans", "out", "cache_dir")}
     return {"method": what, "settings": settings}
-
-
-def is_number(x) -> bool:
-    return type(x) in (int, float) and math.isfinite(x)
-
-
-def fmt(x) -> str:
-    return f"{x:.4g}" if is_number(x) else repr(x)[:40]
 
 
 def analysis_request(cfg: Config, kind: str, scans: list[str]) -> tuple[str, dict]:
@@ -106,21 +89,6 @@ class Progress(Protocol):
     def record(self, name: str, value) -> None: ...
 
 
-@dataclass
-class Trained:
-    """What the training step gives the rest: the versions it started from and is compared
-    with, the serving model (the gate's baseline), the executor's result, and when the task
-    was submitted and returned (perf_counter)."""
-
-    best: int | None
-    serving: int | None
-    baseline: object
-    request: dict
-    result: dict
-    submitted: float
-    returned: float
-
-
 class RetrainPipeline:
     """Stage -> analyse -> train -> validate -> gate -> deploy on ``slot``'s executor.
 
@@ -139,6 +107,7 @@ class RetrainPipeline:
         step_timeout: float | None = None,
     ):
         self.cfg, self.registry, self.slot = cfg, registry, slot
+        self.gate = ModelGate(cfg, registry)
         self.progress, self.deploy, self.on_staged = progress, deploy, on_staged
         self.abort = threading.Event()
         self.scans = scan_index(cfg)
@@ -155,9 +124,9 @@ class RetrainPipeline:
         """One retraining; its summary, or RetrainError (Aborted) saying why not."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        key = self.signing_key()  # a missing key fails now, not after the training
+        key = self.gate.signing_key()  # a missing key fails now, not after the training
         self.where = staging(self.cfg, getattr(self.slot.executor, "runs_whole_retraining", False))
-        self.gate_key()
+        self.gate.gate_key()
         self.slot.ready()
         technique, kind, train_cfg, scans = self._stage(trigger, timings)
         if getattr(self.slot.executor, "runs_whole_retraining", False):
@@ -172,7 +141,7 @@ class RetrainPipeline:
         self._enter("Validating", "checking the returned model")
         # from here on the labels are the ones the service reads (brought back if need be)
         labels = dict(labels, labels=self.where.labels_here(labels["labels"]))
-        figures = self.validate(trained, kind, key, labels, train_cfg)
+        figures = self.gate.validate(trained, kind, key, labels, train_cfg)
         self._check_abort()
         meta = {
             "kind": kind,
@@ -196,8 +165,8 @@ class RetrainPipeline:
         }
         version = self.registry.add(result["model"], meta)
         self.progress.record("val_loss", figures["val_loss"])
-        self.quality_gate(version, figures)
-        self.approve(version, trained, labels)
+        self.gate.quality_gate(version, figures)
+        self.gate.approve(version, trained, labels)
         self._deploy(version, serving)
         record_problem = self.record(version)
         # return: from the end of training (remote) to serving here; the task's own clock
@@ -263,7 +232,7 @@ class RetrainPipeline:
         """Analysis and training as one run of the executor's flow (remote/flows.py)."""
         what, analysis = analysis_request(self.cfg, kind, scans)
         self._enter("Analyzing", f"{what} and training in one Globus flow run")
-        best, _ = self.usable_best(kind)
+        best, _ = self.gate.usable_best(kind)
         request, serving, baseline = self._train_request(kind, None, train_cfg, best)
         submitted = time.perf_counter()
         labels, result = self.slot.executor.retrain(
@@ -281,7 +250,7 @@ class RetrainPipeline:
         made beside it (after it, on a one-worker executor); both cover the same frames in
         the same order, so the gate's held-out split is the one training kept out."""
         what, analysis = analysis_request(self.cfg, kind, scans)
-        best, skipped = self.usable_best(kind)
+        best, skipped = self.gate.usable_best(kind)
         self._enter(
             "Training",
             f"training {kind} with the physics loss on the frames of {len(scans)} scan(s) "
@@ -319,7 +288,7 @@ class RetrainPipeline:
         )
 
     def _train(self, kind: str, labels: dict, train_cfg) -> Trained:
-        best, skipped = self.usable_best(kind)
+        best, skipped = self.gate.usable_best(kind)
         self._enter(
             "Training",
             f"training {kind} on {labels['n_frames']} samples {self._start(best, skipped)}",
@@ -333,8 +302,8 @@ class RetrainPipeline:
         """(the training's request from version ``best``, the serving version and its
         model); without ``labels``, a flow's Train state adds Analyze's."""
         cfg = self.cfg
-        serving, baseline = self.serving(kind)
-        models = {**self.ref("init", best), **self.ref("baseline", serving)}
+        serving, baseline = self.gate.serving(kind)
+        models = {**self.gate.ref("init", best), **self.gate.ref("baseline", serving)}
         sent = [name for name in ("init", "baseline") if models[name]]
         models.update(zip(sent, self.where.models([models[name] for name in sent]), strict=True))
         request = {
@@ -403,147 +372,3 @@ class RetrainPipeline:
         self.registry.mark_rejected(version, "withdrawn: ml:Abort came while it was deploying")
         self.progress.record("model_version", serving)
         return f"v{version} withdrawn, v{serving} serving again"
-
-    # ---- what the steps ask ----------------------------------------------------------------
-    def ref(self, name: str, version: int | None) -> dict:
-        """A registry model by reference: path + checksum, verified where it is read."""
-        if version is None:
-            return {name: None, f"{name}_sha256": None}
-        meta = self.registry.meta(version)
-        return {name: str(self.registry.root / meta["file"]), f"{name}_sha256": meta["sha256"]}
-
-    def signing_key(self) -> bytes:
-        """The service's signing key; the default key file is created on first use."""
-        try:
-            return signing.load_key(self.cfg.security.signing_key_file, create_default=True)
-        except signing.SigningError as exc:
-            raise RetrainError(str(exc)) from exc
-
-    def usable_best(self, kind: str) -> tuple[int | None, list[str]]:
-        """The accepted model of this kind and of the configured architecture with the
-        lowest validation loss that loads here (checksum, bounds, builds): (version or
-        None, the better ones skipped, as "vN"). One of another architecture (the width or
-        the decoder changed in the config) is not trained from: the next model is the
-        configured one, trained from scratch."""
-        skipped = []
-        public = self.gate_key().public_key()
-        for version in self.registry.ranked(kind):
-            try:  # only what the gate approved: its weights go into the next model
-                approval.check(public, self.registry.meta(version), version)
-                _, info = self.registry.load(version, self.cfg.security)
-                if info["arch"] != self.cfg.arch(kind):
-                    raise ModelFileError(f"it is a {info['arch']}, not the configured network")
-                return version, skipped
-            except (ModelFileError, approval.ApprovalError) as exc:
-                log.warning("not training from %s v%d: %s", kind, version, exc)
-                skipped.append(f"v{version}")
-        return None, skipped
-
-    def serving(self, kind: str):
-        """(version, model) of the serving model, the quality gate's baseline; (None, None)
-        if none or if its file is corrupt (then nothing to compare with: warned).  A file
-        that cannot be read now ends this run: a gate without its baseline would let any
-        model through; so does a record of accepted versions that cannot be read."""
-        try:
-            version = self.registry.accepted(kind)
-        except RegistryCorrupt as exc:
-            raise RetrainError(f"cannot gate: {exc}") from exc
-        if version is None:
-            return None, None
-        try:
-            return version, self.registry.load(version, self.cfg.security)[0]
-        except ModelUnavailable as exc:
-            raise RetrainError(f"serving model unreadable, cannot gate: {exc}") from exc
-        except ModelFileError as exc:
-            log.warning("serving %s v%d unusable as baseline: %s", kind, version, exc)
-            return None, None
-
-    def validate(self, trained: Trained, kind: str, key: bytes, labels: dict, train_cfg):
-        """Checks a returned model and computes the gate's figures here: the executor's word
-        is taken for nothing but its signed bytes, signed for this very request.  Returns
-        the metadata figures."""
-        result, request, baseline = trained.result, trained.request, trained.baseline
-        if sha256_bytes(result["model"]) != result["sha256"]:
-            raise RetrainError("returned model fails its checksum (corrupted in transit)")
-        asked = {  # what this service asked for, not what the result says it was asked
-            "kind": kind,
-            "request_id": request["request_id"],
-            "labels_sha256": request["labels_sha256"],
-            "init_sha256": request.get("init_sha256"),
-        }
-        try:
-            signing.verify(key, result["model"], dict(result, **asked), result.get("signature"))
-            model, info = model_from_bytes(result["model"], self.cfg.security)
-        except (signing.SigningError, ModelFileError) as exc:
-            raise RetrainError(f"returned model refused: {exc}") from exc
-        if info["kind"] != kind or info["arch"] != result["arch"]:
-            raise RetrainError(f"returned model is a {info}, not the {kind} {result['arch']}")
-        try:
-            losses = held_out_losses(
-                {"candidate": model, "baseline": baseline},
-                labels["labels"],
-                labels["sha256"],
-                kind,
-                train_cfg,
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise RetrainError(
-                f"cannot evaluate the returned model on the held-out set here: {exc} "
-                "(the labels file must be readable by the service)"
-            ) from exc
-        if not math.isfinite(losses["candidate"]):
-            raise RetrainError(f"held-out loss of the returned model is {losses['candidate']}")
-        reported = result["val_loss"]  # None: trained without labels (the physics loss)
-        if reported is not None and not (
-            is_number(reported) and math.isclose(reported, losses["candidate"], rel_tol=0.01)
-        ):
-            log.warning(
-                "the executor reported held-out loss %r, the service measures %.6g",
-                reported,
-                losses["candidate"],
-            )
-        return {
-            "val_loss": losses["candidate"],
-            "baseline_val_loss": losses["baseline"],
-            "endpoint_val_loss": reported,
-            "endpoint_baseline_val_loss": result.get("baseline_val_loss"),
-        }
-
-    def gate_key(self):
-        """The gate's private key (created with its public half on first use)."""
-        try:
-            return approval.private_key(self.cfg.security)
-        except approval.ApprovalError as exc:
-            raise RetrainError(str(exc)) from exc
-
-    def approve(self, version: int, trained: Trained, labels: dict) -> None:
-        """Sign the version the gate passed: the edge serves nothing else."""
-        meta = self.registry.meta(version)
-        fields = {
-            "version": version,
-            "kind": meta["kind"],
-            "arch": meta["arch"],
-            "sha256": meta["sha256"],
-            "size": meta["size"],
-            "parent": trained.best,
-            "request_id": trained.request["request_id"],
-            "labels": labels["labels"],
-            "labels_sha256": labels["sha256"],
-        }
-        self.registry.set_approval(version, approval.approve(self.gate_key(), fields))
-
-    def quality_gate(self, version: int, figures: dict) -> None:
-        """The new model must not be worse than the serving one on the same held-out set, by
-        the service's own figures."""
-        baseline = figures["baseline_val_loss"]
-        if baseline is None:
-            return
-        limit = baseline * (1.0 + self.cfg.remote.quality_margin)
-        if figures["val_loss"] > limit:
-            reason = (
-                f"quality gate: held-out loss {figures['val_loss']:.4g} (measured by the "
-                f"service; the executor reported {fmt(figures['endpoint_val_loss'])}) > "
-                f"serving model's {baseline:.4g} + {self.cfg.remote.quality_margin:.0%}"
-            )
-            self.registry.mark_rejected(version, reason)
-            raise RetrainError(f"model v{version} not deployed: {reason}")

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from edgeloop import ntnd
 from edgeloop.config import Config
 from edgeloop.registry import Registry, RegistryCorrupt, atomic_write
+from edgeloop.remote.gate import fmt
 from edgeloop.remote.ml_pvs import fresh_values
-from edgeloop.remote.pipeline import fmt
 from edgeloop.remote.policy import RetrainPolicy, Settings, quality_during
 from edgeloop.remote.scan_index import scan_index
 from edgeloop.scanfile import POSITIONS, read_scan

@@ -206,7 +206,7 @@ def test_abort_in_each_step_deploys_nothing_and_the_next_trigger_works(
             scans = staging_module.SharedStaging.scans
             patch.setattr(staging_module.SharedStaging, "scans", slow(scans))
         elif state == "Validating":
-            patch.setattr(service.pipeline, "validate", slow(service.pipeline.validate))
+            patch.setattr(service.pipeline.gate, "validate", slow(service.pipeline.gate.validate))
         else:  # the edge takes its time to load a model
             patch.setattr(lp.edge, "load_version", slow(lp.edge.load_version))
         press(lp, "ml:Retrain")

@@ -93,7 +93,7 @@ def train_request(cfg: Config, labels: Path, sha: str, **extra) -> dict:
 
 def trained(request: dict, result: dict, baseline=None):
     """What the pipeline's training step hands validation: this request and its result."""
-    from edgeloop.remote.pipeline import Trained
+    from edgeloop.remote.gate import Trained
 
     return Trained(None, None, baseline, request, result, 0.0, 0.0)
 
@@ -306,20 +306,20 @@ def test_corrupt_best_checkpoint_falls_back_to_the_next_best(service, tmp_path, 
     (reg.root / f"v{second:04d}.json").write_text(json.dumps(meta))
 
     caplog.set_level(logging.WARNING)
-    chosen, skipped = service.pipeline.usable_best("braggnn")
+    chosen, skipped = service.pipeline.gate.usable_best("braggnn")
     assert (chosen, skipped) == (third, [f"v{planted}", f"v{best}", f"v{second}"])
     assert "carries no approval" in caplog.text and "checksum" in caplog.text
     assert "the gate approved sha256" in caplog.text  # the second's bytes were replaced
 
     # and training from it works (a real task, two epochs)
-    request = train_request(cfg, labels, sha, **service.pipeline.ref("init", chosen))
+    request = train_request(cfg, labels, sha, **service.pipeline.gate.ref("init", chosen))
     request["train"] = vars(train_cfg(2))
     result = tasks.train_model(request)
     assert result["arch"] == ARCH and np.isfinite(result["val_loss"])
 
     # every accepted checkpoint unusable: training starts from scratch, not an error
     (reg.root / f"v{third:04d}.pt").write_bytes(b"garbage")
-    assert service.pipeline.usable_best("braggnn") == (
+    assert service.pipeline.gate.usable_best("braggnn") == (
         None,
         [f"v{planted}", f"v{best}", f"v{second}", f"v{third}"],
     )
@@ -333,18 +333,18 @@ def test_corrupt_serving_model_is_no_baseline_and_an_unreadable_one_stops_the_ru
         model_to_bytes("braggnn", ARCH, BraggNN(**ARCH)), {"kind": "braggnn", "val_loss": 0.1}
     )
     reg.mark_accepted(v)
-    version, model = service.pipeline.serving("braggnn")
+    version, model = service.pipeline.gate.serving("braggnn")
     assert version == v and isinstance(model, BraggNN)
     (reg.root / f"v{v:04d}.pt").unlink()
     with pytest.raises(RetrainError, match="serving model unreadable"):
-        service.pipeline.serving("braggnn")
+        service.pipeline.gate.serving("braggnn")
     assert reg.meta(v)["status"] == "accepted"  # a transient error rejects nothing
     (reg.root / f"v{v:04d}.pt").write_bytes(b"garbage")
-    assert service.pipeline.serving("braggnn") == (None, None)
+    assert service.pipeline.gate.serving("braggnn") == (None, None)
     for name in ("accepted.json", "accepted.copy.json"):  # which model serves is unknown
         (reg.root / name).write_text("{trunc")
     with pytest.raises(RetrainError, match="cannot gate: .*accepted.json is unreadable"):
-        service.pipeline.serving("braggnn")
+        service.pipeline.gate.serving("braggnn")
 
 
 def test_signature_round_trip_and_tampering(tmp_path):
@@ -434,10 +434,10 @@ def test_train_task_signs_and_the_service_verifies(service, tmp_path):
     sha = braggnn_labels(labels)
     request = dict(train_request(cfg, labels, sha), train=vars(train_cfg(2)))
     result = tasks.train_model(request)
-    key = service.pipeline.signing_key()
+    key = service.pipeline.gate.signing_key()
     assert result["signature"] == signing.sign(key, result["model"], result)
     label_ref = {"labels": str(labels), "sha256": sha}
-    validate = service.pipeline.validate
+    validate = service.pipeline.gate.validate
     figures = validate(trained(request, result), "braggnn", key, label_ref, train_cfg(2))
     assert figures["val_loss"] == pytest.approx(result["val_loss"], rel=1e-3)
 
@@ -461,7 +461,7 @@ def test_train_task_signs_and_the_service_verifies(service, tmp_path):
     # no key file on the service's side (not the default path: not created)
     service.cfg.security.signing_key_file = str(tmp_path / "absent.key")
     with pytest.raises(RetrainError, match="absent.key not found"):
-        service.pipeline.signing_key()
+        service.pipeline.gate.signing_key()
 
 
 def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service, tmp_path):
@@ -470,13 +470,13 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
     cfg, reg = service.cfg, service.registry
     labels = tmp_path / "labels.h5"
     sha = braggnn_labels(labels)
-    key = service.pipeline.signing_key()
+    key = service.pipeline.gate.signing_key()
     label_ref = {"labels": str(labels), "sha256": sha}
     request = train_request(cfg, labels, sha)
     good = tasks.train_model(request)
     v1 = reg.add(good["model"], {"kind": "braggnn", "val_loss": good["val_loss"]})
     reg.mark_accepted(v1)
-    _, baseline = service.pipeline.serving("braggnn")
+    _, baseline = service.pipeline.gate.serving("braggnn")
 
     # a key-holding endpoint returns random weights and claims a perfect held-out loss
     torch.manual_seed(1)
@@ -484,7 +484,7 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
     liar = dict(good, model=blob, sha256=sha256_bytes(blob), val_loss=0.0, baseline_val_loss=1.0)
     liar["signature"] = signing.sign(key, blob, dict(liar, kind="braggnn"))
     t0 = time.perf_counter()
-    figures = service.pipeline.validate(
+    figures = service.pipeline.gate.validate(
         trained(request, liar, baseline), "braggnn", key, label_ref, train_cfg()
     )
     print(f"service-side evaluation of candidate + baseline: {time.perf_counter() - t0:.3f} s")
@@ -493,19 +493,19 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
     assert figures["baseline_val_loss"] == pytest.approx(good["val_loss"], rel=1e-3)
     v2 = reg.add(blob, {"kind": "braggnn", **figures})
     with pytest.raises(RetrainError, match="quality gate.*executor reported 0"):
-        service.pipeline.quality_gate(v2, figures)
+        service.pipeline.gate.quality_gate(v2, figures)
     assert reg.meta(v2)["status"] == "rejected" and reg.accepted("braggnn") == v1
 
     # an honest candidate passes on the same figures
-    ok = service.pipeline.validate(
+    ok = service.pipeline.gate.validate(
         trained(request, good, baseline), "braggnn", key, label_ref, train_cfg()
     )
-    service.pipeline.quality_gate(v1, ok)
+    service.pipeline.gate.quality_gate(v1, ok)
 
     # labels the service cannot read: an error, and nothing is marked rejected
     labels.unlink()
     with pytest.raises(RetrainError, match="labels file must be readable"):
-        service.pipeline.validate(
+        service.pipeline.gate.validate(
             trained(request, good, baseline), "braggnn", key, label_ref, train_cfg()
         )
 

@@ -96,6 +96,29 @@ def evaluate(
         return float(loss_fn(model(x), ys).item())
 
 
+def _epoch(step, x, ys, order, batch_size: int, over_budget) -> tuple[float, bool]:
+    """One pass of ``step`` (model, loss, optimiser, scheduler) over the samples ``order`` in
+    batches: (the summed loss of its samples, whether ``over_budget()`` ended it early)."""
+    model, loss_fn, opt, sched = step
+    model.train()
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        b = order[start : start + batch_size]
+        if len(b) < 2:  # batch norm needs two samples
+            continue
+        n_b = len(b)
+        b = with_partners(loss_fn, b)
+        opt.zero_grad()
+        loss = loss_fn(model(x[b]), [y[b] for y in ys])
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * n_b
+        if over_budget():
+            return total, True
+    return total, False
+
+
 def train(
     model: nn.Module,
     inputs: np.ndarray,
@@ -125,47 +148,25 @@ def train(
         best_state = copy.deepcopy(model.state_dict())
     vi = with_partners(loss_fn, torch.from_numpy(val_idx))
     t_start = clock()
-    out_of_time = False
+
+    def over_budget() -> bool:
+        return bool(cfg.time_budget_s) and clock() - t_start > cfg.time_budget_s
+
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        model.train()
         order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(train_idx))
-        total = 0.0
-        for start in range(0, len(order), cfg.batch_size):
-            b = order[start : start + cfg.batch_size]
-            if len(b) < 2:  # batch norm needs two samples
-                continue
-            n_b = len(b)
-            b = with_partners(loss_fn, b)
-            opt.zero_grad()
-            loss = loss_fn(model(x[b]), [y[b] for y in ys])
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * n_b
-            if cfg.time_budget_s and clock() - t_start > cfg.time_budget_s:
-                out_of_time = True
-                break
+        step = (model, loss_fn, opt, sched)
+        total, out_of_time = _epoch(step, x, ys, order, cfg.batch_size, over_budget)
         model.eval()
         with torch.no_grad():
             val = loss_fn(model(x[vi]), [y[vi] for y in ys]).item()
+        train_loss, seconds = total / len(train_idx), time.perf_counter() - t0
         history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / len(train_idx),
-                "val_loss": val,
-                "seconds": time.perf_counter() - t0,
-            }
+            {"epoch": epoch, "train_loss": train_loss, "val_loss": val, "seconds": seconds}
         )
         if val < best_loss:
             best_loss, best_state = val, copy.deepcopy(model.state_dict())
-        log.info(
-            "epoch %d/%d train %.5f val %.5f",
-            epoch + 1,
-            epochs,
-            history[-1]["train_loss"],
-            val,
-        )
+        log.info("epoch %d/%d train %.5f val %.5f", epoch + 1, epochs, train_loss, val)
         if progress is not None:
             progress(epoch + 1, epochs, val)
         if out_of_time:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import field
 from pathlib import Path
@@ -53,6 +54,10 @@ def search_hint(protocol: str = "pva", environ: dict | os._Environ = os.environ)
 # Every section refuses unknown keys and checks each value's type and range, on load and on
 # assignment; a bad value is named by its key (ConfigError).
 SECTION = ConfigDict(extra="forbid", validate_assignment=True)
+# keys renamed since a release, read under their old name with a warning: (section, old): new
+RENAMED = {("security", "endpoint_signing_key_file"): "executor_signing_key_file"}
+
+log = logging.getLogger(__name__)
 
 Count = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0)]
@@ -383,12 +388,12 @@ class SecurityConfig:
     operators: tuple[str, ...] = ()
     service_user: str = ""  # the retraining service's account; "": the user running it
     hosts: tuple[str, ...] = ()  # hosts control writes may come from; empty: any host
-    # HMAC-SHA256 key shared by the service and the training endpoint (a file, mode 0600;
-    # created with a random key on first use when it is the default path)
+    # HMAC-SHA256 key shared by the service and the executor that trains (a file, mode
+    # 0600; created with a random key on first use when it is the default path)
     signing_key_file: str = "~/.edgeloop/signing.key"
-    # where the training endpoint reads its copy of that key on its own machine; "": the
-    # same path (a shared filesystem, or a copy kept at the same path there)
-    endpoint_signing_key_file: str = ""
+    # where the executor reads its copy of that key on its own machine; "": the same path
+    # (a shared filesystem, or a copy kept at the same path there)
+    executor_signing_key_file: str = ""
     # the quality gate's Ed25519 key pair (edgeloop/approval.py): the service signs each
     # version it accepts with the private key; the edge loads only versions whose signature
     # its copy of the public key verifies. "": gate.key / gate.pub beside signing_key_file
@@ -484,7 +489,7 @@ class Config:
         """A configuration from (a subset of) ``to_dict()``; a section given in part keeps
         its other defaults (``train_hedm`` its own)."""
         merged = cls().to_dict()
-        for key, value in data.items():
+        for key, value in _renamed(data).items():
             if isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}
             else:
@@ -502,6 +507,17 @@ class Config:
 
     def dump(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _renamed(data: dict) -> dict:
+    """``data`` with the keys of RENAMED under their new names."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for (section, old), new in RENAMED.items():
+        values = data.get(section)
+        if isinstance(values, dict) and old in values:
+            log.warning("configuration key %s.%s is now %s.%s", section, old, section, new)
+            values.setdefault(new, values.pop(old))
+    return data
 
 
 def describe(exc: ValidationError) -> str:

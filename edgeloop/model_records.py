@@ -193,7 +193,10 @@ def card(
             if kind == "ptychonn"
             else "MSE of the centre, patch units",
             "serving_model_held_out_loss": meta.get("baseline_val_loss"),
-            "executor_reported_held_out_loss": meta.get("endpoint_val_loss"),
+            # a registry written before the rename says "endpoint"
+            "executor_reported_held_out_loss": meta.get(
+                "executor_val_loss", meta.get("endpoint_val_loss")
+            ),
             "reference_error": reference.get("error"),  # None: not measured (yet)
             "reference_measured": reference.get("info"),
             "reference_time": iso(reference.get("time")),

@@ -156,8 +156,8 @@ class ModelGate:
         return {
             "val_loss": losses["candidate"],
             "baseline_val_loss": losses["baseline"],
-            "endpoint_val_loss": reported,
-            "endpoint_baseline_val_loss": result.get("baseline_val_loss"),
+            "executor_val_loss": reported,
+            "executor_baseline_val_loss": result.get("baseline_val_loss"),
         }
 
     def gate_key(self):
@@ -193,7 +193,7 @@ class ModelGate:
         if figures["val_loss"] > limit:
             reason = (
                 f"quality gate: held-out loss {figures['val_loss']:.4g} (measured by the "
-                f"service; the executor reported {fmt(figures['endpoint_val_loss'])}) > "
+                f"service; the executor reported {fmt(figures['executor_val_loss'])}) > "
                 f"serving model's {baseline:.4g} + {self.cfg.remote.quality_margin:.0%}"
             )
             self.registry.mark_rejected(version, reason)

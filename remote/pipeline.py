@@ -315,7 +315,7 @@ class RetrainPipeline:
             "arch": cfg.arch(kind),
             "train": vars(train_cfg),
             # the path, never the key: the executor's machine reads its own copy
-            "signing_key_file": cfg.security.endpoint_signing_key_file
+            "signing_key_file": cfg.security.executor_signing_key_file
             or cfg.security.signing_key_file,
             "security": {
                 k: getattr(cfg.security, k) for k in ("max_model_bytes", "max_width", "max_patch")

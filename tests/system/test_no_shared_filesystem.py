@@ -53,7 +53,7 @@ def test_a_retraining_without_a_shared_filesystem_runs_end_to_end(tmp_path, endp
     endpoint_key = home / "signing.key"  # the endpoint's own copy of the shared key
     copy_as(key, endpoint_key, owner)
     endpoint_key.chmod(0o600)
-    cfg.security.endpoint_signing_key_file = str(endpoint_key)
+    cfg.security.executor_signing_key_file = str(endpoint_key)
     inbox = home / "inbox"
     r = cfg.remote
     r.staging, r.globus_source_collection, r.globus_dest_collection = "globus", SRC, DST

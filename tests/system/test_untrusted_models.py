@@ -80,7 +80,7 @@ def test_lying_endpoint_cannot_deploy_a_worse_model(tmp_path):
         reg = Registry(lp.cfg.registry_path)
         rejected = max(reg.versions())
         meta = reg.meta(rejected)
-        assert meta["status"] == "rejected" and meta["endpoint_val_loss"] == 0.0
+        assert meta["status"] == "rejected" and meta["executor_val_loss"] == 0.0
         assert meta["val_loss"] > meta["baseline_val_loss"] and meta["baseline"] == v1
         assert lp.value("edge:ModelVersion") == v1
         lp.service.executor = lp.service.executor.inner

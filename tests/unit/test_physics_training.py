@@ -197,7 +197,7 @@ def test_a_physics_retraining_trains_before_the_labels_and_is_gated_on_them(tmp_
     assert deployed == [1] and meta["train_settings"]["loss"] == "physics"
     # the gate measured the label loss on the labels made beside the training, and
     # signed what it judged on
-    assert meta["val_loss"] > 0 and meta["endpoint_val_loss"] is None
+    assert meta["val_loss"] > 0 and meta["executor_val_loss"] is None
     fields = approval.check(approval.public_key(cfg.security), meta, 1)
     assert fields["labels_sha256"] == meta["labels_sha256"]
     with h5py.File(fields["labels"]) as f:

@@ -240,6 +240,19 @@ def test_config_round_trip_and_unknown_keys(tmp_path):
         Config.from_dict({"train": {"epoch": 3}})
 
 
+def test_a_renamed_key_is_read_under_its_old_name_with_a_warning(caplog):
+    old = {"security": {"endpoint_signing_key_file": "/keys/signing.key"}}
+    with caplog.at_level("WARNING", logger="edgeloop.config"):
+        cfg = Config.from_dict(old)
+    assert cfg.security.executor_signing_key_file == "/keys/signing.key"
+    assert "security.endpoint_signing_key_file is now security.executor_signing_key_file" in (
+        caplog.text
+    )
+    assert old == {"security": {"endpoint_signing_key_file": "/keys/signing.key"}}  # untouched
+    new = {"security": {"executor_signing_key_file": "/new.key", "endpoint_signing_key_file": "x"}}
+    assert Config.from_dict(new).security.executor_signing_key_file == "/new.key"
+
+
 @pytest.mark.parametrize(
     "data, message",
     [

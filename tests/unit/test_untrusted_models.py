@@ -488,7 +488,7 @@ def test_service_gate_uses_its_own_figures_and_refuses_a_lying_endpoint(service,
         trained(request, liar, baseline), "braggnn", key, label_ref, train_cfg()
     )
     print(f"service-side evaluation of candidate + baseline: {time.perf_counter() - t0:.3f} s")
-    assert figures["endpoint_val_loss"] == 0.0 and figures["endpoint_baseline_val_loss"] == 1.0
+    assert figures["executor_val_loss"] == 0.0 and figures["executor_baseline_val_loss"] == 1.0
     assert figures["val_loss"] > 2 * figures["baseline_val_loss"]
     assert figures["baseline_val_loss"] == pytest.approx(good["val_loss"], rel=1e-3)
     v2 = reg.add(blob, {"kind": "braggnn", **figures})

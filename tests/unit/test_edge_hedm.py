@@ -27,7 +27,7 @@ def braggnn():
     labels, ok = fit_patches(patches)
     torch.manual_seed(0)
     model, _, _ = train(
-        BraggNN(11),
+        BraggNN(11, width=32),  # half the default: as accurate here (0.16-0.19 px), half the time
         braggnn_preprocess(patches[ok], 11),
         (labels[ok] / 11,),
         centre_loss,

@@ -143,26 +143,7 @@ class RetrainPipeline:
         labels = dict(labels, labels=self.where.labels_here(labels["labels"]))
         figures = self.gate.validate(trained, kind, key, labels, train_cfg)
         self._check_abort()
-        meta = {
-            "kind": kind,
-            "arch": result["arch"],
-            **figures,
-            "baseline": serving,
-            "skipped_frames": labels.get("skipped_frames", 0),
-            "signature": result.get("signature"),
-            "trained_on": scans,
-            "runs": self.runs,
-            "labels_sha256": labels["sha256"],
-            "labels_method": labels["method"],
-            "train_settings": vars(train_cfg),
-            "n_frames": result["n_frames"],
-            "parent": trained.best,
-            "history": result["history"],
-            "timings": timings,
-            "executor": self.slot.name,
-            "trigger": trigger,
-            "code_version": code_version(),
-        }
+        meta = self._meta(trigger, kind, scans, train_cfg, trained, labels, figures, timings)
         version = self.registry.add(result["model"], meta)
         self.progress.record("val_loss", figures["val_loss"])
         self.gate.quality_gate(version, figures)
@@ -183,6 +164,30 @@ class RetrainPipeline:
             "timings": timings,
             "trigger": trigger,
             "record_problem": record_problem,
+        }
+
+    def _meta(self, trigger, kind, scans, train_cfg, trained, labels, figures, timings) -> dict:
+        """The registry's metadata of the returned model (the timings so far)."""
+        result = trained.result
+        return {
+            "kind": kind,
+            "arch": result["arch"],
+            **figures,
+            "baseline": trained.serving,
+            "skipped_frames": labels.get("skipped_frames", 0),
+            "signature": result.get("signature"),
+            "trained_on": scans,
+            "runs": self.runs,
+            "labels_sha256": labels["sha256"],
+            "labels_method": labels["method"],
+            "train_settings": vars(train_cfg),
+            "n_frames": result["n_frames"],
+            "parent": trained.best,
+            "history": result["history"],
+            "timings": timings,
+            "executor": self.slot.name,
+            "trigger": trigger,
+            "code_version": code_version(),
         }
 
     # ---- the steps -----------------------------------------------------------------------

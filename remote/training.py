@@ -152,10 +152,10 @@ def train(
     def over_budget() -> bool:
         return bool(cfg.time_budget_s) and clock() - t_start > cfg.time_budget_s
 
+    step = (model, loss_fn, opt, sched)
     for epoch in range(epochs):
         t0 = time.perf_counter()
         order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(train_idx))
-        step = (model, loss_fn, opt, sched)
         total, out_of_time = _epoch(step, x, ys, order, cfg.batch_size, over_budget)
         model.eval()
         with torch.no_grad():

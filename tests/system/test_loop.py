@@ -26,10 +26,20 @@ def ca_put(pv, value, **kwargs):  # caput
     return ca_client.write(pv, value, repeater=False, **kwargs)
 
 
-def acquire(system, n):
+def acquire(system, n, period_s=None):
+    """``n`` frames; at ``period_s`` if given, the detector's own period restored after."""
     p = system.prefix
     ca_put(f"{p}det:cam1:NumImages", n, notify=True, timeout=5)
-    ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=120)
+    if period_s is None:
+        ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=120)
+        return
+    period = f"{p}det:cam1:AcquirePeriod"
+    before = float(ca_get(period, timeout=5).data[0])
+    ca_put(period, period_s, notify=True, timeout=5)
+    try:
+        ca_put(f"{p}det:cam1:Acquire", 1, notify=True, timeout=120)
+    finally:
+        ca_put(period, before, notify=True, timeout=5)
 
 
 def test_frames_are_valid_ntndarray_for_p4p_and_pvapy(system):
@@ -64,11 +74,7 @@ def test_one_phase_output_per_frame_with_matching_unique_id(system):
     # at 50 Hz, not in one burst: a starved edge then has the 0.6 s that its input monitor's
     # 32 frames take to arrive before the transport squashes one (a loaded machine once
     # lost 7 of a burst of 40)
-    ca_put(f"{system.prefix}det:cam1:AcquirePeriod", 0.02, notify=True, timeout=5)
-    try:
-        acquire(system, 40)
-    finally:
-        ca_put(f"{system.prefix}det:cam1:AcquirePeriod", 0.0, notify=True, timeout=5)
+    acquire(system, 40, period_s=0.02)
     expected = set(range(start + 1, start + 41))
     # every frame settled at the edge first (answered, dropped or refused), then its answers
     system.wait_value("edge:FramesIn", lambda v: v >= start + 40, 120)

@@ -301,9 +301,9 @@ def cmd_models(args) -> None:
 
 
 def _models_options(p: argparse.ArgumentParser) -> None:
-    from edgeloop.app import models_cli
+    from edgeloop.app import models_options
 
-    models_cli.add_options(p)
+    models_options.add_options(p)
 
 
 def _common_options() -> argparse.ArgumentParser:

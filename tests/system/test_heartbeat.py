@@ -8,7 +8,7 @@ from p4p.client.thread import Context
 
 from edgeloop.app.processes import ManagedProcess
 from edgeloop.ioc import softioc
-from tests.kit.env import random_prefix
+from tests.kit.env import DEADLINE_SLACK, random_prefix
 from tests.kit.servers import small_config
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -48,11 +48,11 @@ def test_a_dead_service_raises_the_alarm_and_a_new_one_clears_it(ml_ioc, tmp_pat
 
     def start_service() -> None:
         services.append(ManagedProcess("svc", args, tmp_path / f"svc{len(services)}.log"))
-        _, severity = _wait_service(ctx, prefix, "Running", 30)
+        _, severity = _wait_service(ctx, prefix, "Running", 30 * DEADLINE_SLACK)
         assert severity == 0 and ctx.get(f"{prefix}ml:HeartbeatAge")["value"] < 5
 
     try:
-        _, severity = _wait_service(ctx, prefix, "No heartbeat", 10)  # none started yet
+        _, severity = _wait_service(ctx, prefix, "No heartbeat", 10 * DEADLINE_SLACK)  # none yet
         assert severity == MAJOR
         start_service()
         ctx.put(f"{prefix}ml:Status", {"value.index": 3})  # "Training", as in the middle of a run

@@ -37,7 +37,8 @@ docs: $(VENV)/.installed
 # workers, each with CA ports of its own (tests/kit/env.py; docs/howto/tests.md says what
 # two workers measured on 2 cores)
 TEST_WORKERS ?= 1
-XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+xdist = $(if $(filter-out 1,$(1)),-n $(1) --dist loadfile)
+XDIST := $(call xdist,$(TEST_WORKERS))
 
 # a stock MLflow tracking server for the tests of records.mlflow_uri, in an environment of
 # its own as a facility runs one: its graphene pins graphql-core below what Tiled's server
@@ -55,7 +56,7 @@ test: lint system-deps
 # whose deadlines a starved CPU could break (on 2 cores: 1:22 against 2:12 for one)
 UNIT_WORKERS ?= 2
 test-unit: $(VENV)/.installed
-	$(PY) -m pytest $(if $(filter-out 1,$(UNIT_WORKERS)),-n $(UNIT_WORKERS) --dist loadfile) tests/unit
+	$(PY) -m pytest $(call xdist,$(UNIT_WORKERS)) tests/unit
 
 test-system: $(VENV)/.installed system-deps
 	$(PY) -m pytest $(XDIST) tests/system
